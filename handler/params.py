@@ -1,0 +1,190 @@
+"""Generation parameters: merge the layers, coerce, verify, in one frozen object.
+
+Precedence, highest first: the instance's own overrides, then the request's
+`parameters`, then the app's defaults (model-config.yaml), then the defaults below.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Any, Mapping, Sequence
+
+from handler.errors import RequestError, limit_error
+
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class ParamLimits:
+    """Bounds on parameters that cost the server memory or time, from the app's config."""
+
+    max_stop_sequences: int = 4
+    max_stop_length: int = 64
+    max_bad_words: int = 32
+    max_num_beams: int = 4
+    max_num_return_sequences: int = 4
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    do_sample: bool | None = None
+    num_beams: int = 1
+    penalty_alpha: float = 0.0
+    num_return_sequences: int = 1
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    bad_words: tuple[str, ...] = ()
+    return_full_text: bool = False
+    details: bool = False
+    stream: bool = False
+
+    @property
+    def sampling(self) -> bool:
+        """Temperature 0 means greedy whatever `do_sample` says; otherwise sample unless told not to."""
+        if self.temperature == 0:
+            return False
+        return True if self.do_sample is None else self.do_sample
+
+    @property
+    def uses_beams(self) -> bool:
+        return self.num_beams > 1
+
+
+PARAMETER_NAMES: tuple[str, ...] = tuple(f.name for f in fields(GenerationParams))
+
+
+def _as_int(value: Any, field: str, minimum: int, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"{field} must be an integer, got {type(value).__name__}", field)
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            raise RequestError(f"{field} must be an integer, got {value!r}", field)
+        value = int(value)
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+        raise RequestError(f"{field} must be {bound}, got {value}", field, details={"value": value})
+    return value
+
+
+def _as_float(value: Any, field: str, low: float, high: float | None, low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"{field} must be a number, got {type(value).__name__}", field)
+    value = float(value)
+    too_low = value <= low if low_open else value < low
+    if not math.isfinite(value) or too_low or (high is not None and value > high):
+        low_text = f"> {low}" if low_open else f">= {low}"
+        bound = f"{low_text} and <= {high}" if high is not None else low_text
+        raise RequestError(f"{field} must be a finite number {bound}, got {value}", field)
+    return value
+
+
+def _as_bool(value: Any, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise RequestError(f"{field} must be true or false, got {type(value).__name__}", field)
+    return value
+
+
+def _as_strings(value: Any, field: str, max_count: int, max_length: int) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise RequestError(f"{field} must be a string or a list of strings", field)
+    if len(items) > max_count:
+        raise limit_error(f"{field} has {len(items)} entries, at most {max_count} allowed", field, max_count, len(items))
+    for item in items:
+        if not item:
+            raise RequestError(f"{field} entries must not be empty", field)
+        if len(item) > max_length:
+            raise limit_error(
+                f"{field} entries must be at most {max_length} characters, got {len(item)}", field, max_length, len(item)
+            )
+    return tuple(items)
+
+
+def _coerce(name: str, value: Any, field: str, limits: ParamLimits) -> Any:
+    if name == "max_new_tokens":
+        return _as_int(value, field, 1)
+    if name == "min_new_tokens":
+        return _as_int(value, field, 0)
+    if name == "top_k":
+        return _as_int(value, field, 0)
+    if name == "num_beams":
+        return _as_int(value, field, 1, limits.max_num_beams)
+    if name == "num_return_sequences":
+        return _as_int(value, field, 1, limits.max_num_return_sequences)
+    if name == "seed":
+        return None if value is None else _as_int(value, field, 0, MAX_SEED)
+    if name == "temperature":
+        return _as_float(value, field, 0.0, None)
+    if name in ("top_p", "typical_p"):
+        return _as_float(value, field, 0.0, 1.0, low_open=True)
+    if name == "repetition_penalty":
+        return _as_float(value, field, 0.0, None, low_open=True)
+    if name == "penalty_alpha":
+        return _as_float(value, field, 0.0, 1.0)
+    if name == "do_sample":
+        return None if value is None else _as_bool(value, field)
+    if name in ("return_full_text", "details", "stream"):
+        return _as_bool(value, field)
+    if name == "stop":
+        return _as_strings(value, field, limits.max_stop_sequences, limits.max_stop_length)
+    if name == "bad_words":
+        return _as_strings(value, field, limits.max_bad_words, limits.max_stop_length)
+    raise AssertionError(f"no coercion for {name}")
+
+
+def resolve_params(
+    layers: Sequence[tuple[str, Mapping[str, Any]]],
+    limits: ParamLimits,
+    base: GenerationParams | None = None,
+) -> GenerationParams:
+    """Merge parameter layers, lowest precedence first, each named by its field prefix.
+
+    `layers` is e.g. `[("parameters.", request_params), ("instances[0].", overrides)]`;
+    `base` holds the app's defaults, already verified at start-up.
+    """
+    values: dict[str, Any] = {}
+    for prefix, layer in layers:
+        if not isinstance(layer, Mapping):
+            raise RequestError(f"{prefix.rstrip('.')} must be a JSON object", prefix.rstrip("."))
+        for name, value in layer.items():
+            field = f"{prefix}{name}"
+            if name not in PARAMETER_NAMES:
+                raise RequestError(
+                    f"unknown parameter {field!r}; known parameters: {', '.join(PARAMETER_NAMES)}",
+                    field,
+                    details={"known": list(PARAMETER_NAMES)},
+                )
+            values[name] = _coerce(name, value, field, limits)
+    params = replace(base or GenerationParams(), **values)
+    verify_params(params)
+    return params
+
+
+def verify_params(params: GenerationParams) -> None:
+    """Checks across parameters, each naming the parameter at fault."""
+    if params.min_new_tokens > params.max_new_tokens:
+        raise RequestError(
+            f"min_new_tokens ({params.min_new_tokens}) must be <= max_new_tokens ({params.max_new_tokens})",
+            "min_new_tokens",
+        )
+    if params.penalty_alpha > 0:
+        raise RequestError(
+            "penalty_alpha (contrastive search) is not served: transformers 5 moved contrastive search "
+            "out of the library into Hub code, which this server does not download or run",
+            "penalty_alpha",
+        )
+    if params.num_return_sequences > 1 and not params.sampling and params.num_return_sequences > params.num_beams:
+        raise RequestError(
+            "num_return_sequences > 1 needs sampling (temperature > 0) or num_beams >= num_return_sequences",
+            "num_return_sequences",
+        )
+    if params.uses_beams and params.stream:
+        raise RequestError("stream is not available with beam search (num_beams > 1)", "stream")

@@ -1,0 +1,62 @@
+"""Render instances to token ids and enforce the token limits, which need the tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from handler.errors import RequestError, limit_error
+from handler.params import GenerationParams
+from handler.requests import Instance
+
+
+@dataclass(frozen=True)
+class TokenLimits:
+    """Both default to the model's context length when the app's config leaves them out."""
+
+    max_input_tokens: int
+    max_total_tokens: int
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A rendered prompt ready for generation."""
+
+    text: str
+    input_ids: tuple[int, ...]
+    params: GenerationParams
+
+
+def render(instance: Instance, tokenizer, prompt_template: str | None, where: str) -> tuple[str, tuple[int, ...]]:
+    """Chat messages go through the tokenizer's chat template; plain text through the app's template."""
+    if instance.messages is not None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise RequestError("this model has no chat template: send 'prompt' instead of 'messages'", f"{where}.messages")
+        text = tokenizer.apply_chat_template(list(instance.messages), tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        text = prompt_template.replace("{prompt}", instance.text) if prompt_template else instance.text
+        ids = tokenizer(text)["input_ids"]
+    return text, tuple(ids)
+
+
+def encode(instance: Instance, tokenizer, prompt_template: str | None, limits: TokenLimits, where: str) -> Prompt:
+    text, ids = render(instance, tokenizer, prompt_template, where)
+    if not ids:
+        raise RequestError(f"{where} encodes to no tokens", where)
+    if len(ids) > limits.max_input_tokens:
+        raise limit_error(
+            f"{where} has {len(ids)} tokens, at most max_input_tokens={limits.max_input_tokens} allowed",
+            where,
+            limits.max_input_tokens,
+            len(ids),
+        )
+    total = len(ids) + instance.params.max_new_tokens
+    if total > limits.max_total_tokens:
+        raise limit_error(
+            f"input tokens + max_new_tokens must be <= {limits.max_total_tokens}: "
+            f"{len(ids)} input tokens + {instance.params.max_new_tokens} max_new_tokens = {total}",
+            "max_new_tokens",
+            limits.max_total_tokens,
+            total,
+        )
+    return Prompt(text=text, input_ids=ids, params=instance.params)

@@ -1,0 +1,114 @@
+"""The app's configuration, read once at start-up into one typed, frozen object.
+
+Sources: the `handler:` section of the model's model-config.yaml (TorchServe hands it
+over as `context.model_yaml_config`), and a few environment variables of the
+container contract (`LLM_DTYPE`, `LLM_MODEL_DIR`, `AIP_STORAGE_URI`), read here only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+from handler.errors import RequestError
+from handler.params import GenerationParams, ParamLimits, resolve_params
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+BATCHING_MODES = ("dynamic", "continuous")
+QUANTIZATIONS = ("none", "int8-weight-only")
+
+
+class SettingsError(ValueError):
+    """The app's config is wrong: the worker must not start."""
+
+
+@dataclass(frozen=True)
+class ContinuousBatchingSettings:
+    """Cache sizing for transformers' continuous batching; its defaults take most of the RAM on CPU."""
+
+    num_blocks: int = 128
+    page_size: int = 64
+    max_batch_tokens: int = 1024
+
+
+@dataclass(frozen=True)
+class HandlerSettings:
+    dtype: str = "auto"
+    device_map: str | None = None
+    offload_folder: str | None = None
+    trust_remote_code: bool = False
+    allow_pickle_weights: bool = False
+    quantization: str = "none"
+    max_input_tokens: int | None = None
+    max_total_tokens: int | None = None
+    max_instances: int = 16
+    max_prompt_chars: int = 100_000
+    limits: ParamLimits = field(default_factory=ParamLimits)
+    defaults: GenerationParams = field(default_factory=GenerationParams)
+    prompt_template: str | None = None
+    deadline_seconds: float | None = None
+    warmup: bool = True
+    batching: str = "dynamic"
+    continuous: ContinuousBatchingSettings = field(default_factory=ContinuousBatchingSettings)
+    model_dir_override: str | None = None
+    storage_uri: str | None = None
+
+    @classmethod
+    def from_config(cls, model_yaml_config: Mapping[str, Any] | None, environ: Mapping[str, str]) -> "HandlerSettings":
+        section = dict((model_yaml_config or {}).get("handler") or {})
+        known = {f.name for f in fields(cls)} - {"model_dir_override", "storage_uri"}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise SettingsError(f"unknown keys in handler config: {unknown}; known: {sorted(known)}")
+        limits = _build(ParamLimits, section.pop("limits", {}), "handler.limits")
+        continuous = _build(ContinuousBatchingSettings, section.pop("continuous", {}), "handler.continuous")
+        try:
+            defaults = resolve_params([("handler.defaults.", section.pop("defaults", {}) or {})], limits)
+        except RequestError as error:
+            raise SettingsError(f"invalid handler.defaults: {error}") from error
+        if environ.get("LLM_DTYPE"):
+            section["dtype"] = environ["LLM_DTYPE"]
+        settings = cls(
+            **section,
+            limits=limits,
+            continuous=continuous,
+            defaults=defaults,
+            model_dir_override=environ.get("LLM_MODEL_DIR") or None,
+            storage_uri=environ.get("AIP_STORAGE_URI") or None,
+        )
+        settings.verify()
+        return settings
+
+    def verify(self) -> None:
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("batching", self.batching, BATCHING_MODES)
+        _choice("quantization", self.quantization, QUANTIZATIONS)
+        if self.device_map not in (None, "auto"):
+            raise SettingsError(f"handler.device_map must be 'auto' or absent, got {self.device_map!r}")
+        for name in ("max_input_tokens", "max_total_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise SettingsError(f"handler.{name} must be a positive integer, got {value!r}")
+        if self.max_instances < 1:
+            raise SettingsError("handler.max_instances must be >= 1")
+        if self.prompt_template is not None and "{prompt}" not in self.prompt_template:
+            raise SettingsError("handler.prompt_template must contain '{prompt}'")
+        if self.deadline_seconds is not None and self.deadline_seconds <= 0:
+            raise SettingsError("handler.deadline_seconds must be > 0")
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise SettingsError(f"handler.{name} must be one of {allowed}, got {value!r}")
+
+
+def _build(kind: type, values: Mapping[str, Any] | None, where: str):
+    values = dict(values or {})
+    known = {f.name for f in fields(kind)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SettingsError(f"unknown keys in {where}: {unknown}; known: {sorted(known)}")
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SettingsError(f"{where}.{name} must be a positive integer, got {value!r}")
+    return kind(**values)

