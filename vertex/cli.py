@@ -1,0 +1,232 @@
+"""``python -m vertex upload|deploy|predict|undeploy``: flags in, one step out.
+
+Every configuration error is raised before the first call to Google, so a
+typo exits with status 2 and a message instead of a half-built endpoint.
+Results go to stdout as JSON; progress goes to stderr through logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+from vertex.container import (
+    DEFAULT_DEPLOYMENT_TIMEOUT_S,
+    DEFAULT_PORT,
+    DEFAULT_SHARED_MEMORY_MB,
+    VALID_DTYPES,
+    ServingContainer,
+)
+from vertex.errors import DeployError, VertexConfigError
+from vertex.machines import PRESETS, MachineSpec, resolve_machine
+from vertex.predict import DEFAULT_TIMEOUT_S
+from vertex.settings import Settings, connect, resolve_settings
+
+log = logging.getLogger("vertex")
+
+DEFAULT_APP = "smollm2"
+
+
+def _parse_env(pairs: Sequence[str]) -> Dict[str, str]:
+    env: Dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise VertexConfigError(f"--env takes KEY=VALUE, not {pair!r}")
+        env[key] = value
+    return env
+
+
+def _parse_json(text: Optional[str], flag: str) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise VertexConfigError(f"{flag} is not valid JSON: {err}") from None
+
+
+def _add_connection(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("where (flags override GCP_PROJECT, GCP_REGION)")
+    group.add_argument("--project", help="GCP project id (env GCP_PROJECT)")
+    group.add_argument("--region", help="Vertex region (env GCP_REGION, default us-central1)")
+    group.add_argument(
+        "--api-endpoint",
+        help="regional/private API endpoint (env VERTEX_API_ENDPOINT); an http:// "
+        "endpoint uses REST with anonymous credentials (local stand-ins)",
+    )
+    group.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _add_machine(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("machine (a preset, or an explicit pairing)")
+    group.add_argument("--machine", choices=sorted(PRESETS), help="preset; sets LLM_DTYPE too")
+    group.add_argument("--machine-type", help="e.g. g2-standard-12")
+    group.add_argument("--accelerator-type", help="e.g. NVIDIA_L4")
+    group.add_argument("--accelerator-count", type=int)
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--app", default=DEFAULT_APP, help="TorchServe model name (APP)")
+    group.add_argument("--image", required=True, help="serving image URI (Artifact Registry)")
+    group.add_argument("--model-name", help="Model display name (default: the app)")
+    group.add_argument("--artifact-uri", help="gs:// folder with the HF checkpoint (slim image)")
+    group.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                       help="extra container env; secrets are refused")
+    group.add_argument("--dtype", choices=VALID_DTYPES, help="override the machine's dtype")
+    group.add_argument("--port", type=int, default=DEFAULT_PORT)
+    group.add_argument("--shared-memory-mb", type=int, default=DEFAULT_SHARED_MEMORY_MB)
+    group.add_argument("--deployment-timeout", type=int, default=DEFAULT_DEPLOYMENT_TIMEOUT_S,
+                       help="seconds Vertex waits for the container to become healthy")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m vertex", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    upload = sub.add_parser("upload", help="upload the Model (a new version if it exists)")
+    _add_model(upload)
+    _add_machine(upload)
+    _add_connection(upload)
+
+    deploy = sub.add_parser("deploy", help="upload, then deploy to an endpoint")
+    _add_model(deploy)
+    _add_machine(deploy)
+    group = deploy.add_argument_group("deployment")
+    group.add_argument("--endpoint", help="endpoint display name (default: the app)")
+    group.add_argument("--min-replicas", type=int, default=1)
+    group.add_argument("--max-replicas", type=int, default=1)
+    group.add_argument("--duty-cycle-target", type=int,
+                       help="autoscale on GPU duty cycle, percent")
+    group.add_argument("--cpu-target", type=int, help="autoscale on CPU use, percent")
+    group.add_argument("--service-account", help="runs the replicas (Secret Manager, GCS)")
+    group.add_argument("--spot", action="store_true", help="Spot VMs: cheaper, preemptible")
+    group.add_argument("--deploy-request-timeout", type=float,
+                       help="seconds for the deploy API call itself")
+    _add_connection(deploy)
+
+    predict = sub.add_parser("predict", help="send instances to an endpoint")
+    predict.add_argument("--endpoint", help="endpoint display name or id (default: the app)")
+    predict.add_argument("--app", default=DEFAULT_APP)
+    predict.add_argument("--instance", action="append", default=[], help="a prompt; repeatable")
+    predict.add_argument("--instances-json", help="a JSON list of instances")
+    predict.add_argument("--parameters", help="JSON object, e.g. '{\"max_new_tokens\": 64}'")
+    predict.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S)
+    _add_connection(predict)
+
+    undeploy = sub.add_parser("undeploy", help="undeploy everything, delete the endpoint")
+    undeploy.add_argument("--endpoint", help="endpoint display name or id (default: the app)")
+    undeploy.add_argument("--app", default=DEFAULT_APP)
+    undeploy.add_argument("--delete-model", action="store_true",
+                          help="also delete the deployed Models (all versions)")
+    _add_connection(undeploy)
+    return parser
+
+
+def _machine_from(args: argparse.Namespace, required: bool) -> Optional[MachineSpec]:
+    if not required and not (args.machine or args.machine_type or args.accelerator_type):
+        return None
+    return resolve_machine(args.machine, args.machine_type, args.accelerator_type,
+                           args.accelerator_count)
+
+
+def _container_from(args: argparse.Namespace, machine: Optional[MachineSpec]) -> ServingContainer:
+    dtype = args.dtype or (machine.dtype if machine else "auto")
+    return ServingContainer(
+        image_uri=args.image,
+        app=args.app,
+        dtype=dtype,
+        port=args.port,
+        artifact_uri=args.artifact_uri,
+        extra_env=_parse_env(args.env),
+        shared_memory_mb=args.shared_memory_mb,
+        deployment_timeout_s=args.deployment_timeout,
+    )
+
+
+def _instances_from(args: argparse.Namespace) -> List[Any]:
+    instances: List[Any] = list(args.instance)
+    extra = _parse_json(args.instances_json, "--instances-json")
+    if extra is not None:
+        if not isinstance(extra, list):
+            raise VertexConfigError("--instances-json must be a JSON list")
+        instances.extend(extra)
+    return instances
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
+    return resolve_settings(args.project, args.region, args.api_endpoint)
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    """Validate everything first, then connect and run the one step asked for."""
+    settings = _settings_from(args)
+    if args.command == "upload":
+        from vertex.models import upload_model
+
+        container = _container_from(args, _machine_from(args, required=False))
+        connect(settings)
+        model = upload_model(container, args.model_name or args.app)
+        return {"model": model.resource_name, "version": model.version_id}
+    if args.command == "deploy":
+        from vertex.deploy import deploy_app
+        from vertex.endpoints import Deployment
+
+        machine = _machine_from(args, required=True)
+        container = _container_from(args, machine)
+        deployment = Deployment(
+            machine=machine,
+            min_replicas=args.min_replicas,
+            max_replicas=args.max_replicas,
+            duty_cycle_target=args.duty_cycle_target,
+            cpu_target=args.cpu_target,
+            service_account=args.service_account,
+            spot=args.spot,
+            request_timeout_s=args.deploy_request_timeout,
+        )
+        connect(settings)
+        model, endpoint = deploy_app(container, deployment, args.model_name or args.app,
+                                     args.endpoint or args.app)
+        return {"model": model.resource_name, "version": model.version_id,
+                "endpoint": endpoint.resource_name}
+    if args.command == "predict":
+        from vertex.predict import predict
+
+        instances = _instances_from(args)
+        parameters = _parse_json(args.parameters, "--parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise VertexConfigError("--parameters must be a JSON object")
+        connect(settings)
+        predictions = predict(args.endpoint or args.app, instances, parameters, args.timeout)
+        return {"predictions": predictions}
+    from vertex.endpoints import teardown
+
+    connect(settings)
+    report = teardown(args.endpoint or args.app, delete_models=args.delete_model)
+    return {"endpoints": report.endpoints, "undeployed": report.undeployed,
+            "models": report.models}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from google.api_core.exceptions import GoogleAPICallError
+
+    try:
+        result = run(args)
+    except VertexConfigError as err:
+        log.error("%s", err)
+        return 2
+    except DeployError as err:
+        log.error("%s", err)
+        return 1
+    except GoogleAPICallError as err:
+        log.error("Vertex answered %s", err)
+        return 1
+    sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+    return 0

@@ -1,0 +1,121 @@
+"""The serving container as Vertex will run it: image, port, routes and env.
+
+The env built here is the whole contract between the Model resource and the
+image (see docs/CONTRACT.md); it is assembled in one dict so that a reviewer
+sees in one place everything a replica will be started with.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Dict, Mapping, Optional
+
+from vertex.errors import SecretInEnvError, VertexConfigError
+
+DEFAULT_PORT = 7080
+HEALTH_ROUTE = "/health"
+# Model Garden's LLM containers use 16 GiB: PyTorch and NCCL put tensors in
+# /dev/shm, and Vertex's default (64 MiB, like Docker's) is far too small.
+DEFAULT_SHARED_MEMORY_MB = 16 * 1024
+# Loading several GiB of weights from Cloud Storage can take many minutes.
+DEFAULT_DEPLOYMENT_TIMEOUT_S = 30 * 60
+VALID_DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+# Matched on whole ``_``-separated words so that MAX_NEW_TOKENS or TOKENIZER_DIR
+# stay allowed while HF_TOKEN or OPENAI_API_KEY are refused.
+_SECRET_WORDS = frozenset(
+    {"TOKEN", "SECRET", "SECRETS", "PASSWORD", "PASSWD", "APIKEY",
+     "CREDENTIAL", "CREDENTIALS", "AUTH", "PAT"}
+)
+_SECRET_PAIRS = frozenset({("API", "KEY"), ("ACCESS", "KEY"), ("PRIVATE", "KEY"), ("SECRET", "KEY")})
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def predict_route(app: str) -> str:
+    """TorchServe's inference route for one registered model."""
+    return f"/predictions/{app}"
+
+
+def looks_like_secret(key: str) -> bool:
+    """Whether an env key names a credential rather than a setting."""
+    words = key.upper().split("_")
+    if _SECRET_WORDS.intersection(words):
+        return True
+    return any(pair in _SECRET_PAIRS for pair in zip(words, words[1:]))
+
+
+def check_env_keys(env: Mapping[str, str]) -> None:
+    """Refuse keys that look like secrets or that Vertex owns.
+
+    A Model's env is readable by anyone with ``aiplatform.models.get`` and shows
+    up in the console; a token there is a leaked token.
+    """
+    for key in env:
+        if not _ENV_KEY.match(key):
+            raise VertexConfigError(f"invalid env key {key!r}")
+        if looks_like_secret(key):
+            raise SecretInEnvError(
+                f"refusing to put {key} in the Model's env: Vertex stores container env "
+                "in plain text, visible to anyone who can read the Model. Keep the value "
+                "in Secret Manager (gcloud secrets create ...), grant the endpoint's "
+                "service account roles/secretmanager.secretAccessor, pass "
+                "--service-account, and have the container read the secret at start-up; "
+                "or copy gated weights to Cloud Storage once and use --artifact-uri."
+            )
+        if key.startswith("AIP_"):
+            raise VertexConfigError(
+                f"{key} is set by Vertex itself from the Model's port, routes and "
+                "artifact_uri; use --port, --artifact-uri instead"
+            )
+
+
+@dataclass(frozen=True)
+class ServingContainer:
+    """Everything Model.upload needs to describe the container."""
+
+    image_uri: str
+    app: str
+    dtype: str
+    port: int = DEFAULT_PORT
+    artifact_uri: Optional[str] = None
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+    shared_memory_mb: int = DEFAULT_SHARED_MEMORY_MB
+    deployment_timeout_s: int = DEFAULT_DEPLOYMENT_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        if not self.image_uri:
+            raise VertexConfigError("no serving image: pass --image")
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", self.app):
+            raise VertexConfigError(f"invalid app name {self.app!r}")
+        if self.dtype not in VALID_DTYPES:
+            raise VertexConfigError(
+                f"invalid dtype {self.dtype!r}; choose one of {', '.join(VALID_DTYPES)}"
+            )
+        if not 0 < self.port < 65536:
+            raise VertexConfigError(f"invalid port {self.port}")
+        if self.artifact_uri is not None and not self.artifact_uri.startswith("gs://"):
+            raise VertexConfigError(
+                f"--artifact-uri must be a gs:// folder, not {self.artifact_uri!r}"
+            )
+        check_env_keys(self.extra_env)
+        reserved = {"APP", "LLM_DTYPE"} & set(self.extra_env)
+        if reserved:
+            raise VertexConfigError(
+                f"{', '.join(sorted(reserved))} come from --app and the machine; "
+                "do not pass them with --env"
+            )
+
+    @property
+    def predict_route(self) -> str:
+        return predict_route(self.app)
+
+    @property
+    def health_route(self) -> str:
+        return HEALTH_ROUTE
+
+    def env(self) -> Dict[str, str]:
+        """The container env: the contract keys first, then the user's extras."""
+        env = {"APP": self.app, "LLM_DTYPE": self.dtype}
+        env.update(self.extra_env)
+        return env

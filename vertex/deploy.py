@@ -1,0 +1,39 @@
+"""The whole rollout as one call: upload (or version) the Model, then deploy it.
+
+Kept apart from the CLI so that notebooks and tests get the same typed entry
+point, returning both resources so the caller can clean up.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Tuple
+
+from vertex.container import ServingContainer
+from vertex.endpoints import Deployment, deploy_model, get_or_create_endpoint
+from vertex.errors import VertexConfigError
+from vertex.machines import T4
+from vertex.models import upload_model
+
+if TYPE_CHECKING:
+    from google.cloud.aiplatform import Endpoint, Model
+
+
+def deploy_app(
+    container: ServingContainer,
+    deployment: Deployment,
+    model_name: str,
+    endpoint_name: str,
+) -> Tuple["Model", "Endpoint"]:
+    """Upload then deploy; refuse bfloat16 on a T4 before anything is created.
+
+    Turing GPUs have no bfloat16 units, so that pairing fails (or crawls) only
+    once the replica is up and billing.
+    """
+    if container.dtype == "bfloat16" and deployment.machine.accelerator_type == T4:
+        raise VertexConfigError(
+            f"{deployment.machine.describe()} has no bfloat16 support: use float16"
+        )
+    model = upload_model(container, model_name)
+    endpoint = get_or_create_endpoint(endpoint_name)
+    deploy_model(model, endpoint, deployment)
+    return model, endpoint
