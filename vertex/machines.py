@@ -62,7 +62,7 @@ class _Family:
 
 
 _FAMILIES: Tuple[_Family, ...] = (
-    _Family(re.compile(r"^n1-(standard|highmem|highcpu)-\d+$"), "n1-*", T4, False),
+    _Family(re.compile(r"^n1-(?:standard|highmem|highcpu)-\d+$"), "n1-*", T4, False),
     _Family(re.compile(r"^g2-standard-\d+$"), "g2-*", L4, True),
     _Family(re.compile(r"^a2-highgpu-(\d+)g$"), "a2-highgpu-*", A100, True),
     _Family(re.compile(r"^a2-ultragpu-(\d+)g$"), "a2-ultragpu-*", A100_80GB, True),
