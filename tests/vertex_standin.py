@@ -57,7 +57,8 @@ class ApiError(Exception):
     """An HTTP error in Google's JSON error shape."""
 
     STATUS = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 409: "ALREADY_EXISTS",
-              412: "FAILED_PRECONDITION", 500: "INTERNAL", 503: "UNAVAILABLE"}
+              412: "FAILED_PRECONDITION", 422: "FAILED_PRECONDITION", 500: "INTERNAL",
+              503: "UNAVAILABLE"}
 
     def __init__(self, http_status: int, message: str) -> None:
         super().__init__(message)
@@ -344,8 +345,8 @@ class StandIn:
             with urllib.request.urlopen(request, timeout=300) as response:
                 answer = json.loads(response.read())
         except urllib.error.HTTPError as err:
-            raise ApiError(err.code if err.code in ApiError.STATUS else 500,
-                           err.read().decode(errors="replace")) from None
+            # Vertex hands a custom container's error status and body back to the caller.
+            raise ApiError(err.code, err.read().decode(errors="replace")) from None
         return {"predictions": answer["predictions"], "deployedModelId": deployed_id,
                 "model": model["name"], "modelDisplayName": model["displayName"],
                 "modelVersionId": model["versionId"]}

@@ -1,0 +1,99 @@
+"""The Vertex path end to end: SDK -> Vertex stand-in -> gateway -> real TorchServe.
+
+``torchserve_smollm2`` (from the shared conftest) yields the base URL of a
+TorchServe serving the offline SmolLM2 model. Vertex checks the Model's health
+route and forwards ``:predict`` to its predict route; when that URL is bare
+TorchServe (no ``/health``), the container's real gateway is put in front of it,
+as in the image.
+"""
+
+from __future__ import annotations
+
+import threading
+import urllib.error
+import urllib.request
+from typing import Iterator
+from urllib.parse import urlsplit
+
+import pytest
+from google.api_core import exceptions
+
+from tests.vertex_fixtures import PROJECT, REGION, offline_google  # noqa: F401 - fixture
+from tests.vertex_standin import StandIn
+from vertex import (
+    Deployment,
+    ServingContainer,
+    connect,
+    deploy_app,
+    predict,
+    resolve_settings,
+    teardown,
+    validate_machine,
+)
+
+APP = "smollm2"
+IMAGE = "us-docker.pkg.dev/test-project/llm/torchserve-llm-cpu:e2e"
+PROMPTS = ["How to prepare a spanish omelette:", "The capital of France is"]
+
+
+def answers_200(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@pytest.fixture
+def container_url(torchserve_smollm2: str) -> Iterator[str]:
+    """Where the "replica" answers /health and the predict route."""
+    base = torchserve_smollm2.rstrip("/")
+    if answers_200(f"{base}/health"):
+        yield base
+        return
+    from gateway.server import make_server
+    from gateway.settings import GatewaySettings, Upstream
+
+    torchserve = urlsplit(base)
+    settings = GatewaySettings(
+        app=APP, port=0, predict_route=f"/predictions/{APP}", health_route="/health",
+        inference=Upstream(torchserve.hostname, torchserve.port),
+        # config.properties puts the management API right after inference (7080, 7081).
+        management=Upstream(torchserve.hostname, torchserve.port + 1),
+        bind_host="127.0.0.1",
+    )
+    server = make_server(settings)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def deployed(offline_google, container_url: str) -> Iterator[StandIn]:
+    """SmolLM2 uploaded and deployed through the SDK onto the stand-in."""
+    standin = StandIn(container_url=container_url, health_timeout_s=120).start()
+    connect(resolve_settings(PROJECT, REGION, standin.url, environ={}))
+    container = ServingContainer(image_uri=IMAGE, app=APP, dtype="float32",
+                                 port=urlsplit(container_url).port)
+    deploy_app(container, Deployment(machine=validate_machine("n1-standard-8")), APP, APP)
+    yield standin
+    teardown(APP, delete_models=True)
+    standin.stop()
+
+
+def test_endpoint_predict_reaches_torchserve(deployed):
+    predictions = predict(APP, PROMPTS, {"max_new_tokens": 8, "temperature": 0})
+
+    assert len(predictions) == len(PROMPTS)
+    for prediction in predictions:
+        assert isinstance(prediction["generated_text"], str)
+        assert prediction["generated_text"].strip()
+    assert deployed.calls("predict")[0].body["parameters"] == {
+        "max_new_tokens": 8, "temperature": 0}
+
+
+def test_invalid_parameters_come_back_as_a_client_error(deployed):
+    with pytest.raises(exceptions.ClientError) as failure:
+        predict(APP, PROMPTS[:1], {"max_new_tokens": -1})
+    assert "max_new_tokens" in str(failure.value)
