@@ -15,11 +15,14 @@ from vertex.errors import SecretInEnvError, VertexConfigError
 
 DEFAULT_PORT = 7080
 HEALTH_ROUTE = "/health"
-# Model Garden's LLM containers use 16 GiB: PyTorch and NCCL put tensors in
-# /dev/shm, and Vertex's default (64 MiB, like Docker's) is far too small.
-DEFAULT_SHARED_MEMORY_MB = 16 * 1024
+# PyTorch (and NCCL on multi-GPU machines) put tensors in /dev/shm, and a
+# container's default (64 MiB, like Docker's) is far too small. Vertex reserves
+# this much of the VM's memory, so stay well under n1-standard-8's 30 GB, which
+# must also hold the weights while they load.
+DEFAULT_SHARED_MEMORY_MB = 8 * 1024
 # Loading several GiB of weights from Cloud Storage can take many minutes.
 DEFAULT_DEPLOYMENT_TIMEOUT_S = 30 * 60
+MAX_DEPLOYMENT_TIMEOUT_S = 2 * 60 * 60  # Vertex's limit
 VALID_DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 # Matched on whole ``_``-separated words so that MAX_NEW_TOKENS or TOKENIZER_DIR
@@ -98,6 +101,13 @@ class ServingContainer:
             raise VertexConfigError(
                 f"--artifact-uri must be a gs:// folder, not {self.artifact_uri!r}"
             )
+        if not 0 < self.deployment_timeout_s <= MAX_DEPLOYMENT_TIMEOUT_S:
+            raise VertexConfigError(
+                f"--deployment-timeout must be 1-{MAX_DEPLOYMENT_TIMEOUT_S} s (Vertex's limit), "
+                f"not {self.deployment_timeout_s}"
+            )
+        if self.shared_memory_mb < 64:
+            raise VertexConfigError(f"--shared-memory-mb {self.shared_memory_mb} is below 64")
         check_env_keys(self.extra_env)
         reserved = {"APP", "LLM_DTYPE"} & set(self.extra_env)
         if reserved:

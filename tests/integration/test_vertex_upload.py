@@ -41,7 +41,7 @@ def test_upload_sends_image_port_routes_and_env(vertex_settings, standin):
     assert spec.health_route == "/health"
     assert {e.name: e.value for e in spec.env} == {
         "APP": "smollm2", "LLM_DTYPE": "bfloat16", "LLM_MAX_NEW_TOKENS": "512"}
-    assert spec.shared_memory_size_mb == 16 * 1024
+    assert spec.shared_memory_size_mb == 8 * 1024
     assert spec.deployment_timeout == timedelta(minutes=30)
     assert model.version_id == "1"
 

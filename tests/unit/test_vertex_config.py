@@ -110,3 +110,10 @@ def test_presets_obey_the_pairing_table(preset):
     spec = PRESETS[preset]
     assert validate_machine(spec.machine_type, spec.accelerator_type,
                             spec.accelerator_count) == spec
+
+
+@pytest.mark.parametrize("timeout", [0, 7201])
+def test_deployment_timeout_stays_within_vertex_limit(timeout):
+    with pytest.raises(VertexConfigError, match="deployment-timeout"):
+        ServingContainer(image_uri="img", app="smollm2", dtype="float16",
+                         deployment_timeout_s=timeout)
