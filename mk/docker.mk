@@ -1,0 +1,83 @@
+# Container images (Dockerfile, docker/, gateway/; docs/docker.md).
+# Every variable can be set on the command line or in the environment.
+#
+#   make build-dev APP=gpt2      CPU image torchserve-llm:gpt2, weights inside
+#   make build-gpu APP=gpt2      GPU image torchserve-llm-gpu:gpt2
+#   make build-slim              torchserve-llm-slim:latest, no weights
+#   make run APP=gpt2            start it on 127.0.0.1:$(PORT); returns once it is healthy
+#   make test APP=gpt2           (core) the omelette request, against the container
+#   make stop-container
+#   make push VARIANT=gpu        to $(REGION)-docker.pkg.dev/$(GCP_PROJECT)/$(REPO)/…
+
+APP ?= smollm2
+PORT ?= 7080
+# Any Docker-compatible client: DOCKER=podman works too.
+DOCKER ?= docker
+IMAGE ?= torchserve-llm
+TAG ?= $(APP)
+SLIM_TAG ?= latest
+BASE_IMAGE ?= pytorch/torchserve:0.12.0-cpu
+GPU_BASE_IMAGE ?= pytorch/torchserve:0.12.0-gpu
+# Empty: PyPI's torch, which bundles CUDA. Set e.g. https://download.pytorch.org/whl/cu126
+# to match an older driver.
+GPU_TORCH_INDEX_URL ?=
+# Extra flags, e.g. --secret id=hf_token,env=HF_TOKEN for gated Hub models, or the
+# buildah/podman flags of a machine with no Docker engine (see docs/docker.md).
+DOCKER_BUILD_FLAGS ?=
+DOCKER_RUN_FLAGS ?=
+# cpu | gpu | slim: the image that run and push use.
+VARIANT ?= cpu
+IMAGE_cpu = $(IMAGE):$(TAG)
+IMAGE_gpu = $(IMAGE)-gpu:$(TAG)
+IMAGE_slim = $(IMAGE)-slim:$(SLIM_TAG)
+LOCAL_IMAGE = $(IMAGE_$(VARIANT))
+CONTAINER ?= $(IMAGE)-$(if $(filter slim,$(VARIANT)),slim,$(APP))
+# slim only: the checkpoint folder to mount (e.g. models/$(APP) after `make model`).
+MODEL_DIR ?= models/$(APP)
+# Seconds `make run` waits for the health route (CPU loads of big models are slow).
+RUN_WAIT_S ?= 900
+# 1: publish TorchServe's management (7081) and metrics (7082) APIs as well.
+EXPOSE_ADMIN ?= 0
+
+REGION ?= $(or $(GCP_REGION),us-central1)
+REPO ?= $(or $(VERTEX_REPO),llm)
+REMOTE_IMAGE = $(REGION)-docker.pkg.dev/$(GCP_PROJECT)/$(REPO)/$(LOCAL_IMAGE)
+
+.PHONY: build-dev build-gpu build-slim run stop-container push
+
+build-dev: ## CPU image torchserve-llm:APP with APP's weights inside
+	$(DOCKER) build $(DOCKER_BUILD_FLAGS) --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+		--build-arg APP=$(APP) -t $(IMAGE_cpu) .
+
+build-gpu: ## GPU image torchserve-llm-gpu:APP (pytorch/torchserve:0.12.0-gpu base, CUDA torch)
+	$(DOCKER) build $(DOCKER_BUILD_FLAGS) --build-arg BASE_IMAGE=$(GPU_BASE_IMAGE) \
+		--build-arg TORCH_INDEX_URL=$(GPU_TORCH_INDEX_URL) --build-arg APP=$(APP) -t $(IMAGE_gpu) .
+
+build-slim: ## image with no weights (torchserve-llm-slim): loads LLM_MODEL_DIR or AIP_STORAGE_URI at start
+	$(DOCKER) build $(DOCKER_BUILD_FLAGS) --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+		--target slim -t $(IMAGE_slim) .
+
+run: ## run the VARIANT image (cpu|gpu|slim) on 127.0.0.1:PORT; returns once /health is 200
+	-@$(DOCKER) rm -f $(CONTAINER) >/dev/null 2>&1
+	$(DOCKER) run -d --name $(CONTAINER) -p 127.0.0.1:$(PORT):7080 \
+		$(if $(filter 1 yes true,$(EXPOSE_ADMIN)),-e LLM_EXPOSE_ADMIN=true -p 127.0.0.1:7081:7081 -p 127.0.0.1:7082:7082) \
+		$(if $(filter slim,$(VARIANT)),-e APP=$(APP) -e LLM_MODEL_DIR=/models/$(APP) -v $(abspath $(MODEL_DIR)):/models/$(APP):ro) \
+		$(if $(filter gpu,$(VARIANT)),--gpus all) \
+		$(DOCKER_RUN_FLAGS) $(LOCAL_IMAGE)
+	@for _ in $$(seq 1 $(RUN_WAIT_S)); do \
+		if curl -fsS -o /dev/null http://127.0.0.1:$(PORT)/health 2>/dev/null; then \
+			echo "$(CONTAINER) is ready: http://127.0.0.1:$(PORT)/predictions/$(APP)"; exit 0; fi; \
+		if [ "$$($(DOCKER) inspect -f '{{.State.Running}}' $(CONTAINER) 2>/dev/null)" != true ]; then \
+			$(DOCKER) logs --tail 40 $(CONTAINER); echo "$(CONTAINER) exited" >&2; exit 1; fi; \
+		sleep 1; \
+	done; $(DOCKER) logs --tail 40 $(CONTAINER); echo "$(CONTAINER) not ready after $(RUN_WAIT_S) s" >&2; exit 1
+
+stop-container: ## stop and remove the container of make run
+	-$(DOCKER) stop -t 20 $(CONTAINER)
+	-$(DOCKER) rm -f $(CONTAINER)
+
+push: ## push the VARIANT image to REGION-docker.pkg.dev/GCP_PROJECT/REPO
+	@test -n "$(GCP_PROJECT)" || { echo "set GCP_PROJECT (and REGION, REPO)" >&2; exit 2; }
+	$(DOCKER) tag $(LOCAL_IMAGE) $(REMOTE_IMAGE)
+	$(DOCKER) push $(REMOTE_IMAGE)
+	@echo "pushed $(REMOTE_IMAGE)"
