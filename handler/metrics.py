@@ -11,7 +11,7 @@ from ts.metrics.metric_type_enum import MetricTypes
 GENERATION_METRICS = (
     ("PromptTokens", "count", MetricTypes.COUNTER),
     ("GeneratedTokens", "count", MetricTypes.COUNTER),
-    ("GenerationTokensPerSecond", "tokens/s", MetricTypes.GAUGE),
+    ("GenerationTokensPerSecond", "TokensPerSecond", MetricTypes.GAUGE),
     ("TimeToFirstTokenMs", "ms", MetricTypes.GAUGE),
     ("TimePerOutputTokenMs", "ms", MetricTypes.GAUGE),
 )

@@ -1,0 +1,168 @@
+"""Start a real TorchServe for tests, on its own ports, with an archive built for it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+PROBE = {"instances": ["Hello"], "parameters": {"max_new_tokens": 1, "temperature": 0}}
+
+
+def build_archive(app: str, name: str, store: Path, model_config: dict[str, Any] | None = None) -> Path:
+    """A no-archive copy of the app (fast to build, nothing to unzip), its config optionally changed."""
+    config_path = ROOT / "apps" / app / "model-config.yaml"
+    if model_config is not None:
+        config_path = store / f"{name}-model-config.yaml"
+        config_path.write_text(yaml.safe_dump(model_config))
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "archive.py"), app, "--name", name,
+         "--model-config", str(config_path), "--format", "no-archive", "--export", str(store)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return store / name
+
+
+def app_model_config(app: str) -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "apps" / app / "model-config.yaml").read_text())
+
+
+@dataclass
+class TorchServe:
+    """One TorchServe process in the foreground, so the test owns its lifetime."""
+
+    workdir: Path
+    models: dict[str, Path]
+    port: int = 18080
+    properties: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def management(self) -> str:
+        return f"http://127.0.0.1:{self.port + 1}"
+
+    @property
+    def metrics(self) -> str:
+        return f"http://127.0.0.1:{self.port + 2}"
+
+    def start(self, timeout: float = 600) -> "TorchServe":
+        logs = self.workdir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        store = self.workdir / "store"
+        store.mkdir(exist_ok=True)
+        for name, path in self.models.items():
+            if path.parent != store and not (store / name).exists():
+                (store / name).symlink_to(path)
+        properties = (ROOT / "config.properties").read_text()
+        properties += "\n".join(
+            [
+                f"inference_address=http://127.0.0.1:{self.port}",
+                f"management_address=http://127.0.0.1:{self.port + 1}",
+                f"metrics_address=http://127.0.0.1:{self.port + 2}",
+                f"metrics_config={ROOT / 'metrics.yaml'}",
+                f"model_store={store}",
+                # Distinct worker sockets and gRPC ports, so several instances can share a host.
+                f"initial_worker_port={self.port + 1000}",
+                f"grpc_inference_port={self.port + 10}",
+                f"grpc_management_port={self.port + 11}",
+                *(f"{key}={value}" for key, value in self.properties.items()),
+            ]
+        )
+        config = self.workdir / "config.properties"
+        config.write_text(properties + "\n")
+        environment = {**os.environ, "LOG_LOCATION": str(logs), "METRICS_LOCATION": str(logs)}
+        self.process = subprocess.Popen(
+            [str(VENV_BIN / "torchserve"), "--foreground", "--ncs", "--ts-config", str(config),
+             "--model-store", str(store), "--models", *(f"{name}={name}" for name in self.models)],
+            cwd=self.workdir,
+            env=environment,
+            stdout=(logs / "stdout.log").open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        for name in self.models:
+            self.wait_ready(name, timeout)
+        return self
+
+    def wait_ready(self, name: str, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"TorchServe exited early:\n{self.log_tail()}")
+            if self.worker_ready(name) and self.post(name, PROBE)[0] == 200:
+                return
+            time.sleep(1)
+        raise TimeoutError(f"{name} not ready in {timeout} s:\n{self.log_tail()}")
+
+    def worker_ready(self, name: str) -> bool:
+        return "READY" in self.worker_statuses(name)
+
+    def worker_statuses(self, name: str) -> list[str]:
+        try:
+            with urllib.request.urlopen(f"{self.management}/models/{name}", timeout=5) as response:
+                return [w["status"] for model in json.load(response) for w in model.get("workers", [])]
+        except (urllib.error.URLError, OSError, ValueError):
+            return []
+
+    def post(self, name: str, body: Any, timeout: float = 300, raw: bytes | None = None,
+             content_type: str = "application/json") -> tuple[int, Any]:
+        """POST to /predictions/name; returns the status and the decoded JSON (or text) body."""
+        data = raw if raw is not None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            f"{self.url}/predictions/{name}", data=data, headers={"Content-Type": content_type}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status, _decode(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, _decode(error.read())
+        except (urllib.error.URLError, OSError) as error:
+            return 0, str(error)
+
+    def log_tail(self, lines: int = 60) -> str:
+        logs = self.workdir / "logs"
+        text = ""
+        for name in ("model_log.log", "ts_log.log", "stdout.log"):
+            path = logs / name
+            if path.exists():
+                text += f"--- {name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) + "\n"
+        return text
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def _decode(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return body.decode(errors="replace")
+
+
+def clean(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
