@@ -133,10 +133,22 @@ class GatewayHandler(BaseHTTPRequestHandler):
         log.debug("%s " + format, self.address_string(), *args)
 
     def _dispatch(self) -> None:
-        if urlsplit(self.path).path == self.settings.health_route and self.command in ("GET", "HEAD"):
-            self._answer_health()
-        else:
-            self._proxy()
+        server = self.server
+        if server.draining:
+            self.close_connection = True
+            self._drain_request_body()
+            self._send_json(503, b'{"error": "shutting down"}')
+            return
+        server.request_started()
+        try:
+            if urlsplit(self.path).path == self.settings.health_route and self.command in ("GET", "HEAD"):
+                self._answer_health()
+            else:
+                self._proxy()
+        finally:
+            server.request_finished()
+            if server.draining:
+                self.close_connection = True
 
     def _answer_health(self) -> None:
         self._drain_request_body()
@@ -183,9 +195,15 @@ class GatewayHandler(BaseHTTPRequestHandler):
         return read_length(self.rfile, int(length))
 
     def _drain_request_body(self) -> None:
-        body = self._request_body()
-        for _ in body or ():
-            pass
+        """Read and drop a body we answer without forwarding, so keep-alive stays in step.
+
+        A body whose framing is broken cannot be skipped: the connection closes instead.
+        """
+        try:
+            for _ in self._request_body() or ():
+                pass
+        except ValueError:
+            self.close_connection = True
 
     def _send_upstream(self, conn: http.client.HTTPConnection, body: Iterator[bytes] | None) -> None:
         """Send the request line, the client's end-to-end headers, then the body as it is read.

@@ -1,7 +1,9 @@
-"""Build the gateway's HTTP server from its settings."""
+"""Build the gateway's HTTP server from its settings, and drain it at shutdown."""
 
 from __future__ import annotations
 
+import threading
+import time
 from http.server import ThreadingHTTPServer
 
 from gateway.proxy import GatewayHandler
@@ -9,12 +11,49 @@ from gateway.settings import GatewaySettings
 
 
 class GatewayServer(ThreadingHTTPServer):
-    """Threads per connection: a long stream must not hold up the health checks."""
+    """Threads per connection, so a long stream never holds up the health checks.
+
+    It counts requests in flight so that a stopping container can let them
+    finish (``drain``) before TorchServe goes away under them.
+    """
 
     daemon_threads = True
-    # Restarts of the container reuse the port at once.
+    # A restarted container binds its port again at once.
     allow_reuse_address = True
     request_queue_size = 64
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._idle = threading.Condition()
+        self._active = 0
+        self.draining = False
+
+    def request_started(self) -> None:
+        with self._idle:
+            self._active += 1
+
+    def request_finished(self) -> None:
+        with self._idle:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.notify_all()
+
+    @property
+    def active_requests(self) -> int:
+        with self._idle:
+            return self._active
+
+    def drain(self, timeout_s: float) -> bool:
+        """Refuse new requests, wait up to ``timeout_s`` for those in flight; True if none is left."""
+        deadline = time.monotonic() + timeout_s
+        with self._idle:
+            self.draining = True
+            while self._active:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
 
 
 def make_server(settings: GatewaySettings) -> GatewayServer:

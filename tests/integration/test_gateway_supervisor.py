@@ -1,0 +1,237 @@
+"""`python -m gateway` (the container's main process) around a fake `torchserve`.
+
+The fake is a script put first on PATH: it serves TorchServe's management and
+inference APIs on the addresses the supervisor gives it through TS_*_ADDRESS,
+spawns a long-lived child (like TorchServe's Java frontend) and behaves as
+FAKE_TS_MODE says. The tests check the lifecycle promises: health only once
+ready, a clean and quick stop on SIGTERM that takes the whole process group,
+the container's exit when TorchServe dies, SIGKILL when TorchServe ignores
+SIGTERM, and a fast failure for an env that cannot work.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+FAKE_TORCHSERVE = r'''
+import json, os, signal, subprocess, sys, threading, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+mode = os.environ.get("FAKE_TS_MODE", "ok")
+ready_at = time.monotonic() + float(os.environ.get("FAKE_TS_READY_AFTER", "1"))
+state = os.environ["FAKE_TS_STATE"]
+frontend = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+with open(state, "w") as f:
+    json.dump({"argv": sys.argv[1:], "frontend_pid": frontend.pid, "env": {k: v for k, v in os.environ.items() if k.startswith("TS_")}}, f)
+if mode == "stubborn":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+    def do_GET(self):
+        self.reply()
+    def do_POST(self):
+        self.reply()
+    def reply(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.path.startswith("/models/"):
+            status = "READY" if time.monotonic() >= ready_at else "STARTING"
+            body = json.dumps([{"workers": [{"status": status}]}]).encode()
+        else:
+            body = json.dumps({"predictions": [{"generated_text": "ok", "path": self.path}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+for name in ("TS_INFERENCE_ADDRESS", "TS_MANAGEMENT_ADDRESS"):
+    address = urlsplit(os.environ[name])
+    server = ThreadingHTTPServer((address.hostname, address.port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+if mode == "crash":
+    time.sleep(1.5)
+    sys.exit(3)
+while True:
+    time.sleep(1)
+'''
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Container:
+    """One `python -m gateway` process with its own ports, store and fake TorchServe."""
+
+    def __init__(self, tmp_path: Path, mode: str = "ok", **env: str) -> None:
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        script = bin_dir / "torchserve"
+        script.write_text(f"#!{sys.executable}\n{FAKE_TORCHSERVE}")
+        script.chmod(0o755)
+        store = tmp_path / "model-store"
+        store.mkdir()
+        (store / "m.mar").write_bytes(b"")
+        self.state = tmp_path / "state.json"
+        self.port = _free_port()
+        self.env = {
+            "PATH": f"{bin_dir}:{os.environ['PATH']}",
+            "PYTHONPATH": str(ROOT),
+            "HOME": str(tmp_path),
+            "APP": "m",
+            "AIP_HTTP_PORT": str(self.port),
+            "AIP_PREDICT_ROUTE": "/v1/predict",
+            "LLM_GATEWAY_BIND": "127.0.0.1",
+            "LLM_MODEL_STORE": str(store),
+            "LLM_STOP_GRACE_S": "4",
+            "TS_INFERENCE_ADDRESS": f"http://127.0.0.1:{_free_port()}",
+            "TS_MANAGEMENT_ADDRESS": f"http://127.0.0.1:{_free_port()}",
+            "TS_METRICS_ADDRESS": f"http://127.0.0.1:{_free_port()}",
+            "FAKE_TS_MODE": mode,
+            "FAKE_TS_STATE": str(self.state),
+            **env,
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gateway"], env=self.env, cwd=tmp_path, stderr=subprocess.PIPE, text=True
+        )
+
+    def get(self, path: str) -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        try:
+            conn.request("GET", path)
+            response = conn.getresponse()
+            response.read()
+            return response.status
+        except OSError:
+            return 0
+        finally:
+            conn.close()
+
+    def wait_state(self) -> dict:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.state.exists() and self.state.stat().st_size:
+                return json.loads(self.state.read_text())
+            time.sleep(0.05)
+        raise AssertionError("the fake torchserve never started")
+
+    def wait_exit(self, timeout_s: float) -> tuple[int, float, str]:
+        started = time.monotonic()
+        try:
+            code = self.process.wait(timeout_s)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+        return code, time.monotonic() - started, self.process.stderr.read()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture()
+def container(tmp_path, request):
+    made = []
+
+    def make(mode: str = "ok", **env: str) -> Container:
+        made.append(Container(tmp_path, mode, **env))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.stop()
+        state = c.state.exists() and json.loads(c.state.read_text())
+        if state:
+            _kill_quietly(state["frontend_pid"])
+
+
+def _kill_quietly(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def test_health_waits_for_the_model_then_sigterm_stops_everything_quickly(container):
+    c = container(FAKE_TS_READY_AFTER="1.5")
+    state = c.wait_state()
+    assert state["argv"][-4:] == ["--models", "m=m.mar", "--disable-token-auth", "--ncs"]
+    assert state["env"]["TS_INFERENCE_ADDRESS"] == c.env["TS_INFERENCE_ADDRESS"]
+    seen = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (not seen or seen[-1] != 200):
+        seen.append(c.get("/health"))
+        time.sleep(0.1)
+    assert seen[-1] == 200
+    assert 503 in seen
+    assert c.get("/v1/predict") == 200
+    c.process.send_signal(signal.SIGTERM)
+    code, took, log = c.wait_exit(10)
+    assert code == 0, log
+    assert took < 3
+    assert not _alive(state["frontend_pid"]), "TorchServe's child survived the stop"
+    assert "TorchServe stopped" in log
+
+
+def test_the_container_exits_when_torchserve_dies(container):
+    c = container("crash")
+    state = c.wait_state()
+    code, took, log = c.wait_exit(10)
+    assert code == 3, log
+    assert "TorchServe exited with status 3" in log
+    assert not _alive(state["frontend_pid"])
+
+
+def test_torchserve_that_ignores_sigterm_is_killed_within_the_grace(container):
+    c = container("stubborn", LLM_STOP_GRACE_S="1.5")
+    state = c.wait_state()
+    time.sleep(0.3)  # let the fake install its SIGTERM handler
+    c.process.send_signal(signal.SIGTERM)
+    code, took, log = c.wait_exit(10)
+    assert code == 137, log
+    assert took < 4
+    assert not _alive(state["frontend_pid"])
+
+
+def test_an_env_that_cannot_work_fails_before_torchserve_starts(container):
+    c = container(LLM_IMAGE_WEIGHTS="none")
+    code, _, log = c.wait_exit(10)
+    assert code == 2
+    assert "AIP_STORAGE_URI" in log and "LLM_MODEL_DIR" in log
+    assert not c.state.exists()
+
+
+def test_a_busy_port_fails_before_torchserve_starts(container):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        c = container(AIP_HTTP_PORT=str(busy.getsockname()[1]))
+        code, _, log = c.wait_exit(10)
+    assert code == 2
+    assert "cannot listen" in log
+    assert not c.state.exists()
