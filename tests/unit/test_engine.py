@@ -1,0 +1,210 @@
+"""The engine on a tiny random Llama: batching, per-request parameters, stops, seeds, streaming."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from handler.engine import Engine, check_weight_format
+from handler.errors import RequestError
+from handler.params import GenerationParams, ParamLimits, resolve_params
+from handler.prompts import Prompt, TokenLimits, encode
+from handler.requests import Instance
+from handler.settings import HandlerSettings, SettingsError
+from handler.stopping import FinishReason
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: Path) -> Engine:
+    return Engine.load(tiny_model_dir, HandlerSettings(max_total_tokens=128), torch.device("cpu"))
+
+
+def prompt(engine: Engine, text: str, **params) -> Prompt:
+    resolved = resolve_params([("parameters.", params)], ParamLimits())
+    return encode(Instance(params=resolved, text=text), engine.tokenizer, None, engine.limits, "instances[0]")
+
+
+def texts(completions) -> list[str]:
+    return [c.text for c in completions]
+
+
+def test_greedy_is_the_same_alone_and_beside_other_prompts(engine):
+    alone = engine.generate([prompt(engine, "Hello there", max_new_tokens=8, temperature=0)])
+    batched = engine.generate(
+        [
+            prompt(engine, "A much longer prompt that forces left padding of the other", max_new_tokens=5, temperature=0.9),
+            prompt(engine, "Hello there", max_new_tokens=8, temperature=0),
+        ]
+    )
+    assert texts(alone[0]) == texts(batched[1])
+
+
+def test_a_seeded_request_gives_the_same_text_alone_and_in_a_batch(engine):
+    seeded = dict(max_new_tokens=12, temperature=1.0, top_k=50, seed=1234)
+    alone = engine.generate([prompt(engine, "Tell me a story", **seeded)])
+    batched = engine.generate(
+        [
+            prompt(engine, "Another prompt, unseeded and longer than the first one", max_new_tokens=12, temperature=1.3),
+            prompt(engine, "Tell me a story", **seeded),
+            prompt(engine, "Third", max_new_tokens=3, temperature=0),
+        ]
+    )
+    assert texts(alone[0]) == texts(batched[1])
+    assert alone[0][0].generated_tokens == 12
+
+
+def test_different_seeds_give_different_text(engine):
+    first = engine.generate([prompt(engine, "Tell me a story", max_new_tokens=12, temperature=1.0, seed=1)])
+    second = engine.generate([prompt(engine, "Tell me a story", max_new_tokens=12, temperature=1.0, seed=2)])
+    assert texts(first[0]) != texts(second[0])
+
+
+def test_heterogeneous_parameters_in_one_batch_each_hold(engine):
+    results = engine.generate(
+        [
+            prompt(engine, "one", max_new_tokens=3, temperature=0, details=True),
+            prompt(engine, "two", max_new_tokens=9, temperature=0.8, top_p=0.5, seed=7),
+            prompt(engine, "three", max_new_tokens=6, temperature=0, repetition_penalty=1.5),
+        ]
+    )
+    assert [r[0].generated_tokens for r in results] == [3, 9, 6]
+    assert all(r[0].finish_reason == FinishReason.LENGTH for r in results)
+    alone = engine.generate([prompt(engine, "three", max_new_tokens=6, temperature=0, repetition_penalty=1.5)])
+    assert texts(alone[0]) == texts(results[2])
+
+
+def test_repetition_penalty_changes_greedy_output(engine):
+    plain = engine.generate([prompt(engine, "three", max_new_tokens=16, temperature=0)])
+    penalised = engine.generate([prompt(engine, "three", max_new_tokens=16, temperature=0, repetition_penalty=5.0)])
+    assert texts(plain[0]) != texts(penalised[0])
+
+
+def test_num_return_sequences_gives_that_many_completions(engine):
+    (completions,) = engine.generate([prompt(engine, "hi", max_new_tokens=6, temperature=1.0, num_return_sequences=3, seed=5)])
+    assert len(completions) == 3
+    assert len(set(texts(completions))) > 1
+
+
+def test_beam_search_returns_its_sequences(engine):
+    (completions,) = engine.generate(
+        [prompt(engine, "hi", max_new_tokens=5, temperature=0, num_beams=3, num_return_sequences=2)]
+    )
+    assert len(completions) == 2 and all(c.generated_tokens <= 5 for c in completions)
+
+
+def test_stop_string_is_trimmed_and_reported(engine):
+    (reference,) = engine.generate([prompt(engine, "Hello", max_new_tokens=20, temperature=0)])
+    text = reference[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    assert stop.strip(), "the tiny model's greedy text must hold a usable stop string"
+    (stopped,) = engine.generate([prompt(engine, "Hello", max_new_tokens=20, temperature=0, stop=[stop], details=True)])
+    assert stopped[0].finish_reason == FinishReason.STOP
+    assert stopped[0].text == text[: text.find(stop)]
+    assert stop not in stopped[0].text
+
+
+def test_bad_words_never_appear(engine):
+    (reference,) = engine.generate([prompt(engine, "Hello", max_new_tokens=10, temperature=0)])
+    token = engine.tokenizer(reference[0].text, add_special_tokens=False)["input_ids"][0]
+    word = engine.tokenizer.decode([token]).strip()
+    assert word
+    (banned,) = engine.generate([prompt(engine, "Hello", max_new_tokens=10, temperature=0, bad_words=[word])])
+    assert not banned[0].text.lstrip().startswith(word)
+
+
+def test_eos_is_reported_when_the_model_ends(engine):
+    eos = engine.tokenizer.eos_token_id
+    eos_text = engine.tokenizer.decode([eos])
+    with torch.no_grad():
+        engine.model.lm_head.weight[eos] += 100.0
+    try:
+        (completions,) = engine.generate([prompt(engine, "Hello", max_new_tokens=10, temperature=0)])
+    finally:
+        with torch.no_grad():
+            engine.model.lm_head.weight[eos] -= 100.0
+    assert completions[0].finish_reason == FinishReason.EOS
+    assert eos_text not in completions[0].text
+
+
+def test_min_new_tokens_holds_off_eos(engine):
+    eos = engine.tokenizer.eos_token_id
+    with torch.no_grad():
+        engine.model.lm_head.weight[eos] += 100.0
+    try:
+        (completions,) = engine.generate([prompt(engine, "Hello", max_new_tokens=10, min_new_tokens=4, temperature=0)])
+    finally:
+        with torch.no_grad():
+            engine.model.lm_head.weight[eos] -= 100.0
+    assert completions[0].generated_tokens == 5  # four forced tokens, then EOS
+    assert completions[0].finish_reason == FinishReason.EOS
+
+
+def test_streaming_sends_pieces_that_add_up_to_the_text(engine):
+    pieces: list[tuple[int, int, str]] = []
+    (completions,) = engine.generate(
+        [prompt(engine, "Hello", max_new_tokens=12, temperature=0, stream=True)],
+        stream=lambda index, sequence, text: pieces.append((index, sequence, text)),
+    )
+    assert len(pieces) > 1
+    assert "".join(p[2] for p in pieces) == completions[0].text
+    assert {(p[0], p[1]) for p in pieces} == {(0, 0)}
+
+
+def test_streaming_never_leaks_a_stop_string(engine):
+    (reference,) = engine.generate([prompt(engine, "Hello", max_new_tokens=20, temperature=0)])
+    text = reference[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    pieces: list[str] = []
+    engine.generate(
+        [prompt(engine, "Hello", max_new_tokens=20, temperature=0, stop=[stop], stream=True)],
+        stream=lambda index, sequence, piece: pieces.append(piece),
+    )
+    assert "".join(pieces) == text[: text.find(stop)]
+
+
+def test_only_streaming_requests_stream(engine):
+    pieces: list[int] = []
+    engine.generate(
+        [prompt(engine, "a", max_new_tokens=4, temperature=0), prompt(engine, "b", max_new_tokens=4, temperature=0, stream=True)],
+        stream=lambda index, sequence, text: pieces.append(index),
+    )
+    assert set(pieces) == {1}
+
+
+def test_prompt_over_max_input_tokens_is_refused(engine):
+    limits = TokenLimits(max_input_tokens=4, max_total_tokens=128)
+    with pytest.raises(RequestError) as caught:
+        encode(Instance(GenerationParams(), text="one two three four five six"), engine.tokenizer, None, limits, "instances[0]")
+    assert caught.value.status == 422 and caught.value.details["limit"] == 4
+
+
+def test_prompt_plus_max_new_tokens_over_total_is_refused(engine):
+    with pytest.raises(RequestError) as caught:
+        prompt(engine, "Hello", max_new_tokens=200)
+    assert caught.value.field == "max_new_tokens"
+    assert "<= 128" in caught.value.message
+
+
+def test_limits_default_to_the_context_length(tiny_model_dir):
+    engine = Engine.load(tiny_model_dir, HandlerSettings(warmup=False), torch.device("cpu"))
+    assert engine.limits == TokenLimits(max_input_tokens=255, max_total_tokens=256)
+
+
+def test_chat_messages_use_the_chat_template(engine):
+    instance = Instance(GenerationParams(), messages=({"role": "user", "content": "Hi!"},))
+    rendered = encode(instance, engine.tokenizer, None, engine.limits, "instances[0]")
+    assert "<|im_start|>user\nHi!<|im_end|>" in rendered.text
+    assert rendered.text.endswith("<|im_start|>assistant\n")
+
+
+def test_prompt_template_wraps_plain_prompts(engine):
+    instance = Instance(GenerationParams(), text="Make tea")
+    rendered = encode(instance, engine.tokenizer, "### Instruction:\n{prompt}\n### Response:\n", engine.limits, "x")
+    assert rendered.text == "### Instruction:\nMake tea\n### Response:\n"
+
+
+def test_pickle_only_folders_are_refused_unless_allowed(tmp_path):
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(SettingsError, match="allow_pickle_weights"):
+        check_weight_format(tmp_path, allow_pickle=False)
+    check_weight_format(tmp_path, allow_pickle=True)

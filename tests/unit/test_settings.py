@@ -1,0 +1,53 @@
+"""The app's config is read once and checked at start-up; env overrides live in one place."""
+
+import pytest
+
+from handler.params import GenerationParams
+from handler.settings import HandlerSettings, SettingsError
+
+
+def test_empty_config_gives_the_defaults():
+    settings = HandlerSettings.from_config({}, {})
+    assert settings == HandlerSettings()
+    assert not settings.trust_remote_code and not settings.allow_pickle_weights
+
+
+def test_defaults_and_limits_are_typed():
+    settings = HandlerSettings.from_config(
+        {"handler": {"defaults": {"max_new_tokens": 16.0, "stop": "###"}, "limits": {"max_stop_sequences": 2}}}, {}
+    )
+    assert settings.defaults == GenerationParams(max_new_tokens=16, stop=("###",))
+    assert settings.limits.max_stop_sequences == 2
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"dtyp": "float32"}, "unknown keys"),
+        ({"dtype": "float8"}, "dtype"),
+        ({"batching": "sometimes"}, "batching"),
+        ({"defaults": {"temperature": -1}}, "handler.defaults.temperature"),
+        ({"defaults": {"colour": 1}}, "colour"),
+        ({"limits": {"max_stop_sequences": 0}}, "max_stop_sequences"),
+        ({"max_total_tokens": 0}, "max_total_tokens"),
+        ({"prompt_template": "no placeholder"}, "{prompt}"),
+        ({"device_map": "balanced"}, "device_map"),
+        ({"deadline_seconds": 0}, "deadline_seconds"),
+    ],
+)
+def test_a_wrong_config_stops_the_worker_with_the_key(section, message):
+    with pytest.raises(SettingsError, match=message.replace("{", r"\{").replace("}", r"\}")):
+        HandlerSettings.from_config({"handler": section}, {})
+
+
+def test_environment_overrides_of_the_container_contract():
+    settings = HandlerSettings.from_config(
+        {"handler": {"dtype": "float32"}},
+        {"LLM_DTYPE": "bfloat16", "LLM_MODEL_DIR": "/models/x", "AIP_STORAGE_URI": "gs://b/p"},
+    )
+    assert (settings.dtype, settings.model_dir_override, settings.storage_uri) == ("bfloat16", "/models/x", "gs://b/p")
+
+
+def test_a_bad_dtype_from_the_environment_is_caught_too():
+    with pytest.raises(SettingsError, match="dtype"):
+        HandlerSettings.from_config({}, {"LLM_DTYPE": "fp4"})
