@@ -13,6 +13,12 @@ from typing import Any, Mapping, Sequence
 from handler.errors import RequestError, limit_error
 
 MAX_SEED = 2**63 - 1
+# Bounds that keep a row's float32 logits finite: past them (temperature 1e-40 or 1e39,
+# repetition_penalty 1e-300) the logits turn to inf/nan and the whole batch's generate fails.
+MIN_SAMPLING_TEMPERATURE = 1e-5  # below it, greedy (vLLM's convention)
+MAX_TEMPERATURE = 100.0
+MIN_REPETITION_PENALTY = 1e-3
+MAX_REPETITION_PENALTY = 1e3
 
 
 @dataclass(frozen=True)
@@ -48,8 +54,8 @@ class GenerationParams:
 
     @property
     def sampling(self) -> bool:
-        """Temperature 0 means greedy whatever `do_sample` says; otherwise sample unless told not to."""
-        if self.temperature == 0:
+        """Temperature 0 (or under 1e-5) means greedy whatever `do_sample` says; otherwise sample unless told not to."""
+        if self.temperature < MIN_SAMPLING_TEMPERATURE:
             return False
         return True if self.do_sample is None else self.do_sample
 
@@ -92,6 +98,14 @@ def _as_bool(value: Any, field: str) -> bool:
     return value
 
 
+def require_text(value: str, field: str) -> None:
+    """A lone surrogate (JSON `"\\ud800"`) decodes into a str, but tokenizers raise on it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise RequestError(f"{field} is not valid Unicode: lone surrogate at character {error.start}", field) from error
+
+
 def _as_strings(value: Any, field: str, max_count: int, max_length: int) -> tuple[str, ...]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
@@ -101,6 +115,7 @@ def _as_strings(value: Any, field: str, max_count: int, max_length: int) -> tupl
     for item in items:
         if not item:
             raise RequestError(f"{field} entries must not be empty", field)
+        require_text(item, field)
         if len(item) > max_length:
             raise limit_error(
                 f"{field} entries must be at most {max_length} characters, got {len(item)}", field, max_length, len(item)
@@ -122,11 +137,11 @@ def _coerce(name: str, value: Any, field: str, limits: ParamLimits) -> Any:
     if name == "seed":
         return None if value is None else _as_int(value, field, 0, MAX_SEED)
     if name == "temperature":
-        return _as_float(value, field, 0.0, None)
+        return _as_float(value, field, 0.0, MAX_TEMPERATURE)
     if name in ("top_p", "typical_p"):
         return _as_float(value, field, 0.0, 1.0, low_open=True)
     if name == "repetition_penalty":
-        return _as_float(value, field, 0.0, None, low_open=True)
+        return _as_float(value, field, MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY)
     if name == "penalty_alpha":
         return _as_float(value, field, 0.0, 1.0)
     if name == "do_sample":

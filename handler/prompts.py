@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jinja2 import TemplateError
+
 from handler.errors import RequestError, limit_error
 from handler.params import GenerationParams
 from handler.requests import Instance
@@ -31,7 +33,10 @@ def render(instance: Instance, tokenizer, prompt_template: str | None, where: st
     if instance.messages is not None:
         if not getattr(tokenizer, "chat_template", None):
             raise RequestError("this model has no chat template: send 'prompt' instead of 'messages'", f"{where}.messages")
-        text = tokenizer.apply_chat_template(list(instance.messages), tokenize=False, add_generation_prompt=True)
+        try:
+            text = tokenizer.apply_chat_template(list(instance.messages), tokenize=False, add_generation_prompt=True)
+        except TemplateError as error:  # templates reject what they cannot render ("roles must alternate")
+            raise RequestError(f"the chat template refused these messages: {error}", f"{where}.messages") from error
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
         text = prompt_template.replace("{prompt}", instance.text) if prompt_template else instance.text

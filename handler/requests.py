@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from handler.errors import RequestError, limit_error
-from handler.params import PARAMETER_NAMES, GenerationParams, ParamLimits, resolve_params
+from handler.params import PARAMETER_NAMES, GenerationParams, ParamLimits, require_text, resolve_params
 
 CHAT_ROLES = ("system", "user", "assistant")
 PROMPT_KEYS = ("prompt", "inputs", "messages")
@@ -78,6 +78,8 @@ def _decode(body: Any) -> Any:
         raise RequestError("request body is nested too deeply", "body") from error
     except json.JSONDecodeError as error:
         raise RequestError(f"malformed JSON: {error.msg} at line {error.lineno} column {error.colno}", "body") from error
+    except ValueError as error:  # e.g. an integer of over 4300 digits
+        raise RequestError(f"malformed JSON: {str(error).split(':')[0]}", "body") from error
 
 
 def _reject_constant(name: str) -> None:
@@ -134,6 +136,7 @@ def _prompt(value: Any, where: str, shape: RequestShape) -> str:
         raise RequestError(f"{where} must be a string, got {type(value).__name__}", where)
     if not value.strip():
         raise RequestError(f"{where} must not be empty", where)
+    require_text(value, where)
     if len(value) > shape.max_prompt_chars:
         raise limit_error(
             f"{where} has {len(value)} characters, at most {shape.max_prompt_chars} allowed",

@@ -81,6 +81,9 @@ class LLMHandler(BaseHandler):
             ]
         except RequestError as error:
             return error
+        except Exception:  # a bug on one request's path must not fail the rest of its batch
+            logger.exception("could not prepare a request")
+            return RequestError("could not prepare this request; see the server log", status=500)
 
     def inference(self, batch: list[list[Prompt] | RequestError], *args, **kwargs) -> list[Any]:
         owners = [(index, prompt) for index, entry in enumerate(batch) if not isinstance(entry, RequestError) for prompt in entry]

@@ -1,0 +1,45 @@
+"""A chat template that refuses a conversation must fail that request alone, with a 400.
+
+Many Hub templates call `raise_exception("Conversation roles must alternate ...")`; that
+jinja2 TemplateError used to escape the handler's per-request validation and fail the batch.
+"""
+
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from handler.errors import RequestError
+from handler.params import GenerationParams
+from handler.prompts import TokenLimits, encode
+from handler.requests import Instance
+
+ALTERNATING = (
+    "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+)
+LIMITS = TokenLimits(max_input_tokens=100, max_total_tokens=200)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir: Path):
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    tokenizer.chat_template = ALTERNATING
+    return tokenizer
+
+
+def chat(*roles: str) -> Instance:
+    return Instance(params=GenerationParams(), messages=tuple({"role": r, "content": "hi"} for r in roles))
+
+
+def test_a_conversation_the_template_refuses_is_a_400_naming_the_messages(tokenizer):
+    with pytest.raises(RequestError) as caught:
+        encode(chat("user", "user"), tokenizer, None, LIMITS, "instances[0]")
+    assert caught.value.status == 400 and caught.value.field == "instances[0].messages"
+    assert "roles must alternate" in caught.value.message
+
+
+def test_a_conversation_the_template_accepts_still_renders(tokenizer):
+    prompt = encode(chat("user", "assistant", "user"), tokenizer, None, LIMITS, "instances[0]")
+    assert prompt.text.startswith("user: hi\nassistant: hi\n") and prompt.input_ids
