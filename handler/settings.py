@@ -77,6 +77,10 @@ class HandlerSettings:
             storage_uri=environ.get("AIP_STORAGE_URI") or None,
         )
         settings.verify()
+        if settings.batching == "continuous" and not (model_yaml_config or {}).get("asyncCommunication"):
+            raise SettingsError(
+                "handler.batching: continuous needs asyncCommunication: true (and batchSize: 1) in model-config.yaml"
+            )
         return settings
 
     def verify(self) -> None:

@@ -1,0 +1,324 @@
+"""Continuous batching on a tiny random Llama: routing, per-request parameters, stops, streaming.
+
+The manager's output is compared with the classic engine's on the same prompts, so a
+parameter it serves is one it honours exactly. `handle_one` runs with TorchServe's own
+Context, its streamed chunks read back from a socket pair.
+"""
+
+import asyncio
+import json
+import socket
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from ts.context import Context, RequestProcessor
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+from handler.continuous import ContinuousEngine, classic_reason, handle_one, processor_kwargs
+from handler.engine import Engine
+from handler.params import GenerationParams, ParamLimits, resolve_params
+from handler.prompts import Prompt, encode
+from handler.requests import Instance
+from handler.settings import ContinuousBatchingSettings, HandlerSettings, SettingsError
+from handler.stopping import FinishReason
+from handler.torchserve_handler import LLMHandler
+from tests.torchserve import ROOT
+
+CACHE = ContinuousBatchingSettings(num_blocks=48, page_size=16, max_batch_tokens=256)
+CACHE_CONFIG = {"num_blocks": 48, "page_size": 16, "max_batch_tokens": 256}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: Path) -> Engine:
+    return Engine.load(tiny_model_dir, HandlerSettings(max_total_tokens=200), torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def continuous(engine: Engine):
+    served = ContinuousEngine(engine, CACHE)
+    yield served
+    served.stop()
+
+
+def prompt(engine: Engine, text: str, **params) -> Prompt:
+    resolved = resolve_params([("parameters.", params)], ParamLimits())
+    return encode(Instance(params=resolved, text=text), engine.tokenizer, None, engine.limits, "instances[0]")
+
+
+def complete_all(continuous: ContinuousEngine, prompts: list[Prompt], stream=None) -> list:
+    async def run():
+        return await asyncio.gather(*(continuous.complete(p, stream) for p in prompts))
+
+    return asyncio.run(run())
+
+
+def handlers_left(continuous: ContinuousEngine) -> int:
+    return len(continuous.manager.output_router.result_handlers)
+
+
+# The routing rule
+
+
+@pytest.mark.parametrize(
+    "params, reason",
+    [
+        (GenerationParams(), None),
+        (GenerationParams(temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.2, min_new_tokens=3), None),
+        (GenerationParams(stop=("###",), num_return_sequences=2, stream=True, details=True), None),
+        (GenerationParams(seed=7), "seed"),
+        (GenerationParams(num_beams=2), "num_beams"),
+        (GenerationParams(typical_p=0.5), "typical_p"),
+        (GenerationParams(bad_words=("no",)), "bad_words"),
+    ],
+)
+def test_only_what_the_manager_cannot_honour_goes_to_the_classic_engine(params, reason):
+    assert classic_reason(params) == reason
+
+
+def test_greedy_is_a_single_candidate_at_temperature_one():
+    kwargs = processor_kwargs(GenerationParams(temperature=0, top_k=40, top_p=0.5), vocab_size=1000)
+    assert (kwargs["top_k"], kwargs["temperature"], kwargs["top_p"]) == (1, 1.0, 1.0)
+
+
+def test_top_k_off_or_too_large_keeps_the_whole_vocabulary():
+    assert processor_kwargs(GenerationParams(top_k=0), vocab_size=1000)["top_k"] == 1000
+    assert processor_kwargs(GenerationParams(top_k=5000), vocab_size=1000)["top_k"] == 1000
+
+
+def test_processor_arguments_have_the_types_the_manager_checks():
+    kwargs = processor_kwargs(GenerationParams(temperature=1, top_p=1, repetition_penalty=1), vocab_size=10)
+    assert all(isinstance(kwargs[name], float) for name in ("temperature", "top_p", "repetition_penalty"))
+    assert all(isinstance(kwargs[name], int) for name in ("top_k", "min_new_tokens"))
+
+
+def test_continuous_batching_needs_the_async_worker():
+    with pytest.raises(SettingsError, match="asyncCommunication"):
+        HandlerSettings.from_config({"handler": {"batching": "continuous"}}, {})
+    settings = HandlerSettings.from_config({"asyncCommunication": True, "handler": {"batching": "continuous"}}, {})
+    assert settings.batching == "continuous"
+
+
+# The manager against the classic engine
+
+
+def test_manager_output_equals_the_classic_engine_for_the_parameters_it_serves(engine, continuous):
+    cases = [
+        dict(max_new_tokens=12, temperature=0),
+        dict(max_new_tokens=12, temperature=0, repetition_penalty=1.5),
+        dict(max_new_tokens=12, temperature=0, repetition_penalty=0.6),
+        dict(max_new_tokens=12, temperature=0.7, top_k=1),
+        dict(max_new_tokens=12, temperature=0, min_new_tokens=10),
+    ]
+    prompts = [prompt(engine, text, **case) for case in cases for text in ("Hello there", "Tell me a story about")]
+    classic = [engine.generate([p])[0][0] for p in prompts]
+    served = [sequences[0] for sequences in complete_all(continuous, prompts)]
+    assert [c.text for c in served] == [c.text for c in classic]
+    assert [c.finish_reason for c in served] == [c.finish_reason for c in classic]
+    assert [c.generated_tokens for c in served] == [c.generated_tokens for c in classic]
+    assert handlers_left(continuous) == 0
+
+
+def test_the_repetition_penalty_changes_what_the_manager_generates(engine, continuous):
+    plain, penalised = complete_all(
+        continuous,
+        [
+            prompt(engine, "one two one two one two", max_new_tokens=16, temperature=0),
+            prompt(engine, "one two one two one two", max_new_tokens=16, temperature=0, repetition_penalty=3.0),
+        ],
+    )
+    assert plain[0].text != penalised[0].text
+
+
+def test_each_request_keeps_its_own_length(engine, continuous):
+    lengths = [3, 17, 8, 1]
+    results = complete_all(continuous, [prompt(engine, "Count with me", max_new_tokens=n, temperature=1.2) for n in lengths])
+    assert [r[0].generated_tokens for r in results] == lengths
+    assert {r[0].finish_reason for r in results} == {FinishReason.LENGTH}
+
+
+def test_num_return_sequences_gives_that_many_sampled_completions(engine, continuous):
+    [completions] = complete_all(continuous, [prompt(engine, "Pick a word", max_new_tokens=6, temperature=1.5, num_return_sequences=3)])
+    assert len(completions) == 3
+    assert all(c.generated_tokens == 6 for c in completions)
+
+
+def test_a_stop_string_ends_the_sequence_and_cancels_it_in_the_manager(engine, continuous):
+    greedy = engine.generate([prompt(engine, "Hello there", max_new_tokens=30, temperature=0)])[0][0].text
+    stop = greedy[len(greedy) // 2 : len(greedy) // 2 + 3]
+    expected = greedy[: greedy.find(stop)]
+    pieces: list[tuple[int, str]] = []
+    [[completion]] = complete_all(
+        continuous,
+        [prompt(engine, "Hello there", max_new_tokens=30, temperature=0, stop=stop, stream=True)],
+        lambda index, text: pieces.append((index, text)),
+    )
+    assert completion.text == expected
+    assert completion.finish_reason == FinishReason.STOP
+    assert completion.generated_tokens < 30
+    assert "".join(text for _, text in pieces) == expected
+    assert all(stop not in text for _, text in pieces)
+    assert handlers_left(continuous) == 0
+
+
+def test_streamed_pieces_add_up_to_the_text_and_come_token_by_token(engine, continuous):
+    pieces: list[tuple[int, str]] = []
+    [[completion]] = complete_all(
+        continuous,
+        [prompt(engine, "Stream this", max_new_tokens=20, temperature=0, stream=True)],
+        lambda index, text: pieces.append((index, text)),
+    )
+    assert len(pieces) > 5
+    assert {index for index, _ in pieces} == {0}
+    assert "".join(text for _, text in pieces) == completion.text
+
+
+def test_a_prompt_that_does_not_stream_sends_nothing(engine, continuous):
+    pieces: list[str] = []
+    complete_all(continuous, [prompt(engine, "Quiet", max_new_tokens=5)], lambda index, text: pieces.append(text))
+    assert pieces == []
+
+
+def test_the_deadline_ends_a_generation_with_finish_reason_length(engine):
+    hurried = ContinuousEngine(engine, CACHE, deadline_seconds=0.001)
+    try:
+        [[completion]] = complete_all(hurried, [prompt(engine, "Take your time", max_new_tokens=150, temperature=0)])
+        assert completion.finish_reason == FinishReason.LENGTH
+        assert completion.generated_tokens < 150
+        assert handlers_left(hurried) == 0
+    finally:
+        hurried.stop()
+
+
+def test_the_classic_engine_serves_a_seeded_prompt_like_it_does_alone(engine, continuous):
+    seeded = prompt(engine, "Tell me a story", max_new_tokens=10, temperature=1.0, seed=1234)
+    alone = engine.generate([seeded])[0][0].text
+
+    async def run():
+        return await asyncio.gather(
+            continuous.classic([seeded]),
+            continuous.complete(prompt(engine, "A neighbour", max_new_tokens=20, temperature=0.9)),
+        )
+
+    [[classic_result], _] = asyncio.run(run())
+    assert classic_result[0].text == alone
+
+
+# handle_one with TorchServe's own Context
+
+
+def read_messages(sock: socket.socket) -> list[tuple[int, bytes]]:
+    """Every (status, body) TorchServe's response encoder wrote, in order."""
+    data = bytearray()
+    sock.setblocking(False)
+    while True:
+        try:
+            block = sock.recv(65536)
+        except BlockingIOError:
+            break
+        if not block:
+            break
+        data += block
+    messages, at = [], 0
+
+    def take() -> int:
+        nonlocal at
+        (value,) = struct.unpack_from("!i", data, at)
+        at += 4
+        return value
+
+    def skip_string() -> bytes:
+        nonlocal at
+        size = take()
+        at += size
+        return bytes(data[at - size : at])
+
+    while at < len(data):
+        take(), skip_string()  # code, message
+        while (size := take()) != -1:
+            at += size  # request id
+            skip_string()  # content type
+            status = take()
+            skip_string()  # phrase
+            for _ in range(take()):
+                skip_string(), skip_string()
+            messages.append((status, skip_string()))
+    return messages
+
+
+@pytest.fixture(scope="module")
+def handler(tiny_model_dir: Path):
+    metrics = MetricsCacheYamlImpl(str(ROOT / "metrics.yaml"))
+    metrics.initialize_cache()
+    config = {"asyncCommunication": True, "handler": {"batching": "continuous", "continuous": CACHE_CONFIG, "max_total_tokens": 200}}
+    context = Context("tiny", str(tiny_model_dir), {}, 1, None, "0.12.0", metrics=metrics, model_yaml_config=config)
+    metrics.model_name = "tiny"
+    served = LLMHandler()
+    served.initialize(context)
+    yield served, context
+    served.continuous_engine.stop()
+
+
+def run_handler(handler_and_context, bodies: list) -> tuple[list[tuple[int, dict]], list[tuple[int, bytes]]]:
+    """Runs one TorchServe message through `handle`; returns each request's (status, body) and the chunks sent."""
+    served, context = handler_and_context
+    reader, writer = socket.socketpair()
+    context.cl_socket = writer
+    context.request_ids = {i: f"request-{i}" for i in range(len(bodies))}
+    context.request_processor = [RequestProcessor({}) for _ in bodies]
+    context.metrics.request_ids = context.request_ids
+    try:
+        outputs = asyncio.run(served.handle([{"body": body} for body in bodies], context))
+        chunks = read_messages(reader)
+    finally:
+        reader.close()
+        writer.close()
+    return [(context.get_response_status(i)[0], json.loads(out)) for i, out in enumerate(outputs)], chunks
+
+
+def test_handle_answers_each_request_of_a_message_on_its_own(handler):
+    results, _ = run_handler(
+        handler,
+        [
+            {"instances": ["Hello"], "parameters": {"max_new_tokens": 4, "details": True}},
+            {"instances": []},
+            {"instances": ["Hi", {"prompt": "Yo", "seed": 3}], "parameters": {"max_new_tokens": 5, "temperature": 0.8}},
+            {"instances": ["x"], "parameters": {"max_new_tokens": 100_000}},
+        ],
+    )
+    assert [status for status, _ in results] == [200, 400, 200, 422]
+    [first] = results[0][1]["predictions"]
+    assert first["finish_reason"] == "length" and first["generated_tokens"] == 4 and first["prompt_tokens"] > 0
+    assert results[1][1]["field"] == "instances"
+    assert len(results[2][1]["predictions"]) == 2
+    assert results[3][1]["field"] == "max_new_tokens"
+
+
+def test_handle_streams_json_lines_that_add_up_to_the_prediction(handler):
+    results, chunks = run_handler(
+        handler, [{"instances": ["Stream me"], "parameters": {"max_new_tokens": 12, "temperature": 0, "stream": True}}]
+    )
+    [(status, body)] = results
+    assert status == 200
+    lines = [json.loads(body) for _, body in chunks]
+    assert len(lines) > 3
+    assert {line["index"] for line in lines} == {0}
+    assert "".join(line["text"] for line in lines) == body["predictions"][0]["generated_text"]
+
+
+def test_handle_streams_a_classic_routed_prompt_too(handler):
+    results, chunks = run_handler(
+        handler, [{"instances": ["Seeded"], "parameters": {"max_new_tokens": 8, "seed": 5, "stream": True}}]
+    )
+    [(status, body)] = results
+    assert status == 200
+    assert "".join(json.loads(chunk)["text"] for _, chunk in chunks) == body["predictions"][0]["generated_text"]
+
+
+def test_return_full_text_prepends_the_prompt(handler):
+    [(status, body)], _ = run_handler(
+        handler, [{"instances": ["Prefix here"], "parameters": {"max_new_tokens": 3, "return_full_text": True}}]
+    )
+    assert status == 200
+    assert body["predictions"][0]["generated_text"].startswith("Prefix here")
