@@ -20,6 +20,12 @@ from handler.params import PARAMETER_NAMES, GenerationParams, ParamLimits, requi
 CHAT_ROLES = ("system", "user", "assistant")
 PROMPT_KEYS = ("prompt", "inputs", "messages")
 VERTEX_KEYS = ("instances", "parameters")
+# TorchServe's frontend splits a form-encoded body (curl -d without a content type) into
+# fields, and drops it entirely when it holds no '=': the handler never sees the text.
+FORM_BODY_HINT = (
+    "form-encoded bodies are not accepted: send JSON with -H 'Content-Type: application/json', "
+    "or plain text with -H 'Content-Type: text/plain'"
+)
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,7 @@ def request_body(item: Any) -> Any:
     if isinstance(item, dict) and ("body" in item or "data" in item):
         body = item.get("body")
         return item.get("data") if body is None else body
-    return item
+    raise RequestError(FORM_BODY_HINT, "body")
 
 
 def parse_request(item: Any, shape: RequestShape) -> tuple[Instance, ...]:

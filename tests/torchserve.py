@@ -88,7 +88,10 @@ class TorchServe:
         )
         config = self.workdir / "config.properties"
         config.write_text(properties + "\n")
-        environment = {**os.environ, "LOG_LOCATION": str(logs), "METRICS_LOCATION": str(logs)}
+        tmp = self.workdir / "tmp"
+        tmp.mkdir(exist_ok=True)
+        # TorchServe keeps its pid file in the temp dir: one per instance lets several run at once.
+        environment = {**os.environ, "LOG_LOCATION": str(logs), "METRICS_LOCATION": str(logs), "TMPDIR": str(tmp)}
         self.process = subprocess.Popen(
             [str(VENV_BIN / "torchserve"), "--foreground", "--ncs", "--ts-config", str(config),
              "--model-store", str(store), "--models", *(f"{name}={name}" for name in self.models)],

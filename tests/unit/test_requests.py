@@ -112,3 +112,10 @@ def test_deeply_nested_json_is_rejected():
 
 def test_parameter_hint_for_misplaced_parameters():
     assert "inside 'parameters'" in rejects({"instances": ["a"], "max_new_tokens": 5}).message
+
+
+def test_a_form_encoded_body_is_refused_with_the_way_out():
+    for fields in ({}, {"a": b"1"}):
+        with pytest.raises(RequestError) as caught:
+            parse_request(fields, SHAPE)
+        assert "text/plain" in caught.value.message and caught.value.status == 400
