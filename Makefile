@@ -18,7 +18,7 @@ ARCHIVE := $(if $(filter no-archive,$(FORMAT)),model-store/$(APP)/MAR-INF/MANIFE
 MODEL_NAME := $(if $(filter no-archive,$(FORMAT)),$(APP),$(APP).mar)
 OMELETTE := {"instances": ["How to prepare a spanish omelette:"]}
 
-.PHONY: help install model archive serve stop test check health lint clean
+.PHONY: help install model archive serve stop test check container-tools health lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sort | awk -F':.*## ' '{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -63,8 +63,11 @@ test: ## POST the omelette request to /predictions/APP (against make serve or ma
 	@curl -sS --fail-with-body -X POST -H 'Content-Type: application/json' \
 		-d '$(OMELETTE)' http://127.0.0.1:$(PORT)/predictions/$(APP) | $(PYTHON) -m json.tool --no-ensure-ascii
 
-check: install models/smollm2/config.json ## run the test suite (what CI runs)
+check: install models/smollm2/config.json ## run the whole test suite, as CI does (container tests need buildah and podman: make container-tools)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+container-tools: install ## install buildah, podman, runc, debootstrap (Debian, root) and hadolint for the container tests
+	PY=$(PY) bash .ci/install-container-tools.sh
 
 lint: ## hadolint the Dockerfile
 	$(VENV)/bin/hadolint Dockerfile
