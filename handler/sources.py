@@ -47,13 +47,29 @@ def from_hub(repo_id: str, revision: str, dest: Path, allow_pickle: bool = False
     from huggingface_hub import list_repo_files, snapshot_download
 
     files = list_repo_files(repo_id, revision=revision)
-    patterns = list(HUB_PATTERNS)
-    if not any(name.endswith(".safetensors") for name in files):
-        if not allow_pickle:
-            raise ValueError(f"{repo_id}@{revision} has no safetensors weights; set source.allow_pickle: true")
-        patterns += PICKLE_PATTERNS
-    snapshot_download(repo_id, revision=revision, local_dir=dest, allow_patterns=patterns)
-    return dest
+    if any(name.endswith(".safetensors") for name in files):
+        snapshot_download(repo_id, revision=revision, local_dir=dest, allow_patterns=HUB_PATTERNS)
+        return dest
+    if not allow_pickle:
+        raise ValueError(f"{repo_id}@{revision} has no safetensors weights; set source.allow_pickle: true to convert them")
+    snapshot_download(repo_id, revision=revision, local_dir=dest, allow_patterns=HUB_PATTERNS + PICKLE_PATTERNS)
+    return pickle_to_safetensors(dest)
+
+
+def pickle_to_safetensors(folder: Path) -> Path:
+    """Re-save pickle weights as safetensors once, so serving never unpickles.
+
+    transformers loads `.bin` files with torch's weights-only unpickler, which refuses
+    arbitrary objects; the served folder then holds safetensors only.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=False, dtype="auto")
+    model.save_pretrained(folder)
+    for pickle_file in folder.glob("*.bin"):
+        pickle_file.unlink()
+    (folder / "pytorch_model.bin.index.json").unlink(missing_ok=True)
+    return folder
 
 
 def from_local(path: Path, dest: Path) -> Path:
