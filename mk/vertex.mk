@@ -6,7 +6,8 @@ PY ?= .venv/bin/python
 GCP_REGION ?= us-central1
 # Artifact Registry repository the image was pushed to, and the image itself.
 VERTEX_REPO ?= llm
-VERTEX_IMAGE ?= $(GCP_REGION)-docker.pkg.dev/$(GCP_PROJECT)/$(VERTEX_REPO)/torchserve-llm-gpu:latest
+# The name `make push VARIANT=gpu` gives the image built by `make build-gpu`.
+VERTEX_IMAGE ?= $(GCP_REGION)-docker.pkg.dev/$(GCP_PROJECT)/$(VERTEX_REPO)/torchserve-llm-gpu:$(APP)
 # t4 (n1-standard-8 + T4, float16), l4 (g2-standard-8 + L4), a100, h100 (bfloat16).
 VERTEX_MACHINE ?= t4
 VERTEX_ENDPOINT ?= $(APP)
