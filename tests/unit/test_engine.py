@@ -208,3 +208,10 @@ def test_pickle_only_folders_are_refused_unless_allowed(tmp_path):
     with pytest.raises(SettingsError, match="allow_pickle_weights"):
         check_weight_format(tmp_path, allow_pickle=False)
     check_weight_format(tmp_path, allow_pickle=True)
+
+
+def test_device_map_auto_loads_and_generates(tiny_model_dir, tmp_path):
+    settings = HandlerSettings(device_map="auto", offload_folder=str(tmp_path / "offload"), warmup=False)
+    mapped = Engine.load(tiny_model_dir, settings, torch.device("cpu"))
+    (completions,) = mapped.generate([prompt(mapped, "Hello", max_new_tokens=3, temperature=0)])
+    assert completions[0].generated_tokens == 3
