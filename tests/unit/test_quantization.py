@@ -1,0 +1,104 @@
+"""handler.quantization on a tiny random Llama built here: what each method replaces, and that it still generates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from handler.quantization import METHODS, QuantizationError, quantize_for_cpu
+
+
+def tiny_llama(dtype: torch.dtype = torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+INPUT = torch.tensor([[1, 5, 9, 17, 33, 65, 3, 7]])
+
+
+def logits(model) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=INPUT).logits.float()
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_none_returns_the_model_untouched():
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert quantize_for_cpu(model, "none") is model
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_unknown_method_names_the_choices():
+    with pytest.raises(QuantizationError, match="int8-dynamic"):
+        quantize_for_cpu(tiny_llama(), "int4-magic")
+
+
+def test_every_configurable_method_is_implemented():
+    from handler.settings import QUANTIZATIONS
+
+    assert set(QUANTIZATIONS) <= set(METHODS)
+
+
+def test_int8_dynamic_replaces_every_linear_including_lm_head():
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    model = quantize_for_cpu(tiny_llama(), "int8-dynamic")
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    assert isinstance(model.lm_head, DynamicLinear)
+    assert isinstance(model.model.layers[0].mlp.down_proj, DynamicLinear)
+
+
+def test_int8_dynamic_stays_close_to_fp32_and_generates():
+    reference = logits(tiny_llama())
+    model = quantize_for_cpu(tiny_llama(), "int8-dynamic")
+    assert relative_error(logits(model), reference) < 0.1
+    with torch.inference_mode():
+        out = model.generate(input_ids=INPUT, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert out.shape == (1, INPUT.shape[1] + 4)
+
+
+def test_int8_dynamic_needs_float32():
+    with pytest.raises(QuantizationError, match="float32"):
+        quantize_for_cpu(tiny_llama(torch.bfloat16), "int8-dynamic")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_weight_only_stores_int8_and_stays_close(dtype):
+    pytest.importorskip("torchao")
+    reference = logits(tiny_llama(dtype))
+    model = quantize_for_cpu(tiny_llama(dtype), "int8-weight-only")
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    assert getattr(weight, "qdata", None) is not None and weight.qdata.dtype == torch.int8
+    assert relative_error(logits(model), reference) < 0.1
+    with torch.inference_mode():
+        out = model.generate(input_ids=INPUT, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert out.shape == (1, INPUT.shape[1] + 4)
+
+
+def test_refuses_a_model_that_is_not_on_the_cpu():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(QuantizationError, match="CPU"):
+        quantize_for_cpu(model, "int8-dynamic")
+
+
+def test_refuses_a_model_without_linear_layers():
+    with pytest.raises(QuantizationError, match="no nn.Linear"):
+        quantize_for_cpu(nn.Sequential(nn.Embedding(8, 4)), "int8-dynamic")
