@@ -26,7 +26,8 @@ half-decoded character; the handler's return value ends the stream.
 
 The manager runs without async double-buffering and without CUDA graphs: the two
 per-request processors read each request's tokens on the host at every step, which needs
-the state of the step being computed.
+the state of the step being computed. The classic engine and the manager share the model
+but never run a forward pass at the same time (see `ModelTurns`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import asyncio
 import itertools
 import json
 import logging
+import threading
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -156,6 +159,51 @@ class RepetitionPenaltyProcessor(ContinuousBatchingLogitsProcessor):
         return scores
 
 
+class ModelTurns:
+    """Classic forward passes run only while the manager's loop is paused between two steps.
+
+    transformers' model forward writes `config.is_causal` for its duration and restores it
+    after (the manager passes False with its own masks; a plain `generate` relies on the
+    default). Two threads in the model at once build wrong attention masks, and the racing
+    restores can leave the config changed for good, breaking every later classic generate.
+    So a thread inside `classic()` pauses the manager around each of its forward passes:
+    the two take turns one forward pass at a time, and neither stalls the other for long.
+    """
+
+    def __init__(self, model, manager):
+        self.manager = manager
+        self.local = threading.local()
+        self.hooks = [model.register_forward_pre_hook(self._before), model.register_forward_hook(self._after)]
+
+    @contextmanager
+    def classic(self):
+        self.local.active = True
+        try:
+            yield
+        finally:
+            self.local.active = False
+            self._release()
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+    def _before(self, module, args) -> None:
+        if getattr(self.local, "active", False) and getattr(self.local, "pause", None) is None and self.manager.is_running():
+            pause = ExitStack()
+            pause.enter_context(self.manager.pause())
+            self.local.pause = pause
+
+    def _after(self, module, args, output) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        pause = getattr(self.local, "pause", None)
+        if pause is not None:
+            self.local.pause = None
+            pause.close()
+
+
 @dataclass
 class _Sequence:
     """One manager request: its tracker (text, stops, stream), and the future its caller awaits."""
@@ -202,6 +250,7 @@ class ContinuousEngine:
         processors._retrieve_processors_kwargs()
         processors.do_processing = True
         self.manager.start()
+        self.turns = ModelTurns(engine.model, self.manager)
         self._ids = itertools.count()
         self._classic_locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
 
@@ -210,6 +259,7 @@ class ContinuousEngine:
         return self.manager.is_running()
 
     def stop(self) -> None:
+        self.turns.remove()
         self.manager.stop(block=True, timeout=60)
 
     async def complete(self, prompt: Prompt, stream: ChunkSink | None = None) -> list[Completion]:
@@ -229,8 +279,12 @@ class ContinuousEngine:
         def sink(prompt_index: int, sequence: int, text: str) -> None:
             loop.call_soon_threadsafe(stream, prompt_index, sequence, text)
 
+        def generate() -> list[list[Completion]]:
+            with self.turns.classic():
+                return self.engine.generate(prompts, sink if stream else None)
+
         async with lock:
-            return await asyncio.to_thread(self.engine.generate, prompts, sink if stream else None)
+            return await asyncio.to_thread(generate)
 
     def _submit(self, prompt: Prompt, index: int, stream: ChunkSink | None) -> _Sequence:
         loop = asyncio.get_running_loop()

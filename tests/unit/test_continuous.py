@@ -205,6 +205,21 @@ def test_the_classic_engine_serves_a_seeded_prompt_like_it_does_alone(engine, co
     assert classic_result[0].text == alone
 
 
+def test_classic_generates_beside_the_manager_leave_the_model_as_it_was(engine, continuous):
+    greedy = [prompt(engine, f"Classic prompt {n}", max_new_tokens=60, temperature=0) for n in range(3)]
+    alone = [engine.generate([p])[0][0].text for p in greedy]
+    is_causal = getattr(engine.model.config, "is_causal", None)
+
+    async def run():
+        neighbours = [continuous.complete(prompt(engine, f"Neighbour {n}", max_new_tokens=80, temperature=0.9)) for n in range(4)]
+        return await asyncio.gather(*(continuous.classic([p]) for p in greedy), *neighbours)
+
+    beside = [result[0][0].text for result in asyncio.run(run())[: len(greedy)]]
+    assert beside == alone
+    assert getattr(engine.model.config, "is_causal", None) == is_causal
+    assert [engine.generate([p])[0][0].text for p in greedy] == alone
+
+
 # handle_one with TorchServe's own Context
 
 
