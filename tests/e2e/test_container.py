@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import time
 
@@ -35,6 +36,8 @@ VERTEX_ENV = {
     "AIP_HEALTH_ROUTE": "/v1/endpoints/42/deployedModels/7/health",
 }
 OMELETTE = {"instances": ["How to prepare a spanish omelette:"]}
+# Same prompt, fewer tokens: for checks that need an answer, not a recipe (2 shared cores).
+SHORT = {**OMELETTE, "parameters": {"max_new_tokens": 8}}
 LOAD_TIMEOUT_S = 300
 
 
@@ -91,7 +94,7 @@ def test_health_is_not_200_before_the_model_answers(full):
     assert answered[0] == 503, f"health was 200 at the first answer: {seen[:5]}"
     assert set(answered[:-1]) == {503}
     # The first 200 means a request can be served right now.
-    status, _, body = container.request("POST", VERTEX_ENV["AIP_PREDICT_ROUTE"], OMELETTE, timeout=60)
+    status, _, body = container.request("POST", VERTEX_ENV["AIP_PREDICT_ROUTE"], SHORT, timeout=60)
     assert status == 200, body
 
 
@@ -151,16 +154,30 @@ def test_stop_is_clean_and_quick(full, podman: Podman):
     assert took < 8, f"stop took {took:.1f} s: SIGTERM was not handled, podman had to kill"
 
 
-def test_slim_image_serves_a_mounted_checkpoint_and_dies_with_torchserve(podman, images, smollm2_dir):
+@pytest.fixture(scope="module")
+def readable_checkpoint(smollm2_dir, tmp_path_factory):
+    """SmolLM2 as a user would mount it: readable by the container's uid 1000.
+
+    `save_pretrained` leaves model.safetensors at mode 0600, owned by whoever
+    prepared it (root here), which the server cannot read.
+    """
+    folder = tmp_path_factory.mktemp("checkpoint") / APP
+    shutil.copytree(smollm2_dir, folder)
+    for path in [folder, *folder.iterdir()]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return folder
+
+
+def test_slim_image_serves_a_mounted_checkpoint_and_dies_with_torchserve(podman, images, readable_checkpoint):
     container = podman.start(
         "tsllm-e2e-slim", images["slim"], free_port(),
-        "-v", f"{smollm2_dir}:/models/{APP}:ro",
+        "-v", f"{readable_checkpoint}:/models/{APP}:ro",
         env={**VERTEX_ENV, "APP": APP, "LLM_MODEL_DIR": f"/models/{APP}"},
     )
     try:
         seen = _watch_start(container, VERTEX_ENV["AIP_HEALTH_ROUTE"])
         assert [h for _, h, _ in seen if h][0] == 503
-        status, _, body = container.request("POST", VERTEX_ENV["AIP_PREDICT_ROUTE"], OMELETTE)
+        status, _, body = container.request("POST", VERTEX_ENV["AIP_PREDICT_ROUTE"], SHORT)
         assert status == 200, body
         assert json.loads(body)["predictions"][0]["generated_text"].strip()
         # TorchServe's frontend dies: the container must not linger answering 503.
@@ -177,11 +194,19 @@ def test_slim_image_serves_a_mounted_checkpoint_and_dies_with_torchserve(podman,
         container.remove()
 
 
-def test_slim_image_without_weights_refuses_to_start(podman, images):
-    container = podman.start("tsllm-e2e-noweights", images["slim"], free_port(), env=VERTEX_ENV)
-    try:
-        assert container.wait_exit(30)
-        assert container.exit_code() == 2
-        assert "AIP_STORAGE_URI" in container.logs()
-    finally:
-        container.remove()
+def test_slim_image_refuses_to_start_without_usable_weights(podman, images, smollm2_dir):
+    """No weight source at all, or a mounted folder uid 1000 cannot read: exit 2 at once, saying why."""
+    cases = [
+        ({}, (), "AIP_STORAGE_URI"),
+        ({"LLM_MODEL_DIR": "/models/m"}, ("-v", f"{smollm2_dir}:/models/m:ro"), "not readable"),
+    ]
+    if all(os.stat(p).st_mode & 0o004 for p in smollm2_dir.iterdir()):
+        cases.pop()  # the prepared checkpoint is world-readable here: nothing to refuse
+    for env, options, reason in cases:
+        container = podman.start("tsllm-e2e-noweights", images["slim"], free_port(), *options, env={**VERTEX_ENV, **env})
+        try:
+            assert container.wait_exit(30)
+            assert container.exit_code() == 2
+            assert reason in container.logs()
+        finally:
+            container.remove()

@@ -95,7 +95,24 @@ def test_slim_image_without_weights_fails_at_start(tmp_path):
     assert SupervisorSettings.from_env({**env, "AIP_STORAGE_URI": "gs://b/m"}).model_archive == "llm"
     with pytest.raises(SettingsError, match="not a folder"):
         SupervisorSettings.from_env({**env, "LLM_MODEL_DIR": str(tmp_path / "missing")})
-    assert SupervisorSettings.from_env({**env, "LLM_MODEL_DIR": str(tmp_path)}).model_archive == "llm"
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    with pytest.raises(SettingsError, match="config.json"):
+        SupervisorSettings.from_env({**env, "LLM_MODEL_DIR": str(checkpoint)})
+    (checkpoint / "config.json").write_text("{}")
+    assert SupervisorSettings.from_env({**env, "LLM_MODEL_DIR": str(checkpoint)}).model_archive == "llm"
+
+
+def test_a_mounted_checkpoint_the_server_cannot_read_fails_at_start(tmp_path, monkeypatch):
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    (checkpoint / "model.safetensors").write_bytes(b"")
+    # Tests may run as root, who reads everything: make access() answer as uid 1000 would.
+    monkeypatch.setattr("gateway.settings.os.access", lambda path, mode: not str(path).endswith(".safetensors"))
+    env = {"APP": "m", "LLM_MODEL_STORE": str(_store(tmp_path, "llm")), "LLM_MODEL_DIR": str(checkpoint)}
+    with pytest.raises(SettingsError, match=r"\['model.safetensors'\] not readable"):
+        SupervisorSettings.from_env(env)
 
 
 # --- readiness rule -----------------------------------------------------------
