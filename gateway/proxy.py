@@ -215,7 +215,8 @@ class GatewayHandler(BaseHTTPRequestHandler):
         conn.putrequest(self.command, upstream_path(self.settings, self.path), skip_host=True, skip_accept_encoding=True)
         headers = forwardable(self.headers)
         for name, value in headers:
-            if not (chunked and name.lower() == "content-length"):
+            # http.server already answered any "Expect: 100-continue" itself.
+            if name.lower() != "expect" and not (chunked and name.lower() == "content-length"):
                 conn.putheader(name, value)
         if not any(name.lower() == "host" for name, _ in headers):
             conn.putheader("Host", f"{self.settings.inference.host}:{self.settings.inference.port}")

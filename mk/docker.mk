@@ -18,6 +18,8 @@ TAG ?= $(APP)
 SLIM_TAG ?= latest
 BASE_IMAGE ?= pytorch/torchserve:0.12.0-cpu
 GPU_BASE_IMAGE ?= pytorch/torchserve:0.12.0-gpu
+# CPU builds take torch from PyTorch's CPU index; empty means PyPI only.
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 # Empty: PyPI's torch, which bundles CUDA. Set e.g. https://download.pytorch.org/whl/cu126
 # to match an older driver.
 GPU_TORCH_INDEX_URL ?=
@@ -47,7 +49,7 @@ REMOTE_IMAGE = $(REGION)-docker.pkg.dev/$(GCP_PROJECT)/$(REPO)/$(LOCAL_IMAGE)
 
 build-dev: ## CPU image torchserve-llm:APP with APP's weights inside
 	$(DOCKER) build $(DOCKER_BUILD_FLAGS) --build-arg BASE_IMAGE=$(BASE_IMAGE) \
-		--build-arg APP=$(APP) -t $(IMAGE_cpu) .
+		--build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL) --build-arg APP=$(APP) -t $(IMAGE_cpu) .
 
 build-gpu: ## GPU image torchserve-llm-gpu:APP (pytorch/torchserve:0.12.0-gpu base, CUDA torch)
 	$(DOCKER) build $(DOCKER_BUILD_FLAGS) --build-arg BASE_IMAGE=$(GPU_BASE_IMAGE) \
@@ -55,7 +57,7 @@ build-gpu: ## GPU image torchserve-llm-gpu:APP (pytorch/torchserve:0.12.0-gpu ba
 
 build-slim: ## image with no weights (torchserve-llm-slim): loads LLM_MODEL_DIR or AIP_STORAGE_URI at start
 	$(DOCKER) build $(DOCKER_BUILD_FLAGS) --build-arg BASE_IMAGE=$(BASE_IMAGE) \
-		--target slim -t $(IMAGE_slim) .
+		--build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL) --target slim -t $(IMAGE_slim) .
 
 run: ## run the VARIANT image (cpu|gpu|slim) on 127.0.0.1:PORT; returns once /health is 200
 	-@$(DOCKER) rm -f $(CONTAINER) >/dev/null 2>&1
