@@ -244,7 +244,7 @@ def test_bad_and_good_requests_sharing_batches(server, worker_pid):
     before = batches_received(server)
     occupy = threading.Thread(
         target=server.post,
-        args=(MODEL, {"instances": ["Count to fifty:"], "parameters": {"max_new_tokens": 24, "min_new_tokens": 24}}),
+        args=(MODEL, {"instances": ["Count to fifty:"], "parameters": {"max_new_tokens": 16, "min_new_tokens": 16}}),
         kwargs={"timeout": 300},
     )
     occupy.start()
