@@ -85,9 +85,10 @@ class Engine:
         self.settings = settings
         self.device = device
         context = context_length(model.config, tokenizer)
+        max_total = min(settings.max_total_tokens or context, context)
         self.limits = TokenLimits(
-            max_input_tokens=min(settings.max_input_tokens or context - 1, context - 1),
-            max_total_tokens=min(settings.max_total_tokens or context, context),
+            max_input_tokens=min(settings.max_input_tokens or max_total - 1, max_total - 1),
+            max_total_tokens=max_total,
         )
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
 

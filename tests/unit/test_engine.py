@@ -185,6 +185,10 @@ def test_prompt_plus_max_new_tokens_over_total_is_refused(engine):
     assert "<= 128" in caught.value.message
 
 
+def test_max_input_tokens_follows_a_smaller_max_total_tokens(engine):
+    assert engine.limits == TokenLimits(max_input_tokens=127, max_total_tokens=128)
+
+
 def test_limits_default_to_the_context_length(tiny_model_dir):
     engine = Engine.load(tiny_model_dir, HandlerSettings(warmup=False), torch.device("cpu"))
     assert engine.limits == TokenLimits(max_input_tokens=255, max_total_tokens=256)
