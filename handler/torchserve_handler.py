@@ -58,6 +58,10 @@ class LLMHandler(BaseHandler):
         )
         if self.settings.warmup:
             self.engine.warm_up()
+        if self.settings.batching == "continuous":
+            from handler.continuous import continuous_engine
+
+            continuous_engine(self)  # allocates the manager's cache now, so a bad size fails the load
         self.model_name = context.model_name
         self.initialized = True
 

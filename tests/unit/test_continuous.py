@@ -271,6 +271,7 @@ def handler(tiny_model_dir: Path):
     metrics.model_name = "tiny"
     served = LLMHandler()
     served.initialize(context)
+    assert served.continuous_engine.running
     yield served, context
     served.continuous_engine.stop()
 
@@ -337,3 +338,12 @@ def test_return_full_text_prepends_the_prompt(handler):
     )
     assert status == 200
     assert body["predictions"][0]["generated_text"].startswith("Prefix here")
+
+
+def test_a_stopped_manager_is_replaced_on_the_next_request(handler):
+    served, _ = handler
+    first = served.continuous_engine
+    first.manager.stop(block=True)
+    [(status, body)], _ = run_handler(handler, [{"instances": ["Again"], "parameters": {"max_new_tokens": 3}}])
+    assert status == 200 and body["predictions"][0]["generated_text"] is not None
+    assert served.continuous_engine is not first and served.continuous_engine.running
