@@ -98,7 +98,7 @@ class JsonStream:
                 self.buffer = self.buffer[5:].lstrip()
             if not self.buffer:
                 return
-            if self.buffer[0] not in "{[":
+            if self.buffer[0] not in "{[" or self.buffer.startswith("[DONE]"):
                 line_end = self.buffer.find("\n")
                 if line_end < 0:
                     return  # wait for the rest of the line

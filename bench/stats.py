@@ -52,13 +52,18 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 
 def summarize(results: Iterable[RequestResult]) -> dict:
-    """Aggregate tokens/s over the run's span (first send to last answer), and latency percentiles."""
+    """Aggregate tokens/s over the run's span (first send to last answer), and latency percentiles.
+
+    `short` counts answered requests that got fewer tokens than asked (a server deadline, an
+    end-of-sequence token that was not blocked): their latency is not comparable.
+    """
     results = list(results)
     ok = [r for r in results if r.ok]
     summary = {
         "requests": len(results),
         "failed": len(results) - len(ok),
         "generated_tokens": sum(r.generated_tokens for r in ok),
+        "short": sum(r.generated_tokens < r.new_tokens for r in ok),
         "wall_s": None,
         "tokens_per_s": None,
         "ttft_p50_s": None,
