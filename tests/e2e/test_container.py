@@ -9,9 +9,9 @@ within seconds, the container exits when TorchServe dies, and the slim image
 serves a mounted checkpoint (or refuses to start without one).
 
 Needs root and the tools of .ci/install-container-tools.sh; on CI a missing
-tool fails the test, elsewhere it skips. From scratch this takes about 12
-minutes on 2 cores (stand-in base ~3, image builds ~7, runs ~2); with the base
-and layers cached under .work/containers, about 2.
+tool fails the test, elsewhere it skips. From nothing it took 15.5 minutes on 2
+busy cores (stand-in base 5.5, images 9.5, runs 1.5); the base and the layers
+are cached under .work/containers for the next run.
 """
 
 from __future__ import annotations
