@@ -44,6 +44,8 @@ EXPOSE_ADMIN ?= 0
 REGION ?= $(or $(GCP_REGION),us-central1)
 REPO ?= $(or $(VERTEX_REPO),llm)
 REMOTE_IMAGE = $(REGION)-docker.pkg.dev/$(GCP_PROJECT)/$(REPO)/$(LOCAL_IMAGE)
+# What `make build-gpu push VARIANT=gpu` leaves in Artifact Registry, for mk/vertex.mk to deploy.
+GPU_REMOTE_IMAGE = $(REGION)-docker.pkg.dev/$(GCP_PROJECT)/$(REPO)/$(IMAGE_gpu)
 
 .PHONY: build-dev build-gpu build-slim run stop-container push
 
