@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import time
+import tomllib
 
 import pytest
 
-from tests.e2e.container_tools import Container, Podman, free_port, missing_tools, running_as_root
+from tests.e2e.container_tools import ROOT, Container, Podman, free_port, missing_tools, running_as_root
 
 APP = "smollm2"
 FULL_IMAGE = f"localhost/torchserve-llm-e2e:{APP}"
@@ -39,6 +41,30 @@ OMELETTE = {"instances": ["How to prepare a spanish omelette:"]}
 # Same prompt, fewer tokens: for checks that need an answer, not a recipe (2 shared cores).
 SHORT = {**OMELETTE, "parameters": {"max_new_tokens": 8}}
 LOAD_TIMEOUT_S = 300
+
+
+# Needed to build the archive only: in docker/requirements-build.txt, not in the runtime image.
+BUILD_ONLY = {"torch-model-archiver", "gguf"}
+
+
+def _pins(lines) -> dict[str, str]:
+    pins = {}
+    for line in lines:
+        line = line.split("#", 1)[0].strip()
+        if "==" in line:
+            name, version = line.split("==", 1)
+            pins[re.sub(r"[-_.]+", "-", name.strip().lower())] = version.strip()
+    return pins
+
+
+def test_the_image_pins_every_runtime_dependency_of_the_project():
+    """docker/requirements-runtime.txt follows pyproject.toml: same packages, same versions."""
+    project = _pins(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
+    image = _pins((ROOT / "docker" / "requirements-runtime.txt").read_text().splitlines())
+    build = _pins((ROOT / "docker" / "requirements-build.txt").read_text().splitlines())
+    for name, version in project.items():
+        pinned = build if name in BUILD_ONLY else image
+        assert pinned.get(name) == version, f"{name}=={version} in pyproject.toml, {pinned.get(name)} in the image"
 
 
 @pytest.fixture(scope="module")
