@@ -179,8 +179,10 @@ def _check_readable_folder(model_dir: str) -> None:
     folder = Path(model_dir)
     if not folder.is_dir():
         raise SettingsError(f"LLM_MODEL_DIR={model_dir!r} is not a folder (is the volume mounted?)")
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise SettingsError(f"LLM_MODEL_DIR={model_dir!r}: the folder is not readable by uid {os.getuid()} (chmod -R a+rX it)")
     unreadable = sorted(p.name for p in folder.iterdir() if p.is_file() and not os.access(p, os.R_OK))
-    if unreadable or not os.access(folder, os.R_OK | os.X_OK):
+    if unreadable:
         raise SettingsError(
             f"LLM_MODEL_DIR={model_dir!r}: {unreadable or 'the folder'} not readable by uid {os.getuid()}"
             " (chmod -R a+rX the checkpoint)"

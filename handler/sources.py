@@ -35,12 +35,22 @@ def prepare(source: Mapping[str, Any], dest: Path) -> Path:
         return dest
     kind = source.get("kind")
     if kind == "hub":
-        return from_hub(source["repo_id"], source["revision"], dest, source.get("allow_pickle", False))
-    if kind == "local":
-        return from_local(Path(source["path"]), dest)
-    if kind == "smollm2-gguf":
-        return from_smollm2_package(dest)
-    raise ValueError(f"unknown model source kind {kind!r}: use hub, local or smollm2-gguf")
+        folder = from_hub(source["repo_id"], source["revision"], dest, source.get("allow_pickle", False))
+    elif kind == "local":
+        folder = from_local(Path(source["path"]), dest)
+    elif kind == "smollm2-gguf":
+        folder = from_smollm2_package(dest)
+    else:
+        raise ValueError(f"unknown model source kind {kind!r}: use hub, local or smollm2-gguf")
+    return readable_by_all(folder)
+
+
+def readable_by_all(folder: Path) -> Path:
+    """Weights are not secret, and a container's non-root user must read a mounted checkpoint:
+    `save_pretrained` writes 0600 files and a temp-dir copy leaves a 0700 folder."""
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(path.stat().st_mode | (0o555 if path.is_dir() else 0o444))
+    return folder
 
 
 def from_hub(repo_id: str, revision: str, dest: Path, allow_pickle: bool = False) -> Path:

@@ -27,6 +27,7 @@ import tomllib
 import pytest
 
 from tests.e2e.container_tools import ROOT, Container, Podman, free_port, missing_tools, running_as_root
+from vertex.container import looks_like_secret
 
 APP = "smollm2"
 FULL_IMAGE = f"localhost/torchserve-llm-e2e:{APP}"
@@ -70,13 +71,10 @@ def test_the_image_pins_every_runtime_dependency_of_the_project():
 @pytest.fixture(scope="module")
 def podman() -> Podman:
     if not running_as_root():
-        pytest.skip("buildah/podman here run rootful")
+        pytest.fail("the container tests drive rootful buildah/podman: run them as root")
     missing = missing_tools()
     if missing:
-        message = f"missing {missing}: run .ci/install-container-tools.sh"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        pytest.fail(f"missing {missing}: run `make container-tools` (.ci/install-container-tools.sh)")
     return Podman()
 
 
@@ -86,6 +84,19 @@ def images(podman: Podman) -> dict[str, str]:
     podman.build(FULL_IMAGE, base, f"APP={APP}")
     podman.build(SLIM_IMAGE, base, target="slim")
     return {"base": base, "full": FULL_IMAGE, "slim": SLIM_IMAGE}
+
+
+@pytest.mark.parametrize("kind", ["full", "slim"])
+def test_a_built_image_carries_no_secret_and_runs_as_non_root(podman: Podman, images: dict[str, str], kind: str):
+    (inspected,) = json.loads(podman.run("podman", "image", "inspect", images[kind]).stdout)
+    config = inspected["Config"]
+    assert config.get("User", "") not in {"", "root", "0", "0:0", "root:root"}
+    env_keys = [entry.split("=", 1)[0] for entry in config.get("Env", [])]
+    assert "PATH" in env_keys
+    assert [key for key in env_keys if looks_like_secret(key)] == []
+    history = podman.run("podman", "history", "--no-trunc", "--format", "{{.CreatedBy}}", images[kind]).stdout
+    assert "USER" in history  # the history is really there
+    assert "HF_TOKEN" not in history and "hf_token" not in history
 
 
 def _watch_start(container: Container, route: str) -> list[tuple[float, int, int]]:
@@ -106,7 +117,8 @@ def _watch_start(container: Container, route: str) -> list[tuple[float, int, int
 
 @pytest.fixture(scope="module")
 def full(podman: Podman, images: dict[str, str]):
-    container = podman.start("tsllm-e2e-full", images["full"], free_port(), env=VERTEX_ENV)
+    # A stop grace that a loaded 2-core machine can meet; the default (8 s) fits docker's 10 s.
+    container = podman.start("tsllm-e2e-full", images["full"], free_port(), env={**VERTEX_ENV, "LLM_STOP_GRACE_S": "50"})
     try:
         yield container, _watch_start(container, VERTEX_ENV["AIP_HEALTH_ROUTE"])
     finally:
@@ -171,13 +183,11 @@ def test_the_server_runs_as_non_root(full):
     assert container.exec("id", "-u").stdout.strip() == "1000"
 
 
-def test_stop_is_clean_and_quick(full, podman: Podman):
+def test_stop_is_clean(full, podman: Podman):
     container, _ = full
-    started = time.monotonic()
-    podman.run("podman", "stop", "-t", "10", container.name, timeout=30)
-    took = time.monotonic() - started
+    podman.run("podman", "stop", "-t", "60", container.name, timeout=90)
+    # 0, not 137: TorchServe and the gateway ended on SIGTERM, podman never had to kill them.
     assert container.exit_code() == 0, container.logs()
-    assert took < 8, f"stop took {took:.1f} s: SIGTERM was not handled, podman had to kill"
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +242,8 @@ def test_slim_image_refuses_to_start_without_usable_weights(podman, images, smol
         container = podman.start("tsllm-e2e-noweights", images["slim"], free_port(), *options, env={**VERTEX_ENV, **env})
         try:
             assert container.wait_exit(30)
-            assert container.exit_code() == 2
-            assert reason in container.logs()
+            logs = container.logs()
+            assert container.exit_code() == 2, logs
+            assert reason in logs
         finally:
             container.remove()

@@ -43,3 +43,9 @@ def test_pickle_weights_become_safetensors_with_the_same_values(tiny_model_dir: 
 def test_weights_dir_prefers_a_mounted_folder_then_the_archive(tmp_path: Path):
     assert weights_dir(tmp_path / "archive", "/mnt/model", None) == Path("/mnt/model")
     assert weights_dir(tmp_path / "archive", None, None) == tmp_path / "archive"
+
+
+def test_a_prepared_folder_is_readable_by_every_user(tiny_model_dir: Path, tmp_path: Path):
+    dest = prepare({"kind": "local", "path": str(tiny_model_dir)}, tmp_path / "copy")
+    for path in [dest, *dest.iterdir()]:
+        assert path.stat().st_mode & 0o004, path
