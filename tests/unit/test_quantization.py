@@ -56,27 +56,32 @@ def test_every_configurable_method_is_implemented():
     assert set(QUANTIZATIONS) <= set(METHODS)
 
 
-def test_int8_dynamic_replaces_every_linear_including_lm_head():
+@pytest.mark.parametrize("method", ["int8-dynamic", "fp16-dynamic"])
+def test_dynamic_methods_replace_every_linear_including_lm_head(method):
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-    model = quantize_for_cpu(tiny_llama(), "int8-dynamic")
+    model = quantize_for_cpu(tiny_llama(), method)
     assert not any(type(m) is nn.Linear for m in model.modules())
     assert isinstance(model.lm_head, DynamicLinear)
     assert isinstance(model.model.layers[0].mlp.down_proj, DynamicLinear)
+    expected = torch.qint8 if method == "int8-dynamic" else torch.float16
+    assert model.lm_head._packed_params.dtype == expected
 
 
-def test_int8_dynamic_stays_close_to_fp32_and_generates():
+@pytest.mark.parametrize("method, bound", [("int8-dynamic", 0.1), ("fp16-dynamic", 0.01)])
+def test_dynamic_methods_stay_close_to_fp32_and_generate(method, bound):
     reference = logits(tiny_llama())
-    model = quantize_for_cpu(tiny_llama(), "int8-dynamic")
-    assert relative_error(logits(model), reference) < 0.1
+    model = quantize_for_cpu(tiny_llama(), method)
+    assert relative_error(logits(model), reference) < bound
     with torch.inference_mode():
         out = model.generate(input_ids=INPUT, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert out.shape == (1, INPUT.shape[1] + 4)
 
 
-def test_int8_dynamic_needs_float32():
+@pytest.mark.parametrize("method", ["int8-dynamic", "fp16-dynamic"])
+def test_dynamic_methods_need_float32(method):
     with pytest.raises(QuantizationError, match="float32"):
-        quantize_for_cpu(tiny_llama(torch.bfloat16), "int8-dynamic")
+        quantize_for_cpu(tiny_llama(torch.bfloat16), method)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
