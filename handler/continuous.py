@@ -22,7 +22,9 @@ Routing rule, per prompt (one instance of a request):
 
 Streaming sends the same chunks as the classic path: a JSON line `{"index": sequence,
 "text": ...}` per new piece, holding back text that may start a stop string or a
-half-decoded character; the handler's return value ends the stream.
+half-decoded character; the handler's return value ends the stream. `handler.deadline_seconds`
+counts from a sequence's submission: one still running then is cancelled and answered with
+what it has, finish_reason "length".
 
 The manager runs without async double-buffering and without CUDA graphs: the two
 per-request processors read each request's tokens on the host at every step, which needs
