@@ -20,6 +20,7 @@ from transformers import (
 
 from handler.params import GenerationParams
 from handler.prompts import Prompt, TokenLimits
+from handler.quantization import quantize_for_cpu
 from handler.sampling import PerRowSampler, RowSampling, request_generator, row_processors
 from handler.settings import HandlerSettings, SettingsError
 from handler.stopping import FinishReason, StopScan, find_stop, releasable_length
@@ -111,6 +112,8 @@ class Engine:
         if not settings.device_map:
             model.to(device)
         model.eval()
+        if settings.quantization != "none":
+            model = quantize_for_cpu(model, settings.quantization)
         logger.info("loaded %s on %s as %s", model.config.model_type, device, dtype)
         return cls(model, tokenizer, settings, model.device if settings.device_map else device)
 

@@ -12,10 +12,10 @@ from typing import Any, Mapping
 
 from handler.errors import RequestError
 from handler.params import GenerationParams, ParamLimits, resolve_params
+from handler.quantization import METHODS as QUANTIZATIONS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BATCHING_MODES = ("dynamic", "continuous")
-QUANTIZATIONS = ("none", "int8-weight-only")
 
 
 class SettingsError(ValueError):

@@ -41,6 +41,15 @@ def app_model_config(app: str) -> dict[str, Any]:
     return yaml.safe_load((ROOT / "apps" / app / "model-config.yaml").read_text())
 
 
+def dynamic_model_config(app: str, batch_size: int = 8, max_batch_delay: int = 50) -> dict[str, Any]:
+    """The app's config on the classic path: TorchServe's dynamic batching, one generate per batch."""
+    config = app_model_config(app)
+    config.pop("asyncCommunication", None)
+    config.update(batchSize=batch_size, maxBatchDelay=max_batch_delay)
+    config["handler"] = {**config.get("handler", {}), "batching": "dynamic"}
+    return config
+
+
 @dataclass
 class TorchServe:
     """One TorchServe process in the foreground, so the test owns its lifetime."""

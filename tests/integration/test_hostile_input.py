@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.torchserve import TorchServe, build_archive
+from tests.torchserve import dynamic_model_config, TorchServe, build_archive
 
 MODEL = "smollm2"
 PORT = 18180
@@ -137,7 +137,11 @@ def server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Itera
     workdir = tmp_path_factory.mktemp("hostile")
     store = workdir / "store"
     store.mkdir()
-    torchserve = TorchServe(workdir, {MODEL: build_archive("smollm2", MODEL, store)}, port=PORT)
+    # The classic path, where TorchServe puts several requests in one handler call: the case in
+    # which one bad request could fail its neighbours. (The shipped continuous path sees one
+    # request per call; tests/integration/test_serving.py sends it a mixed burst.)
+    archive = build_archive("smollm2", MODEL, store, dynamic_model_config("smollm2"))
+    torchserve = TorchServe(workdir, {MODEL: archive}, port=PORT)
     try:
         torchserve.start()
         yield torchserve

@@ -219,3 +219,11 @@ def test_device_map_auto_loads_and_generates(tiny_model_dir, tmp_path):
     mapped = Engine.load(tiny_model_dir, settings, torch.device("cpu"))
     (completions,) = mapped.generate([prompt(mapped, "Hello", max_new_tokens=3, temperature=0)])
     assert completions[0].generated_tokens == 3
+
+
+def test_the_app_can_serve_a_quantized_model(tiny_model_dir):
+    settings = HandlerSettings(quantization="fp16-dynamic", warmup=False)
+    quantized = Engine.load(tiny_model_dir, settings, torch.device("cpu"))
+    assert not any(type(m) is torch.nn.Linear for m in quantized.model.modules())
+    (completions,) = quantized.generate([prompt(quantized, "Hello", max_new_tokens=3, temperature=0)])
+    assert completions[0].generated_tokens == 3
