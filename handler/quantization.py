@@ -9,7 +9,10 @@ SmolLM2-135M, batch 1, greedy; docs/bench.md has the tables):
 - `int8-dynamic`: torch's dynamic quantization to int8 weights (one scale per output channel).
   Activations are quantized per call, per tensor, to 7 bits (fbgemm's `reduce_range` on AVX2).
   This is the fastest, about 1.8x fp32, but also the lossiest: the top-1 token agreed with fp32
-  on only about 2 positions in 3. Check your outputs before you use it.
+  on only about 2 positions in 3. Worse for serving, the activation scale is taken over the whole
+  batch, so a request's greedy text changes with its batch neighbours (and with padding): it
+  differed from the first token on between alone and batched. Use it for experiments, not for
+  serving.
 - `int8-weight-only`: torchao's `Int8WeightOnlyConfig` (the tensors transformers' `TorchAoConfig`
   makes). Quality stays close to fp32, and weights take a quarter of fp32's memory. In eager mode
   it turns the int8 weight back into float at every matmul, so on CPU it is slower than fp32.

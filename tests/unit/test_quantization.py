@@ -107,3 +107,15 @@ def test_refuses_a_model_that_is_not_on_the_cpu():
 def test_refuses_a_model_without_linear_layers():
     with pytest.raises(QuantizationError, match="no nn.Linear"):
         quantize_for_cpu(nn.Sequential(nn.Embedding(8, 4)), "int8-dynamic")
+
+
+@pytest.mark.parametrize("method", ["fp16-dynamic", "int8-weight-only"])
+def test_a_rows_logits_do_not_depend_on_its_batch_neighbour(method):
+    if method == "int8-weight-only":
+        pytest.importorskip("torchao")
+    model = quantize_for_cpu(tiny_llama(), method)
+    neighbour = torch.tensor([[100, 90, 80, 70, 60, 50, 40, 30]])
+    with torch.inference_mode():
+        alone = model(input_ids=INPUT).logits[0]
+        batched = model(input_ids=torch.cat([INPUT, neighbour])).logits[0]
+    torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-5)
