@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.torchserve import dynamic_model_config, TorchServe, build_archive
+from tests.torchserve import TorchServe, build_archive, dynamic_model_config
 
 MODEL = "smollm2"
 PORT = 18180
