@@ -10,7 +10,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.torchserve import ROOT, TorchServe, build_archive
+from tests.torchserve import ROOT, TorchServe, start_app
 
 SMOLLM2_DIR = ROOT / "models" / "smollm2"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -63,7 +63,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) 
 @pytest.fixture(scope="session")
 def smollm2_server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterator[TorchServe]:
     """A real TorchServe serving the smollm2 app as shipped; management on port+1, metrics on port+2."""
-    server = _start("smollm2", tmp_path_factory.mktemp("torchserve-smollm2"), port=18080)
+    server = start_app(tmp_path_factory.mktemp("torchserve-smollm2"), "smollm2", port=18080)
     yield server
     server.stop()
 
@@ -73,15 +73,3 @@ def torchserve_smollm2(smollm2_server: TorchServe) -> str:
     """The inference URL of `smollm2_server`."""
     return smollm2_server.url
 
-
-def _start(app: str, workdir: Path, port: int) -> TorchServe:
-    store = workdir / "store"
-    store.mkdir()
-    archive = build_archive(app, app, store)
-    server = TorchServe(workdir, {app: archive}, port=port)
-    try:
-        server.start()
-    except Exception:
-        server.stop()
-        raise
-    return server

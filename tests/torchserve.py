@@ -176,5 +176,19 @@ def _decode(body: bytes) -> Any:
         return body.decode(errors="replace")
 
 
+def start_app(workdir: Path, name: str, port: int, model_config: dict[str, Any] | None = None,
+              app: str = "smollm2") -> TorchServe:
+    """A started TorchServe serving `app` as `name` from its own archive; stopped again if the start fails."""
+    store = workdir / "store"
+    store.mkdir(parents=True)
+    server = TorchServe(workdir, {name: build_archive(app, name, store, model_config)}, port=port)
+    try:
+        server.start()
+    except Exception:
+        server.stop()
+        raise
+    return server
+
+
 def clean(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)

@@ -20,8 +20,8 @@ from handler.engine import Engine
 from handler.prompts import encode
 from handler.requests import RequestShape, parse_request
 from handler.settings import HandlerSettings
-from tests.integration.test_streaming import OMELETTE, assert_streamed_before_the_end, curl_lines, start_server, stream
-from tests.torchserve import TorchServe, app_model_config
+from tests.integration.test_streaming import OMELETTE, assert_streamed_before_the_end, curl_lines, stream
+from tests.torchserve import TorchServe, app_model_config, start_app
 
 NAME = "smollm2-continuous"
 PORT = 18380
@@ -36,7 +36,7 @@ def continuous_config() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterator[TorchServe]:
-    served = start_server(tmp_path_factory.mktemp("torchserve-continuous"), NAME, continuous_config(), PORT)
+    served = start_app(tmp_path_factory.mktemp("torchserve-continuous"), NAME, PORT, continuous_config())
     yield served
     served.stop()
 

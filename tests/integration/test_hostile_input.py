@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.torchserve import TorchServe, build_archive, dynamic_model_config
+from tests.torchserve import TorchServe, dynamic_model_config, start_app
 
 MODEL = "smollm2"
 PORT = 18180
@@ -134,19 +134,12 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterator[TorchServe]:
-    workdir = tmp_path_factory.mktemp("hostile")
-    store = workdir / "store"
-    store.mkdir()
     # The classic path, where TorchServe puts several requests in one handler call: the case in
     # which one bad request could fail its neighbours. (The shipped continuous path sees one
     # request per call; tests/integration/test_serving.py sends it a mixed burst.)
-    archive = build_archive("smollm2", MODEL, store, dynamic_model_config("smollm2"))
-    torchserve = TorchServe(workdir, {MODEL: archive}, port=PORT)
-    try:
-        torchserve.start()
-        yield torchserve
-    finally:
-        torchserve.stop()
+    torchserve = start_app(tmp_path_factory.mktemp("hostile"), MODEL, PORT, dynamic_model_config("smollm2"))
+    yield torchserve
+    torchserve.stop()
 
 
 @pytest.fixture(scope="module")

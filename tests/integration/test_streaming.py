@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.torchserve import TorchServe, app_model_config, build_archive
+from tests.torchserve import TorchServe, dynamic_model_config, start_app
 
 OMELETTE = "How to prepare a spanish omelette:"
 NAME = "smollm2-dynamic"
@@ -103,30 +103,9 @@ def assert_streamed_before_the_end(result: Streamed) -> None:
     assert "".join(c["text"] for c in result.chunks) == result.final["predictions"][0]["generated_text"]
 
 
-def start_server(workdir: Path, name: str, model_config: dict[str, Any], port: int) -> TorchServe:
-    store = workdir / "store"
-    store.mkdir(parents=True)
-    archive = build_archive("smollm2", name, store, model_config)
-    server = TorchServe(workdir, {name: archive}, port=port)
-    try:
-        server.start()
-    except Exception:
-        server.stop()
-        raise
-    return server
-
-
-def dynamic_config() -> dict[str, Any]:
-    config = app_model_config("smollm2")
-    config.pop("asyncCommunication", None)
-    config.update(batchSize=8, maxBatchDelay=50)
-    config["handler"]["batching"] = "dynamic"
-    return config
-
-
 @pytest.fixture(scope="module")
 def dynamic_server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterator[TorchServe]:
-    server = start_server(tmp_path_factory.mktemp("torchserve-dynamic"), NAME, dynamic_config(), PORT)
+    server = start_app(tmp_path_factory.mktemp("torchserve-dynamic"), NAME, PORT, dynamic_model_config("smollm2"))
     yield server
     server.stop()
 

@@ -22,7 +22,7 @@ import pytest
 
 from gateway.server import GatewayServer, make_server
 from gateway.settings import GatewaySettings, Upstream
-from tests.torchserve import TorchServe, build_archive, dynamic_model_config
+from tests.torchserve import TorchServe, dynamic_model_config, start_app
 
 MODEL = "smollm2"
 PORT = 18680
@@ -31,19 +31,12 @@ HANG_GUARD_S = 300
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterator[TorchServe]:
-    workdir = tmp_path_factory.mktemp("worker-crash")
-    store = workdir / "store"
-    store.mkdir()
     # The classic path, where a second request waits in TorchServe's queue while the worker is
     # busy: the test shows that queued request survives the crash. (In async mode every
     # request goes to the worker at once, so there is no queued request to keep.)
-    archive = build_archive("smollm2", MODEL, store, dynamic_model_config("smollm2"))
-    torchserve = TorchServe(workdir, {MODEL: archive}, port=PORT)
-    try:
-        torchserve.start()
-        yield torchserve
-    finally:
-        torchserve.stop()
+    torchserve = start_app(tmp_path_factory.mktemp("worker-crash"), MODEL, PORT, dynamic_model_config("smollm2"))
+    yield torchserve
+    torchserve.stop()
 
 
 @pytest.fixture(scope="module")
