@@ -20,8 +20,8 @@ Routing rule, per prompt (one instance of a request):
   classic `Engine.generate` in a worker thread instead, one classic generate at a time, so
   that those parameters are honoured rather than silently dropped.
 
-Streaming sends the same chunks as the classic path: a JSON line `{"index": sequence,
-"text": ...}` per new piece, holding back text that may start a stop string or a
+Streaming sends the same chunks as the classic path: a JSON line `{"index": prediction,
+"text": ...}` per new piece (`index` is the position in the final `predictions`), holding back text that may start a stop string or a
 half-decoded character; the handler's return value ends the stream. `handler.deadline_seconds`
 counts from a sequence's submission: one still running then is cancelled and answered with
 what it has, finish_reason "length".
@@ -55,12 +55,12 @@ from handler.metrics import GenerationStats, report
 from handler.params import GenerationParams
 from handler.prompts import Prompt
 from handler.settings import ContinuousBatchingSettings
-from handler.torchserve_handler import prediction
+from handler.torchserve_handler import prediction, prediction_offsets
 
 logger = logging.getLogger(__name__)
 JSON = "application/json"
 
-# (sequence index, new text) for one streaming request.
+# (sequence index, new text) for one streaming request; the index counts within the request.
 ChunkSink = Callable[[int, str], None]
 
 
@@ -400,12 +400,21 @@ async def _serve(handler, engine: ContinuousEngine, item: Any, index: int, conte
 async def _generate(engine: ContinuousEngine, prompts: list[Prompt], send: ChunkSink) -> list[list[Completion]]:
     """Every prompt's completions in order: manager prompts one task each, classic ones in one generate."""
     classic = [i for i, p in enumerate(prompts) if classic_reason(p.params)]
+    offsets = prediction_offsets(prompts)
+
+    def sender(offset: int) -> ChunkSink:
+        return lambda sequence, text: send(offset + sequence, text)
+
     tasks: dict[int, asyncio.Future] = {
-        i: asyncio.ensure_future(engine.complete(p, send)) for i, p in enumerate(prompts) if i not in classic
+        i: asyncio.ensure_future(engine.complete(p, sender(offsets[i]))) for i, p in enumerate(prompts) if i not in classic
     }
     pending = list(tasks.values())
     if classic:
-        group = asyncio.ensure_future(engine.classic([prompts[i] for i in classic], lambda _, n, text: send(n, text)))
+
+        def classic_sink(position: int, sequence: int, text: str) -> None:
+            send(offsets[classic[position]] + sequence, text)
+
+        group = asyncio.ensure_future(engine.classic([prompts[i] for i in classic], classic_sink))
         pending.append(group)
     try:
         await asyncio.gather(*pending)
@@ -422,8 +431,8 @@ async def _generate(engine: ContinuousEngine, prompts: list[Prompt], send: Chunk
 def _chunk_sender(context, index: int) -> ChunkSink:
     """Sends one request's new text as an HTTP chunk, in the classic path's JSON-lines format."""
 
-    def send(sequence: int, text: str) -> None:
-        chunk = json.dumps({"index": sequence, "text": text}) + "\n"
+    def send(prediction_index: int, text: str) -> None:
+        chunk = json.dumps({"index": prediction_index, "text": text}) + "\n"
         send_intermediate_predict_response({index: chunk}, {index: context.request_ids[index]}, "", 200, context)
 
     return send

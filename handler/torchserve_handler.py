@@ -43,6 +43,16 @@ def prediction(completion: Completion, prompt: Prompt) -> dict[str, Any]:
     return result
 
 
+def prediction_offsets(prompts: list[Prompt]) -> list[int]:
+    """Where each prompt's first sequence sits in its request's `predictions`; a stream chunk's
+    `index` is that position plus the sequence number, so every chunk names its prediction."""
+    offsets, total = [], 0
+    for prompt in prompts:
+        offsets.append(total)
+        total += prompt.params.num_return_sequences
+    return offsets
+
+
 class LLMHandler(BaseHandler):
     def initialize(self, context) -> None:
         self.settings = HandlerSettings.from_config(context.model_yaml_config, os.environ)
@@ -95,7 +105,7 @@ class LLMHandler(BaseHandler):
             return batch
         prompts = [prompt for _, prompt in owners]
         try:
-            completions = self.engine.generate(prompts, stream=self._streamer([i for i, _ in owners]))
+            completions = self.engine.generate(prompts, stream=self._streamer(batch, [i for i, _ in owners]))
         except Exception:  # a failed generate must still answer every request in it
             logger.exception("generation failed for %d prompts", len(prompts))
             failure = RequestError("generation failed; see the server log", status=500)
@@ -121,12 +131,13 @@ class LLMHandler(BaseHandler):
             bodies.append(json.dumps({"predictions": predictions}))
         return bodies
 
-    def _streamer(self, owner_of_prompt: list[int]):
+    def _streamer(self, batch: list[list[Prompt] | RequestError], owner_of_prompt: list[int]):
         """Sends each streaming request's new text as an HTTP chunk of JSON lines."""
+        offsets = [o for entry in batch if not isinstance(entry, RequestError) for o in prediction_offsets(entry)]
 
         def send(prompt_index: int, sequence: int, text: str) -> None:
             index = owner_of_prompt[prompt_index]
-            chunk = json.dumps({"index": sequence, "text": text}) + "\n"
+            chunk = json.dumps({"index": offsets[prompt_index] + sequence, "text": text}) + "\n"
             send_intermediate_predict_response({index: chunk}, {index: self.context.request_ids[index]}, "", 200, self.context)
 
         return send

@@ -1,6 +1,7 @@
 """Streaming from a real TorchServe on the classic (dynamic batching) path.
 
-A request with `"stream": true` gets HTTP chunks, each a JSON line `{"index", "text"}`,
+A request with `"stream": true` gets HTTP chunks, each a JSON line `{"index", "text"}` (index:
+the position of its prediction in the final body),
 then the usual `{"predictions": [...]}` body. The checks read the raw response as it
 arrives and compare arrival order, never absolute times: the first piece of text must
 come well before the end of the response, and several pieces must arrive apart. The
@@ -147,3 +148,16 @@ def test_a_stream_beside_a_plain_request_in_one_batch(dynamic_server: TorchServe
     assert status == 200 and body["predictions"][0]["generated_text"]
     assert streamed.status == 200
     assert "".join(c["text"] for c in streamed.chunks) == streamed.final["predictions"][0]["generated_text"]
+
+
+def test_chunks_of_several_instances_and_sequences_name_their_prediction(dynamic_server: TorchServe):
+    body = {
+        "instances": ["Name a fruit:", "Name a city:"],
+        "parameters": {"max_new_tokens": 10, "temperature": 0.9, "seed": 7, "num_return_sequences": 2, "stream": True},
+    }
+    result = stream(PORT, NAME, body)
+    predictions = [p["generated_text"] for p in result.final["predictions"]]
+    assert result.status == 200 and len(predictions) == 4
+    assert {c["index"] for c in result.chunks} == {0, 1, 2, 3}
+    for index, text in enumerate(predictions):
+        assert "".join(c["text"] for c in result.chunks if c["index"] == index) == text

@@ -332,6 +332,23 @@ def test_handle_streams_a_classic_routed_prompt_too(handler):
     assert "".join(json.loads(chunk)["text"] for _, chunk in chunks) == body["predictions"][0]["generated_text"]
 
 
+def test_each_stream_chunk_names_the_prediction_it_belongs_to(handler):
+    """Two instances with two sequences each, one on the manager and one on the classic path:
+    a chunk's index is its prediction's position, so the pieces of each add up to that text."""
+    body = {
+        "instances": ["Stream me", {"prompt": "Seeded", "seed": 5}],
+        "parameters": {"max_new_tokens": 8, "temperature": 0.9, "num_return_sequences": 2, "stream": True},
+    }
+    [(status, final)], chunks = run_handler(handler, [body])
+    assert status == 200
+    lines = [json.loads(chunk) for _, chunk in chunks]
+    predictions = [p["generated_text"] for p in final["predictions"]]
+    assert len(predictions) == 4
+    assert {line["index"] for line in lines} == {0, 1, 2, 3}
+    for index, text in enumerate(predictions):
+        assert "".join(line["text"] for line in lines if line["index"] == index) == text
+
+
 def test_return_full_text_prepends_the_prompt(handler):
     [(status, body)], _ = run_handler(
         handler, [{"instances": ["Prefix here"], "parameters": {"max_new_tokens": 3, "return_full_text": True}}]
