@@ -7,6 +7,7 @@ tokenizer) at build time; `weights_dir` picks, at start-up, the folder the worke
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import logging
 import shutil
@@ -108,7 +109,11 @@ def from_smollm2_package(dest: Path) -> Path:
     package_dir = smollm2_package_dir()
     tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
     loaded = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
-    fresh = AutoModelForCausalLM.from_config(loaded.config)
+    config = copy.deepcopy(loaded.config)
+    # The weights are dequantised: a `quant_method: gguf` left in config.json would make every
+    # later load attach a GGUF quantizer and warn about packed weights that are not there.
+    del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config)
     fresh.load_state_dict(loaded.state_dict())
     staging = Path(tempfile.mkdtemp(dir=dest.parent if dest.parent.exists() else None))
     fresh.save_pretrained(staging)

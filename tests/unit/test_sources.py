@@ -1,5 +1,6 @@
 """Model sources that need no network: local folders, pickle conversion, the choice of folder at start-up."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,10 @@ def test_a_prepared_folder_is_readable_by_every_user(tiny_model_dir: Path, tmp_p
     dest = prepare({"kind": "local", "path": str(tiny_model_dir)}, tmp_path / "copy")
     for path in [dest, *dest.iterdir()]:
         assert path.stat().st_mode & 0o004, path
+
+
+def test_the_prepared_smollm2_checkpoint_is_plain_weights(smollm2_dir: Path):
+    """No `quant_method: gguf` left behind: loading it must not attach a GGUF quantizer."""
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["dtype"] == "float32"
