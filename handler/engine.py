@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,26 @@ def pick_device(gpu_id: int | None) -> torch.device:
     if gpu_id is not None and torch.cuda.is_available():
         return torch.device(f"cuda:{gpu_id}")
     return torch.device("cpu")
+
+
+def cpu_budget() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 quota (`docker --cpus`,
+    Kubernetes limits), which torch's own default ignores and so oversubscribes."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+def pick_threads(settings: HandlerSettings) -> int:
+    """torch's intra-op threads: as configured, or an even share of the CPU budget per worker."""
+    if settings.torch_threads != "auto":
+        return settings.torch_threads
+    return max(1, cpu_budget() // settings.workers)
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -96,6 +117,7 @@ class Engine:
     @classmethod
     def load(cls, model_dir: Path, settings: HandlerSettings, device: torch.device) -> "Engine":
         check_weight_format(model_dir, settings.allow_pickle_weights)
+        torch.set_num_threads(pick_threads(settings))
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=settings.trust_remote_code)
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
@@ -114,7 +136,9 @@ class Engine:
         model.eval()
         if settings.quantization != "none":
             model = quantize_for_cpu(model, settings.quantization)
-        logger.info("loaded %s on %s as %s", model.config.model_type, device, dtype)
+        logger.info(
+            "loaded %s on %s as %s, %d torch threads", model.config.model_type, device, dtype, torch.get_num_threads()
+        )
         return cls(model, tokenizer, settings, model.device if settings.device_map else device)
 
     def warm_up(self) -> None:

@@ -50,13 +50,15 @@ class HandlerSettings:
     warmup: bool = True
     batching: str = "dynamic"
     continuous: ContinuousBatchingSettings = field(default_factory=ContinuousBatchingSettings)
+    torch_threads: int | str = "auto"
     model_dir_override: str | None = None
     storage_uri: str | None = None
+    workers: int = 1
 
     @classmethod
     def from_config(cls, model_yaml_config: Mapping[str, Any] | None, environ: Mapping[str, str]) -> "HandlerSettings":
         section = dict((model_yaml_config or {}).get("handler") or {})
-        known = {f.name for f in fields(cls)} - {"model_dir_override", "storage_uri"}
+        known = {f.name for f in fields(cls)} - {"model_dir_override", "storage_uri", "workers"}
         unknown = sorted(set(section) - known)
         if unknown:
             raise SettingsError(f"unknown keys in handler config: {unknown}; known: {sorted(known)}")
@@ -75,6 +77,7 @@ class HandlerSettings:
             defaults=defaults,
             model_dir_override=environ.get("LLM_MODEL_DIR") or None,
             storage_uri=environ.get("AIP_STORAGE_URI") or None,
+            workers=max(1, int((model_yaml_config or {}).get("maxWorkers") or 1)),
         )
         settings.verify()
         if settings.batching == "continuous" and not (model_yaml_config or {}).get("asyncCommunication"):
@@ -93,6 +96,10 @@ class HandlerSettings:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise SettingsError(f"handler.{name} must be a positive integer, got {value!r}")
+        if self.torch_threads != "auto" and (
+            isinstance(self.torch_threads, bool) or not isinstance(self.torch_threads, int) or self.torch_threads < 1
+        ):
+            raise SettingsError(f"handler.torch_threads must be 'auto' or a positive integer, got {self.torch_threads!r}")
         if self.max_instances < 1:
             raise SettingsError("handler.max_instances must be >= 1")
         if self.prompt_template is not None and "{prompt}" not in self.prompt_template:

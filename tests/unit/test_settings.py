@@ -1,7 +1,10 @@
 """The app's config is read once and checked at start-up; env overrides live in one place."""
 
+import os
+
 import pytest
 
+from handler.engine import cpu_budget, pick_threads
 from handler.params import GenerationParams
 from handler.settings import HandlerSettings, SettingsError
 
@@ -33,6 +36,9 @@ def test_defaults_and_limits_are_typed():
         ({"prompt_template": "no placeholder"}, "{prompt}"),
         ({"device_map": "balanced"}, "device_map"),
         ({"deadline_seconds": 0}, "deadline_seconds"),
+        ({"torch_threads": 0}, "torch_threads"),
+        ({"torch_threads": "many"}, "torch_threads"),
+        ({"workers": 4}, "unknown keys"),
     ],
 )
 def test_a_wrong_config_stops_the_worker_with_the_key(section, message):
@@ -51,3 +57,15 @@ def test_environment_overrides_of_the_container_contract():
 def test_a_bad_dtype_from_the_environment_is_caught_too():
     with pytest.raises(SettingsError, match="dtype"):
         HandlerSettings.from_config({}, {"LLM_DTYPE": "fp4"})
+
+
+def test_torch_threads_share_the_cpu_budget_between_workers(monkeypatch):
+    monkeypatch.setattr("handler.engine.cpu_budget", lambda: 8)
+    assert pick_threads(HandlerSettings.from_config({"maxWorkers": 1}, {})) == 8
+    assert pick_threads(HandlerSettings.from_config({"maxWorkers": 3}, {})) == 2
+    assert pick_threads(HandlerSettings.from_config({"maxWorkers": 16}, {})) == 1
+    assert pick_threads(HandlerSettings.from_config({"maxWorkers": 3, "handler": {"torch_threads": 5}}, {})) == 5
+
+
+def test_the_cpu_budget_is_what_this_process_may_run_on():
+    assert 1 <= cpu_budget() <= len(os.sched_getaffinity(0))
