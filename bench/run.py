@@ -2,6 +2,7 @@
 
     python -m bench                       # everything, defaults below
     python -m bench --quick               # a short smoke run
+    python -m bench --serve-paths         # our server on both batching paths, started here
     python -m bench --targets torchserve \\
         --server-url dynamic=http://127.0.0.1:7080/predictions/smollm2 \\
         --server-url continuous=http://127.0.0.1:7080/predictions/smollm2-cb
@@ -42,6 +43,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="[LABEL=]URL",
         help="a TorchServe predictions URL; repeat to compare several (default: torchserve=http://127.0.0.1:7080/predictions/APP)",
     )
+    parser.add_argument(
+        "--serve-paths", action="store_true",
+        help="start a TorchServe of our own (port --serve-port) serving APP on both paths, dynamic and "
+        "continuous batching, benchmark both, and stop it (instead of --server-url)",
+    )  # fmt: skip
+    parser.add_argument("--serve-port", type=int, default=28080)
+    parser.add_argument("--serve-batch-size", type=int, default=16, help="batchSize of the dynamic path under --serve-paths")
     parser.add_argument("--no-stream", action="store_true", help="do not ask our server to stream (TTFT = latency)")
     parser.add_argument(
         "--server-param", action="append", default=[], metavar="KEY=JSON",
@@ -153,6 +161,20 @@ def log(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.serve_paths or "torchserve" not in args.targets:
+        return benchmark(args)
+    if args.server_url:
+        raise SystemExit("--serve-paths starts its own server: leave out --server-url")
+    from bench.local_torchserve import serving_both_paths
+
+    workdir = args.results_dir / "tmp" / "torchserve"
+    log(f"starting TorchServe with {args.app} on both paths (logs in {workdir / 'logs'}) ...")
+    with serving_both_paths(args.app, workdir, args.serve_port, args.serve_batch_size) as urls:
+        args.server_url = urls
+        return benchmark(args)
+
+
+def benchmark(args: argparse.Namespace) -> int:
     workloads = build_workloads(args)
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
     targets = build_targets(args)

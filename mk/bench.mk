@@ -1,17 +1,19 @@
 # Benchmarks (bench/, docs/bench.md). Every variable can be set on the command line.
 #
-#   make bench                       our server (make serve first), raw transformers, llama.cpp server
+#   make bench                       our server on both batching paths (started and stopped by the
+#                                    benchmark, port 28080), raw transformers, llama.cpp server
 #   make bench BENCH_ARGS=--quick    a short smoke run
-#   make bench BENCH_TARGETS=torchserve \
-#     BENCH_SERVERS="dynamic=http://127.0.0.1:7080/predictions/smollm2 continuous=http://127.0.0.1:7080/predictions/smollm2-cb"
+#   make bench BENCH_SERVERS="torchserve=http://127.0.0.1:7080/predictions/smollm2"
+#                                    an already running server (make serve) instead
 #   make bench-single-stream         one stream: fp32, bf16, the handler.quantization methods, llama.cpp
 #
 # Results: bench/results/serving-*.md|json and bench/results/single-stream-*.md|json.
 
 APP ?= smollm2
 PORT ?= 7080
-# Space-separated [LABEL=]URL of TorchServe predictions endpoints, benchmarked side by side.
-BENCH_SERVERS ?= torchserve=http://127.0.0.1:$(PORT)/predictions/$(APP)
+# Space-separated [LABEL=]URL of running TorchServe predictions endpoints, benchmarked side by
+# side. Empty: the benchmark serves APP itself on both paths (--serve-paths).
+BENCH_SERVERS ?=
 # Comma list of torchserve, transformers, llamacpp.
 BENCH_TARGETS ?= torchserve,transformers,llamacpp
 BENCH_CONCURRENCY ?= 1,4,16
@@ -24,10 +26,10 @@ SINGLE_STREAM_ARGS ?=
 
 .PHONY: bench bench-single-stream
 
-bench: ## serving benchmark: our server(s), raw transformers, llama.cpp -> bench/results/
-	$(PY) -m bench --app $(APP) --targets $(BENCH_TARGETS) --concurrency $(BENCH_CONCURRENCY) \
-		--workloads $(BENCH_WORKLOADS) $(foreach server,$(BENCH_SERVERS),--server-url $(server)) $(BENCH_ARGS)
+bench: model ## serving benchmark: our server on both batching paths, raw transformers, llama.cpp -> bench/results/
+	$(PY) -m bench --app $(APP) --targets $(BENCH_TARGETS) --concurrency $(BENCH_CONCURRENCY) --workloads $(BENCH_WORKLOADS) \
+		$(if $(BENCH_SERVERS),$(foreach server,$(BENCH_SERVERS),--server-url $(server)),--serve-paths) $(BENCH_ARGS)
 
-bench-single-stream: ## one-stream decode speed and quality per dtype/quantization -> bench/results/
+bench-single-stream: model ## one-stream decode speed and quality per dtype/quantization -> bench/results/
 	$(PY) -m bench.single_stream --model-dir models/$(APP) \
 		$(if $(SINGLE_STREAM_VARIANTS),--variants $(SINGLE_STREAM_VARIANTS)) $(SINGLE_STREAM_ARGS)

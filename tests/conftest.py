@@ -10,7 +10,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.torchserve import ROOT, TorchServe, start_app
+from bench.local_torchserve import ROOT, TorchServe, start_app
 
 SMOLLM2_DIR = ROOT / "models" / "smollm2"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")

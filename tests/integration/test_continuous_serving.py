@@ -21,7 +21,7 @@ from handler.prompts import encode
 from handler.requests import RequestShape, parse_request
 from handler.settings import HandlerSettings
 from tests.integration.test_streaming import OMELETTE, assert_streamed_before_the_end, curl_lines, stream
-from tests.torchserve import TorchServe, app_model_config, start_app
+from bench.local_torchserve import TorchServe, app_model_config, start_app
 
 NAME = "smollm2-continuous"
 PORT = 18380

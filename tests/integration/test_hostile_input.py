@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.torchserve import TorchServe, dynamic_model_config, start_app
+from bench.local_torchserve import TorchServe, dynamic_model_config, start_app
 
 MODEL = "smollm2"
 PORT = 18180

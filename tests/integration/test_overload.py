@@ -24,7 +24,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.torchserve import TorchServe, app_model_config, build_archive
+from bench.local_torchserve import TorchServe, app_model_config, build_archive
 
 PORT = 18280
 QUEUE = 10

@@ -4,7 +4,7 @@ import re
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from tests.torchserve import TorchServe
+from bench.local_torchserve import TorchServe
 
 APP = "smollm2"
 OMELETTE = {"instances": ["How to prepare a spanish omelette:"]}

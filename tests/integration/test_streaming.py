@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.torchserve import TorchServe, dynamic_model_config, start_app
+from bench.local_torchserve import TorchServe, dynamic_model_config, start_app
 
 OMELETTE = "How to prepare a spanish omelette:"
 NAME = "smollm2-dynamic"

@@ -22,7 +22,7 @@ import pytest
 
 from gateway.server import GatewayServer, make_server
 from gateway.settings import GatewaySettings, Upstream
-from tests.torchserve import TorchServe, dynamic_model_config, start_app
+from bench.local_torchserve import TorchServe, dynamic_model_config, start_app
 
 MODEL = "smollm2"
 PORT = 18680

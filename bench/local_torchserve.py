@@ -1,4 +1,4 @@
-"""Start a real TorchServe for tests, on its own ports, with an archive built for it."""
+"""A real TorchServe on its own ports, with archives built for it: for the tests and the benchmark."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -47,6 +48,15 @@ def dynamic_model_config(app: str, batch_size: int = 8, max_batch_delay: int = 5
     config.pop("asyncCommunication", None)
     config.update(batchSize=batch_size, maxBatchDelay=max_batch_delay)
     config["handler"] = {**config.get("handler", {}), "batching": "dynamic"}
+    return config
+
+
+def continuous_model_config(app: str) -> dict[str, Any]:
+    """The app's config on the continuous path: TorchServe's async mode, the manager batches."""
+    config = app_model_config(app)
+    config.pop("maxBatchDelay", None)
+    config.update(asyncCommunication=True, batchSize=1)
+    config["handler"] = {**config.get("handler", {}), "batching": "continuous"}
     return config
 
 
@@ -190,5 +200,18 @@ def start_app(workdir: Path, name: str, port: int, model_config: dict[str, Any] 
     return server
 
 
-def clean(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+@contextmanager
+def serving_both_paths(app: str, workdir: Path, port: int, batch_size: int = 16) -> Iterator[list[str]]:
+    """One TorchServe serving `app` twice, as `APP-dynamic` (TorchServe's dynamic batching,
+    `batch_size` requests per generate) and `APP-continuous`; yields their `LABEL=URL`s."""
+    shutil.rmtree(workdir, ignore_errors=True)
+    store = workdir / "store"
+    store.mkdir(parents=True)
+    configs = {"dynamic": dynamic_model_config(app, batch_size=batch_size), "continuous": continuous_model_config(app)}
+    models = {f"{app}-{label}": build_archive(app, f"{app}-{label}", store, config) for label, config in configs.items()}
+    server = TorchServe(workdir, models, port=port)
+    try:
+        server.start()
+        yield [f"{label}={server.url}/predictions/{app}-{label}" for label in configs]
+    finally:
+        server.stop()
