@@ -43,12 +43,11 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch
 from transformers import ContinuousBatchingConfig, GenerationConfig
-from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessor
-from transformers.generation.continuous_batching.requests import FutureRequestState, GenerationOutput, RequestStatus
+from transformers.generation.continuous_batching.requests import GenerationOutput, RequestStatus
 from ts.handler_utils.utils import send_intermediate_predict_response
 
+from handler.batch_processors import install as install_processors
 from handler.engine import Completion, Engine, RowTracker
 from handler.errors import RequestError
 from handler.metrics import GenerationStats, report
@@ -88,77 +87,6 @@ def processor_kwargs(params: GenerationParams, vocab_size: int) -> dict[str, Any
         return {**common, "temperature": 1.0, "top_k": 1, "top_p": 1.0}
     top_k = min(params.top_k, vocab_size) if params.top_k > 0 else vocab_size
     return {**common, "temperature": float(params.temperature), "top_k": top_k, "top_p": float(params.top_p)}
-
-
-def generated_ids(state) -> list[int]:
-    """A request's generated tokens, also after the manager re-queued it with them folded into its prompt."""
-    if state._true_initial_tokens:
-        return state.initial_tokens[state._true_initial_tokens :] + state.generated_tokens
-    return state.generated_tokens
-
-
-class MinNewTokensProcessor(ContinuousBatchingLogitsProcessor):
-    """Per-request min_new_tokens: EOS is impossible while a request has generated fewer tokens."""
-
-    supported_kwargs = {"min_new_tokens": int}
-    ignored_kwargs = ()
-
-    def __init__(self, eos_token_ids: list[int]):
-        self.eos_token_ids = torch.tensor(eos_token_ids, dtype=torch.long)
-
-    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
-        int32_tensor.fill_(0)
-
-    def prepare_tensor_args(self, requests_with_new_token: list[FutureRequestState]) -> torch.Tensor:
-        missing = [
-            max(0, r.state.logit_processor_kwargs.get("min_new_tokens", 0) - len(generated_ids(r.state)))
-            for r in requests_with_new_token
-        ]
-        return torch.tensor(missing, dtype=torch.int32)
-
-    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-        blocked = tensor_arg[: scores.size(0)] > 0
-        if self.eos_token_ids.numel() == 0 or not bool(blocked.any()):
-            return scores
-        eos = self.eos_token_ids.to(scores.device)
-        scores[:, eos] = scores[:, eos].masked_fill(blocked.unsqueeze(-1), float("-inf"))
-        return scores
-
-
-class RepetitionPenaltyProcessor(ContinuousBatchingLogitsProcessor):
-    """Per-request repetition penalty over the prompt and the generated tokens, as `generate` applies it.
-
-    The tensor argument carries each request's penalty; the tokens to penalise are taken
-    from the request states when the batch is prepared, on the manager's thread, right
-    before the forward pass that uses them.
-    """
-
-    supported_kwargs = {"repetition_penalty": float}
-    ignored_kwargs = ()
-
-    def __init__(self) -> None:
-        self.history: list[tuple[int, list[int]]] = []
-
-    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
-        int32_tensor.copy_(torch.ones_like(int32_tensor, dtype=torch.float32).view(torch.int32))
-
-    def prepare_tensor_args(self, requests_with_new_token: list[FutureRequestState]) -> torch.Tensor:
-        penalties = [float(r.state.logit_processor_kwargs.get("repetition_penalty", 1.0)) for r in requests_with_new_token]
-        self.history = [
-            (row, r.state.initial_tokens + r.state.generated_tokens)
-            for row, (r, penalty) in enumerate(zip(requests_with_new_token, penalties))
-            if penalty != 1.0
-        ]
-        return torch.tensor(penalties, dtype=torch.float32).view(torch.int32)
-
-    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-        penalties = tensor_arg[: scores.size(0)].view(torch.float32)
-        for row, tokens in self.history:
-            ids = torch.tensor(tokens, dtype=torch.long, device=scores.device)
-            penalty = penalties[row]
-            picked = scores[row].gather(0, ids)
-            scores[row].scatter_(0, ids, torch.where(picked < 0, picked * penalty, picked / penalty))
-        return scores
 
 
 class ModelTurns:
@@ -245,12 +173,7 @@ class ContinuousEngine:
             use_cuda_graph=False,
         )
         self.manager = engine.model.init_continuous_batching(generation_config=generation_config, continuous_batching_config=config)
-        processors = self.manager.logit_processor
-        ours = [RepetitionPenaltyProcessor(), MinNewTokensProcessor(engine.eos_token_ids)]
-        processors.logits_processor[0:0] = ours
-        processors.tensors_required += len(ours)
-        processors._retrieve_processors_kwargs()
-        processors.do_processing = True
+        install_processors(self.manager, engine.eos_token_ids)
         self.manager.start()
         self.turns = ModelTurns(engine.model, self.manager)
         self._ids = itertools.count()

@@ -1,0 +1,144 @@
+"""The per-request logits processors the continuous batching manager runs on each step.
+
+transformers' manager applies one processor list to the whole batch, each processor reading
+one value per row from a tensor. Ours add what it lacks (repetition penalty over the
+prompt, min_new_tokens), and replace its top-k and top-p warpers, which sort the whole
+vocabulary twice per step even for greedy rows: on CPU that cost a third of each decode
+step at 16 rows. Ours filter with `torch.topk` over the rows that need it and give the same
+result (tested against transformers' own warpers).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.generation.continuous_batching.cb_logits_processors import (
+    ContinuousBatchingLogitsProcessor,
+    ContinuousBatchingTopKLogitsWarper,
+    ContinuousBatchingTopPLogitsWarper,
+)
+from transformers.generation.continuous_batching.requests import FutureRequestState
+
+
+def generated_ids(state) -> list[int]:
+    """A request's generated tokens, also after the manager re-queued it with them folded into its prompt."""
+    if state._true_initial_tokens:
+        return state.initial_tokens[state._true_initial_tokens :] + state.generated_tokens
+    return state.generated_tokens
+
+
+class MinNewTokensProcessor(ContinuousBatchingLogitsProcessor):
+    """Per-request min_new_tokens: EOS is impossible while a request has generated fewer tokens."""
+
+    supported_kwargs = {"min_new_tokens": int}
+    ignored_kwargs = ()
+
+    def __init__(self, eos_token_ids: list[int]):
+        self.eos_token_ids = torch.tensor(eos_token_ids, dtype=torch.long)
+
+    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+        int32_tensor.fill_(0)
+
+    def prepare_tensor_args(self, requests_with_new_token: list[FutureRequestState]) -> torch.Tensor:
+        missing = [
+            max(0, r.state.logit_processor_kwargs.get("min_new_tokens", 0) - len(generated_ids(r.state)))
+            for r in requests_with_new_token
+        ]
+        return torch.tensor(missing, dtype=torch.int32)
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        blocked = tensor_arg[: scores.size(0)] > 0
+        if self.eos_token_ids.numel() == 0 or not bool(blocked.any()):
+            return scores
+        eos = self.eos_token_ids.to(scores.device)
+        scores[:, eos] = scores[:, eos].masked_fill(blocked.unsqueeze(-1), float("-inf"))
+        return scores
+
+
+class RepetitionPenaltyProcessor(ContinuousBatchingLogitsProcessor):
+    """Per-request repetition penalty over the prompt and the generated tokens, as `generate` applies it.
+
+    The tensor argument carries each request's penalty; the tokens to penalise are taken
+    from the request states when the batch is prepared, on the manager's thread, right
+    before the forward pass that uses them.
+    """
+
+    supported_kwargs = {"repetition_penalty": float}
+    ignored_kwargs = ()
+
+    def __init__(self) -> None:
+        self.history: list[tuple[int, list[int]]] = []
+
+    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+        int32_tensor.copy_(torch.ones_like(int32_tensor, dtype=torch.float32).view(torch.int32))
+
+    def prepare_tensor_args(self, requests_with_new_token: list[FutureRequestState]) -> torch.Tensor:
+        penalties = [float(r.state.logit_processor_kwargs.get("repetition_penalty", 1.0)) for r in requests_with_new_token]
+        self.history = [
+            (row, r.state.initial_tokens + r.state.generated_tokens)
+            for row, (r, penalty) in enumerate(zip(requests_with_new_token, penalties))
+            if penalty != 1.0
+        ]
+        return torch.tensor(penalties, dtype=torch.float32).view(torch.int32)
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        penalties = tensor_arg[: scores.size(0)].view(torch.float32)
+        for row, tokens in self.history:
+            ids = torch.tensor(tokens, dtype=torch.long, device=scores.device)
+            penalty = penalties[row]
+            picked = scores[row].gather(0, ids)
+            scores[row].scatter_(0, ids, torch.where(picked < 0, picked * penalty, picked / penalty))
+        return scores
+
+
+class TopKWarper(ContinuousBatchingTopKLogitsWarper):
+    """Per-row top-k: one `topk` up to the largest k in use, over the rows whose k leaves anything out."""
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        top_k = tensor_arg[: scores.size(0)].to(torch.int64)
+        rows = (top_k < scores.size(-1)).nonzero().squeeze(-1)
+        if rows.numel() == 0:
+            return scores
+        row_k = top_k[rows]
+        kept = torch.topk(scores[rows], int(row_k.max()), dim=-1).values
+        thresholds = kept.gather(-1, (row_k - 1).unsqueeze(-1))
+        scores[rows] = scores[rows].masked_fill(scores[rows] < thresholds, self.filter_value)
+        return scores
+
+
+class TopPWarper(ContinuousBatchingTopPLogitsWarper):
+    """Per-row nucleus filtering, as transformers' warper does it, over the rows with top_p < 1
+    and only among each row's candidates still in play (after top-k, usually a few dozen)."""
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        top_p = tensor_arg[: scores.size(0)].view(torch.float32)
+        rows = (top_p < 1.0).nonzero().squeeze(-1)
+        if rows.numel() == 0:
+            return scores
+        selected = scores[rows]
+        in_play = int((selected > self.filter_value).sum(-1).max())
+        count = max(in_play, self.min_tokens_to_keep)
+        # Ascending over the candidates, as in transformers; the rest are already filtered out.
+        values, indices = torch.topk(selected, count, dim=-1, largest=True, sorted=True)
+        values, indices = values.flip(-1), indices.flip(-1)
+        cumulative = values.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative <= (1 - top_p[rows]).unsqueeze(-1)
+        remove[..., -self.min_tokens_to_keep :] = False
+        mask = torch.zeros_like(selected, dtype=torch.bool).scatter(-1, indices, remove)
+        scores[rows] = selected.masked_fill(mask, self.filter_value)
+        return scores
+
+
+def install(manager, eos_token_ids: list[int]) -> None:
+    """Adds our processors in front of the manager's and swaps its top-k and top-p warpers for ours."""
+    processors = manager.logit_processor
+    for position, processor in enumerate(processors.logits_processor):
+        for theirs, ours in ((ContinuousBatchingTopKLogitsWarper, TopKWarper), (ContinuousBatchingTopPLogitsWarper, TopPWarper)):
+            if type(processor) is theirs:
+                replacement = ours.__new__(ours)
+                replacement.__dict__.update(vars(processor))
+                processors.logits_processor[position] = replacement
+    added = [RepetitionPenaltyProcessor(), MinNewTokensProcessor(eos_token_ids)]
+    processors.logits_processor[0:0] = added
+    processors.tensors_required += len(added)
+    processors._retrieve_processors_kwargs()
+    processors.do_processing = True
