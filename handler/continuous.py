@@ -21,8 +21,9 @@ Routing rule, per prompt (one instance of a request):
   that those parameters are honoured rather than silently dropped.
 
 Streaming sends the same chunks as the classic path: a JSON line `{"index": prediction,
-"text": ...}` per new piece (`index` is the position in the final `predictions`), holding back text that may start a stop string or a
-half-decoded character; the handler's return value ends the stream. `handler.deadline_seconds`
+"text": ...}` per new piece (`index` is the position in the final `predictions`), holding
+back text that may start a stop string or a half-decoded character; the handler's return
+value ends the stream. `handler.deadline_seconds`
 counts from a sequence's submission: one still running then is cancelled and answered with
 what it has, finish_reason "length".
 
