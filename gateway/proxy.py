@@ -30,6 +30,7 @@ HOP_BY_HOP = frozenset(
 )
 COPY_BLOCK = 64 * 1024
 MAX_CHUNK_LINE = 4096
+WORKER_DIED = b'{"error": "the model worker died during this request; retry it", "code": 507}'
 
 
 class BadBody(ValueError):
@@ -164,8 +165,11 @@ class GatewayHandler(BaseHTTPRequestHandler):
             self._send_json(400, json.dumps({"error": f"bad request body: {exc}"}).encode())
             return
         conn = http.client.HTTPConnection(s.inference.host, s.inference.port, timeout=s.upstream_timeout_s)
+        held = None
         try:
             try:
+                conn.connect()
+                held = self.server.watch.hold(conn.sock)
                 self._send_upstream(conn, body)
                 response = conn.getresponse()
             except BadBody as exc:
@@ -173,12 +177,17 @@ class GatewayHandler(BaseHTTPRequestHandler):
                 self._send_json(400, json.dumps({"error": f"bad request body: {exc}"}).encode())
                 return
             except (OSError, http.client.HTTPException) as exc:
-                log.warning("TorchServe inference API failed for %s %s: %s", self.command, urlsplit(self.path).path, exc)
                 self.close_connection = True
+                if held is not None and held.worker_died:
+                    self._send_json(507, WORKER_DIED)
+                    return
+                log.warning("TorchServe inference API failed for %s %s: %s", self.command, urlsplit(self.path).path, exc)
                 self._send_json(502, b'{"error": "TorchServe is not answering"}')
                 return
             self._relay(response)
         finally:
+            if held is not None:
+                self.server.watch.release(held)
             conn.close()
 
     def _client_chunked(self) -> bool:

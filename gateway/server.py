@@ -8,13 +8,15 @@ from http.server import ThreadingHTTPServer
 
 from gateway.proxy import GatewayHandler
 from gateway.settings import GatewaySettings
+from gateway.worker_watch import WorkerWatch
 
 
 class GatewayServer(ThreadingHTTPServer):
     """Threads per connection, so a long stream never holds up the health checks.
 
     It counts requests in flight so that a stopping container can let them
-    finish (``drain``) before TorchServe goes away under them.
+    finish (``drain``) before TorchServe goes away under them, and runs the
+    ``WorkerWatch`` that fails the predictions a dead worker held.
     """
 
     daemon_threads = True
@@ -22,11 +24,20 @@ class GatewayServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 64
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, address, handler, watch: WorkerWatch) -> None:
+        self.watch = watch  # before binding: a failed bind calls server_close
+        super().__init__(address, handler)
         self._idle = threading.Condition()
         self._active = 0
         self.draining = False
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        self.watch.start()
+        super().serve_forever(poll_interval)
+
+    def server_close(self) -> None:
+        self.watch.stop()
+        super().server_close()
 
     def request_started(self) -> None:
         with self._idle:
@@ -59,4 +70,4 @@ class GatewayServer(ThreadingHTTPServer):
 def make_server(settings: GatewaySettings) -> GatewayServer:
     """Bind now (so a port clash fails at start) and return the server, not yet serving."""
     handler = type("BoundGatewayHandler", (GatewayHandler,), {"settings": settings})
-    return GatewayServer((settings.bind_host, settings.port), handler)
+    return GatewayServer((settings.bind_host, settings.port), handler, WorkerWatch(settings.app, settings.management))

@@ -4,6 +4,9 @@ The client of the killed request gets an error, not a hang; a request queued beh
 not lost; TorchServe starts a new worker; while it loads, the management API says the worker
 is not READY and the gateway's health route answers 503, then 200 again; later requests
 succeed through TorchServe and through the gateway.
+
+On the continuous path (TorchServe's async mode) TorchServe itself never answers the requests
+a dead worker held; through the gateway, which watches the worker pids, they get 507.
 """
 
 from __future__ import annotations
@@ -22,11 +25,11 @@ import pytest
 
 from gateway.server import GatewayServer, make_server
 from gateway.settings import GatewaySettings, Upstream
-from bench.local_torchserve import TorchServe, dynamic_model_config, start_app
+from bench.local_torchserve import TorchServe, continuous_model_config, dynamic_model_config, start_app
 
 MODEL = "smollm2"
 PORT = 18680
-HANG_GUARD_S = 300
+HANG_GUARD_S = int(os.environ.get("HANG_GUARD_S", 300))
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +42,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Itera
     torchserve.stop()
 
 
-@pytest.fixture(scope="module")
-def gateway(server: TorchServe) -> Iterator[GatewayServer]:
+def start_gateway(server: TorchServe) -> GatewayServer:
     """The container's gateway (real code, own thread), its upstreams this TorchServe."""
     settings = GatewaySettings(
         app=MODEL,
@@ -52,8 +54,13 @@ def gateway(server: TorchServe) -> Iterator[GatewayServer]:
         bind_host="127.0.0.1",
     )
     front = make_server(settings)
-    thread = threading.Thread(target=front.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
+    threading.Thread(target=front.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return front
+
+
+@pytest.fixture(scope="module")
+def gateway(server: TorchServe) -> Iterator[GatewayServer]:
+    front = start_gateway(server)
     yield front
     front.shutdown()
     front.server_close()
@@ -88,15 +95,27 @@ def wait_for(condition, what: str) -> None:
 
 
 class Call(threading.Thread):
-    """One prediction in the background, its answer kept."""
+    """One prediction in the background, its answer kept; through `url` (a gateway) if given."""
 
-    def __init__(self, server: TorchServe, body: dict[str, Any]):
+    def __init__(self, server: TorchServe, body: dict[str, Any], url: str | None = None):
         super().__init__(daemon=True)
-        self.server, self.body = server, body
+        self.server, self.body, self.url = server, body, url
         self.answer: tuple[int, Any] | None = None
 
     def run(self) -> None:
-        self.answer = self.server.post(MODEL, self.body, timeout=HANG_GUARD_S)
+        if self.url is None:
+            self.answer = self.server.post(MODEL, self.body, timeout=HANG_GUARD_S)
+        else:
+            self.answer = post_json(self.url, self.body)
+
+
+def post_json(url: str, body: dict[str, Any]) -> tuple[int, Any]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=HANG_GUARD_S) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
 
 
 def test_a_worker_killed_mid_request_is_replaced(server, gateway, record_property):
@@ -155,3 +174,40 @@ def test_requests_succeed_after_the_restart(server, gateway):
     with urllib.request.urlopen(request, timeout=HANG_GUARD_S) as response:
         assert response.status == 200
         assert json.load(response)["predictions"] == answer["predictions"]
+
+
+@pytest.fixture(scope="module")
+def continuous_server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterator[TorchServe]:
+    """The shipped path: TorchServe's async mode, every request in the worker at once."""
+    torchserve = start_app(
+        tmp_path_factory.mktemp("worker-crash-continuous"), MODEL, 18780, continuous_model_config("smollm2")
+    )
+    yield torchserve
+    torchserve.stop()
+
+
+def test_the_gateway_fails_what_a_dead_async_worker_held(continuous_server):
+    """TorchServe 0.12 never answers these itself. (Nor does its restarted async worker come
+    back: it fails with "Received more than 1 control command"; docs/reliability.md.)"""
+    server = continuous_server
+    front = start_gateway(server)
+    predict = f"http://127.0.0.1:{front.server_address[1]}/predictions/{MODEL}"
+    try:
+        old = describe(server)["workers"][0]
+        wait_for(lambda: front.watch.known_pids == frozenset({old["pid"]}), "the gateway to see the worker")
+        before = batches_received(server)
+        long = {"parameters": {"max_new_tokens": 400, "min_new_tokens": 400}}
+        held = [Call(server, {"instances": [f"Count to a thousand ({i}):"], **long}, url=predict) for i in range(2)]
+        for call in held:
+            call.start()
+        wait_for(lambda: batches_received(server) >= before + 2, "both requests to reach the worker")
+        os.kill(old["pid"], signal.SIGKILL)
+        for call in held:
+            call.join(HANG_GUARD_S)
+            assert not call.is_alive(), "a request the dead worker held never got an answer"
+            status, answer = call.answer
+            assert status == 507, answer
+            assert "worker died" in answer["error"]
+    finally:
+        front.shutdown()
+        front.server_close()
