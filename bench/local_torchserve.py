@@ -147,17 +147,12 @@ class TorchServe:
     def post(self, name: str, body: Any, timeout: float = 300, raw: bytes | None = None,
              content_type: str = "application/json") -> tuple[int, Any]:
         """POST to /predictions/name; returns the status and the decoded JSON (or text) body."""
-        data = raw if raw is not None else json.dumps(body).encode()
-        request = urllib.request.Request(
-            f"{self.url}/predictions/{name}", data=data, headers={"Content-Type": content_type}
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return response.status, _decode(response.read())
-        except urllib.error.HTTPError as error:
-            return error.code, _decode(error.read())
-        except (urllib.error.URLError, OSError) as error:
-            return 0, str(error)
+        return post(f"{self.url}/predictions/{name}", body, timeout, raw, content_type)
+
+    def batches_received(self) -> int:
+        """How many batches the workers have taken so far: each logs one line per batch."""
+        log = self.workdir / "logs" / "model_log.log"
+        return log.read_text(errors="replace").count("Backend received inference at")
 
     def log_tail(self, lines: int = 60) -> str:
         logs = self.workdir / "logs"
@@ -177,6 +172,20 @@ class TorchServe:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+
+def post(url: str, body: Any, timeout: float = 300, raw: bytes | None = None,
+         content_type: str = "application/json") -> tuple[int, Any]:
+    """POST `body` as JSON (or `raw` bytes); the status and the decoded JSON (or text) body, 0 if unreachable."""
+    data = raw if raw is not None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, _decode(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, _decode(error.read())
+    except (urllib.error.URLError, OSError) as error:
+        return 0, str(error)
 
 
 def _decode(body: bytes) -> Any:

@@ -51,34 +51,50 @@ def readiness_from_description(app: str, status: int, body: bytes) -> Readiness:
     if status != 200:
         return Readiness(False, "unavailable", app, detail=f"management API answered {status}")
     try:
-        versions = json.loads(body)
-    except ValueError:
-        return Readiness(False, "unavailable", app, detail="management API sent invalid JSON")
-    if isinstance(versions, dict):
-        versions = [versions]
-    if not isinstance(versions, list):
-        return Readiness(False, "unavailable", app, detail="unexpected model description")
-    workers = tuple(
-        str(worker.get("status", "UNKNOWN"))
-        for version in versions
-        if isinstance(version, dict)
-        for worker in version.get("workers") or ()
-        if isinstance(worker, dict)
-    )
+        described = workers_of(body)
+    except ValueError as exc:
+        return Readiness(False, "unavailable", app, detail=str(exc))
+    workers = tuple(str(worker.get("status", "UNKNOWN")) for worker in described)
     if READY in workers:
         return Readiness(True, "ready", app, workers)
     return Readiness(False, "loading", app, workers)
 
 
-def check(app: str, management: Upstream, timeout_s: float) -> Readiness:
-    """Ask the management API now; an unreachable API means "not ready", never an error."""
+def workers_of(body: bytes) -> list[dict]:
+    """Every worker of every registered version in ``GET /models/<app>``'s JSON; ValueError if it is not one."""
+    try:
+        versions = json.loads(body)
+    except ValueError:
+        raise ValueError("management API sent invalid JSON") from None
+    if isinstance(versions, dict):
+        versions = [versions]
+    if not isinstance(versions, list):
+        raise ValueError("unexpected model description")
+    return [
+        worker
+        for version in versions
+        if isinstance(version, dict)
+        for worker in version.get("workers") or ()
+        if isinstance(worker, dict)
+    ]
+
+
+def describe(app: str, management: Upstream, timeout_s: float) -> tuple[int, bytes]:
+    """``GET /models/<app>`` on the management API: its status and body. OSError or HTTPException if unreachable."""
     conn = http.client.HTTPConnection(management.host, management.port, timeout=timeout_s)
     try:
         conn.request("GET", f"/models/{app}")
         response = conn.getresponse()
-        return readiness_from_description(app, response.status, response.read())
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def check(app: str, management: Upstream, timeout_s: float) -> Readiness:
+    """Ask the management API now; an unreachable API means "not ready", never an error."""
+    try:
+        status, body = describe(app, management, timeout_s)
     except (OSError, http.client.HTTPException) as exc:
         log.debug("management API unreachable: %s", exc)
         return Readiness(False, "starting", app, detail=f"management API unreachable: {exc.__class__.__name__}")
-    finally:
-        conn.close()
+    return readiness_from_description(app, status, body)

@@ -10,11 +10,11 @@ the proxy answers 507 the way TorchServe does.
 from __future__ import annotations
 
 import http.client
-import json
 import logging
 import socket
 import threading
 
+from gateway import health
 from gateway.settings import Upstream
 
 log = logging.getLogger(__name__)
@@ -80,25 +80,15 @@ class WorkerWatch:
                 pass
 
     def worker_pids(self) -> frozenset[int] | None:
-        conn = http.client.HTTPConnection(self.management.host, self.management.port, timeout=self.timeout_s)
+        """The pids of the app's workers now, or None when the management API cannot say."""
         try:
-            conn.request("GET", f"/models/{self.app}")
-            response = conn.getresponse()
-            if response.status != 200:
-                return None
-            versions = json.loads(response.read())
+            status, body = health.describe(self.app, self.management, self.timeout_s)
+            workers = health.workers_of(body) if status == 200 else None
         except (OSError, http.client.HTTPException, ValueError):
             return None
-        finally:
-            conn.close()
-        versions = versions if isinstance(versions, list) else [versions]
-        return frozenset(
-            worker["pid"]
-            for version in versions
-            if isinstance(version, dict)
-            for worker in version.get("workers") or ()
-            if isinstance(worker, dict) and isinstance(worker.get("pid"), int)
-        )
+        if workers is None:
+            return None
+        return frozenset(worker["pid"] for worker in workers if isinstance(worker.get("pid"), int))
 
     @property
     def known_pids(self) -> frozenset[int]:

@@ -128,15 +128,23 @@ class TopPWarper(ContinuousBatchingTopPLogitsWarper):
         return scores
 
 
+OURS = {ContinuousBatchingTopKLogitsWarper: TopKWarper, ContinuousBatchingTopPLogitsWarper: TopPWarper}
+
+
+def ours_for(processor: ContinuousBatchingLogitsProcessor) -> ContinuousBatchingLogitsProcessor:
+    """Our warper in place of transformers' one, with its settings; any other processor as it is."""
+    kind = OURS.get(type(processor))
+    if kind is None:
+        return processor
+    replacement = kind.__new__(kind)
+    replacement.__dict__.update(vars(processor))
+    return replacement
+
+
 def install(manager, eos_token_ids: list[int]) -> None:
     """Adds our processors in front of the manager's and swaps its top-k and top-p warpers for ours."""
     processors = manager.logit_processor
-    for position, processor in enumerate(processors.logits_processor):
-        for theirs, ours in ((ContinuousBatchingTopKLogitsWarper, TopKWarper), (ContinuousBatchingTopPLogitsWarper, TopPWarper)):
-            if type(processor) is theirs:
-                replacement = ours.__new__(ours)
-                replacement.__dict__.update(vars(processor))
-                processors.logits_processor[position] = replacement
+    processors.logits_processor[:] = [ours_for(processor) for processor in processors.logits_processor]
     added = [RepetitionPenaltyProcessor(), MinNewTokensProcessor(eos_token_ids)]
     processors.logits_processor[0:0] = added
     processors.tensors_required += len(added)

@@ -42,11 +42,11 @@ import logging
 import threading
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable
 
 from transformers import ContinuousBatchingConfig, GenerationConfig
 from transformers.generation.continuous_batching.requests import GenerationOutput, RequestStatus
-from ts.handler_utils.utils import send_intermediate_predict_response
 
 from handler.batch_processors import install as install_processors
 from handler.engine import Completion, Engine, RowTracker
@@ -55,7 +55,7 @@ from handler.metrics import GenerationStats, report
 from handler.params import GenerationParams
 from handler.prompts import Prompt
 from handler.settings import ContinuousBatchingSettings
-from handler.torchserve_handler import prediction, prediction_offsets
+from handler.torchserve_handler import prediction, prediction_offsets, send_chunk
 
 logger = logging.getLogger(__name__)
 JSON = "application/json"
@@ -304,7 +304,7 @@ async def _serve(handler, engine: ContinuousEngine, item: Any, index: int, conte
         context.set_response_status(prepared.status, prepared.message, index)
         return prepared.json()
     try:
-        results = await _generate(engine, prepared, _chunk_sender(context, index))
+        results = await _generate(engine, prepared, partial(send_chunk, context, index))
     except Exception:  # a failed generation answers its own request only
         logger.exception("generation failed for %d prompts", len(prepared))
         error = RequestError("generation failed; see the server log", status=500)
@@ -350,13 +350,3 @@ async def _generate(engine: ContinuousEngine, prompts: list[Prompt], send: Chunk
     if classic:
         results.update(zip(classic, group.result()))
     return [results[i] for i in range(len(prompts))]
-
-
-def _chunk_sender(context, index: int) -> ChunkSink:
-    """Sends one request's new text as an HTTP chunk, in the classic path's JSON-lines format."""
-
-    def send(prediction_index: int, text: str) -> None:
-        chunk = json.dumps({"index": prediction_index, "text": text}) + "\n"
-        send_intermediate_predict_response({index: chunk}, {index: context.request_ids[index]}, "", 200, context)
-
-    return send

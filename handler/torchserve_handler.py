@@ -52,6 +52,12 @@ def prediction_offsets(prompts: list[Prompt]) -> list[int]:
     return offsets
 
 
+def send_chunk(context, index: int, prediction_index: int, text: str) -> None:
+    """One piece of a streaming request's text, as a JSON line in its own HTTP chunk."""
+    chunk = json.dumps({"index": prediction_index, "text": text}) + "\n"
+    send_intermediate_predict_response({index: chunk}, {index: context.request_ids[index]}, "", 200, context)
+
+
 class LLMHandler(BaseHandler):
     def initialize(self, context) -> None:
         self.settings = HandlerSettings.from_config(context.model_yaml_config, os.environ)
@@ -104,7 +110,7 @@ class LLMHandler(BaseHandler):
             return batch
         prompts = [prompt for _, prompt in owners]
         try:
-            completions = self.engine.generate(prompts, stream=self._streamer(batch, [i for i, _ in owners]))
+            completions = self.engine.generate(prompts, stream=self._streamer(batch))
         except Exception:  # a failed generate must still answer every request in it
             logger.exception("generation failed for %d prompts", len(prompts))
             failure = RequestError("generation failed; see the server log", status=500)
@@ -130,14 +136,14 @@ class LLMHandler(BaseHandler):
             bodies.append(json.dumps({"predictions": predictions}))
         return bodies
 
-    def _streamer(self, batch: list[list[Prompt] | RequestError], owner_of_prompt: list[int]):
+    def _streamer(self, batch: list[list[Prompt] | RequestError]):
         """Sends each streaming request's new text as an HTTP chunk of JSON lines."""
-        offsets = [o for entry in batch if not isinstance(entry, RequestError) for o in prediction_offsets(entry)]
+        prepared = [(index, entry) for index, entry in enumerate(batch) if not isinstance(entry, RequestError)]
+        owners = [index for index, prompts in prepared for _ in prompts]
+        offsets = [offset for _, prompts in prepared for offset in prediction_offsets(prompts)]
 
         def send(prompt_index: int, sequence: int, text: str) -> None:
-            index = owner_of_prompt[prompt_index]
-            chunk = json.dumps({"index": offsets[prompt_index] + sequence, "text": text}) + "\n"
-            send_intermediate_predict_response({index: chunk}, {index: self.context.request_ids[index]}, "", 200, self.context)
+            send_chunk(self.context, owners[prompt_index], offsets[prompt_index] + sequence, text)
 
         return send
 

@@ -153,12 +153,6 @@ def worker_pids(server: TorchServe) -> list[int]:
         return [worker["pid"] for model in json.load(response) for worker in model["workers"]]
 
 
-def batches_received(server: TorchServe) -> int:
-    """How many batches the worker has taken so far: it logs one line per batch."""
-    log = server.workdir / "logs" / "model_log.log"
-    return log.read_text(errors="replace").count("Backend received inference at")
-
-
 def assert_still_serving(server: TorchServe, worker_pid: int) -> None:
     status, body = server.post(MODEL, GOOD, timeout=120)
     assert status == 200, body
@@ -240,7 +234,7 @@ def test_bad_and_good_requests_sharing_batches(server, worker_pid):
     ]
     bodies: list[bytes] = [item for pair in zip(map(js, good), bad) for item in pair]
     dynamic = server.port == PATHS["dynamic"][0]
-    before = batches_received(server) if dynamic else 0
+    before = server.batches_received() if dynamic else 0
     occupy = threading.Thread(
         target=server.post,
         args=(MODEL, {"instances": ["Count to fifty:"], "parameters": {"max_new_tokens": 16, "min_new_tokens": 16}}),
@@ -249,9 +243,9 @@ def test_bad_and_good_requests_sharing_batches(server, worker_pid):
     occupy.start()
     if dynamic:
         deadline = time.monotonic() + 120  # hang-guard, not a timing assertion
-        while batches_received(server) == before and time.monotonic() < deadline:
+        while server.batches_received() == before and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert batches_received(server) == before + 1, "the long request never reached the worker"
+        assert server.batches_received() == before + 1, "the long request never reached the worker"
     with ThreadPoolExecutor(len(bodies)) as pool:
         results = list(pool.map(lambda body: server.post(MODEL, None, raw=body, timeout=300), bodies))
     occupy.join(timeout=300)
@@ -264,5 +258,5 @@ def test_bad_and_good_requests_sharing_batches(server, worker_pid):
             assert status == 400, answer
             assert answer["field"] and answer["error"]
     if dynamic:  # all eight were queued while the worker was busy: they were served in shared batches
-        assert batches_received(server) - before - 1 < len(bodies) / 2
+        assert server.batches_received() - before - 1 < len(bodies) / 2
     assert_still_serving(server, worker_pid)

@@ -25,7 +25,7 @@ import pytest
 
 from gateway.server import GatewayServer, make_server
 from gateway.settings import GatewaySettings, Upstream
-from bench.local_torchserve import TorchServe, continuous_model_config, dynamic_model_config, start_app
+from bench.local_torchserve import TorchServe, continuous_model_config, dynamic_model_config, post, start_app
 
 MODEL = "smollm2"
 PORT = 18680
@@ -81,11 +81,6 @@ def describe(server: TorchServe) -> dict[str, Any]:
         return json.load(response)[0]
 
 
-def batches_received(server: TorchServe) -> int:
-    """How many batches workers have taken so far: each logs one line per batch."""
-    return (server.workdir / "logs" / "model_log.log").read_text(errors="replace").count("Backend received inference at")
-
-
 def wait_for(condition, what: str) -> None:
     """Poll until `condition()`; the limit only turns a hang into a failure."""
     deadline = time.monotonic() + HANG_GUARD_S
@@ -106,16 +101,7 @@ class Call(threading.Thread):
         if self.url is None:
             self.answer = self.server.post(MODEL, self.body, timeout=HANG_GUARD_S)
         else:
-            self.answer = post_json(self.url, self.body)
-
-
-def post_json(url: str, body: dict[str, Any]) -> tuple[int, Any]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=HANG_GUARD_S) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        return error.code, json.load(error)
+            self.answer = post(self.url, self.body, timeout=HANG_GUARD_S)
 
 
 def test_a_worker_killed_mid_request_is_replaced(server, gateway, record_property):
@@ -124,11 +110,11 @@ def test_a_worker_killed_mid_request_is_replaced(server, gateway, record_propert
     old = describe(server)["workers"][0]
     assert old["status"] == "READY"
 
-    before = batches_received(server)
+    before = server.batches_received()
     long_call = Call(server, {"instances": ["Count to a thousand:"],
                               "parameters": {"max_new_tokens": 400, "min_new_tokens": 400}})
     long_call.start()
-    wait_for(lambda: batches_received(server) > before, "the long request to reach the worker")
+    wait_for(lambda: server.batches_received() > before, "the long request to reach the worker")
     queued_call = Call(server, {"instances": ["The capital of France is"], "parameters": {"max_new_tokens": 2}})
     queued_call.start()
     wait_for(lambda: describe(server)["jobQueueStatus"]["pendingRequests"] >= 1, "the second request to queue")
@@ -195,12 +181,12 @@ def test_the_gateway_fails_what_a_dead_async_worker_held(continuous_server):
     try:
         old = describe(server)["workers"][0]
         wait_for(lambda: front.watch.known_pids == frozenset({old["pid"]}), "the gateway to see the worker")
-        before = batches_received(server)
+        before = server.batches_received()
         long = {"parameters": {"max_new_tokens": 400, "min_new_tokens": 400}}
         held = [Call(server, {"instances": [f"Count to a thousand ({i}):"], **long}, url=predict) for i in range(2)]
         for call in held:
             call.start()
-        wait_for(lambda: batches_received(server) >= before + 2, "both requests to reach the worker")
+        wait_for(lambda: server.batches_received() >= before + 2, "both requests to reach the worker")
         os.kill(old["pid"], signal.SIGKILL)
         for call in held:
             call.join(HANG_GUARD_S)

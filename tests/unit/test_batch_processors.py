@@ -8,15 +8,9 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
     ContinuousBatchingTopPLogitsWarper,
 )
 
-from handler.batch_processors import TopKWarper, TopPWarper
+from handler.batch_processors import TopKWarper, TopPWarper, ours_for
 
 VOCAB = 5000
-
-
-def ours_from(theirs, kind):
-    ours = kind.__new__(kind)
-    ours.__dict__.update(vars(theirs))
-    return ours
 
 
 def rows(values, dtype) -> torch.Tensor:
@@ -34,7 +28,8 @@ def test_top_k_keeps_the_same_candidates_per_row(seed):
     ks = [1, 50, VOCAB, 3, 20, VOCAB, 1]
     theirs = ContinuousBatchingTopKLogitsWarper(TopKLogitsWarper(top_k=2))
     expected = theirs(scores.clone(), rows(ks, torch.int32))
-    got = ours_from(theirs, TopKWarper)(scores.clone(), rows(ks, torch.int32))
+    assert type(ours_for(theirs)) is TopKWarper
+    got = ours_for(theirs)(scores.clone(), rows(ks, torch.int32))
     assert torch.equal(got, expected)
 
 
@@ -47,7 +42,8 @@ def test_top_p_keeps_the_same_candidates_per_row(seed):
     ps = [0.9, 0.5, 1.0, 0.999, 0.3, 1.0]
     theirs = ContinuousBatchingTopPLogitsWarper(TopPLogitsWarper(top_p=0.5))
     expected = theirs(scores.clone(), rows(ps, torch.float32))
-    got = ours_from(theirs, TopPWarper)(scores.clone(), rows(ps, torch.float32))
+    assert type(ours_for(theirs)) is TopPWarper
+    got = ours_for(theirs)(scores.clone(), rows(ps, torch.float32))
     assert torch.equal(got, expected)
 
 
@@ -55,6 +51,6 @@ def test_greedy_rows_are_left_alone_without_sorting():
     scores = torch.randn(4, VOCAB)
     theirs_k = ContinuousBatchingTopKLogitsWarper(TopKLogitsWarper(top_k=2))
     theirs_p = ContinuousBatchingTopPLogitsWarper(TopPLogitsWarper(top_p=0.5))
-    unlimited = ours_from(theirs_k, TopKWarper)(scores.clone(), rows([VOCAB] * 4, torch.int32))
+    unlimited = ours_for(theirs_k)(scores.clone(), rows([VOCAB] * 4, torch.int32))
     assert torch.equal(unlimited, scores)
-    assert torch.equal(ours_from(theirs_p, TopPWarper)(scores.clone(), rows([1.0] * 4, torch.float32)), scores)
+    assert torch.equal(ours_for(theirs_p)(scores.clone(), rows([1.0] * 4, torch.float32)), scores)
