@@ -9,7 +9,7 @@
 
 For every workload and concurrency the targets run back to back, so that a change in the
 machine's load hits them alike. Prints one table per workload and writes it, with every
-request's record, to `bench/results/serving-<time>.md|json` (and `serving-latest.*`).
+request's record, to `bench/results/serving.md|json`.
 """
 
 from __future__ import annotations
@@ -45,10 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--serve-paths", action="store_true",
-        help="start a TorchServe of our own (port --serve-port) serving APP on both paths, dynamic and "
+        help="start a TorchServe of our own (on free ports) serving APP on both paths, dynamic and "
         "continuous batching, benchmark both, and stop it (instead of --server-url)",
     )  # fmt: skip
-    parser.add_argument("--serve-port", type=int, default=28080)
     parser.add_argument("--serve-batch-size", type=int, default=16, help="batchSize of the dynamic path under --serve-paths")
     parser.add_argument("--no-stream", action="store_true", help="do not ask our server to stream (TTFT = latency)")
     parser.add_argument(
@@ -165,11 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         return benchmark(args)
     if args.server_url:
         raise SystemExit("--serve-paths starts its own server: leave out --server-url")
-    from bench.local_torchserve import serving_both_paths
+    from tests.support.torchserve import serving_both_paths
 
     workdir = args.results_dir / "tmp" / "torchserve"
     log(f"starting TorchServe with {args.app} on both paths (logs in {workdir / 'logs'}) ...")
-    with serving_both_paths(args.app, workdir, args.serve_port, args.serve_batch_size) as urls:
+    with serving_both_paths(args.app, workdir, args.serve_batch_size) as urls:
         args.server_url = urls
         return benchmark(args)
 
