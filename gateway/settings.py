@@ -9,7 +9,7 @@ loopback at every start (``gateway.torchserve``), so nothing can collide.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -77,6 +77,7 @@ class FrontSettings:
             max_request_bytes=int(_positive_float(env, "LLM_MAX_REQUEST_BYTES", MIB)),
             upstream_timeout_s=_positive_float(env, "LLM_GATEWAY_TIMEOUT_S", 600.0),
             max_connections=int(_positive_float(env, "LLM_MAX_CONNECTIONS", 512)),
+            header_timeout_s=_positive_float(env, "LLM_HEADER_TIMEOUT_S", 10.0),
         )
 
 
@@ -113,14 +114,15 @@ class SupervisorSettings:
         home = Path(env.get("HOME", "/home/model-server"))
         ts_config = Path(env.get("TS_CONFIG_FILE", str(home / "config.properties")))
         model_store = Path(env.get("LLM_MODEL_STORE", str(home / "model-store")))
-        archive = env.get("LLM_MODEL_ARCHIVE", "").strip() or _only_archive(model_store)
+        models = _models(env, front.app, model_store)
+        front = replace(front, apps=tuple(models))
         _check_weight_source(env)
         run_dir = env.get("LLM_RUN_DIR", "").strip()
         return cls(
             front=front,
             ts_config=ts_config,
             model_store=model_store,
-            models={front.app: archive},
+            models=models,
             torchserve_env=dict(env),
             run_dir=Path(run_dir) if run_dir else None,
             exposed_management_port=EXPOSED_MANAGEMENT_PORT if admin_exposed(env) else None,
@@ -128,6 +130,22 @@ class SupervisorSettings:
             heal_timeout_s=_positive_float(env, "LLM_HEAL_TIMEOUT_S", 180.0),
             startup_timeout_s=_positive_float(env, "LLM_STARTUP_TIMEOUT_S", 900.0),
         )
+
+
+def _models(env: Mapping[str, str], app: str, model_store: Path) -> dict[str, str]:
+    """APP and its archive, or ``LLM_MODELS=name=archive,...`` for several (APP's first)."""
+    listed = env.get("LLM_MODELS", "").strip()
+    if not listed:
+        return {app: env.get("LLM_MODEL_ARCHIVE", "").strip() or _only_archive(model_store)}
+    models = {}
+    for item in listed.split(","):
+        name, _, archive = item.strip().partition("=")
+        if not name or not archive:
+            raise SettingsError(f"LLM_MODELS item {item!r} is not NAME=ARCHIVE")
+        models[name] = archive
+    if app not in models:
+        raise SettingsError(f"LLM_MODELS={listed!r} does not serve APP={app!r}")
+    return {app: models.pop(app), **models}
 
 
 def _only_archive(model_store: Path) -> str:

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Mapping
 
@@ -139,7 +139,7 @@ def _overrides_ours(name: str) -> bool:
 
 
 class TorchServeProcess:
-    """One TorchServe, started and stopped by us; every start gets fresh ports."""
+    """One TorchServe, started and stopped by us; every start gets fresh ports (``RUN_DIR/ports.json``)."""
 
     def __init__(
         self,
@@ -210,6 +210,7 @@ class TorchServeProcess:
             "--ts-config", str(config), "--model-store", str(self.model_store),
             "--models", *(f"{name}={archive}" for name, archive in self.models.items()),
         ]
+        (self.run_dir / "ports.json").write_text(json.dumps(asdict(self.ports)) + "\n")
         log.info("starting TorchServe: inference %d, management %d, metrics %d (loopback), temp %s",
                  self.ports.inference, self.ports.management, self.ports.metrics, tmp)
         self.process = subprocess.Popen(
