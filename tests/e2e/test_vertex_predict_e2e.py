@@ -1,14 +1,13 @@
-"""The Vertex path end to end: SDK -> Vertex stand-in -> gateway -> real TorchServe.
+"""The Vertex path end to end: SDK -> Vertex stand-in -> the front -> real TorchServe.
 
-``smollm2_server`` (from the shared conftest) is a real TorchServe serving the
-offline SmolLM2 model; the container's real gateway is put in front of it, as in
-the image. Vertex checks the Model's health route and forwards ``:predict`` to
-its predict route.
+``smollm2_server`` (from the shared conftest) is the product's process tree, as in the
+image: the front (``python -m gateway``) with a real TorchServe serving the offline SmolLM2
+model behind it. Vertex checks the Model's health route and forwards ``:predict`` to its
+predict route.
 """
 
 from __future__ import annotations
 
-import threading
 from typing import Iterator
 from urllib.parse import urlsplit
 
@@ -35,22 +34,9 @@ PROMPTS = ["How to prepare a spanish omelette:", "The capital of France is"]
 
 
 @pytest.fixture
-def container_url(smollm2_server: TorchServe) -> Iterator[str]:
-    """Where the "replica" answers /health and the predict route: the gateway in front of a real TorchServe."""
-    from gateway.server import make_server
-    from gateway.settings import GatewaySettings, Upstream
-
-    settings = GatewaySettings(
-        app=APP, port=0, predict_route=f"/predictions/{APP}", health_route="/health",
-        inference=Upstream("127.0.0.1", smollm2_server.port),
-        management=Upstream("127.0.0.1", smollm2_server.management_port),
-        bind_host="127.0.0.1",
-    )
-    server = make_server(settings)
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+def container_url(smollm2_server: TorchServe) -> str:
+    """Where the "replica" answers /health and the predict route: the front."""
+    return smollm2_server.url
 
 
 @pytest.fixture
