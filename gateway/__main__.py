@@ -20,6 +20,8 @@ def main() -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # httpx2 logs every upstream request at INFO: the healer's polls alone would be one a second.
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
     try:
         settings = SupervisorSettings.from_env(os.environ)
     except SettingsError as exc:

@@ -161,6 +161,9 @@ async def _forward(front, request: Request, app: str, path: str, body: bytes, he
         return _done(front, app, held, arrived, sent, _worker_died(front))
     _observe_wait(front, app, response.status_code, arrived, sent)
     answer_headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in HOP_BY_HOP]
+    if response.status_code == 503 and "retry-after" not in response.headers:
+        # TorchServe's "queue full" (its message says "no worker"): it means retry later.
+        answer_headers.append(("retry-after", str(front.settings.retry_after_s)))
     streaming = "chunked" in response.headers.get("transfer-encoding", "").lower()
     async def cleanup() -> None:
         # Runs even when the client left before the first byte, when the generator never started.

@@ -32,6 +32,11 @@ async def health(request: Request) -> Response:
     )
 
 
+async def ping(request: Request) -> Response:
+    """Liveness, as TorchServe's /ping was: the front answers. Readiness is the health route."""
+    return JSONResponse({"status": "Healthy"})
+
+
 async def vertex_predict(request: Request) -> Response:
     front = request.app.state.front
     return await relay(request, front.settings.app, f"/predictions/{front.settings.app}")
@@ -67,6 +72,7 @@ def front_routes(settings) -> list[Route]:
         Route(settings.predict_route, vertex_predict, methods=["POST"]),
         Route("/predictions/{app}", predictions, methods=["POST", "PUT"]),
         Route("/predictions/{app}/{rest:path}", predictions, methods=["POST", "PUT"]),
+        Route("/ping", ping, methods=["GET"]),
         Route("/v1/{rest:path}", reserved, methods=["GET", "POST"]),
     ]
     return routes

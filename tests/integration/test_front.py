@@ -82,6 +82,7 @@ def test_vertex_routes_and_health_answer(front):
     assert status == 200
     assert json.loads(vertex) == json.loads(plain)
     assert json.loads(vertex)["predictions"][0]["generated_text"]
+    assert request(front, "GET", "/ping")[0] == 200  # liveness, as TorchServe's /ping was
 
 
 @pytest.mark.parametrize("method, path, status, word", [
@@ -89,7 +90,7 @@ def test_vertex_routes_and_health_answer(front):
     ("GET", "/v1/models", 404, "reserved"),
     ("POST", "/predictions/nope", 404, "nope"),
     ("GET", "/predictions/smollm2", 405, "GET"),
-    ("GET", "/ping", 404, "/health"),
+    ("GET", "/metrics", 404, "/health"),
     ("GET", "/models", 404, "no route"),
 ])
 def test_what_is_not_served_is_refused_in_json(front, method, path, status, word):

@@ -42,7 +42,7 @@ ready_at = time.monotonic() + float(os.environ.get("FAKE_TS_READY_AFTER", "1"))
 state = os.environ["FAKE_TS_STATE"]
 frontend = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
 with open(state, "w") as f:
-    json.dump({"argv": sys.argv[1:], "frontend_pid": frontend.pid, "config": config,
+    json.dump({"argv": sys.argv[1:], "pid": os.getpid(), "frontend_pid": frontend.pid, "config": config,
                "env": {k: v for k, v in os.environ.items() if k.startswith("TS_") or k in ("TEMP", "TMPDIR")}}, f)
 if mode == "stubborn":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -173,8 +173,9 @@ def container(tmp_path, request):
     for c in made:
         c.stop()
         state = c.state.exists() and json.loads(c.state.read_text())
-        if state:
+        if state:  # a failed test may leave the stand-in behind its killed supervisor
             _kill_quietly(state["frontend_pid"])
+            _kill_quietly(state["pid"])
 
 
 def _kill_quietly(pid: int) -> None:
