@@ -326,9 +326,13 @@ class Healer:
         """A restart of TorchServe is under way: the old process exiting is expected."""
         return self._restarting is not None
 
-    async def aclose(self) -> None:
+    def cancel(self) -> None:
+        """Stop healing (the server is stopping)."""
         for task in list(self._tasks):
             task.cancel()
+
+    async def aclose(self) -> None:
+        self.cancel()
         await self.client.aclose()
 
 

@@ -100,6 +100,9 @@ class Supervisor:
                      s.front.metrics_host, self.ports["metrics"], sorted(apps))
             self.torchserve.start()
             code = await self._serve(healer, public_task, tasks)
+            for task in tasks:
+                task.cancel()  # no healing while the tree stops: its workers are meant to go
+            healer.cancel()
             stopping = time.monotonic()
             await stop(public, public_task, drain_s)
             grace = max(1.0, s.stop_grace_s - (time.monotonic() - stopping))
