@@ -1,8 +1,11 @@
 """Kill the model worker during a long request, while small requests keep arriving, and time the heal.
 
     python -m bench.crash_drill --pid-file run/front.pid [--url http://127.0.0.1:7080] [--app smollm2] [--kills 5]
+    python -m bench.crash_drill --start dynamic|continuous [--kills 5]
 
-Against a running front (``make serve``, or ``python -m gateway``): each round sends a
+Against a running front (``make serve``, or ``python -m gateway``), or against a tree it
+starts itself on free ports with the smollm2 app on one batching path (``--start``, in a
+temp folder, stopped at the end): each round sends a
 400-token request, SIGKILLs the worker that holds it once it is generating, and sends a
 one-token request every second until one gets 200 again. It reports, per round, the held
 request's answer and how long it took, every small request's status (200, or 503 with
@@ -18,6 +21,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -111,14 +115,33 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=120.0, help="client timeout: past it a request counts as hung")
     parser.add_argument("--out", type=Path, help="also write the report here (JSON)")
+    parser.add_argument("--start", choices=("dynamic", "continuous"), help="start a tree of our own on this path")
     args = parser.parse_args()
-    supervisor = int(args.pid_file.read_text())
-    url = f"{args.url}/predictions/{args.app}"
+    if args.start:
+        return own_tree(args)
+    return drill(args.url, args.app, int(args.pid_file.read_text()), args)
+
+
+def own_tree(args: argparse.Namespace) -> int:
+    from tests.support.torchserve import continuous_model_config, dynamic_model_config, start_app
+
+    config = dynamic_model_config("smollm2") if args.start == "dynamic" else continuous_model_config("smollm2")
+    with tempfile.TemporaryDirectory(prefix="crash-drill-") as folder:
+        server = start_app(Path(folder), "smollm2", config)
+        try:
+            return drill(server.url, "smollm2", server.process.pid, args)
+        finally:
+            server.stop()
+
+
+def drill(base_url: str, app: str, supervisor: int, args: argparse.Namespace) -> int:
+    url = f"{base_url}/predictions/{app}"
     before = tree(supervisor)
     rounds = [one_round(url, supervisor, args.timeout) for _ in range(args.kills)]
     time.sleep(5)  # let the last scale-down's leftovers exit
     after = tree(supervisor)
     report = {
+        "path": args.start or "as served",
         "rounds": rounds,
         "processes_before": {k: len(v) for k, v in before.items()},
         "processes_after": {k: len(v) for k, v in after.items()},

@@ -48,8 +48,6 @@ class Supervisor:
         self.torchserve: TorchServeProcess | None = None
         self.front: Front | None = None
         self.ports: dict[str, int] = {}
-        # Set once the front listens: tests and `make serve` wait on it.
-        self.listening = asyncio.Event()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -94,7 +92,6 @@ class Supervisor:
         try:
             public_task = asyncio.create_task(public.serve(sockets=[public_sock]))
             metrics_task = asyncio.create_task(metrics_server.serve(sockets=[metrics_sock]))
-            self.listening.set()
             log.info("front on %s:%d (predict %s, health %s), metrics on %s:%d, apps %s",
                      s.front.bind_host, self.ports["front"], s.front.predict_route, s.front.health_route,
                      s.front.metrics_host, self.ports["metrics"], sorted(apps))

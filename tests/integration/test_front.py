@@ -51,7 +51,8 @@ def request(server: TorchServe, method: str, path: str, body: bytes | None = Non
             headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=GUARD_S)
     try:
-        conn.request(method, path, body=body, headers=headers or {})
+        headers = headers or {}
+        conn.request(method, path, body=body, headers=headers, encode_chunked="Transfer-Encoding" in headers)
         response = conn.getresponse()
         return response.status, dict(response.headers), response.read()
     finally:
