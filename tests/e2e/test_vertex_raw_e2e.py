@@ -6,8 +6,10 @@ stand-in, which forwards the body unchanged to the container (the gateway in
 front of a real TorchServe serving SmolLM2, ``container_url``).
 
 The bodies are the native API's (``WIRE``): what goes in, which container path
-invoke targets, and how the text is read back. The OpenAI routes will reach the
-same tests by one line, ``WIRE = OPENAI``, once the container serves them.
+invoke targets, and how the text is read back; the reference is the same
+request through plain ``:predict``, greedy. An ``OPENAI`` wire (a chat body,
+``/v1/chat/completions``, SSE deltas) takes these tests over with one line,
+``WIRE = OPENAI``, once the container serves the OpenAI routes.
 """
 
 from __future__ import annotations
@@ -43,32 +45,41 @@ from vertex.transport import route_to
 APP = "smollm2"
 IMAGE = "us-docker.pkg.dev/test-project/llm/torchserve-llm-cpu:e2e"
 PROMPT = "The capital of France is"
-MAX_TOKENS = 12
+GREEDY = {"max_new_tokens": 12, "temperature": 0}
 JSON = {"Content-Type": "application/json"}
 
 
 @dataclass(frozen=True)
 class Wire:
-    """One request protocol: its body, the container path invoke targets, and how text comes back."""
+    """One request protocol, everything the tests need to know of it.
 
+    ``instance`` is what plain ``:predict`` gets for the same request (the
+    reference text); ``body`` the raw body; ``path`` the container path invoke
+    targets; ``text`` and ``streamed`` read the answer back (``streamed``: the
+    pieces, and the final text); ``bad`` a body with a bad field, and that field.
+    """
+
+    instance: Any
     path: str
     body: Callable[[bool], Dict[str, Any]]
     text: Callable[[Dict[str, Any]], str]
     streamed: Callable[[List[bytes]], Tuple[List[str], str]]
+    bad: Tuple[Dict[str, Any], str]
 
 
 def _native_streamed(lines: List[bytes]) -> Tuple[List[str], str]:
-    """JSON lines ``{"index", "text"}``, then the final body: (the pieces, the final text)."""
+    """JSON lines ``{"index", "text"}``, then the final body."""
     *chunks, final = [json.loads(line) for line in lines if line]
     return [chunk["text"] for chunk in chunks], final["predictions"][0]["generated_text"]
 
 
 NATIVE = Wire(
+    instance=PROMPT,
     path=f"/predictions/{APP}",
-    body=lambda stream: {"instances": [PROMPT], "parameters": {
-        "max_new_tokens": MAX_TOKENS, "temperature": 0, **({"stream": True} if stream else {})}},
+    body=lambda stream: {"instances": [PROMPT], "parameters": {**GREEDY, **({"stream": True} if stream else {})}},
     text=lambda answer: answer["predictions"][0]["generated_text"],
     streamed=_native_streamed,
+    bad=({"instances": [PROMPT], "parameters": {**GREEDY, "max_new_tokens": -1}}, "max_new_tokens"),
 )
 WIRE = NATIVE
 
@@ -118,8 +129,7 @@ def invoke_endpoint(standin: StandIn, settings: Settings, container_url: str) ->
 @pytest.fixture
 def greedy_text(settings: Settings, raw_endpoint: aiplatform.Endpoint) -> str:
     """The greedy answer through plain :predict, the reference every raw route must match."""
-    [prediction] = predict("raw", [PROMPT], {"max_new_tokens": MAX_TOKENS, "temperature": 0},
-                           settings=settings)
+    [prediction] = predict("raw", [WIRE.instance], GREEDY, settings=settings)
     assert prediction["generated_text"].strip()
     return prediction["generated_text"]
 
@@ -160,9 +170,8 @@ def test_invoke_streams_the_same_text(invoke_endpoint, greedy_text):
 
 
 def test_raw_predict_passes_a_client_error_through(raw_endpoint):
-    body = WIRE.body(False)
-    body["parameters"]["max_new_tokens"] = -1
+    body, bad_field = WIRE.bad
     response = raw_endpoint.raw_predict(body=json.dumps(body).encode(), headers=JSON)
 
     assert 400 <= response.status_code < 500
-    assert "max_new_tokens" in response.text
+    assert bad_field in response.text
