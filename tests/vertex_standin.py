@@ -427,12 +427,18 @@ class StandIn:
         _, deployed = self._find_deployed(deployed_id)
         return deployed, self._model_version(deployed["model"], deployed["modelVersionId"])
 
-    def predict(self, name: str, body: Dict[str, Any], host: str) -> Dict[str, Any]:
-        deployed, model = self._serving(name, host)
+    @staticmethod
+    def _predict_spec(model: Dict[str, Any]) -> Dict[str, Any]:
+        """The container spec of a Model that has a predict route (one with an invoke prefix has none)."""
         spec = model["containerSpec"]
         if not spec.get("predictRoute"):
             raise ApiError(400, f"Model {model['name']} has no predict route (it was uploaded "
                                 "with invoke_route_prefix): use invoke")
+        return spec
+
+    def predict(self, name: str, body: Dict[str, Any], host: str) -> Dict[str, Any]:
+        deployed, model = self._serving(name, host)
+        spec = self._predict_spec(model)
         url = self._container_base(spec) + spec["predictRoute"]
         payload = json.dumps({k: body[k] for k in ("instances", "parameters") if k in body})
         request = urllib.request.Request(url, data=payload.encode(), method="POST",
@@ -473,10 +479,7 @@ class StandIn:
     def _to_predict_route(self, name: str, request: Recorded, stream: bool,
                           dedicated_only: str = "") -> Reply:
         deployed, model = self._serving(name, request.host, dedicated_only)
-        spec = model["containerSpec"]
-        if not spec.get("predictRoute"):
-            raise ApiError(400, f"Model {model['name']} has no predict route (it was uploaded "
-                                "with invoke_route_prefix): use invoke")
+        spec = self._predict_spec(model)
         return self._relay(request, self._container_base(spec), spec["predictRoute"],
                            deployed, model, stream)
 
