@@ -1,4 +1,4 @@
-"""Pytest fixtures for the Vertex tests: the stand-in API, a fake container, GCS.
+"""Pytest fixtures for the Vertex tests: the stand-in API, a fake or real container, GCS.
 
 Test modules import the fixtures they use from here (``from tests.vertex_fixtures
 import ...``), so the Vertex tests need nothing from the shared conftest files.
@@ -15,10 +15,12 @@ os.environ.setdefault("NO_GCE_CHECK", "true")
 os.environ.setdefault("GCE_METADATA_HOST", "127.0.0.1:9")
 os.environ.setdefault("GCE_METADATA_IP", "127.0.0.1:9")
 
+import threading  # noqa: E402
 from typing import Iterator  # noqa: E402
 
 import pytest  # noqa: E402
 
+from tests.support.torchserve import TorchServe  # noqa: E402
 from tests.vertex_standin import FakeContainer, StandIn  # noqa: E402
 from vertex.settings import Settings, connect, resolve_settings  # noqa: E402
 
@@ -41,6 +43,12 @@ def fake_container() -> Iterator[FakeContainer]:
     container = FakeContainer().start()
     yield container
     container.stop()
+
+
+@pytest.fixture
+def container_url(smollm2_server: TorchServe) -> str:
+    """Where a real "replica" answers /health and the predict route: the front of a real TorchServe."""
+    return smollm2_server.url
 
 
 @pytest.fixture

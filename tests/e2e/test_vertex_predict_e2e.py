@@ -1,9 +1,9 @@
 """The Vertex path end to end: SDK -> Vertex stand-in -> the front -> real TorchServe.
 
-``smollm2_server`` (from the shared conftest) is the product's process tree, as in the
-image: the front (``python -m gateway``) with a real TorchServe serving the offline SmolLM2
-model behind it. Vertex checks the Model's health route and forwards ``:predict`` to its
-predict route.
+``container_url`` (tests/vertex_fixtures.py) is ``smollm2_server``'s front: the
+product's process tree, as in the image (``python -m gateway`` with a real TorchServe
+serving the offline SmolLM2 model behind it). Vertex checks the Model's health route and forwards
+``:predict`` to its predict route.
 """
 
 from __future__ import annotations
@@ -14,8 +14,12 @@ from urllib.parse import urlsplit
 import pytest
 from google.api_core import exceptions
 
-from tests.support.torchserve import TorchServe
-from tests.vertex_fixtures import PROJECT, REGION, offline_google  # noqa: F401 - fixture
+from tests.vertex_fixtures import (  # noqa: F401 - fixtures
+    PROJECT,
+    REGION,
+    container_url,
+    offline_google,
+)
 from tests.vertex_standin import StandIn
 from vertex import (
     Deployment,
@@ -31,12 +35,6 @@ from vertex import (
 APP = "smollm2"
 IMAGE = "us-docker.pkg.dev/test-project/llm/torchserve-llm-cpu:e2e"
 PROMPTS = ["How to prepare a spanish omelette:", "The capital of France is"]
-
-
-@pytest.fixture
-def container_url(smollm2_server: TorchServe) -> str:
-    """Where the "replica" answers /health and the predict route: the front."""
-    return smollm2_server.url
 
 
 @pytest.fixture
