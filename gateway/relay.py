@@ -160,11 +160,26 @@ async def _forward(front, request: Request, app: str, path: str, body: bytes, he
         await response.aclose()
         return _done(front, app, held, arrived, sent, _worker_died(front))
     _observe_wait(front, app, response.status_code, arrived, sent)
+    streaming = "chunked" in response.headers.get("transfer-encoding", "").lower()
+    if response.status_code in (500, 507) and not streaming:
+        # The dynamic path: TorchServe answers a dead worker's requests itself, as
+        # {"message": "Worker died."} (500 or 507). Say it the same way on both paths.
+        try:
+            text = await response.aread()
+        except httpx2.HTTPError:
+            text = b""
+        finally:
+            cut.cancel()
+            await response.aclose()
+        if b"Worker died" in text:
+            return _done(front, app, held, arrived, [], _worker_died(front))
+        headers = {k: v for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP}
+        return _done(front, app, held, arrived, [], Response(text, response.status_code, headers))
     answer_headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in HOP_BY_HOP]
     if response.status_code == 503 and "retry-after" not in response.headers:
         # TorchServe's "queue full" (its message says "no worker"): it means retry later.
         answer_headers.append(("retry-after", str(front.settings.retry_after_s)))
-    streaming = "chunked" in response.headers.get("transfer-encoding", "").lower()
+
     async def cleanup() -> None:
         # Runs even when the client left before the first byte, when the generator never started.
         cut.cancel()
