@@ -10,12 +10,14 @@ decides when the app serves again:
    ``CHECK_S``), or leaves the list. The app is marked healing: predictions get 503 with
    ``Retry-After`` and the health route 503. On the async path every prediction the front
    is relaying to that app is answered at once with a 507 that says to retry.
-2. Its workers are scaled to 0 and back up through the management API (which builds a fresh
-   worker thread and aggregator), and the front waits for a READY worker that answers a
-   one-token prediction.
+2. The front waits for TorchServe's own retry of the worker (see ``_until_retried``). On the
+   async path it then scales the workers to 0 and back up through the management API
+   (which builds a fresh worker thread and aggregator); on the dynamic path the retried
+   worker is kept (and scaled only if it never answers). Either way the app serves again
+   once a worker is READY and answers a one-token prediction.
 3. If that does not happen within ``heal_timeout_s``, TorchServe itself is restarted.
 
-Each heal is logged with its cause and duration and counted in ``llm_front_heals``.
+Each heal is logged with its cause and duration and counted in ``llm_front_heals_total``.
 """
 
 from __future__ import annotations
