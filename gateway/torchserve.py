@@ -199,7 +199,10 @@ class TorchServeProcess:
     def start(self) -> None:
         self.ports = pick_ports(self.exposed_management_port)
         tmp = self.run_dir / "tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
+        # TorchServe unpacks archives there under a name that does not change with their
+        # content, and would reuse an older unpacked copy: every start begins empty.
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         config = self.run_dir / "config.properties"
         config.write_text(self.config_text(self.ports, tmp))
         env = {k: v for k, v in self.env.items() if not _overrides_ours(k)}
