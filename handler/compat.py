@@ -31,6 +31,7 @@ __all__ = [
     "ContinuousBatchingTopPLogitsWarper",
     "FutureRequestState",
     "GenerationOutput",
+    "RequestState",
     "RequestStatus",
     "add_processors",
     "forget_result_handler",

@@ -73,6 +73,7 @@ def handlers_left(continuous: ContinuousScheduler) -> int:
         (GenerationParams(), None),
         (GenerationParams(temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.2, min_new_tokens=3), None),
         (GenerationParams(stop=("###",), num_return_sequences=2, stream=True, details=True), None),
+        (GenerationParams(temperature=0.8, min_p=0.1), None),
         (GenerationParams(seed=7), "seed"),
         (GenerationParams(num_beams=2), "num_beams"),
         (GenerationParams(typical_p=0.5), "typical_p"),
@@ -125,6 +126,21 @@ def test_manager_output_equals_the_classic_engine_for_the_parameters_it_serves(e
     assert [c.finish_reason for c in served] == [c.finish_reason for c in classic]
     assert [c.generated_tokens for c in served] == [c.generated_tokens for c in classic]
     assert handlers_left(continuous) == 0
+
+
+def test_min_p_of_one_makes_the_manager_sample_the_greedy_text(engine, continuous):
+    """min_p=1 keeps only tokens as likely as the top one, so sampled rows give greedy text; the
+    neighbour without min_p shows that the sequence's processors stay on its own row."""
+    greedy = engine.generate([prompt(engine, "Tell me a story", max_new_tokens=12, temperature=0)])[0][0].text
+    [filtered, _] = complete_all(
+        continuous,
+        [
+            prompt(engine, "Tell me a story", max_new_tokens=12, temperature=1.5, min_p=1.0, num_return_sequences=2),
+            prompt(engine, "A neighbour", max_new_tokens=12, temperature=1.5),
+        ],
+    )
+    assert [c.text for c in filtered] == [greedy, greedy]
+    assert continuous.processor_lists == {}
 
 
 def test_the_repetition_penalty_changes_what_the_manager_generates(engine, continuous):
@@ -251,9 +267,11 @@ def test_handle_answers_each_request_of_a_message_on_its_own(handler):
             {"instances": []},
             {"instances": ["Hi", {"prompt": "Yo", "seed": 3}], "parameters": {"max_new_tokens": 5, "temperature": 0.8}},
             {"instances": ["x"], "parameters": {"max_new_tokens": 100_000}},
+            {"instances": ["x"], "parameters": {"min_p": 1.5}},
         ],
     )
-    assert [status for status, _ in results] == [200, 400, 200, 422]
+    assert [status for status, _ in results] == [200, 400, 200, 422, 400]
+    assert results[4][1]["field"] == "parameters.min_p"
     [first] = results[0][1]["predictions"]
     assert first["finish_reason"] == "length" and first["generated_tokens"] == 4 and first["prompt_tokens"] > 0
     assert results[1][1]["field"] == "instances"

@@ -11,6 +11,7 @@ from handler.loading import check_weight_format, load_model
 from handler.params import GenerationParams
 from handler.prompts import Prompt, TokenLimits, encode
 from handler.requests import Instance
+from handler.sampling import row_processors
 from handler.settings import HandlerSettings, SettingsError
 from handler.stopping import FinishReason
 from tests.support.prompts import make_prompt
@@ -240,3 +241,24 @@ def test_the_app_can_serve_a_quantized_model(tiny_model_dir):
     assert not any(type(m) is torch.nn.Linear for m in quantized.model.modules())
     (completions,) = quantized.generate([prompt(quantized, "Hello", max_new_tokens=3, temperature=0)])
     assert completions[0].generated_tokens == 3
+
+
+def test_min_p_runs_transformers_warper_in_its_order_for_sampled_rows_only():
+    sampled = row_processors(GenerationParams(temperature=0.8, top_p=0.9, min_p=0.2, typical_p=0.5), 4, [0], [])
+    kinds = [type(p).__name__ for p in sampled]
+    assert kinds == ["TemperatureLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper", "TypicalLogitsWarper"]
+    assert not row_processors(GenerationParams(temperature=0, min_p=0.2), 4, [0], [])
+
+
+def test_min_p_of_one_leaves_only_the_most_likely_token(engine):
+    """min_p=1 keeps only tokens as likely as the top one: sampling at any temperature gives the greedy text."""
+    greedy = engine.generate([prompt(engine, "Tell me a story", max_new_tokens=12, temperature=0)])
+    sampled = engine.generate(
+        [prompt(engine, "Tell me a story", max_new_tokens=12, temperature=1.5, min_p=1.0, num_return_sequences=2)]
+    )
+    assert texts(sampled[0]) == texts(greedy[0]) * 2
+
+
+def test_min_p_in_beam_search_reaches_generate(engine):
+    (completions,) = engine.generate([prompt(engine, "hi", max_new_tokens=4, temperature=1.0, min_p=0.5, num_beams=2, seed=3)])
+    assert len(completions) == 1 and completions[0].generated_tokens <= 4

@@ -44,3 +44,10 @@ def test_a_request_that_breaks_the_template_fails_alone(handler):
     assert [status for status, _ in results] == [500, 200, 200]
     assert "see the server log" in results[0][1]["error"]
     assert "predictions" in results[1][1] and "predictions" in results[2][1]
+
+
+def test_a_bad_min_p_is_refused_alone_on_the_dynamic_path(handler):
+    llm, context = handler
+    results = run_batch(llm, context, [{"inputs": "Hello", "parameters": {"min_p": -1}}, {"instances": ["Hello"]}])
+    assert [status for status, _ in results] == [400, 200]
+    assert results[0][1]["field"] == "parameters.min_p" and "min_p" in results[0][1]["error"]
