@@ -93,7 +93,7 @@ def problems(manager) -> list[str]:
         if not isinstance(getattr(router, "result_handlers", None), dict):
             found.append("manager.output_router.result_handlers is no longer a dict (forget_result_handler)")
     state_fields = {f.name for f in fields(RequestState)}
-    for name in ("_true_initial_tokens", "initial_tokens", "generated_tokens", "logit_processor_kwargs"):
+    for name in ("_true_initial_tokens", "request_id", "initial_tokens", "generated_tokens", "logit_processor_kwargs"):
         if name not in state_fields:
             found.append(f"RequestState has no field {name} (generated_ids, batch processors)")
     processors = getattr(manager, "logit_processor", None)
@@ -105,7 +105,7 @@ def problems(manager) -> list[str]:
                 found.append(f"manager.logit_processor has no attribute {name} (add_processors)")
         if not callable(getattr(processors, "_retrieve_processors_kwargs", None)):
             found.append("ContinuousBatchingLogitsProcessorList._retrieve_processors_kwargs() is gone (add_processors)")
-    if set(FutureRequestState.__slots__) < {"state", "has_new_token"}:
+    if not {"state", "has_new_token"} <= set(getattr(FutureRequestState, "__slots__", ())):
         found.append("FutureRequestState lost its state or has_new_token slot (batch processors)")
     for kind in (ContinuousBatchingTopKLogitsWarper, ContinuousBatchingTopPLogitsWarper):
         if hasattr(kind, "__slots__"):
