@@ -108,6 +108,6 @@ def problems(manager) -> list[str]:
     if not {"state", "has_new_token"} <= set(getattr(FutureRequestState, "__slots__", ())):
         found.append("FutureRequestState lost its state or has_new_token slot (batch processors)")
     for kind in (ContinuousBatchingTopKLogitsWarper, ContinuousBatchingTopPLogitsWarper):
-        if hasattr(kind, "__slots__"):
-            found.append(f"{kind.__name__} has __slots__: retype's __dict__ copy no longer works")
+        if kind.__dictoffset__ == 0:
+            found.append(f"{kind.__name__} instances have no __dict__: retype's copy no longer works")
     return found
