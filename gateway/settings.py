@@ -1,7 +1,7 @@
 """The front's env contract, read once into frozen objects.
 
 Every ``AIP_*``/``LLM_*`` variable the front and its supervisor honour is read
-here and nowhere else, so the contract in docs/CONTRACT.md has one home.
+here and nowhere else, so the contract (docs/docker.md, docs/architecture.md) has one home.
 TorchServe's own ports are not part of it: the supervisor picks them free on
 loopback at every start (``gateway.torchserve``), so nothing can collide.
 """
