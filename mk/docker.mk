@@ -16,8 +16,10 @@ DOCKER ?= docker
 IMAGE ?= torchserve-llm
 TAG ?= $(APP)
 SLIM_TAG ?= latest
-BASE_IMAGE ?= pytorch/torchserve:0.12.0-cpu
-GPU_BASE_IMAGE ?= pytorch/torchserve:0.12.0-gpu
+# Empty: the Dockerfile's own default (python:3.11-slim-bookworm, pinned by digest), for
+# the CPU and the GPU image alike. Set it to build on another base (docs/docker.md).
+BASE_IMAGE ?=
+BASE_ARG = $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE))
 # CPU builds take torch from PyTorch's CPU index; empty means PyPI only.
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 # Empty: PyPI's torch, which bundles CUDA. Set e.g. https://download.pytorch.org/whl/cu126
@@ -36,6 +38,9 @@ LOCAL_IMAGE = $(IMAGE_$(VARIANT))
 CONTAINER ?= $(IMAGE)-$(if $(filter slim,$(VARIANT)),slim,$(APP))
 # slim only: the checkpoint folder to mount (e.g. models/$(APP) after `make model`).
 MODEL_DIR ?= models/$(APP)
+# make run's container has a read-only root; TorchServe writes only to these two (tmpfs).
+# TEMP holds the unpacked archive: a tmpfs costs that much memory (docs/docker.md).
+READ_ONLY_FLAGS ?= --read-only --tmpfs /home/model-server/tmp --tmpfs /home/model-server/logs
 # Seconds `make run` waits for the health route (CPU loads of big models are slow).
 RUN_WAIT_S ?= 900
 # 1: publish TorchServe's management (7081) and metrics (7082) APIs as well.
@@ -50,20 +55,20 @@ GPU_REMOTE_IMAGE = $(REGION)-docker.pkg.dev/$(GCP_PROJECT)/$(REPO)/$(IMAGE_gpu)
 .PHONY: build-dev build-gpu build-slim run stop-container push
 
 build-dev: ## CPU image torchserve-llm:APP with APP's weights inside
-	$(DOCKER) build $(DOCKER_BUILD_FLAGS) --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+	$(DOCKER) build $(DOCKER_BUILD_FLAGS) $(BASE_ARG) \
 		--build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL) --build-arg APP=$(APP) -t $(IMAGE_cpu) .
 
-build-gpu: ## GPU image torchserve-llm-gpu:APP (pytorch/torchserve:0.12.0-gpu base, CUDA torch)
-	$(DOCKER) build $(DOCKER_BUILD_FLAGS) --build-arg BASE_IMAGE=$(GPU_BASE_IMAGE) \
+build-gpu: ## GPU image torchserve-llm-gpu:APP (same base, PyPI's CUDA torch)
+	$(DOCKER) build $(DOCKER_BUILD_FLAGS) $(BASE_ARG) \
 		--build-arg TORCH_INDEX_URL=$(GPU_TORCH_INDEX_URL) --build-arg APP=$(APP) -t $(IMAGE_gpu) .
 
 build-slim: ## image with no weights (torchserve-llm-slim): loads LLM_MODEL_DIR or AIP_STORAGE_URI at start
-	$(DOCKER) build $(DOCKER_BUILD_FLAGS) --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+	$(DOCKER) build $(DOCKER_BUILD_FLAGS) $(BASE_ARG) \
 		--build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL) --target slim -t $(IMAGE_slim) .
 
 run: ## run the VARIANT image (cpu|gpu|slim) on 127.0.0.1:PORT; returns once /health is 200
 	-@$(DOCKER) rm -f $(CONTAINER) >/dev/null 2>&1
-	$(DOCKER) run -d --name $(CONTAINER) -p 127.0.0.1:$(PORT):7080 \
+	$(DOCKER) run -d --name $(CONTAINER) -p 127.0.0.1:$(PORT):7080 $(READ_ONLY_FLAGS) \
 		$(if $(filter 1 yes true,$(EXPOSE_ADMIN)),-e LLM_EXPOSE_ADMIN=true -p 127.0.0.1:7081:7081 -p 127.0.0.1:7082:7082) \
 		$(if $(filter slim,$(VARIANT)),-e APP=$(APP) -e LLM_MODEL_DIR=/models/$(APP) -v $(abspath $(MODEL_DIR)):/models/$(APP):ro) \
 		$(if $(filter gpu,$(VARIANT)),--gpus all) \
