@@ -8,6 +8,7 @@
 #   make test APP=gpt2           (core) the omelette request, against the container
 #   make stop-container
 #   make push VARIANT=gpu        to $(REGION)-docker.pkg.dev/$(GCP_PROJECT)/$(REPO)/…
+#   make scan VARIANT=slim       pip-audit and Debian's security suite on a podman image
 
 APP ?= smollm2
 PORT ?= 7080
@@ -40,7 +41,10 @@ CONTAINER ?= $(IMAGE)-$(if $(filter slim,$(VARIANT)),slim,$(APP))
 MODEL_DIR ?= models/$(APP)
 # make run's container has a read-only root; TorchServe writes only to these two (tmpfs).
 # TEMP holds the unpacked archive: a tmpfs costs that much memory (docs/docker.md).
-READ_ONLY_FLAGS ?= --read-only --tmpfs /home/model-server/tmp --tmpfs /home/model-server/logs
+# Docker mounts a tmpfs world-writable; podman as root's, unless :U gives it to the user.
+TMPFS_OWNER = $(if $(filter podman,$(notdir $(DOCKER))),:U)
+READ_ONLY_FLAGS ?= --read-only --tmpfs /home/model-server/tmp$(TMPFS_OWNER) \
+	--tmpfs /home/model-server/logs$(TMPFS_OWNER)
 # Seconds `make run` waits for the health route (CPU loads of big models are slow).
 RUN_WAIT_S ?= 900
 # 1: publish TorchServe's management (7081) and metrics (7082) APIs as well.
@@ -52,7 +56,11 @@ REMOTE_IMAGE = $(REGION)-docker.pkg.dev/$(GCP_PROJECT)/$(REPO)/$(LOCAL_IMAGE)
 # What `make build-gpu push VARIANT=gpu` leaves in Artifact Registry, for mk/vertex.mk to deploy.
 GPU_REMOTE_IMAGE = $(REGION)-docker.pkg.dev/$(GCP_PROJECT)/$(REPO)/$(IMAGE_gpu)
 
-.PHONY: build-dev build-gpu build-slim run stop-container push
+# make scan: the image to scan (in the project's podman storage) and where the report goes.
+SCAN_IMAGE ?= $(LOCAL_IMAGE)
+SCAN_OUT ?= docs/scan
+
+.PHONY: build-dev build-gpu build-slim run stop-container push scan
 
 build-dev: ## CPU image torchserve-llm:APP with APP's weights inside
 	$(DOCKER) build $(DOCKER_BUILD_FLAGS) $(BASE_ARG) \
@@ -90,3 +98,6 @@ push: ## push the VARIANT image to REGION-docker.pkg.dev/GCP_PROJECT/REPO
 	$(DOCKER) tag $(LOCAL_IMAGE) $(REMOTE_IMAGE)
 	$(DOCKER) push $(REMOTE_IMAGE)
 	@echo "pushed $(REMOTE_IMAGE)"
+
+scan: ## pip-audit the VARIANT image's venv, list its Debian packages with pending updates (SCAN_OUT)
+	$(PY) scripts/scan_image.py $(SCAN_IMAGE) --out $(SCAN_OUT)

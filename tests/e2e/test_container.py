@@ -47,9 +47,10 @@ FULL_IMAGE = f"{IMAGE}:{APP}"
 SLIM_IMAGE = f"{IMAGE}-slim:latest"
 # As Kubernetes' readOnlyRootFilesystem runs it: nothing writable but TorchServe's
 # temp and log folders (podman's own tmpfs on /tmp, /run and /var/tmp are off).
+# U: podman mounts a tmpfs as root's 0755 (mode= is not applied here), Docker as 1777.
 READ_ONLY = (
     "--read-only", "--read-only-tmpfs=false",
-    "--tmpfs", "/home/model-server/tmp", "--tmpfs", "/home/model-server/logs",
+    "--tmpfs", "/home/model-server/tmp:U", "--tmpfs", "/home/model-server/logs:U",
 )
 # Vertex picks the port and routes; anything but the defaults shows they are honoured.
 VERTEX_ENV = {
