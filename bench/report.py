@@ -54,14 +54,11 @@ def environment() -> dict:
 
 
 def write_results(results_dir: Path, stem: str, markdown: str, data: dict) -> tuple[Path, Path]:
-    """Writes `<stem>-<UTC time>.md/.json` and copies them to `<stem>-latest.md/.json`."""
+    """Writes `<stem>.md/.json`, replacing the previous run: git history keeps the earlier ones,
+    and `history.md` their headline figures."""
     results_dir.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    md_path = results_dir / f"{stem}-{stamp}.md"
-    json_path = results_dir / f"{stem}-{stamp}.json"
-    text = json.dumps(data, indent=1, default=str)
+    md_path = results_dir / f"{stem}.md"
+    json_path = results_dir / f"{stem}.json"
     md_path.write_text(markdown + "\n")
-    json_path.write_text(text + "\n")
-    (results_dir / f"{stem}-latest.md").write_text(markdown + "\n")
-    (results_dir / f"{stem}-latest.json").write_text(text + "\n")
+    json_path.write_text(json.dumps(data, indent=1, default=str) + "\n")
     return md_path, json_path

@@ -8,8 +8,10 @@
         --server-url continuous=http://127.0.0.1:7080/predictions/smollm2-cb
 
 For every workload and concurrency the targets run back to back, so that a change in the
-machine's load hits them alike. Prints one table per workload and writes it, with every
-request's record, to `bench/results/serving-<time>.md|json` (and `serving-latest.*`).
+machine's load hits them alike, and each such round is repeated (`--repeats`) with the order
+of the targets rotated, so that no target always runs first or last. Prints one table per
+workload (tok/s min and median over the repeats, the other columns their median) and writes
+it, with every request's record, to `bench/results/serving.md|json`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -28,8 +31,11 @@ from bench.workloads import Workload, mixed, uniform
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_KINDS = ("torchserve", "transformers", "llamacpp")
 COLUMNS = (
-    "workload", "conc.", "target", "ok/sent", "short", "tokens", "wall s", "tok/s",
+    "workload", "conc.", "target", "ok/sent", "short", "tokens", "wall s", "tok/s min", "tok/s median",
     "TTFT p50", "TTFT p95", "lat. p50", "lat. p95", "lat. mean", "queued mean",
+)  # fmt: skip
+MEDIAN_FIELDS = (
+    "wall_s", "ttft_p50_s", "ttft_p95_s", "latency_p50_s", "latency_p95_s", "latency_mean_s", "queued_mean_s",
 )  # fmt: skip
 
 
@@ -45,10 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--serve-paths", action="store_true",
-        help="start a TorchServe of our own (port --serve-port) serving APP on both paths, dynamic and "
+        help="start a TorchServe of our own (on free ports) serving APP on both paths, dynamic and "
         "continuous batching, benchmark both, and stop it (instead of --server-url)",
     )  # fmt: skip
-    parser.add_argument("--serve-port", type=int, default=28080)
     parser.add_argument("--serve-batch-size", type=int, default=16, help="batchSize of the dynamic path under --serve-paths")
     parser.add_argument("--no-stream", action="store_true", help="do not ask our server to stream (TTFT = latency)")
     parser.add_argument(
@@ -71,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mixed-gap", type=float, default=0.3, help="mean seconds between mixed arrivals")
     parser.add_argument("--mixed-arrivals", default="poisson", choices=("poisson", "fixed"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of every target, each in a rotated order")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take")
     parser.add_argument("--results-dir", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 requests of 8-16 tokens, concurrency 1 and 4")
@@ -78,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.uniform_requests = args.mixed_requests = 4
         args.uniform_tokens, args.mixed_min_tokens, args.mixed_max_tokens = 16, 8, 16
+        args.repeats = 1
         if args.concurrency == "1,4,16":
             args.concurrency = "1,4"
     return args
@@ -165,13 +172,45 @@ def main(argv: list[str] | None = None) -> int:
         return benchmark(args)
     if args.server_url:
         raise SystemExit("--serve-paths starts its own server: leave out --server-url")
-    from bench.local_torchserve import serving_both_paths
+    from tests.support.torchserve import serving_both_paths
 
     workdir = args.results_dir / "tmp" / "torchserve"
     log(f"starting TorchServe with {args.app} on both paths (logs in {workdir / 'logs'}) ...")
-    with serving_both_paths(args.app, workdir, args.serve_port, args.serve_batch_size) as urls:
+    args.shipped = shipped_path(args.app)
+    with serving_both_paths(args.app, workdir, args.serve_batch_size) as urls:
         args.server_url = urls
         return benchmark(args)
+
+
+def shipped_path(app: str) -> str:
+    """The batching path the app ships with: the verdicts are about that one."""
+    from tests.support.torchserve import app_model_config
+
+    return app_model_config(app).get("handler", {}).get("batching", "dynamic")
+
+
+def rotated(targets: list[Target], repeat: int) -> list[Target]:
+    shift = repeat % len(targets) if targets else 0
+    return targets[shift:] + targets[:shift]
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """One target's repeats of one workload and concurrency: tok/s min and median, other figures' medians."""
+    summaries = [r["summary"] for r in runs]
+    rates = [s["tokens_per_s"] for s in summaries if s["tokens_per_s"] is not None]
+    merged = {
+        "requests": sum(s["requests"] for s in summaries),
+        "failed": sum(s["failed"] for s in summaries),
+        "short": sum(s["short"] for s in summaries),
+        "generated_tokens": sum(s["generated_tokens"] for s in summaries),
+        "repeats": len(summaries),
+        "tokens_per_s_min": min(rates) if rates else None,
+        "tokens_per_s_median": statistics.median(rates) if rates else None,
+    }
+    for name in MEDIAN_FIELDS:
+        values = [s[name] for s in summaries if s[name] is not None]
+        merged[name] = statistics.median(values) if values else None
+    return merged
 
 
 def benchmark(args: argparse.Namespace) -> int:
@@ -191,22 +230,24 @@ def benchmark(args: argparse.Namespace) -> int:
             log(f"SKIPPED {target.label}: {error}")
     runs = []
     try:
-        for workload in workloads:
-            for concurrency in levels:
-                for target in ready:
-                    log(f"{workload.name} c={concurrency} {target.label} ...")
-                    results = target.run(workload, concurrency)
-                    summary = summarize(results)
-                    log(f"  -> {summary['tokens_per_s'] or 0:.1f} tok/s, {summary['failed']} failed")
-                    runs.append(
-                        {
-                            "workload": workload.name,
-                            "concurrency": concurrency,
-                            "target": target.label,
-                            "summary": summary,
-                            "requests": [r.as_dict() for r in results],
-                        }
-                    )
+        for repeat in range(args.repeats):
+            for workload in workloads:
+                for concurrency in levels:
+                    for target in rotated(ready, repeat):
+                        log(f"[{repeat + 1}/{args.repeats}] {workload.name} c={concurrency} {target.label} ...")
+                        results = target.run(workload, concurrency)
+                        summary = summarize(results)
+                        log(f"  -> {summary['tokens_per_s'] or 0:.1f} tok/s, {summary['failed']} failed")
+                        runs.append(
+                            {
+                                "repeat": repeat,
+                                "workload": workload.name,
+                                "concurrency": concurrency,
+                                "target": target.label,
+                                "summary": summary,
+                                "requests": [r.as_dict() for r in results],
+                            }
+                        )
     finally:
         for target in ready:
             target.stop()
@@ -235,18 +276,23 @@ def render(workloads: list[Workload], runs: list[dict], skipped: dict[str, str],
         "## Serving benchmark",
         "",
         f"{env['time_utc']}, {env['cpu_count']} CPUs, load average {', '.join(f'{x:.2f}' for x in env['load_average'])}, "
-        f"commit {env['git_commit'] or '?'}. Times in seconds; TTFT and latency count from the request's send.",
+        f"commit {env['git_commit'] or '?'}, {args.repeats} repeat(s) in rotated target order. "
+        "Times in seconds; TTFT and latency count from the request's send. Verdicts concern the path marked shipped.",
         "",
     ]
+    shipped = getattr(args, "shipped", None)
     for workload in workloads:
         rows = []
-        for run in (r for r in runs if r["workload"] == workload.name):
-            s = run["summary"]
+        keys = dict.fromkeys((r["concurrency"], r["target"]) for r in runs if r["workload"] == workload.name)
+        for concurrency, target in sorted(keys, key=lambda key: key[0]):
+            s = aggregate([r for r in runs if (r["workload"], r["concurrency"], r["target"]) == (workload.name, concurrency, target)])
+            label = target + (" (shipped)" if target == shipped else " (not shipped)" if shipped and target in ("dynamic", "continuous") else "")
             rows.append(
                 [
-                    workload.name, run["concurrency"], run["target"], f"{s['requests'] - s['failed']}/{s['requests']}",
-                    s["short"], s["generated_tokens"], s["wall_s"], s["tokens_per_s"], s["ttft_p50_s"], s["ttft_p95_s"],
-                    s["latency_p50_s"], s["latency_p95_s"], s["latency_mean_s"], s["queued_mean_s"],
+                    workload.name, concurrency, label, f"{s['requests'] - s['failed']}/{s['requests']}",
+                    s["short"], s["generated_tokens"], s["wall_s"], s["tokens_per_s_min"], s["tokens_per_s_median"],
+                    s["ttft_p50_s"], s["ttft_p95_s"], s["latency_p50_s"], s["latency_p95_s"], s["latency_mean_s"],
+                    s["queued_mean_s"],
                 ]
             )  # fmt: skip
         parts += [f"### {workload.name}: {workload.description}", "", markdown_table(COLUMNS, rows), ""]

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from bench.report import environment, markdown_table, write_results
+from bench.targets.llama_cpp_server import NEUTRAL_SAMPLING, default_gguf
 from bench.workloads import PROMPTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -183,7 +184,7 @@ class LlamaCppVariant:
     def decode(self, index: int, new_tokens: int) -> None:
         start = time.perf_counter()
         out = self.llm.create_completion(
-            self.prompts[index], max_tokens=new_tokens, temperature=0, logits_processor=self.no_eos(new_tokens)
+            self.prompts[index], max_tokens=new_tokens, logits_processor=self.no_eos(new_tokens), **NEUTRAL_SAMPLING
         )
         seconds = time.perf_counter() - start
         self.llm.reset()  # no prompt cache carried into the next run
@@ -226,7 +227,6 @@ def render(results: list[VariantResult], prompts: list[str], args) -> str:
 def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
-    from bench.targets.llama_cpp_server import default_gguf
 
     args = parse_args(argv)
     if args.threads:

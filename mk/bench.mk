@@ -1,13 +1,13 @@
 # Benchmarks (bench/, docs/bench.md). Every variable can be set on the command line.
 #
 #   make bench                       our server on both batching paths (started and stopped by the
-#                                    benchmark, port 28080), raw transformers, llama.cpp server
+#                                    benchmark, free ports), raw transformers, llama.cpp server
 #   make bench BENCH_ARGS=--quick    a short smoke run
 #   make bench BENCH_SERVERS="torchserve=http://127.0.0.1:7080/predictions/smollm2"
 #                                    an already running server (make serve) instead
 #   make bench-single-stream         one stream: fp32, bf16, the handler.quantization methods, llama.cpp
 #
-# Results: bench/results/serving-*.md|json and bench/results/single-stream-*.md|json.
+# Results: bench/results/serving.md|json and bench/results/single-stream.md|json (earlier: history.md).
 
 APP ?= smollm2
 PORT ?= 7080

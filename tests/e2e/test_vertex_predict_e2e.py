@@ -1,24 +1,25 @@
 """The Vertex path end to end: SDK -> Vertex stand-in -> gateway -> real TorchServe.
 
-``torchserve_smollm2`` (from the shared conftest) yields the base URL of a
-TorchServe serving the offline SmolLM2 model. Vertex checks the Model's health
-route and forwards ``:predict`` to its predict route; when that URL is bare
-TorchServe (no ``/health``), the container's real gateway is put in front of it,
-as in the image.
+``container_url`` (tests/vertex_fixtures.py) is the container's real gateway in
+front of ``smollm2_server``, a real TorchServe serving the offline SmolLM2
+model, as in the image. Vertex checks the Model's health route and forwards
+``:predict`` to its predict route.
 """
 
 from __future__ import annotations
 
-import threading
-import urllib.error
-import urllib.request
 from typing import Iterator
 from urllib.parse import urlsplit
 
 import pytest
 from google.api_core import exceptions
 
-from tests.vertex_fixtures import PROJECT, REGION, offline_google  # noqa: F401 - fixture
+from tests.vertex_fixtures import (  # noqa: F401 - fixtures
+    PROJECT,
+    REGION,
+    container_url,
+    offline_google,
+)
 from tests.vertex_standin import StandIn
 from vertex import (
     Deployment,
@@ -34,39 +35,6 @@ from vertex import (
 APP = "smollm2"
 IMAGE = "us-docker.pkg.dev/test-project/llm/torchserve-llm-cpu:e2e"
 PROMPTS = ["How to prepare a spanish omelette:", "The capital of France is"]
-
-
-def answers_200(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-@pytest.fixture
-def container_url(torchserve_smollm2: str) -> Iterator[str]:
-    """Where the "replica" answers /health and the predict route."""
-    base = torchserve_smollm2.rstrip("/")
-    if answers_200(f"{base}/health"):
-        yield base
-        return
-    from gateway.server import make_server
-    from gateway.settings import GatewaySettings, Upstream
-
-    torchserve = urlsplit(base)
-    settings = GatewaySettings(
-        app=APP, port=0, predict_route=f"/predictions/{APP}", health_route="/health",
-        inference=Upstream(torchserve.hostname, torchserve.port),
-        # config.properties puts the management API right after inference (7080, 7081).
-        management=Upstream(torchserve.hostname, torchserve.port + 1),
-        bind_host="127.0.0.1",
-    )
-    server = make_server(settings)
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
 
 
 @pytest.fixture

@@ -21,10 +21,10 @@ from typing import Any, Iterator
 
 import pytest
 
-from bench.local_torchserve import TorchServe, continuous_model_config, dynamic_model_config, start_app
+from tests.support.torchserve import TorchServe, continuous_model_config, dynamic_model_config, start_app
 
 MODEL = "smollm2"
-PATHS = {"dynamic": (18180, dynamic_model_config), "continuous": (18580, continuous_model_config)}
+PATHS = {"dynamic": dynamic_model_config, "continuous": continuous_model_config}
 GOOD = {"instances": ["The capital of France is"], "parameters": {"max_new_tokens": 1, "temperature": 0}}
 MAX_REQUEST_SIZE = 1024 * 1024  # config.properties max_request_size
 
@@ -137,8 +137,9 @@ CASES = [
 def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path
 ) -> Iterator[TorchServe]:
-    port, model_config = PATHS[request.param]
-    torchserve = start_app(tmp_path_factory.mktemp(f"hostile-{request.param}"), MODEL, port, model_config("smollm2"))
+    model_config = PATHS[request.param]
+    torchserve = start_app(tmp_path_factory.mktemp(f"hostile-{request.param}"), MODEL, model_config("smollm2"))
+    torchserve.path = request.param
     yield torchserve
     torchserve.stop()
 
@@ -233,7 +234,7 @@ def test_bad_and_good_requests_sharing_batches(server, worker_pid):
         with_params(temperature=1e39, min_new_tokens=1),
     ]
     bodies: list[bytes] = [item for pair in zip(map(js, good), bad) for item in pair]
-    dynamic = server.port == PATHS["dynamic"][0]
+    dynamic = server.path == "dynamic"
     before = server.batches_received() if dynamic else 0
     occupy = threading.Thread(
         target=server.post,

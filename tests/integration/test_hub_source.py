@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from handler.sources import from_hub
 from tests.hub_standin import HubStandin
-from bench.local_torchserve import ROOT
+from tests.support.torchserve import ROOT
 
 TOKEN = "hf_StandinTokenThatMustNeverBeStored"
 REPO = "acme/tiny-llama"

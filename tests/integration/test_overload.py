@@ -24,9 +24,8 @@ from typing import Iterator
 
 import pytest
 
-from bench.local_torchserve import TorchServe, app_model_config, build_archive
+from tests.support.torchserve import TorchServe, app_model_config, build_archive
 
-PORT = 18280
 QUEUE = 10
 BURST = 200
 CLIENT_TIMEOUT_S = 300  # a hang-guard: a request still unanswered then counts as hung
@@ -52,7 +51,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Itera
         "overload": build_archive("smollm2", "overload", store, small_queue),
         "deadline": build_archive("smollm2", "deadline", store, deadline),
     }
-    torchserve = TorchServe(workdir, models, port=PORT, properties={"job_queue_size": str(QUEUE)})
+    torchserve = TorchServe(workdir, models, properties={"job_queue_size": str(QUEUE)})
     try:
         torchserve.start()
         yield torchserve

@@ -27,7 +27,7 @@ import pytest
 
 from gateway.settings import SupervisorSettings, torchserve_addresses
 from gateway.supervisor import torchserve_command
-from bench.local_torchserve import ROOT, TorchServe
+from tests.support.torchserve import ROOT, TorchServe
 from vertex.container import looks_like_secret
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}

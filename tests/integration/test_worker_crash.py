@@ -25,10 +25,9 @@ import pytest
 
 from gateway.server import GatewayServer, make_server
 from gateway.settings import GatewaySettings, Upstream
-from bench.local_torchserve import TorchServe, continuous_model_config, dynamic_model_config, post, start_app
+from tests.support.torchserve import TorchServe, continuous_model_config, dynamic_model_config, post, start_app
 
 MODEL = "smollm2"
-PORT = 18680
 HANG_GUARD_S = int(os.environ.get("HANG_GUARD_S", 300))
 
 
@@ -37,7 +36,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Itera
     # The classic path, where a second request waits in TorchServe's queue while the worker is
     # busy: the test shows that queued request survives the crash. (In async mode every
     # request goes to the worker at once, so there is no queued request to keep.)
-    torchserve = start_app(tmp_path_factory.mktemp("worker-crash"), MODEL, PORT, dynamic_model_config("smollm2"))
+    torchserve = start_app(tmp_path_factory.mktemp("worker-crash"), MODEL, dynamic_model_config("smollm2"))
     yield torchserve
     torchserve.stop()
 
@@ -50,7 +49,7 @@ def start_gateway(server: TorchServe) -> GatewayServer:
         predict_route=f"/predictions/{MODEL}",
         health_route="/health",
         inference=Upstream("127.0.0.1", server.port),
-        management=Upstream("127.0.0.1", server.port + 1),
+        management=Upstream("127.0.0.1", server.management_port),
         bind_host="127.0.0.1",
     )
     front = make_server(settings)
@@ -115,7 +114,7 @@ def test_a_worker_killed_mid_request_is_replaced(server, gateway, record_propert
                               "parameters": {"max_new_tokens": 400, "min_new_tokens": 400}})
     long_call.start()
     wait_for(lambda: server.batches_received() > before, "the long request to reach the worker")
-    queued_call = Call(server, {"instances": ["The capital of France is"], "parameters": {"max_new_tokens": 2}})
+    queued_call = Call(server, {"instances": ["The capital of France is"], "parameters": {"max_new_tokens": 2, "temperature": 0}})
     queued_call.start()
     wait_for(lambda: describe(server)["jobQueueStatus"]["pendingRequests"] >= 1, "the second request to queue")
 
@@ -166,7 +165,7 @@ def test_requests_succeed_after_the_restart(server, gateway):
 def continuous_server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterator[TorchServe]:
     """The shipped path: TorchServe's async mode, every request in the worker at once."""
     torchserve = start_app(
-        tmp_path_factory.mktemp("worker-crash-continuous"), MODEL, 18780, continuous_model_config("smollm2")
+        tmp_path_factory.mktemp("worker-crash-continuous"), MODEL, continuous_model_config("smollm2")
     )
     yield torchserve
     torchserve.stop()

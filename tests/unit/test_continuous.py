@@ -24,7 +24,7 @@ from handler.requests import Instance
 from handler.settings import ContinuousBatchingSettings, HandlerSettings, SettingsError
 from handler.stopping import FinishReason
 from handler.torchserve_handler import LLMHandler
-from bench.local_torchserve import ROOT
+from tests.support.torchserve import ROOT
 
 CACHE = ContinuousBatchingSettings(num_blocks=48, page_size=16, max_batch_tokens=256)
 CACHE_CONFIG = {"num_blocks": 48, "page_size": 16, "max_batch_tokens": 256}

@@ -13,7 +13,7 @@ from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from handler.torchserve_handler import LLMHandler
-from bench.local_torchserve import ROOT
+from tests.support.torchserve import ROOT
 
 OMELETTE = "How to prepare a spanish omelette:"
 

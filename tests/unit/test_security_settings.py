@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from handler.engine import Engine, check_weight_format
 from handler.settings import HandlerSettings, SettingsError
-from bench.local_torchserve import ROOT
+from tests.support.torchserve import ROOT
 
 CPU = torch.device("cpu")
 # Apps allowed to opt in; adding one here is a reviewed decision.

@@ -15,7 +15,7 @@ from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from handler.torchserve_handler import LLMHandler
-from bench.local_torchserve import ROOT
+from tests.support.torchserve import ROOT
 
 BROKEN_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'system' %}{{ 1 / 0 }}{% endif %}"

@@ -1,4 +1,9 @@
-"""A real TorchServe on its own ports, with archives built for it: for the tests and the benchmark."""
+"""A real TorchServe on free ports and its own temp folders, with archives built for it.
+
+Every instance picks free TCP ports and gets its own TEMP and TMPDIR: TorchServe puts its
+worker sockets under Java's temp folder (named by port) and its pid file under Python's, so
+two test suites (or a suite and a `make serve`) on one host never touch each other.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +23,9 @@ from typing import Any, Iterator
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.ports import free_ports
+
+ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 PROBE = {"instances": ["Hello"], "parameters": {"max_new_tokens": 1, "temperature": 0}}
 
@@ -66,9 +73,11 @@ class TorchServe:
 
     workdir: Path
     models: dict[str, Path]
-    port: int = 18080
     properties: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen | None = None
+    port: int = 0
+    management_port: int = 0
+    metrics_port: int = 0
 
     @property
     def url(self) -> str:
@@ -76,11 +85,11 @@ class TorchServe:
 
     @property
     def management(self) -> str:
-        return f"http://127.0.0.1:{self.port + 1}"
+        return f"http://127.0.0.1:{self.management_port}"
 
     @property
     def metrics(self) -> str:
-        return f"http://127.0.0.1:{self.port + 2}"
+        return f"http://127.0.0.1:{self.metrics_port}"
 
     def start(self, timeout: float = 600) -> "TorchServe":
         logs = self.workdir / "logs"
@@ -90,18 +99,17 @@ class TorchServe:
         for name, path in self.models.items():
             if path.parent != store and not (store / name).exists():
                 (store / name).symlink_to(path)
+        self.port, self.management_port, self.metrics_port, grpc_inference, grpc_management = free_ports(5)
         properties = (ROOT / "config.properties").read_text()
         properties += "\n".join(
             [
                 f"inference_address=http://127.0.0.1:{self.port}",
-                f"management_address=http://127.0.0.1:{self.port + 1}",
-                f"metrics_address=http://127.0.0.1:{self.port + 2}",
+                f"management_address=http://127.0.0.1:{self.management_port}",
+                f"metrics_address=http://127.0.0.1:{self.metrics_port}",
                 f"metrics_config={ROOT / 'metrics.yaml'}",
                 f"model_store={store}",
-                # Distinct worker sockets and gRPC ports, so several instances can share a host.
-                f"initial_worker_port={self.port + 1000}",
-                f"grpc_inference_port={self.port + 10}",
-                f"grpc_management_port={self.port + 11}",
+                f"grpc_inference_port={grpc_inference}",
+                f"grpc_management_port={grpc_management}",
                 *(f"{key}={value}" for key, value in self.properties.items()),
             ]
         )
@@ -109,8 +117,13 @@ class TorchServe:
         config.write_text(properties + "\n")
         tmp = self.workdir / "tmp"
         tmp.mkdir(exist_ok=True)
-        # TorchServe keeps its pid file in the temp dir: one per instance lets several run at once.
-        environment = {**os.environ, "LOG_LOCATION": str(logs), "METRICS_LOCATION": str(logs), "TMPDIR": str(tmp)}
+        environment = {
+            **os.environ,
+            "LOG_LOCATION": str(logs),
+            "METRICS_LOCATION": str(logs),
+            "TEMP": str(tmp),  # Java's temp folder: the worker sockets
+            "TMPDIR": str(tmp),  # Python's: the pid file
+        }
         self.process = subprocess.Popen(
             [str(VENV_BIN / "torchserve"), "--foreground", "--ncs", "--ts-config", str(config),
              "--model-store", str(store), "--models", *(f"{name}={name}" for name in self.models)],
@@ -195,12 +208,12 @@ def _decode(body: bytes) -> Any:
         return body.decode(errors="replace")
 
 
-def start_app(workdir: Path, name: str, port: int, model_config: dict[str, Any] | None = None,
-              app: str = "smollm2") -> TorchServe:
+def start_app(workdir: Path, name: str, model_config: dict[str, Any] | None = None,
+              app: str = "smollm2", properties: dict[str, str] | None = None) -> TorchServe:
     """A started TorchServe serving `app` as `name` from its own archive; stopped again if the start fails."""
     store = workdir / "store"
     store.mkdir(parents=True)
-    server = TorchServe(workdir, {name: build_archive(app, name, store, model_config)}, port=port)
+    server = TorchServe(workdir, {name: build_archive(app, name, store, model_config)}, properties or {})
     try:
         server.start()
     except Exception:
@@ -210,7 +223,7 @@ def start_app(workdir: Path, name: str, port: int, model_config: dict[str, Any] 
 
 
 @contextmanager
-def serving_both_paths(app: str, workdir: Path, port: int, batch_size: int = 16) -> Iterator[list[str]]:
+def serving_both_paths(app: str, workdir: Path, batch_size: int = 16) -> Iterator[list[str]]:
     """One TorchServe serving `app` twice, as `APP-dynamic` (TorchServe's dynamic batching,
     `batch_size` requests per generate) and `APP-continuous`; yields their `LABEL=URL`s."""
     shutil.rmtree(workdir, ignore_errors=True)
@@ -218,7 +231,7 @@ def serving_both_paths(app: str, workdir: Path, port: int, batch_size: int = 16)
     store.mkdir(parents=True)
     configs = {"dynamic": dynamic_model_config(app, batch_size=batch_size), "continuous": continuous_model_config(app)}
     models = {f"{app}-{label}": build_archive(app, f"{app}-{label}", store, config) for label, config in configs.items()}
-    server = TorchServe(workdir, models, port=port)
+    server = TorchServe(workdir, models)
     try:
         server.start()
         yield [f"{label}={server.url}/predictions/{app}-{label}" for label in configs]
