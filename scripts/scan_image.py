@@ -71,7 +71,9 @@ def summary(image: str, audit: dict, newest: dict[str, dict[str, str | None]], u
     behind = {name: pins for name, pins in newest.items() if pins["newest"] and pins["newest"] != pins["pinned"]}
     unknown = sorted(name for name, pins in newest.items() if not pins["newest"])
     lines = [
-        f"# Scan of `{image}`",
+        f"# Scan of `{image}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "",
+        "What each line can and cannot show: docs/docker.md, \"Inside the image, and what a scan finds\".",
         "",
         f"Python packages in /opt/venv: {len(deps)}.",
         f"- pip-audit: {len(audited)} audited, {len(vulnerable)} with known vulnerabilities, {len(skipped)} skipped.",
