@@ -1,7 +1,7 @@
 """The serving container as Vertex will run it: image, port, routes and env.
 
 The env built here is the whole contract between the Model resource and the
-image (see docs/CONTRACT.md); it is assembled in one dict so that a reviewer
+image (see docs/architecture.md); it is assembled in one dict so that a reviewer
 sees in one place everything a replica will be started with.
 """
 
