@@ -100,12 +100,12 @@ RUN mkdir -p /usr/share/man/man1 \
 COPY --from=deps /opt/venv /opt/venv
 COPY --from=wheel /wheels /tmp/wheels
 RUN /opt/venv/bin/pip install --no-cache-dir --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels
-# The project's TorchServe config; the supervisor moves its addresses to
-# loopback ports behind the gateway through TS_* env (enable_envvars_config).
+# The project's TorchServe config; the front (python -m gateway) writes TorchServe's own
+# copy with free loopback ports into LLM_RUN_DIR at every start.
 COPY config.properties metrics.yaml /home/model-server/
 COPY docker/entrypoint.sh /usr/local/bin/entrypoint.sh
-# The only places the server writes: TEMP (unpacked archives, worker sockets,
-# Cloud Storage downloads) and the log folder. Both can be tmpfs over a
+# The only places the server writes: TEMP (TorchServe's run folder LLM_RUN_DIR with
+# its unpacked archives and worker sockets, Cloud Storage downloads) and the log folder. Both can be tmpfs over a
 # read-only root (docs/docker.md, "Read-only root").
 RUN mkdir -p /home/model-server/model-store /home/model-server/tmp /home/model-server/logs \
     && chown model-server /home/model-server/model-store /home/model-server/tmp /home/model-server/logs
@@ -113,6 +113,7 @@ ENV PATH="/opt/venv/bin:$PATH" \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     TEMP=/home/model-server/tmp \
+    LLM_RUN_DIR=/home/model-server/tmp/torchserve \
     LOG_LOCATION=/home/model-server/logs \
     METRICS_LOCATION=/home/model-server/logs \
     TINI_SUBREAPER=1

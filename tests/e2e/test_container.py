@@ -250,7 +250,7 @@ def test_the_server_serves_from_a_read_only_root(full, podman: Podman):
     }
     # TorchServe really uses them: its logs and the unpacked archive are there.
     assert "ts_log.log" in container.exec("ls", "/home/model-server/logs").stdout
-    assert container.exec("ls", "/home/model-server/tmp/models").stdout.strip()
+    assert container.exec("ls", "/home/model-server/tmp/torchserve/tmp/models").stdout.strip()
 
 
 def test_stop_is_clean(full, podman: Podman):
