@@ -10,7 +10,7 @@ defaults, then the library's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from handler.errors import RequestError
@@ -78,6 +78,7 @@ class OpenAIRequest:
     instances: tuple[Instance, ...]
     fields: tuple[str, ...]
     include_usage: bool = False
+    length_field: str = "max_tokens"
 
     @property
     def stream(self) -> bool:
@@ -105,15 +106,37 @@ def parse_openai(endpoint: str, body: Any, shape: RequestShape) -> OpenAIRequest
     if params.return_full_text and params.logprobs:
         raise unsupported("echo with logprobs needs the prompt's logprobs, which this server does not compute", "echo")
     include_usage = _include_usage(body, params.stream)
+    length_field = names.get("max_new_tokens", "max_tokens")
     if endpoint == CHAT:
         if "messages" not in body:
             raise RequestError("messages is required", "messages")
         messages = chat_messages(_messages(body["messages"]), "messages", shape)
         instance = Instance(params, messages=messages)
-        return OpenAIRequest(endpoint, body.get("model"), (instance,), ("messages",), include_usage)
+        return OpenAIRequest(endpoint, body.get("model"), (instance,), ("messages",), include_usage, length_field)
     prompts, fields = _prompts(body.get("prompt"), shape)
     instances = tuple(Instance(params, text=prompt_text(p, f, shape)) for p, f in zip(prompts, fields))
-    return OpenAIRequest(endpoint, body.get("model"), instances, fields, include_usage)
+    return OpenAIRequest(endpoint, body.get("model"), instances, fields, include_usage, length_field)
+
+
+def in_openai_terms(error: RequestError, request: OpenAIRequest) -> RequestError:
+    """A pipeline error raised after parsing (token limits, chat template), naming OpenAI's fields.
+
+    The pipeline names a prompt `instances[i]` and the length `max_new_tokens`; the client
+    sent `messages` or `prompt[i]`, and `max_tokens` or `max_completion_tokens`.
+    """
+    renames = {"max_new_tokens": request.length_field}
+    for i, field in enumerate(request.fields):
+        renames[f"instances[{i}].messages"] = field
+        renames[f"instances[{i}]"] = field
+    return renamed(error, renames)
+
+
+def renamed(error: RequestError, renames: dict[str, str]) -> RequestError:
+    """The error under its field's new name, in its message too."""
+    new = renames.get(error.field) if error.field is not None else None
+    if new is None:
+        return error
+    return replace(error, message=error.message.replace(error.field, new), field=new)
 
 
 def _check_fields(body: dict[str, Any], known: tuple[str, ...], not_served: tuple[str, ...], prefix: str) -> None:

@@ -228,3 +228,19 @@ def test_too_many_prompts_is_a_limit():
 
 def test_a_prompt_over_max_prompt_chars_is_a_limit():
     assert refused(COMPLETIONS, {"prompt": "x" * 201}).status == 422
+
+
+def test_pipeline_errors_are_renamed_to_the_fields_the_client_sent():
+    from handler.errors import limit_error
+    from handler.openai.requests import in_openai_terms
+
+    total = limit_error("input tokens + max_new_tokens must be <= 64: 10 input tokens + 60 max_new_tokens = 70", "max_new_tokens", 64, 70)
+    renamed = in_openai_terms(total, chat(max_completion_tokens=60))
+    assert renamed.field == "max_completion_tokens" and "10 input tokens + 60 max_completion_tokens" in renamed.message
+    assert (renamed.status, renamed.details) == (422, {"limit": 64, "value": 70})
+    template = RequestError("the chat template refused these messages: roles must alternate", "instances[0].messages")
+    assert in_openai_terms(template, chat()).field == "messages"
+    long = RequestError("instances[1] has 300 tokens, at most max_input_tokens=100 allowed", "instances[1]")
+    renamed = in_openai_terms(long, completions(prompt=["a", "b"]))
+    assert renamed.field == "prompt[1]" and renamed.message.startswith("prompt[1] has 300 tokens")
+    assert in_openai_terms(RequestError("x", "logit_bias"), chat()).field == "logit_bias"
