@@ -188,3 +188,15 @@ def test_beam_search_refuses_token_penalties():
 def test_parameters_no_scheduler_applies_yet_are_refused_not_dropped(name, value):
     error = rejects({name: value})
     assert error.field == name and "not served" in error.message
+
+
+@pytest.mark.parametrize("value", [0, 0.0, 0.05, 1, 1.0])
+def test_min_p_takes_a_number_from_zero_to_one(value):
+    assert resolve({"min_p": value}).min_p == float(value)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, math.inf, math.nan, "0.1", True, None])
+def test_min_p_outside_zero_to_one_names_the_field(value):
+    error = rejects({"min_p": value})
+    assert error.status == 400 and error.field == "parameters.min_p"
+    assert "min_p" in error.message
