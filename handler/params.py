@@ -22,8 +22,6 @@ MAX_REPETITION_PENALTY = 1e3
 # OpenAI's ranges: a penalty of 2 per occurrence, a bias of 100 (a ban or a certainty).
 MAX_TOKEN_PENALTY = 2.0
 MAX_LOGIT_BIAS = 100.0
-# Accepted and validated, but no scheduler applies them yet: refused rather than silently dropped.
-UNSERVED = ("presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs")
 
 
 @dataclass(frozen=True)
@@ -253,6 +251,3 @@ def verify_params(params: GenerationParams, names: Mapping[str, str] | None = No
         for native in ("presence_penalty", "frequency_penalty", "logit_bias", "logprobs"):
             if getattr(params, native) != getattr(DEFAULTS, native):
                 raise RequestError(f"{name(native)} is not available with beam search (num_beams > 1)", name(native))
-    for native in UNSERVED:
-        if getattr(params, native) != getattr(DEFAULTS, native):
-            raise RequestError(f"{name(native)} is not served yet", name(native))

@@ -61,7 +61,11 @@ def read_body(item: Any) -> Any:
 
 
 def parse_request(item: Any, shape: RequestShape) -> tuple[Instance, ...]:
-    body = read_body(item)
+    return parse_body(read_body(item), shape)
+
+
+def parse_body(body: Any, shape: RequestShape) -> tuple[Instance, ...]:
+    """A decoded body in one of the native shapes."""
     if isinstance(body, str):
         return (Instance(params=resolve_params([], shape.limits, shape.defaults), text=prompt_text(body, "body", shape)),)
     if not isinstance(body, dict):

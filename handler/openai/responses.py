@@ -19,7 +19,7 @@ from handler.prompts import Prompt
 from handler.stopping import FinishReason
 
 if TYPE_CHECKING:
-    from handler.engine import Completion
+    from handler.sequence import Completion
     from handler.logprobs import TokenLogprob
 
 SSE = "text/event-stream"
@@ -131,10 +131,15 @@ class StreamRenderer:
         return self._open(index) + self._chunk(index, text, None)
 
     def end(self, answer: Answer) -> str:
-        events = [
-            self._open(index) + self._chunk(index, "", FINISH_REASONS[completion.finish_reason])
-            for index, (_, completion) in enumerate(choices(answer))
-        ]
+        """Each choice's last chunk, with its finish reason and, when asked, the logprobs of all its tokens
+        (pieces are cut where text is safe to send, not at token boundaries, so they carry none)."""
+        events = []
+        for index, (prompt, completion) in enumerate(choices(answer)):
+            if self.reply.chat:
+                logprobs = _chat_logprobs(prompt, completion)
+            else:
+                logprobs = _completion_logprobs(prompt, completion, len(self.prefixes[index]))
+            events.append(self._open(index) + self._chunk(index, "", FINISH_REASONS[completion.finish_reason], logprobs))
         if self.include_usage:
             events.append(sse({**self.reply.head(chunk=True), "choices": [], "usage": usage(answer)}))
         return "".join(events) + DONE
@@ -153,11 +158,11 @@ class StreamRenderer:
         prefix = self.prefixes[index]
         return self._chunk(index, prefix, None) if prefix else ""
 
-    def _chunk(self, index: int, text: str, finish_reason: str | None) -> str:
+    def _chunk(self, index: int, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None = None) -> str:
         if self.reply.chat:
             delta = {"content": text} if text else {}
-            return self._event({"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason})
-        return self._event({"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason})
+            return self._event({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason})
+        return self._event({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason})
 
     def _event(self, choice: dict[str, Any]) -> str:
         data = {**self.reply.head(chunk=True), "choices": [choice]}

@@ -5,7 +5,7 @@ import json
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from handler.engine import Completion
+from handler.sequence import Completion
 from handler.errors import RequestError, limit_error
 from handler.openai.exchange import JSON, OpenAIExchange, VertexChatExchange, is_vertex_chat
 from handler.openai.requests import CHAT, COMPLETIONS

@@ -8,7 +8,7 @@ import pytest
 from openai.types import Completion as SDKCompletion
 from openai.types.chat import ChatCompletion
 
-from handler.engine import Completion
+from handler.sequence import Completion
 from handler.errors import RequestError, limit_error
 from handler.openai.requests import CHAT, COMPLETIONS
 from handler.openai.responses import DONE, SSE, Reply, StreamRenderer, error_body, error_json, response, usage

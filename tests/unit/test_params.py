@@ -181,13 +181,10 @@ def test_beam_search_refuses_token_penalties():
     assert rejects({"num_beams": 2, "frequency_penalty": 0.5}).field == "frequency_penalty"
 
 
-@pytest.mark.parametrize(
-    "name, value",
-    [("presence_penalty", 0.5), ("frequency_penalty", 0.5), ("logit_bias", {"1": 5}), ("logprobs", True)],
-)
-def test_parameters_no_scheduler_applies_yet_are_refused_not_dropped(name, value):
-    error = rejects({name: value})
-    assert error.field == name and "not served" in error.message
+def test_token_penalties_logit_bias_and_logprobs_resolve():
+    params = resolve({"presence_penalty": 0.5, "frequency_penalty": -1, "logit_bias": {"9": 5}, "logprobs": True, "top_logprobs": 3})
+    assert (params.presence_penalty, params.frequency_penalty, params.logit_bias) == (0.5, -1.0, ((9, 5.0),))
+    assert (params.logprobs, params.top_logprobs) == (True, 3)
 
 
 @pytest.mark.parametrize("value", [0, 0.0, 0.05, 1, 1.0])
