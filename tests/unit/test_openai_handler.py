@@ -29,10 +29,12 @@ CACHE_CONFIG = {"num_blocks": 48, "page_size": 16, "max_batch_tokens": 256}
 @pytest.fixture(scope="module", params=["dynamic", "continuous"])
 def served(request, tiny_model_dir: Path):
     if request.param == "dynamic":
-        config = {"handler": {"warmup": False, "max_total_tokens": 200}}
+        config = {"handler": {"warmup": False, "max_total_tokens": 200, "dtype": "float32"}}
         context = make_context("tiny", tiny_model_dir, config)
     else:
-        handler_config = {"batching": "continuous", "continuous": CACHE_CONFIG, "max_total_tokens": 200, "warmup": False}
+        handler_config = {
+            "batching": "continuous", "continuous": CACHE_CONFIG, "max_total_tokens": 200, "warmup": False, "dtype": "float32"
+        }
         context = make_context("tiny", tiny_model_dir, {"asyncCommunication": True, "handler": handler_config}, batch_size=1)
     handler = LLMHandler()
     handler.initialize(context)
