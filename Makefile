@@ -42,7 +42,7 @@ models/%/config.json: apps/%/app.yaml | $(VENV)/.installed
 
 archive: $(ARCHIVE) ## build the TorchServe archive model-store/APP.mar
 
-$(ARCHIVE): models/$(APP)/config.json $(APP_DIR)/model-config.yaml $(wildcard handler/*.py)
+$(ARCHIVE): models/$(APP)/config.json $(APP_DIR)/model-config.yaml $(wildcard handler/*.py handler/*/*.py)
 	$(PY) scripts/archive.py $(APP)
 
 serve: archive ## start the front + TorchServe in the background on 127.0.0.1:PORT (as in the container); returns once APP answers

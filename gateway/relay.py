@@ -20,7 +20,8 @@ import asyncio
 import json
 import logging
 import time
-from typing import AsyncIterator
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
 
 import httpx2
 from starlette.background import BackgroundTask
@@ -39,18 +40,41 @@ HOP_BY_HOP = frozenset(
 WORKER_DIED = "the model worker died during this request; retry it"
 
 
-class BodyError(Exception):
-    def __init__(self, response: Response) -> None:
-        self.response = response
-
-
 def error(status: int, message: str, headers: dict[str, str] | None = None, **extra) -> JSONResponse:
     return JSONResponse({"error": message, "code": status, **extra}, status_code=status, headers=headers)
 
 
-def unavailable(front, app: str, why: str) -> JSONResponse:
+def _broken_line(message: str, code: int) -> bytes:
+    return b"\n" + json.dumps({"error": message, "code": code}).encode()
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """How the front words its own answers for one protocol: its refusals (`error`), the last piece
+    of a stream that broke off, and the headers that tell the handler which protocol it speaks.
+    With `rewords_upstream`, TorchServe's own refusals (queue full) are reworded too; the
+    handler's are already in the protocol's shape."""
+
+    error: Callable[..., JSONResponse] = error
+    broken_stream: Callable[[str, int], bytes] = _broken_line
+    headers: tuple[tuple[str, str], ...] = ()
+    rewords_upstream: bool = False
+
+
+NATIVE = Dialect()
+
+
+class BodyError(Exception):
+    def __init__(self, status: int, message: str, **extra) -> None:
+        self.status, self.message, self.extra = status, message, extra
+
+    def response(self, dialect: Dialect) -> JSONResponse:
+        return dialect.error(self.status, self.message, **self.extra)
+
+
+def unavailable(front, app: str, why: str, dialect: Dialect = NATIVE) -> JSONResponse:
     seconds = front.settings.retry_after_s
-    return error(503, f"{app} is {why}; retry after {seconds} s", {"Retry-After": str(seconds)})
+    return dialect.error(503, f"{app} is {why}; retry after {seconds} s", {"Retry-After": str(seconds)})
 
 
 async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
@@ -58,9 +82,9 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.strip().isdigit():
-            raise BodyError(error(400, f"Content-Length {declared!r} is not a number", field="Content-Length"))
+            raise BodyError(400, f"Content-Length {declared!r} is not a number", field="Content-Length")
         if int(declared) > limit:
-            raise BodyError(_too_large(limit, int(declared)))
+            raise _too_large(limit, int(declared))
     body = bytearray()
     stream = request.stream().__aiter__()
     while True:
@@ -69,14 +93,14 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
         except StopAsyncIteration:
             return bytes(body)
         except asyncio.TimeoutError:
-            raise BodyError(error(408, f"the request body stalled for {timeout_s:.0f} s")) from None
+            raise BodyError(408, f"the request body stalled for {timeout_s:.0f} s") from None
         body += piece
         if len(body) > limit:
-            raise BodyError(_too_large(limit, len(body)))
+            raise _too_large(limit, len(body))
 
 
-def _too_large(limit: int, size: int) -> JSONResponse:
-    return error(413, f"the request body must be <= {limit} bytes, got {size}", field="body", limit=limit, value=size)
+def _too_large(limit: int, size: int) -> BodyError:
+    return BodyError(413, f"the request body must be <= {limit} bytes, got {size}", field="body", limit=limit, value=size)
 
 
 def forwardable(headers) -> list[tuple[str, str]]:
@@ -85,26 +109,28 @@ def forwardable(headers) -> list[tuple[str, str]]:
     return [(k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP and k.lower() not in named]
 
 
-async def relay(request: Request, app: str, path: str) -> Response:
-    """Forward ``request`` to TorchServe's ``path`` for ``app``; the answer streams back."""
+async def relay(request: Request, app: str, path: str, dialect: Dialect = NATIVE, body: bytes | None = None) -> Response:
+    """Forward ``request`` (its ``body`` when the caller has read it already) to TorchServe's ``path`` for
+    ``app``; the answer streams back."""
     front = request.app.state.front
     state = front.healer.state(app)
     if state is None:
-        return error(404, f"no app named {app!r}; served: {sorted(front.healer.apps)}", field="app")
+        return dialect.error(404, f"no app named {app!r}; served: {sorted(front.healer.apps)}", field="app")
     if not state.ready:
-        return unavailable(front, app, "being restarted after a worker crash" if state.healing else "still loading")
+        return unavailable(front, app, "being restarted after a worker crash" if state.healing else "still loading", dialect)
     arrived = time.monotonic()
-    try:
-        body = await read_body(request, front.settings.max_request_bytes, front.settings.body_timeout_s)
-    except BodyError as exc:
-        return exc.response
-    except ClientDisconnect:
-        front.metrics.disconnects.labels(app).inc()
-        return Response(status_code=499)
+    if body is None:
+        try:
+            body = await read_body(request, front.settings.max_request_bytes, front.settings.body_timeout_s)
+        except BodyError as exc:
+            return exc.response(dialect)
+        except ClientDisconnect:
+            front.metrics.disconnects.labels(app).inc()
+            return Response(status_code=499)
     held = front.healer.hold(app)
     front.metrics.in_flight.labels(app).inc()
     try:
-        return await _forward(front, request, app, path, body, held, arrived)
+        return await _forward(front, request, app, path, body, held, arrived, dialect)
     except BaseException:
         _finished(front, app, held)
         raise
@@ -119,14 +145,15 @@ def _finished(front, app: str, held: Held) -> None:
     front.metrics.in_flight.labels(app).dec()
 
 
-async def _forward(front, request: Request, app: str, path: str, body: bytes, held: Held, arrived: float) -> Response:
+async def _forward(front, request: Request, app: str, path: str, body: bytes, held: Held, arrived: float,
+                   dialect: Dialect) -> Response:
     sent: list[float] = []
 
     async def trace(event: str, info: dict) -> None:
         if event == "http11.send_request_headers.started" and not sent:
             sent.append(time.monotonic())
 
-    headers = forwardable(request.headers)
+    headers = forwardable(request.headers) + list(dialect.headers)
     headers.append(("X-Forwarded-For", request.client.host if request.client else ""))
     query = request.url.query
     upstream = front.client.build_request(
@@ -144,7 +171,7 @@ async def _forward(front, request: Request, app: str, path: str, body: bytes, he
         sending.cancel()
         cut.cancel()
         if held.cut.is_set():
-            return _done(front, app, held, arrived, sent, _worker_died(front))
+            return _done(front, app, held, arrived, sent, _worker_died(front, dialect))
         front.metrics.disconnects.labels(app).inc()
         return _done(front, app, held, arrived, sent, Response(status_code=499))
     try:
@@ -152,16 +179,17 @@ async def _forward(front, request: Request, app: str, path: str, body: bytes, he
     except httpx2.HTTPError as exc:
         cut.cancel()
         if held.cut.is_set():
-            return _done(front, app, held, arrived, sent, _worker_died(front))
+            return _done(front, app, held, arrived, sent, _worker_died(front, dialect))
         log.warning("TorchServe failed for %s %s: %s", request.method, path, exc)
-        return _done(front, app, held, arrived, sent, error(502, "TorchServe is not answering; retry it"))
+        return _done(front, app, held, arrived, sent, dialect.error(502, "TorchServe is not answering; retry it"))
     if held.cut.is_set():
         cut.cancel()
         await response.aclose()
-        return _done(front, app, held, arrived, sent, _worker_died(front))
+        return _done(front, app, held, arrived, sent, _worker_died(front, dialect))
     _observe_wait(front, app, response.status_code, arrived, sent)
     streaming = "chunked" in response.headers.get("transfer-encoding", "").lower()
-    if response.status_code in (500, 507) and not streaming:
+    reword = dialect.rewords_upstream and response.status_code >= 400
+    if (response.status_code in (500, 507) or reword) and not streaming:
         # The dynamic path: TorchServe answers a dead worker's requests itself, as
         # {"message": "Worker died."} (500 or 507). Say it the same way on both paths.
         try:
@@ -172,7 +200,9 @@ async def _forward(front, request: Request, app: str, path: str, body: bytes, he
             cut.cancel()
             await response.aclose()
         if b"Worker died" in text:
-            return _done(front, app, held, arrived, [], _worker_died(front))
+            return _done(front, app, held, arrived, [], _worker_died(front, dialect))
+        if reword and not _in_shape(text):
+            return _done(front, app, held, arrived, [], dialect.error(response.status_code, _upstream_message(text)))
         headers = {k: v for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP}
         return _done(front, app, held, arrived, [], Response(text, response.status_code, headers))
     answer_headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in HOP_BY_HOP]
@@ -187,7 +217,7 @@ async def _forward(front, request: Request, app: str, path: str, body: bytes, he
         _finished(front, app, held)
 
     return StreamingResponse(
-        _pieces(front, app, held, response, cut, arrived, streaming),
+        _pieces(front, app, held, response, cut, arrived, streaming, dialect),
         status_code=response.status_code,
         headers=_header_dict(answer_headers, response),
         background=BackgroundTask(cleanup),
@@ -205,7 +235,7 @@ def _header_dict(items: list[tuple[str, str]], response: httpx2.Response) -> dic
 
 
 async def _pieces(front, app: str, held: Held, response: httpx2.Response, cut: asyncio.Future, arrived: float,
-                  streaming: bool) -> AsyncIterator[bytes]:
+                  streaming: bool, dialect: Dialect) -> AsyncIterator[bytes]:
     """The answer's bytes as they arrive; a dead worker ends the stream with a JSON line saying so."""
     status = response.status_code
     first = True
@@ -216,7 +246,7 @@ async def _pieces(front, app: str, held: Held, response: httpx2.Response, cut: a
             await asyncio.wait({piece, cut}, return_when=asyncio.FIRST_COMPLETED)
             if not piece.done():
                 piece.cancel()
-                yield b"\n" + json.dumps({"error": WORKER_DIED, "code": 507}).encode()
+                yield dialect.broken_stream(WORKER_DIED, 507)
                 return
             try:
                 data = piece.result()
@@ -225,7 +255,7 @@ async def _pieces(front, app: str, held: Held, response: httpx2.Response, cut: a
             except httpx2.HTTPError as exc:
                 log.warning("TorchServe's answer to %s broke off: %s", app, exc)
                 if streaming:
-                    yield b"\n" + json.dumps({"error": "TorchServe broke off the answer; retry it", "code": 502}).encode()
+                    yield dialect.broken_stream("TorchServe broke off the answer; retry it", 502)
                 return
             if first and streaming:
                 front.metrics.ttft.labels(app, str(status)).observe(time.monotonic() - arrived)
@@ -241,9 +271,27 @@ async def _pieces(front, app: str, held: Held, response: httpx2.Response, cut: a
         _finished(front, app, held)
 
 
-def _worker_died(front) -> JSONResponse:
+def _worker_died(front, dialect: Dialect) -> JSONResponse:
     seconds = front.settings.retry_after_s
-    return error(507, WORKER_DIED, {"Retry-After": str(seconds)})
+    return dialect.error(507, WORKER_DIED, {"Retry-After": str(seconds)})
+
+
+def _in_shape(text: bytes) -> bool:
+    """Already an error in the handler's protocol shape: `{"error": {...}}`."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(body, dict) and isinstance(body.get("error"), dict)
+
+
+def _upstream_message(text: bytes) -> str:
+    """TorchServe's own refusal, `{"code", "type", "message"}`, as one message."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return text.decode(errors="replace")[:500] or "TorchServe refused the request"
+    return str(body.get("message", body)) if isinstance(body, dict) else str(body)
 
 
 def _observe_wait(front, app: str, status: int, arrived: float, sent: list[float]) -> None:

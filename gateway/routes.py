@@ -1,4 +1,4 @@
-"""Every route of the front, in one table: a new protocol (the OpenAI API under ``/v1``) adds its own here.
+"""Every route of the front, in one table; the OpenAI API's, under ``/v1``, come from ``openai_api``.
 
 Order matters: Vertex's routes come first, because ``$AIP_PREDICT_ROUTE`` may itself start
 with ``/v1`` or ``/predictions``.
@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.openai_api import openai_routes
 from gateway.relay import error, relay
 
 
@@ -47,10 +48,6 @@ async def predictions(request: Request) -> Response:
     return await relay(request, request.path_params["app"], request.url.path)
 
 
-async def reserved(request: Request) -> Response:
-    return error(404, "/v1 is reserved for the OpenAI-compatible API, which this server does not serve yet")
-
-
 async def not_found(request: Request, exc: Exception) -> Response:
     return error(404, f"no route {request.url.path}; predictions go to /predictions/APP, health to /health")
 
@@ -73,7 +70,7 @@ def front_routes(settings) -> list[Route]:
         Route("/predictions/{app}", predictions, methods=["POST", "PUT"]),
         Route("/predictions/{app}/{rest:path}", predictions, methods=["POST", "PUT"]),
         Route("/ping", ping, methods=["GET"]),
-        Route("/v1/{rest:path}", reserved, methods=["GET", "POST"]),
+        *openai_routes(),
     ]
     return routes
 

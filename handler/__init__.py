@@ -13,7 +13,9 @@ Per-sequence state (used by both schedulers)
     `stopping`     stop strings, finish reasons, the text a stream may release
     `detokenizer`  incremental detokenization, a short window per step
     `sequence`     `SequenceState`: one sequence's text, stop, finish reason and stream
-    `sampling`     per-row logits processors; `sequence_processors` is the list both apply
+    `sampling`     per-row logits processors; `front_processors` and `sequence_processors` are the lists both apply
+    `penalties`    presence and frequency penalties and logit bias, as OpenAI defines them, per row
+    `logprobs`     a generated token's log-probability and its top alternatives, from the raw logits
 
 Loading
     `loading`       device, threads, dtype, weight-format policy, model and tokenizer
@@ -31,6 +33,8 @@ Schedulers (prompts and one chunk sink in, completions out)
 
 Service and server
     `responses`           the `predictions` body and the stream's JSON lines
+    `openai`              the OpenAI API (package): bodies in, `chat.completion`/`text_completion`, SSE, errors out
+    `protocols`           which protocol a request speaks (header or body shape), one exchange per request
     `metrics`             what each completion reports
     `service`             pipeline plus schedulers, server-agnostic: `prepare`, `answer`
     `torchserve_handler`  the adapter, the only module that imports `ts`

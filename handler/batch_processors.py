@@ -7,9 +7,11 @@ vocabulary twice per step even for greedy rows: on CPU that cost a third of each
 step at 16 rows. Ours filter with `torch.topk` over the rows that need it and give the same
 result (tested against transformers' own warpers).
 
-`SequenceProcessors` runs, after the manager's warpers, each sequence's own list of
-transformers `LogitsProcessor`s on its row (`sampling.sequence_processors`: min_p today),
-the same list the dynamic scheduler applies, so a processor added there works on both.
+`SequenceProcessors` runs each sequence's own list of transformers `LogitsProcessor`s on its
+row: once in front of everything, on the raw logits (`sampling.front_processors`: presence
+and frequency penalties, logit bias), and once after the manager's warpers
+(`sampling.sequence_processors`: min_p), the same lists the dynamic scheduler applies, so a
+processor added to either works on both.
 """
 
 from __future__ import annotations
@@ -172,9 +174,17 @@ def ours_for(processor: ContinuousBatchingLogitsProcessor) -> ContinuousBatching
     return processor if kind is None else retype(processor, kind)
 
 
-def install(manager, eos_token_ids: list[int], sequence_lists: Mapping[str, list[LogitsProcessor]]) -> None:
-    """Our processors around the manager's, and our top-k and top-p warpers in place of its own."""
+def install(
+    manager,
+    eos_token_ids: list[int],
+    front_lists: Mapping[str, list[LogitsProcessor]],
+    sequence_lists: Mapping[str, list[LogitsProcessor]],
+) -> None:
+    """Our processors around the manager's, and our top-k and top-p warpers in place of its own.
+
+    Each sequence's `front_lists` entry runs first, on the raw logits; its `sequence_lists`
+    entry runs last, after the manager's warpers."""
     processors = manager.logit_processor.logits_processor
     processors[:] = [ours_for(processor) for processor in processors]
-    front = [RepetitionPenaltyProcessor(), MinNewTokensProcessor(eos_token_ids)]
+    front = [SequenceProcessors(front_lists), RepetitionPenaltyProcessor(), MinNewTokensProcessor(eos_token_ids)]
     add_processors(manager, front, [SequenceProcessors(sequence_lists)])

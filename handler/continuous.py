@@ -9,12 +9,15 @@ blocks on generation. `deadline_seconds` counts from a sequence's submission: on
 running then is cancelled and answered with what it has, finish_reason "length".
 
 It honours exactly: max_new_tokens, EOS, min_new_tokens and repetition_penalty (our
-processors in `batch_processors`), temperature, top_k, top_p (the manager's per-request
-warpers; greedy is top_k=1), min_p and whatever else `sampling.sequence_processors` gives a
-sequence, do_sample, stop strings, details, return_full_text, stream and
-num_return_sequences. Not a `seed` (the manager samples from one generator shared by all its
-requests), beam search, `typical_p` or `bad_words`: the `Router` sends those prompts to the
-dynamic scheduler, which runs inside `exclusive()` (see `ModelTurns`).
+processors in `batch_processors`), presence_penalty, frequency_penalty and logit_bias
+(`sampling.front_processors`, on the raw logits), temperature, top_k, top_p (the manager's
+per-request warpers; greedy is top_k=1), min_p and whatever else
+`sampling.sequence_processors` gives a sequence, do_sample, stop strings, details,
+return_full_text, stream and num_return_sequences. Not a `seed` (the manager samples from one
+generator shared by all its requests), beam search, `typical_p`, `bad_words` or `logprobs`
+(the manager hands its processors the logits, but not back which token each row then drew
+with them): the `Router` sends those prompts to the dynamic scheduler, which runs inside
+`exclusive()` (see `ModelTurns`).
 
 The manager runs without async double-buffering and without CUDA graphs: the per-request
 processors read each request's tokens on the host at every step, which needs the state of
@@ -38,7 +41,7 @@ from handler.compat import GenerationOutput, RequestStatus, forget_result_handle
 from handler.loading import LoadedModel
 from handler.params import PARAMETER_NAMES, GenerationParams
 from handler.prompts import Prompt
-from handler.sampling import sequence_processors
+from handler.sampling import front_processors, sequence_processors
 from handler.scheduler import ChunkSink
 from handler.sequence import Completion, SequenceState
 from handler.settings import ContinuousBatchingSettings
@@ -117,13 +120,16 @@ class _Sequence:
 
 
 class ContinuousScheduler:
-    honours = frozenset(PARAMETER_NAMES) - {"seed", "num_beams", "typical_p", "bad_words", "penalty_alpha"}
+    honours = frozenset(PARAMETER_NAMES) - {
+        "seed", "num_beams", "typical_p", "bad_words", "penalty_alpha", "logprobs", "top_logprobs"
+    }
 
     def __init__(self, loaded: LoadedModel, settings: ContinuousBatchingSettings, deadline_seconds: float | None = None):
         self.loaded = loaded
         self.settings = settings
         self.deadline_seconds = deadline_seconds
         self.vocab_size = loaded.model.config.get_text_config().vocab_size
+        self.front_lists: dict[str, list[LogitsProcessor]] = {}
         self.processor_lists: dict[str, list[LogitsProcessor]] = {}
         self._ids = itertools.count()
         self.manager = self._start_manager()
@@ -181,7 +187,7 @@ class ContinuousScheduler:
             use_cuda_graph=False,
         )
         manager = loaded.model.init_continuous_batching(generation_config=generation_config, continuous_batching_config=config)
-        install_processors(manager, loaded.eos_token_ids, self.processor_lists)
+        install_processors(manager, loaded.eos_token_ids, self.front_lists, self.processor_lists)
         manager.start()
         return manager
 
@@ -190,6 +196,9 @@ class ContinuousScheduler:
         send = (lambda text: sink(index, number, text)) if sink and prompt.params.stream else None
         state = SequenceState(prompt, self.loaded.tokenizer, self.loaded.eos_token_ids, send)
         sequence = _Sequence(f"ts-{next(self._ids)}", state, loop.create_future(), [])
+        front = front_processors(prompt.params, len(prompt.input_ids))
+        if front:
+            self.front_lists[sequence.request_id] = front
         processors = sequence_processors(prompt.params)
         if processors:
             self.processor_lists[sequence.request_id] = processors
@@ -216,7 +225,7 @@ class ContinuousScheduler:
             return
         if output.is_finished():
             sequence.in_manager = False
-            self.processor_lists.pop(sequence.request_id, None)
+            self._drop_lists(sequence.request_id)
         if output.status == RequestStatus.FAILED or output.error is not None:
             sequence.future.set_exception(RuntimeError(f"generation failed: {output.error}"))
             return
@@ -238,7 +247,7 @@ class ContinuousScheduler:
             sequence.deadline.cancel()
             sequence.deadline = None
         if not sequence.in_manager:
-            self.processor_lists.pop(sequence.request_id, None)
+            self._drop_lists(sequence.request_id)
             return
         sequence.in_manager = False
         self.manager.cancel_request(sequence.request_id)
@@ -248,4 +257,8 @@ class ContinuousScheduler:
 
     def _forget(self, request_id: str) -> None:
         forget_result_handler(self.manager, request_id)
+        self._drop_lists(request_id)
+
+    def _drop_lists(self, request_id: str) -> None:
+        self.front_lists.pop(request_id, None)
         self.processor_lists.pop(request_id, None)

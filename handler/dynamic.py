@@ -32,7 +32,8 @@ from handler.stopping import FinishReason, find_stop
 
 MAX_ROWS_PER_GENERATE = 64
 ROWS_HONOUR = frozenset(PARAMETER_NAMES) - {"num_beams"}
-BEAMS_HONOUR = frozenset(PARAMETER_NAMES) - {"stream"}  # verify_params refuses stream with beams
+# verify_params refuses these with beam search
+BEAMS_HONOUR = frozenset(PARAMETER_NAMES) - {"stream", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs"}
 
 
 class DynamicScheduler:
@@ -95,9 +96,10 @@ class DynamicScheduler:
             bad_words = self._bad_words_ids(prompt.params.bad_words)
             for sequence in range(prompt.params.num_return_sequences):
                 processors = row_processors(prompt.params, prompt_length, loaded.eos_token_ids, bad_words)
-                rows.append(RowSampling(processors, generator))
                 send = _bind(sink, index, sequence) if sink and prompt.params.stream else None
-                states.append(SequenceState(prompt, loaded.tokenizer, loaded.eos_token_ids, send))
+                state = SequenceState(prompt, loaded.tokenizer, loaded.eos_token_ids, send)
+                rows.append(RowSampling(processors, generator, state.observe if prompt.params.logprobs else None))
+                states.append(state)
         criteria = BatchStopping(states, prompt_length, self.deadline_seconds)
         config = self._config(max_new_tokens=max(p.params.max_new_tokens for p in prompts), do_sample=False)
         with torch.inference_mode():

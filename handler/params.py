@@ -19,6 +19,9 @@ MIN_SAMPLING_TEMPERATURE = 1e-5  # below it, greedy (vLLM's convention)
 MAX_TEMPERATURE = 100.0
 MIN_REPETITION_PENALTY = 1e-3
 MAX_REPETITION_PENALTY = 1e3
+# OpenAI's ranges: a penalty of 2 per occurrence, a bias of 100 (a ban or a certainty).
+MAX_TOKEN_PENALTY = 2.0
+MAX_LOGIT_BIAS = 100.0
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,8 @@ class ParamLimits:
     max_bad_words: int = 32
     max_num_beams: int = 4
     max_num_return_sequences: int = 4
+    max_logit_bias: int = 300
+    max_top_logprobs: int = 20
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,9 @@ class GenerationParams:
     min_p: float = 0.0
     typical_p: float = 1.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
     do_sample: bool | None = None
     num_beams: int = 1
     penalty_alpha: float = 0.0
@@ -51,6 +59,8 @@ class GenerationParams:
     bad_words: tuple[str, ...] = ()
     return_full_text: bool = False
     details: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
     stream: bool = False
 
     @property
@@ -66,6 +76,7 @@ class GenerationParams:
 
 
 PARAMETER_NAMES: tuple[str, ...] = tuple(f.name for f in fields(GenerationParams))
+DEFAULTS = GenerationParams()
 
 
 def _as_int(value: Any, field: str, minimum: int, maximum: int | None = None) -> int:
@@ -124,6 +135,23 @@ def _as_strings(value: Any, field: str, max_count: int, max_length: int) -> tupl
     return tuple(items)
 
 
+def _as_logit_bias(value: Any, field: str, max_count: int) -> tuple[tuple[int, float], ...]:
+    """A JSON object of token id (a decimal string, as JSON keys are) to bias; the vocabulary is checked in `prompts`."""
+    if not isinstance(value, Mapping):
+        raise RequestError(f"{field} must be an object mapping token ids to biases", field)
+    if len(value) > max_count:
+        raise limit_error(f"{field} has {len(value)} entries, at most {max_count} allowed", field, max_count, len(value))
+    biases: dict[int, float] = {}
+    for key, bias in value.items():
+        text = str(key)
+        if not (text.isascii() and text.isdigit()) or len(text) > 18:
+            raise RequestError(f"{field} keys must be token ids (non-negative integers), got {text[:32]!r}", field)
+        biases[int(text)] = _as_float(bias, f"{field}.{text}", -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
+    if len(biases) < len(value):
+        raise RequestError(f"{field} names the same token id twice (keys such as '1' and '01')", field)
+    return tuple(sorted(biases.items()))
+
+
 def _coerce(name: str, value: Any, field: str, limits: ParamLimits) -> Any:
     if name == "max_new_tokens":
         return _as_int(value, field, 1)
@@ -145,11 +173,17 @@ def _coerce(name: str, value: Any, field: str, limits: ParamLimits) -> Any:
         return _as_float(value, field, 0.0, 1.0)
     if name == "repetition_penalty":
         return _as_float(value, field, MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY)
+    if name in ("presence_penalty", "frequency_penalty"):
+        return _as_float(value, field, -MAX_TOKEN_PENALTY, MAX_TOKEN_PENALTY)
+    if name == "logit_bias":
+        return _as_logit_bias(value, field, limits.max_logit_bias)
+    if name == "top_logprobs":
+        return _as_int(value, field, 0, limits.max_top_logprobs)
     if name == "penalty_alpha":
         return _as_float(value, field, 0.0, 1.0)
     if name == "do_sample":
         return None if value is None else _as_bool(value, field)
-    if name in ("return_full_text", "details", "stream"):
+    if name in ("return_full_text", "details", "logprobs", "stream"):
         return _as_bool(value, field)
     if name == "stop":
         return _as_strings(value, field, limits.max_stop_sequences, limits.max_stop_length)
@@ -162,18 +196,22 @@ def resolve_params(
     layers: Sequence[tuple[str, Mapping[str, Any]]],
     limits: ParamLimits,
     base: GenerationParams | None = None,
+    names: Mapping[str, str] | None = None,
 ) -> GenerationParams:
     """Merge parameter layers, lowest precedence first, each named by its field prefix.
 
     `layers` is e.g. `[("parameters.", request_params), ("instances[0].", overrides)]`;
-    `base` holds the app's defaults, already verified at start-up.
+    `base` holds the app's defaults, already verified at start-up. `names` gives a protocol's
+    own name for a parameter (OpenAI's `max_tokens` for `max_new_tokens`), so errors name
+    the field the client sent.
     """
+    names = names or {}
     values: dict[str, Any] = {}
     for prefix, layer in layers:
         if not isinstance(layer, Mapping):
             raise RequestError(f"{prefix.rstrip('.')} must be a JSON object", prefix.rstrip("."))
         for name, value in layer.items():
-            field = f"{prefix}{name}"
+            field = f"{prefix}{names.get(name, name)}"
             if name not in PARAMETER_NAMES:
                 raise RequestError(
                     f"unknown parameter {field!r}; known parameters: {', '.join(PARAMETER_NAMES)}",
@@ -182,17 +220,20 @@ def resolve_params(
                 )
             values[name] = _coerce(name, value, field, limits)
     params = replace(base or GenerationParams(), **values)
-    verify_params(params)
+    verify_params(params, names)
     return params
 
 
-def verify_params(params: GenerationParams) -> None:
-    """Checks across parameters, each naming the parameter at fault."""
+def verify_params(params: GenerationParams, names: Mapping[str, str] | None = None) -> None:
+    """Checks across parameters, each naming the parameter at fault (by the client's name for it)."""
+    names = names or {}
+
+    def name(native: str) -> str:
+        return names.get(native, native)
+
     if params.min_new_tokens > params.max_new_tokens:
-        raise RequestError(
-            f"min_new_tokens ({params.min_new_tokens}) must be <= max_new_tokens ({params.max_new_tokens})",
-            "min_new_tokens",
-        )
+        low, high = name("min_new_tokens"), name("max_new_tokens")
+        raise RequestError(f"{low} ({params.min_new_tokens}) must be <= {high} ({params.max_new_tokens})", low)
     if params.penalty_alpha > 0:
         raise RequestError(
             "penalty_alpha (contrastive search) is not served: transformers 5 moved contrastive search "
@@ -200,9 +241,13 @@ def verify_params(params: GenerationParams) -> None:
             "penalty_alpha",
         )
     if params.num_return_sequences > 1 and not params.sampling and params.num_return_sequences > params.num_beams:
-        raise RequestError(
-            "num_return_sequences > 1 needs sampling (temperature > 0) or num_beams >= num_return_sequences",
-            "num_return_sequences",
-        )
-    if params.uses_beams and params.stream:
-        raise RequestError("stream is not available with beam search (num_beams > 1)", "stream")
+        n = name("num_return_sequences")
+        raise RequestError(f"{n} > 1 needs sampling (temperature > 0) or num_beams >= {n}", n)
+    if params.top_logprobs > 0 and not params.logprobs:
+        raise RequestError(f"{name('top_logprobs')} needs {name('logprobs')}: true", name("top_logprobs"))
+    if params.uses_beams:
+        if params.stream:
+            raise RequestError("stream is not available with beam search (num_beams > 1)", "stream")
+        for native in ("presence_penalty", "frequency_penalty", "logit_bias", "logprobs"):
+            if getattr(params, native) != getattr(DEFAULTS, native):
+                raise RequestError(f"{name(native)} is not available with beam search (num_beams > 1)", name(native))

@@ -55,6 +55,12 @@ def encode(instance: Instance, tokenizer, prompt_template: str | None, limits: T
             limits.max_input_tokens,
             len(ids),
         )
+    biased, vocabulary = instance.params.logit_bias, len(tokenizer)
+    if biased and biased[-1][0] >= vocabulary:
+        raise RequestError(
+            f"logit_bias names token {biased[-1][0]}, but the vocabulary has {vocabulary} tokens (ids 0 to {vocabulary - 1})",
+            "logit_bias",
+        )
     total = len(ids) + instance.params.max_new_tokens
     if total > limits.max_total_tokens:
         raise limit_error(

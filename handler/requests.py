@@ -55,10 +55,19 @@ def request_body(item: Any) -> Any:
     raise RequestError(FORM_BODY_HINT, "body")
 
 
+def read_body(item: Any) -> Any:
+    """The request's body decoded: a JSON value, or text when it is not JSON."""
+    return _decode(request_body(item))
+
+
 def parse_request(item: Any, shape: RequestShape) -> tuple[Instance, ...]:
-    body = _decode(request_body(item))
+    return parse_body(read_body(item), shape)
+
+
+def parse_body(body: Any, shape: RequestShape) -> tuple[Instance, ...]:
+    """A decoded body in one of the native shapes."""
     if isinstance(body, str):
-        return (Instance(params=resolve_params([], shape.limits, shape.defaults), text=_prompt(body, "body", shape)),)
+        return (Instance(params=resolve_params([], shape.limits, shape.defaults), text=prompt_text(body, "body", shape)),)
     if not isinstance(body, dict):
         kind = "null" if body is None else type(body).__name__
         raise RequestError(
@@ -99,7 +108,7 @@ def _vertex_instances(body: dict[str, Any], shape: RequestShape) -> tuple[Instan
         raise RequestError("instances must be a list", "instances")
     if not instances:
         raise RequestError("instances must not be empty", "instances")
-    _check_count(len(instances), "instances", shape.max_instances)
+    check_count(len(instances), "instances", shape.max_instances)
     request_layer = ("parameters.", body.get("parameters") or {})
     return tuple(_instance(value, f"instances[{i}]", request_layer, shape) for i, value in enumerate(instances))
 
@@ -115,15 +124,15 @@ def _tgi_instances(body: dict[str, Any], shape: RequestShape) -> tuple[Instance,
         prompts = [prompts]
     elif not isinstance(prompts, list) or not prompts:
         raise RequestError(f"{key} must be a string or a non-empty list of strings", key)
-    _check_count(len(prompts), key, shape.max_instances)
+    check_count(len(prompts), key, shape.max_instances)
     params = resolve_params([("parameters.", body.get("parameters") or {})], shape.limits, shape.defaults)
-    return tuple(Instance(params=params, text=_prompt(p, f"{key}[{i}]", shape)) for i, p in enumerate(prompts))
+    return tuple(Instance(params=params, text=prompt_text(p, f"{key}[{i}]", shape)) for i, p in enumerate(prompts))
 
 
 def _instance(value: Any, where: str, request_layer: tuple[str, Any], shape: RequestShape) -> Instance:
     if isinstance(value, str):
         params = resolve_params([request_layer], shape.limits, shape.defaults)
-        return Instance(params=params, text=_prompt(value, where, shape))
+        return Instance(params=params, text=prompt_text(value, where, shape))
     if not isinstance(value, dict):
         raise RequestError(f"{where} must be a string or an object with 'prompt', 'inputs' or 'messages'", where)
     present = [key for key in PROMPT_KEYS if key in value]
@@ -133,11 +142,12 @@ def _instance(value: Any, where: str, request_layer: tuple[str, Any], shape: Req
     overrides = {name: v for name, v in value.items() if name != key}
     params = resolve_params([request_layer, (f"{where}.", overrides)], shape.limits, shape.defaults)
     if key == "messages":
-        return Instance(params=params, messages=_messages(value[key], f"{where}.messages", shape))
-    return Instance(params=params, text=_prompt(value[key], f"{where}.{key}", shape))
+        return Instance(params=params, messages=chat_messages(value[key], f"{where}.messages", shape))
+    return Instance(params=params, text=prompt_text(value[key], f"{where}.{key}", shape))
 
 
-def _prompt(value: Any, where: str, shape: RequestShape) -> str:
+def prompt_text(value: Any, where: str, shape: RequestShape) -> str:
+    """A prompt string, checked as every protocol's prompts are: non-empty, valid Unicode, within max_prompt_chars."""
     if not isinstance(value, str):
         raise RequestError(f"{where} must be a string, got {type(value).__name__}", where)
     if not value.strip():
@@ -153,7 +163,8 @@ def _prompt(value: Any, where: str, shape: RequestShape) -> str:
     return value
 
 
-def _messages(value: Any, where: str, shape: RequestShape) -> tuple[dict[str, str], ...]:
+def chat_messages(value: Any, where: str, shape: RequestShape) -> tuple[dict[str, str], ...]:
+    """Chat messages as `{"role", "content"}` objects with a known role and a valid prompt string each."""
     if not isinstance(value, list) or not value:
         raise RequestError(f"{where} must be a non-empty list of {{'role', 'content'}} objects", where)
     messages = []
@@ -165,7 +176,7 @@ def _messages(value: Any, where: str, shape: RequestShape) -> tuple[dict[str, st
             raise RequestError(
                 f"{field}.role must be one of {', '.join(CHAT_ROLES)}, got {message['role']!r}", f"{field}.role"
             )
-        messages.append({"role": message["role"], "content": _prompt(message["content"], f"{field}.content", shape)})
+        messages.append({"role": message["role"], "content": prompt_text(message["content"], f"{field}.content", shape)})
     return tuple(messages)
 
 
@@ -176,6 +187,6 @@ def _reject_unknown_keys(body: dict[str, Any], allowed: tuple[str, ...], prefix:
             raise RequestError(f"unknown field {prefix}{key!r}{hint}; allowed: {', '.join(allowed)}", f"{prefix}{key}")
 
 
-def _check_count(count: int, field: str, maximum: int) -> None:
+def check_count(count: int, field: str, maximum: int) -> None:
     if count > maximum:
         raise limit_error(f"{field} has {count} entries, at most {maximum} allowed per request", field, maximum, count)

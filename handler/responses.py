@@ -1,6 +1,6 @@
 """The answer's shape: Vertex-style `{"predictions": [...]}` bodies and the stream's JSON lines.
 
-Another protocol (an OpenAI API) renders the same completions with its own module beside this one.
+The OpenAI API renders the same completions with its own package beside this one (`handler.openai`).
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from handler.logprobs import TokenLogprob
 from handler.prompts import Prompt
 from handler.sequence import Completion
 
@@ -25,7 +26,14 @@ def prediction(completion: Completion, prompt: Prompt) -> dict[str, Any]:
             prompt_tokens=completion.prompt_tokens,
             generated_tokens=completion.generated_tokens,
         )
+    if prompt.params.logprobs:
+        result["logprobs"] = [_token(token) for token in completion.logprobs]
     return result
+
+
+def _token(token: TokenLogprob) -> dict[str, Any]:
+    top = [{"id": t.token_id, "text": t.text, "logprob": t.logprob} for t in token.top]
+    return {"id": token.token_id, "text": token.text, "logprob": token.logprob, "top_logprobs": top}
 
 
 def body(answer: Answer) -> str:

@@ -1,20 +1,23 @@
 """Per-row logits processing, so one batch can honour every request's own parameters.
 
 The dynamic scheduler runs `generate` greedy (argmax) over the whole batch. Each row's own
-processors (repetition penalty, bad words, min_new_tokens, temperature, top-k, top-p, min-p,
-typical-p) are transformers' own classes applied to that row's slice; a sampling row then
+processors (repetition penalty, presence and frequency penalties, logit bias, bad words,
+min_new_tokens, temperature, top-k, top-p, min-p, typical-p) are transformers' own classes applied to that row's slice; a sampling row then
 draws its token with the request's own `torch.Generator` and leaves only that token
 possible, so argmax picks it. A seeded request therefore gives the same text alone or
 in a batch, and neighbours never share parameters.
 
-`sequence_processors` is the part both schedulers apply per sequence, the continuous one
-through `batch_processors.SequenceProcessors`: a per-row processor added there (a logits
-mask, a bias) works on both paths.
+`front_processors` (on the raw logits: presence and frequency penalties, logit bias) and
+`sequence_processors` (after the sampling filters: min-p) are the parts both schedulers apply
+per sequence, the continuous one through `batch_processors.SequenceProcessors`: a per-row
+processor added to either works on both paths. A row's `observer` (its `SequenceState`, when
+it asked for `logprobs`) sees the raw logits before any processor.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from transformers import LogitsProcessor
@@ -30,14 +33,16 @@ from transformers.generation.logits_process import (
 )
 
 from handler.params import GenerationParams
+from handler.penalties import penalty_processors
 
 
 @dataclass
 class RowSampling:
-    """One batch row's processors, and the generator it samples with (None for greedy)."""
+    """One batch row's processors, the generator it samples with (None for greedy), and who sees its raw logits."""
 
     processors: list[LogitsProcessor] = field(default_factory=list)
     generator: torch.Generator | None = None
+    observer: Callable[[torch.Tensor], None] | None = None
 
 
 def request_generator(params: GenerationParams, device: torch.device) -> torch.Generator | None:
@@ -62,6 +67,7 @@ def row_processors(
     processors: list[LogitsProcessor] = []
     if params.repetition_penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    processors += front_processors(params, prompt_length)
     if bad_words_ids:
         processors.append(NoBadWordsLogitsProcessor(bad_words_ids, eos_token_ids))
     if params.min_new_tokens > 0 and eos_token_ids:
@@ -79,6 +85,13 @@ def row_processors(
     return processors
 
 
+def front_processors(params: GenerationParams, prompt_length: int) -> list[LogitsProcessor]:
+    """The processors both schedulers run on each sequence's raw logits, before temperature and the
+    filters: presence and frequency penalties and logit bias. `prompt_length` is where the row's
+    generated tokens start."""
+    return penalty_processors(params, prompt_length)
+
+
 def sequence_processors(params: GenerationParams) -> list[LogitsProcessor]:
     """The processors both schedulers run on each sequence's row, after temperature, top-k and top-p."""
     if params.sampling and params.min_p > 0.0:
@@ -94,6 +107,8 @@ class PerRowSampler(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         for index, row in enumerate(self.rows):
+            if row.observer is not None:
+                row.observer(scores[index])
             if not row.processors and row.generator is None:
                 continue
             row_ids = input_ids[index : index + 1]

@@ -3,7 +3,8 @@
 A scheduler calls `step` with the sequence's generated ids after each token, and
 `completion` once it is done. Everything a sequence decides on its own lives here, so both
 schedulers finish, trim and stream a sequence the same way (TGI's per-request
-`StoppingCriteria`).
+`StoppingCriteria`). A sequence asked for `logprobs` is also shown each step's raw logits
+(`observe`) and records the log-probability of the token that step picked.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from handler.detokenizer import IncrementalDetokenizer
+from handler.logprobs import TokenLogprob, token_logprob
 from handler.prompts import Prompt
 from handler.stopping import FinishReason, StopScan, releasable_length
 
@@ -25,6 +27,7 @@ class Completion:
     generated_tokens: int
     seconds: float = 0.0
     first_token_seconds: float | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class SequenceState:
@@ -32,6 +35,7 @@ class SequenceState:
 
     def __init__(self, prompt: Prompt, tokenizer, eos_token_ids: list[int], sink: Callable[[str], None] | None):
         self.prompt = prompt
+        self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.sink = sink
         self.detokenizer = IncrementalDetokenizer(tokenizer)
@@ -43,6 +47,13 @@ class SequenceState:
         self.started = time.perf_counter()
         self.first_token_seconds: float | None = None
         self.seconds = 0.0
+        self.logprobs: list[TokenLogprob] = []
+        self.pending = None
+
+    def observe(self, logits) -> None:
+        """This step's raw logits `[V]`, before any processor, for the token the step picks."""
+        if self.reason is None:
+            self.pending = logits.detach().clone()
 
     def step(self, ids: Sequence[int], out_of_time: bool = False) -> bool:
         """Take the sequence's generated ids so far; True once it is finished."""
@@ -52,6 +63,10 @@ class SequenceState:
         if self.first_token_seconds is None:
             self.first_token_seconds = self.seconds
         self.generated = len(ids)
+        if self.pending is not None and ids:
+            if ids[-1] not in self.eos_token_ids:
+                self.logprobs.append(token_logprob(self.pending, ids[-1], self.prompt.params.top_logprobs, self._token_text))
+            self.pending = None
         if ids and ids[-1] in self.eos_token_ids:
             self.reason, ids = FinishReason.EOS, ids[:-1]
         elif self.generated >= self.prompt.params.max_new_tokens or out_of_time:
@@ -79,4 +94,20 @@ class SequenceState:
             self.generated,
             self.seconds,
             self.first_token_seconds,
+            self._kept_logprobs(),
         )
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _kept_logprobs(self) -> tuple[TokenLogprob, ...]:
+        """The tokens of the returned text: after a stop string, those that start before it."""
+        if self.reason != FinishReason.STOP:
+            return tuple(self.logprobs)
+        kept, length = [], 0
+        for token in self.logprobs:
+            if length >= len(self.text):
+                break
+            kept.append(token)
+            length += len(token.text)
+        return tuple(kept)

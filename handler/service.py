@@ -1,7 +1,7 @@
 """The handler without its server: the request pipeline in front of the schedulers.
 
-`prepare` turns one request into prompts or the error that rejects it (shapes, then
-parameters, then prompts); `answer` completes the prompts of several requests through one
+`prepare` turns one request into its protocol's exchange (`protocols`) and prompts, or the
+error that rejects it (shapes, then parameters, then prompts); `answer` completes the prompts of several requests through one
 scheduler call and gives each request its answer or its own error, as data. Which server
 hosts this (TorchServe today, through `torchserve_handler`) it does not know.
 """
@@ -19,7 +19,8 @@ from handler.dynamic import DynamicScheduler
 from handler.errors import RequestError
 from handler.loading import LoadedModel, load_model
 from handler.prompts import Prompt, encode
-from handler.requests import RequestShape, parse_request
+from handler.protocols import Exchange, NativeExchange, named_exchange, sniffed_exchange
+from handler.requests import RequestShape, read_body
 from handler.responses import Answer, prediction_offsets
 from handler.scheduler import Router, Scheduler
 from handler.settings import HandlerSettings
@@ -38,8 +39,10 @@ class Service:
         loaded: LoadedModel,
         scheduler: Scheduler,
         continuous: ContinuousScheduler | None = None,
+        model_name: str = "model",
     ):
         self.settings = settings
+        self.model_name = model_name  # what OpenAI answers call the model when a request names none
         self.loaded = loaded
         self.scheduler = scheduler
         self.continuous = continuous
@@ -51,35 +54,41 @@ class Service:
         )
 
     @classmethod
-    def start(cls, settings: HandlerSettings, model_dir: Path, device: torch.device) -> "Service":
+    def start(cls, settings: HandlerSettings, model_dir: Path, device: torch.device, model_name: str) -> "Service":
         """Loads the model and starts the schedulers `handler.batching` asks for."""
         loaded = load_model(model_dir, settings, device)
         dynamic = DynamicScheduler(loaded, settings.deadline_seconds)
         if settings.warmup:
             dynamic.warm_up()
         if settings.batching != "continuous":
-            return cls(settings, loaded, dynamic)
+            return cls(settings, loaded, dynamic, model_name=model_name)
         continuous = ContinuousScheduler(loaded, settings.continuous, settings.deadline_seconds)
         beside = DynamicScheduler(loaded, settings.deadline_seconds, threaded=True, guard=continuous.exclusive)
-        return cls(settings, loaded, Router([continuous, beside]), continuous)
+        return cls(settings, loaded, Router([continuous, beside]), continuous, model_name)
 
     def stop(self) -> None:
         if self.continuous is not None:
             self.continuous.stop()
 
-    def prepare(self, item: Any) -> Prepared:
-        """One request's prompts, or the error that rejects it; never raises for bad input."""
+    def prepare(self, item: Any, protocol: str | None = None) -> tuple[Exchange, Prepared]:
+        """One request's exchange (its protocol: named by `protocol`, else by its body's shape) and
+        its prompts, or the error that rejects it; never raises for bad input."""
+        exchange: Exchange = NativeExchange()
         try:
-            instances = parse_request(item, self.shape)
-            return [
-                encode(instance, self.loaded.tokenizer, self.settings.prompt_template, self.loaded.limits, f"instances[{i}]")
-                for i, instance in enumerate(instances)
-            ]
+            exchange = named_exchange(protocol, self.model_name)
+            body = read_body(item)
+            if protocol is None:
+                exchange = sniffed_exchange(body, self.model_name)
+            instances = exchange.parse(body, self.shape)
+            tokenizer, template, limits = self.loaded.tokenizer, self.settings.prompt_template, self.loaded.limits
+            prompts = [encode(instance, tokenizer, template, limits, f"instances[{i}]") for i, instance in enumerate(instances)]
+            exchange.begin(prompts)
+            return exchange, prompts
         except RequestError as error:
-            return error
+            return exchange, exchange.rename(error)
         except Exception:  # a bug on one request's path must not fail the rest of its batch
             logger.exception("could not prepare a request")
-            return RequestError("could not prepare this request; see the server log", status=500)
+            return exchange, RequestError("could not prepare this request; see the server log", status=500)
 
     async def answer(self, requests: list[Prepared], sink: RequestSink | None = None) -> list[Answer | RequestError]:
         """Every valid request's prompts in one scheduler call; a failed call answers each of them with a 500."""

@@ -1,8 +1,8 @@
 """The TorchServe adapter, and the only module that imports `ts`.
 
 It translates TorchServe's lifecycle into calls on `service.Service` and owns everything
-TorchServe-specific for both batching modes: statuses, content types, stream chunks and
-metrics. With `handler.batching: dynamic` TorchServe hands `handle` a batch of requests and
+TorchServe-specific for both batching modes: the protocol header the front sets
+(`X-LLM-Protocol`), statuses, content types, stream chunks and metrics. With `handler.batching: dynamic` TorchServe hands `handle` a batch of requests and
 every valid prompt of it is completed together. With `handler.batching: continuous` (and
 `asyncCommunication: true` in model-config.yaml) `handle` returns a coroutine that
 TorchServe's async worker awaits on its one event loop, and each request is answered on its
@@ -22,10 +22,10 @@ from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler import responses
 from handler.errors import RequestError
 from handler.loading import pick_device
 from handler.metrics import UNITS, GenerationStats, metric_values
+from handler.protocols import PROTOCOL_HEADER, Exchange
 from handler.responses import JSON, Answer
 from handler.service import Prepared, Service
 from handler.settings import HandlerSettings
@@ -33,12 +33,22 @@ from handler.sources import weights_dir
 
 logger = logging.getLogger(__name__)
 METRIC_TYPES = {"counter": MetricTypes.COUNTER, "gauge": MetricTypes.GAUGE}
+# A request's exchange, its answer (or error), and whether pieces of it were already sent.
+Answered = tuple[Exchange, Answer | RequestError, bool]
 
 
-def send_chunk(context, index: int, prediction_index: int, text: str) -> None:
-    """One piece of a streaming request's text, as a JSON line in its own HTTP chunk."""
-    chunk = responses.chunk(prediction_index, text)
-    send_intermediate_predict_response({index: chunk}, {index: context.request_ids[index]}, "", 200, context)
+def send_piece(context, index: int, exchange: Exchange, prediction_index: int, text: str) -> None:
+    """One piece of a streaming request's text, in its protocol's form, in its own HTTP chunk."""
+    context.set_response_content_type(index, exchange.content_type)
+    piece = exchange.piece(prediction_index, text)
+    send_intermediate_predict_response({index: piece}, {index: context.request_ids[index]}, "", 200, context)
+
+
+def protocol_of(context, index: int) -> str | None:
+    """The protocol the front named for request `index` (`X-LLM-Protocol`), whatever the header's case."""
+    wanted = PROTOCOL_HEADER.lower()
+    headers = context.get_all_request_header(index) or {}
+    return next((str(value) for name, value in headers.items() if str(name).lower() == wanted), None)
 
 
 class LLMHandler(BaseHandler):
@@ -46,7 +56,7 @@ class LLMHandler(BaseHandler):
         settings = HandlerSettings.from_config(context.model_yaml_config, os.environ)
         properties = context.system_properties
         model_dir = weights_dir(Path(properties["model_dir"]), settings.model_dir_override, settings.storage_uri)
-        self.service = Service.start(settings, model_dir, pick_device(properties.get("gpu_id")))
+        self.service = Service.start(settings, model_dir, pick_device(properties.get("gpu_id")), context.model_name)
         self.model_name = context.model_name
         self.initialized = True
 
@@ -55,37 +65,56 @@ class LLMHandler(BaseHandler):
             return self._handle_each(data, context)
         return super().handle(data, context)
 
-    def preprocess(self, data: list[Any]) -> list[Prepared]:
-        return [self.service.prepare(item) for item in data]
+    def preprocess(self, data: list[Any]) -> list[tuple[Exchange, Prepared]]:
+        return [self.service.prepare(item, protocol_of(self.context, index)) for index, item in enumerate(data)]
 
-    def inference(self, batch: list[Prepared], *args, **kwargs) -> list[Answer | RequestError]:
+    def inference(self, batch: list[tuple[Exchange, Prepared]], *args, **kwargs) -> list[Answered]:
         context = self.context
-        return asyncio.run(self.service.answer(batch, lambda index, at, text: send_chunk(context, index, at, text)))
+        exchanges = [exchange for exchange, _ in batch]
+        streamed: set[int] = set()
 
-    def postprocess(self, answers: list[Answer | RequestError]) -> list[str]:
-        return [self._body(self.context, index, answer) for index, answer in enumerate(answers)]
+        def sink(index: int, prediction_index: int, text: str) -> None:
+            streamed.add(index)
+            send_piece(context, index, exchanges[index], prediction_index, text)
+
+        answers = asyncio.run(self.service.answer([prepared for _, prepared in batch], sink))
+        return [(exchange, answer, index in streamed) for index, (exchange, answer) in enumerate(zip(exchanges, answers))]
+
+    def postprocess(self, answered: list[Answered]) -> list[str]:
+        return [self._body(self.context, index, *entry) for index, entry in enumerate(answered)]
 
     async def _handle_each(self, data: list[Any], context) -> list[str]:
         """The coroutine TorchServe's async worker awaits: each request completed and answered on its own."""
 
         async def one(index: int, item: Any) -> str:
-            def sink(_: int, prediction_index: int, text: str) -> None:
-                send_chunk(context, index, prediction_index, text)
+            exchange, prepared = self.service.prepare(item, protocol_of(context, index))
+            streamed = False
 
-            [answer] = await self.service.answer([self.service.prepare(item)], sink)
-            return self._body(context, index, answer)
+            def sink(_: int, prediction_index: int, text: str) -> None:
+                nonlocal streamed
+                streamed = True
+                send_piece(context, index, exchange, prediction_index, text)
+
+            [answer] = await self.service.answer([prepared], sink)
+            return self._body(context, index, exchange, answer, streamed)
 
         return list(await asyncio.gather(*(one(index, item) for index, item in enumerate(data))))
 
-    def _body(self, context, index: int, answer: Answer | RequestError) -> str:
-        context.set_response_content_type(index, JSON)
+    def _body(self, context, index: int, exchange: Exchange, answer: Answer | RequestError, streamed: bool) -> str:
+        """The last part of a response: the whole body, the end of a stream, or an error in the exchange's shape.
+
+        An error after an SSE stream began is an event of that stream: its status line has gone."""
         if isinstance(answer, RequestError):
+            if streamed and exchange.stream:
+                return exchange.stream_error(answer)
+            context.set_response_content_type(index, JSON)
             context.set_response_status(answer.status, answer.message, index)
-            return answer.json()
+            return exchange.error_body(answer)
+        context.set_response_content_type(index, exchange.content_type)
         for _, completions in answer:
             for completion in completions:
                 self._report(context, GenerationStats.of(completion))
-        return responses.body(answer)
+        return exchange.body(answer)
 
     def _report(self, context, stats: GenerationStats) -> None:
         dimensions = [Dimension("ModelName", self.model_name), Dimension("Level", "Model")]

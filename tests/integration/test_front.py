@@ -1,6 +1,6 @@
 """The front's HTTP promises, on the real process tree (front, healer, a real TorchServe serving SmolLM2).
 
-Vertex's routes and the reserved ``/v1``; JSON for every refusal; a request-size limit on
+Vertex's routes and ``/v1`` (the OpenAI API, its own tests in test_openai_api.py); JSON for every refusal; a request-size limit on
 declared and chunked bodies; a deadline for request headers; a bounded number of
 connections; histograms on the metrics port; a client that leaves is noticed; only the
 front listens beyond TorchServe's loopback ports; and SIGTERM drains what is in flight
@@ -87,8 +87,8 @@ def test_vertex_routes_and_health_answer(front):
 
 
 @pytest.mark.parametrize("method, path, status, word", [
-    ("POST", "/v1/chat/completions", 404, "reserved"),
-    ("GET", "/v1/models", 404, "reserved"),
+    ("GET", "/v1/chat/completions", 405, "use POST"),
+    ("POST", "/v1/embeddings", 404, "no route"),
     ("POST", "/predictions/nope", 404, "nope"),
     ("GET", "/predictions/smollm2", 405, "GET"),
     ("GET", "/metrics", 404, "/health"),
@@ -97,7 +97,8 @@ def test_vertex_routes_and_health_answer(front):
 def test_what_is_not_served_is_refused_in_json(front, method, path, status, word):
     got, _, body = request(front, method, path, b"{}" if method == "POST" else None)
     assert got == status
-    assert word in json.loads(body)["error"]
+    error = json.loads(body)["error"]
+    assert word in (error["message"] if path.startswith("/v1/") else error)  # OpenAI's shape under /v1
 
 
 def test_the_handler_errors_pass_through(front):

@@ -30,10 +30,10 @@ def make_context(model_name: str, model_dir: Path, model_yaml_config: dict, batc
     return context
 
 
-def start_batch(context: Context, bodies: list) -> list[dict[str, Any]]:
-    """Sets the context up for one TorchServe message of `bodies`; returns the handler's `data`."""
+def start_batch(context: Context, bodies: list, headers: list[dict[str, str]] | None = None) -> list[dict[str, Any]]:
+    """Sets the context up for one TorchServe message of `bodies` (each with its request `headers`); returns the handler's `data`."""
     context.request_ids = {i: f"request-{i}" for i in range(len(bodies))}
-    context.request_processor = [RequestProcessor({}) for _ in bodies]
+    context.request_processor = [RequestProcessor(dict(h)) for h in headers or [{} for _ in bodies]]
     context.metrics.request_ids = context.request_ids
     return [{"body": body} for body in bodies]
 
@@ -42,11 +42,26 @@ def statuses_and_bodies(context: Context, outputs: list[str]) -> list[tuple[int,
     return [(context.get_response_status(i)[0], json.loads(out)) for i, out in enumerate(outputs)]
 
 
-def run_batch(handler, context: Context, bodies: list) -> list[tuple[int, dict]]:
+def run_batch(handler, context: Context, bodies: list, headers: list[dict[str, str]] | None = None) -> list[tuple[int, dict]]:
     """One batch through the synchronous (dynamic batching) `handle`: each request's status and body."""
-    outputs = handler.handle(start_batch(context, bodies), context)
+    outputs = handler.handle(start_batch(context, bodies, headers), context)
     assert len(outputs) == len(bodies)
     return statuses_and_bodies(context, outputs)
+
+
+def run_raw(handler, context: Context, bodies: list, headers: list[dict[str, str]] | None = None) -> tuple[list[str], list[tuple[int, bytes]]]:
+    """One message through `handle` (either path), streams read back: each request's last output, and the chunks sent."""
+    reader, writer = socket.socketpair()
+    context.cl_socket = writer
+    try:
+        outputs = handler.handle(start_batch(context, bodies, headers), context)
+        if asyncio.iscoroutine(outputs):
+            outputs = asyncio.run(outputs)
+        chunks = read_messages(reader)
+    finally:
+        reader.close()
+        writer.close()
+    return outputs, chunks
 
 
 def run_async(handler, context: Context, bodies: list) -> tuple[list[tuple[int, dict]], list[tuple[int, bytes]]]:

@@ -15,9 +15,9 @@ def handler_imports(path: Path) -> tuple[set[str], set[str]]:
     """The handler modules and the top-level packages a module imports, wherever in the module."""
     ours, others = set(), set()
     for node in ast.walk(ast.parse(path.read_text())):
-        names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in getattr(node, "names", [])]
         if not isinstance(node, (ast.Import, ast.ImportFrom)):
             continue
+        names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
         for name in names:
             if name == "handler" and isinstance(node, ast.ImportFrom):
                 ours.update(alias.name for alias in node.names)
@@ -28,7 +28,18 @@ def handler_imports(path: Path) -> tuple[set[str], set[str]]:
     return ours, others
 
 
+def package_imports(package: Path) -> tuple[set[str], set[str]]:
+    """A subpackage counts as one module: what its files import from outside it."""
+    ours, others = set(), set()
+    for path in package.glob("*.py"):
+        mine, theirs = handler_imports(path)
+        ours |= mine - {package.name}
+        others |= theirs
+    return ours, others
+
+
 MODULES = {path.stem: handler_imports(path) for path in HANDLER.glob("*.py") if path.stem != "__init__"}
+MODULES.update({path.parent.name: package_imports(path.parent) for path in HANDLER.glob("*/__init__.py")})
 
 
 def test_only_the_adapter_imports_torchserve():

@@ -145,6 +145,48 @@ def test_parameters_must_be_an_object():
     assert caught.value.field == "parameters"
 
 
+def test_logit_bias_becomes_sorted_token_id_pairs():
+    from handler.params import _as_logit_bias
+
+    assert _as_logit_bias({"7": 1, "3": -100.0}, "parameters.logit_bias", 300) == ((3, -100.0), (7, 1.0))
+
+
+def test_logit_bias_naming_one_token_twice_is_refused():
+    assert rejects({"logit_bias": {"1": 1, "01": 2}}).field == "parameters.logit_bias"
+
+
+def test_logit_bias_over_its_limit_is_a_422():
+    with pytest.raises(RequestError) as caught:
+        resolve_params([("parameters.", {"logit_bias": {str(i): 1 for i in range(301)}})], ParamLimits())
+    assert (caught.value.status, caught.value.details["limit"]) == (422, 300)
+
+
+@pytest.mark.parametrize("value", [["1"], "1", {"-1": 1}, {"1": "x"}, {"1": math.nan}, {"1": 100.5}])
+def test_bad_logit_bias_is_refused(value):
+    assert rejects({"logit_bias": value}).field.startswith("parameters.logit_bias")
+
+
+@pytest.mark.parametrize("name", ["presence_penalty", "frequency_penalty"])
+@pytest.mark.parametrize("value", [2.01, -2.01, math.nan, "1"])
+def test_token_penalties_are_within_openai_range(name, value):
+    assert rejects({name: value}).field == f"parameters.{name}"
+
+
+def test_top_logprobs_is_bounded_and_needs_logprobs():
+    assert rejects({"logprobs": True, "top_logprobs": 21}).field == "parameters.top_logprobs"
+    assert rejects({"top_logprobs": 2}).field == "top_logprobs"
+
+
+def test_beam_search_refuses_token_penalties():
+    assert rejects({"num_beams": 2, "frequency_penalty": 0.5}).field == "frequency_penalty"
+
+
+def test_token_penalties_logit_bias_and_logprobs_resolve():
+    params = resolve({"presence_penalty": 0.5, "frequency_penalty": -1, "logit_bias": {"9": 5}, "logprobs": True, "top_logprobs": 3})
+    assert (params.presence_penalty, params.frequency_penalty, params.logit_bias) == (0.5, -1.0, ((9, 5.0),))
+    assert (params.logprobs, params.top_logprobs) == (True, 3)
+
+
 @pytest.mark.parametrize("value", [0, 0.0, 0.05, 1, 1.0])
 def test_min_p_takes_a_number_from_zero_to_one(value):
     assert resolve({"min_p": value}).min_p == float(value)

@@ -43,3 +43,13 @@ def test_a_conversation_the_template_refuses_is_a_400_naming_the_messages(tokeni
 def test_a_conversation_the_template_accepts_still_renders(tokenizer):
     prompt = encode(chat("user", "assistant", "user"), tokenizer, None, LIMITS, "instances[0]")
     assert prompt.text.startswith("user: hi\nassistant: hi\n") and prompt.input_ids
+
+
+def test_logit_bias_on_a_token_outside_the_vocabulary_is_a_400(tokenizer):
+    vocabulary = len(tokenizer)
+    inside = Instance(params=GenerationParams(logit_bias=((vocabulary - 1, 1.0),)), text="hi")
+    assert encode(inside, tokenizer, None, LIMITS, "instances[0]").params.logit_bias == ((vocabulary - 1, 1.0),)
+    outside = Instance(params=GenerationParams(logit_bias=((1, 1.0), (vocabulary, 1.0))), text="hi")
+    with pytest.raises(RequestError) as caught:
+        encode(outside, tokenizer, None, LIMITS, "instances[0]")
+    assert caught.value.field == "logit_bias" and str(vocabulary) in caught.value.message

@@ -1,0 +1,120 @@
+"""The OpenAI API's routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``.
+
+Its semantics live in the handler (``handler/openai``), where they share validation,
+limits and statuses with the native API. These routes only pick the app the body's
+``model`` names (404 in OpenAI's shape for one not served; the default app when the body
+names none) and relay the body unchanged to TorchServe's ``/predictions/APP`` with
+``X-LLM-Protocol``, the answer (JSON, or an SSE stream) streaming back as it comes. What the
+front refuses itself (a body too large, an app still loading, a dead worker) is worded in
+OpenAI's ``{"error": {message, type, param, code}}`` too; so is a stream that breaks off.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway.relay import BodyError, Dialect, read_body, relay
+
+PROTOCOL_HEADER = "X-LLM-Protocol"
+CODES = {404: "model_not_found", 408: "timeout", 413: "request_too_large", 502: "upstream_unavailable",
+         503: "unavailable", 507: "worker_died"}
+STARTED = int(time.time())
+
+
+def openai_error(status: int, message: str, headers: dict[str, str] | None = None, **extra) -> JSONResponse:
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    body = {"message": message, "type": kind, "param": extra.get("field"), "code": CODES.get(status)}
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+def broken_stream(message: str, code: int) -> bytes:
+    """An SSE error event and the stream's end; the blank lines first close any event cut short."""
+    event = {"error": {"message": message, "type": "server_error", "param": None, "code": CODES.get(code)}}
+    return b"\n\ndata: " + json.dumps(event).encode() + b"\n\ndata: [DONE]\n\n"
+
+
+def dialect(protocol: str) -> Dialect:
+    return Dialect(openai_error, broken_stream, ((PROTOCOL_HEADER, protocol),), rewords_upstream=True)
+
+
+CHAT = dialect("openai-chat")
+COMPLETIONS = dialect("openai-completions")
+
+
+async def chat_completions(request: Request) -> Response:
+    return await _relay(request, CHAT)
+
+
+async def completions(request: Request) -> Response:
+    return await _relay(request, COMPLETIONS)
+
+
+async def _relay(request: Request, protocol: Dialect) -> Response:
+    front = request.app.state.front
+    try:
+        body = await read_body(request, front.settings.max_request_bytes, front.settings.body_timeout_s)
+    except BodyError as exc:
+        return exc.response(protocol)
+    except ClientDisconnect:
+        return Response(status_code=499)
+    app = _model(body, front.settings.app)
+    if app not in front.healer.apps:
+        return _unknown(front, app)
+    return await relay(request, app, f"/predictions/{app}", protocol, body)
+
+
+def _model(body: bytes, default: str) -> str:
+    """The app the body's `model` names; a body that is not JSON, or names none, goes to the default
+    app, whose handler then answers it (a bad body with its error)."""
+    try:
+        model = json.loads(body).get("model")
+    except (ValueError, AttributeError, RecursionError):
+        return default
+    return model if isinstance(model, str) and model else default
+
+
+def _unknown(front, model: str) -> JSONResponse:
+    served = ", ".join(sorted(front.healer.apps))
+    return openai_error(404, f"the model {model[:100]!r} does not exist; served: {served}", field="model")
+
+
+def _card(name: str) -> dict:
+    return {"id": name, "object": "model", "created": STARTED, "owned_by": "torchserve-llm"}
+
+
+async def models(request: Request) -> Response:
+    front = request.app.state.front
+    return JSONResponse({"object": "list", "data": [_card(name) for name in sorted(front.healer.apps)]})
+
+
+async def model(request: Request) -> Response:
+    front = request.app.state.front
+    name = request.path_params["model"]
+    return JSONResponse(_card(name)) if name in front.healer.apps else _unknown(front, name)
+
+
+ROUTES = {"/v1/chat/completions": "POST", "/v1/completions": "POST", "/v1/models": "GET"}
+
+
+async def no_route(request: Request) -> Response:
+    """Anything else under /v1: a known path with the wrong method is a 405, the rest a 404."""
+    path = request.url.path.rstrip("/")
+    if path in ROUTES:
+        return openai_error(405, f"{request.method} is not allowed on {path}; use {ROUTES[path]}")
+    served = ", ".join(f"{method} {route}" for route, method in ROUTES.items())
+    return openai_error(404, f"no route {request.method} {request.url.path}; served: {served}")
+
+
+def openai_routes() -> list[Route]:
+    return [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{model:path}", model, methods=["GET"]),
+        Route("/v1/{rest:path}", no_route, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
+    ]
