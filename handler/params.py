@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping, Sequence
 
 from handler.errors import RequestError, limit_error
+from handler.response_format import ResponseFormat, parse_response_format
 
 MAX_SEED = 2**63 - 1
 # Bounds that keep a row's float32 logits finite: past them (temperature 1e-40 or 1e39,
@@ -30,6 +31,7 @@ class ParamLimits:
     max_bad_words: int = 32
     max_num_beams: int = 4
     max_num_return_sequences: int = 4
+    max_response_format_bytes: int = 32_768
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class GenerationParams:
     return_full_text: bool = False
     details: bool = False
     stream: bool = False
+    response_format: ResponseFormat | None = None
 
     @property
     def sampling(self) -> bool:
@@ -152,6 +155,8 @@ def _coerce(name: str, value: Any, field: str, limits: ParamLimits) -> Any:
         return _as_strings(value, field, limits.max_stop_sequences, limits.max_stop_length)
     if name == "bad_words":
         return _as_strings(value, field, limits.max_bad_words, limits.max_stop_length)
+    if name == "response_format":
+        return parse_response_format(value, field, limits.max_response_format_bytes)
     raise AssertionError(f"no coercion for {name}")
 
 
@@ -203,3 +208,18 @@ def verify_params(params: GenerationParams) -> None:
         )
     if params.uses_beams and params.stream:
         raise RequestError("stream is not available with beam search (num_beams > 1)", "stream")
+    if params.response_format is not None:
+        _verify_constrained(params)
+
+
+def _verify_constrained(params: GenerationParams) -> None:
+    """Parameters a grammar cannot share a row with: beams reorder rows under their per-row
+    grammar state, and a grammar that allows only EOS, or only banned words, leaves a row nothing."""
+    clashes = {
+        "num_beams": params.uses_beams,
+        "min_new_tokens": params.min_new_tokens > 0,
+        "bad_words": bool(params.bad_words),
+    }
+    for name, clash in clashes.items():
+        if clash:
+            raise RequestError(f"{name} cannot be combined with response_format", name)
