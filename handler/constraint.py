@@ -8,31 +8,39 @@ continuous one from the manager's thread, and both hand it the whole row.
 
 It must run before temperature, top-k and top-p, which pick among the allowed tokens; run
 after them, a greedy row's only candidate may be one the grammar forbids. It never raises:
-a token the grammar refuses (a bug, or a processor that left the row nothing allowed) sets
-`error`, and the row is then given only EOS, so it ends at once while its batch neighbours
-go on.
+a failure sets `failure`, the error its request gets, and the row is then given only EOS,
+so it ends at once while its batch neighbours go on. Failures: a token the grammar refuses
+(a bug, or a processor that left the row nothing allowed), and a grammar too ambiguous to
+follow: xgrammar's matcher slows down with every token on some (`(a*)*b` takes 75 ms a
+token after 300 tokens, and more after), and each step of the whole batch waits for it, so
+a step over `max_mask_ms` of CPU time ends its request with a 422.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 import xgrammar
+
+from handler.errors import LIMIT_EXCEEDED, RequestError
 
 logger = logging.getLogger(__name__)
 
 
 class GrammarConstraint:
-    def __init__(self, grammar: xgrammar.CompiledGrammar, prompt_length: int, eos_token_ids: list[int]):
+    def __init__(self, grammar: xgrammar.CompiledGrammar, prompt_length: int, where: str, max_mask_ms: int):
         self.matcher = xgrammar.GrammarMatcher(grammar)
         self.vocab_size = grammar.tokenizer_info.vocab_size
+        self.eos_token_id = grammar.tokenizer_info.stop_token_ids[0]
         self.bitmask = xgrammar.allocate_token_bitmask(1, self.vocab_size)
         self.prompt_length = prompt_length
-        self.eos_token_ids = eos_token_ids
+        self.where = where
+        self.max_mask_ms = max_mask_ms
         self.accepted = 0
         self.closed = False
-        self.error: str | None = None
+        self.failure: RequestError | None = None
 
     @property
     def terminated(self) -> bool:
@@ -46,18 +54,31 @@ class GrammarConstraint:
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.closed or self.terminated:
             return scores
-        if self.error is None:
+        if self.failure is None:
+            started = time.thread_time()
             try:
                 self._accept(input_ids[0, self.prompt_length + self.accepted :].tolist())
-                if self.error is None and not self.terminated:
+                if self.failure is None and not self.terminated:
                     self.matcher.fill_next_token_bitmask(self.bitmask)
-                    self._mask(scores)
-                    return scores
-            except (RuntimeError, ValueError) as failure:
-                self.error = f"the grammar matcher failed: {failure}"
-                logger.error("%s", self.error)
-        if self.error is not None:
-            self._only_eos(scores)
+            except (RuntimeError, ValueError) as error:
+                self._fail(RequestError(f"the grammar matcher failed: {error}", self.where, 500))
+            spent_ms = (time.thread_time() - started) * 1000
+            if self.failure is None and spent_ms > self.max_mask_ms:
+                self._fail(
+                    RequestError(
+                        f"{self.where} is too ambiguous to follow: a token took {spent_ms:.0f} ms, "
+                        f"over the {self.max_mask_ms} ms limit",
+                        self.where,
+                        LIMIT_EXCEEDED,
+                        {"limit": self.max_mask_ms, "limit_name": "structured_output.max_mask_ms"},
+                    )
+                )
+            if self.failure is None and not self.terminated:
+                self._mask(scores)
+                return scores
+        if self.failure is not None:
+            scores.fill_(float("-inf"))
+            scores[..., self.eos_token_id] = 0.0
         return scores
 
     def _accept(self, tokens: list[int]) -> None:
@@ -66,9 +87,12 @@ class GrammarConstraint:
             if self.terminated:
                 return
             if not self.matcher.accept_token(token):
-                self.error = f"token {token} does not fit the response format"
-                logger.error("constrained row: %s", self.error)
+                self._fail(RequestError(f"token {token} does not fit {self.where}", self.where, 500))
                 return
+
+    def _fail(self, failure: RequestError) -> None:
+        self.failure = failure
+        logger.warning("a constrained sequence ends early: %s", failure.message)
 
     def _mask(self, scores: torch.FloatTensor) -> None:
         bitmask = self.bitmask.to(scores.device, non_blocking=True)
@@ -80,7 +104,3 @@ class GrammarConstraint:
             xgrammar.apply_token_bitmask_inplace(scores, bitmask, vocab_size=self.vocab_size)
         if scores.shape[-1] > self.vocab_size:
             scores[..., self.vocab_size :] = float("-inf")
-
-    def _only_eos(self, scores: torch.FloatTensor) -> None:
-        scores.fill_(float("-inf"))
-        scores[..., self.eos_token_ids[0]] = 0.0

@@ -25,6 +25,7 @@ from typing import Any
 
 import xgrammar
 
+from handler.constraint import GrammarConstraint
 from handler.errors import LIMIT_EXCEEDED, RequestError
 from handler.response_format import ResponseFormat
 from handler.settings import StructuredOutputSettings
@@ -118,6 +119,10 @@ class Grammars:
         if isinstance(found, Refusal):
             raise found.error(spec)
         return found
+
+    def constraint(self, spec: ResponseFormat, prompt_length: int) -> GrammarConstraint:
+        """A fresh per-sequence constraint for `spec` (compiled, or from the cache)."""
+        return GrammarConstraint(self.compile(spec), prompt_length, spec.source_field, self.settings.max_mask_ms)
 
     def start(self) -> None:
         """Starts the child now (it takes seconds to import xgrammar), so the first request need not wait."""

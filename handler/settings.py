@@ -33,12 +33,14 @@ class ContinuousBatchingSettings:
 
 @dataclass(frozen=True)
 class StructuredOutputSettings:
-    """Bounds on compiling `response_format`s (handler.grammars); the size limit on a format's
+    """Bounds on compiling `response_format`s (handler.grammars) and on following them
+    (`max_mask_ms`, CPU time per token, handler.constraint); the size limit on a format's
     source is `limits.max_response_format_bytes`, checked when the request is parsed."""
 
     compile_timeout_seconds: int = 5
     compile_memory_mb: int = 2048
     compile_threads: int = 2
+    max_mask_ms: int = 50
     cache_entries: int = 256
     cache_mb: int = 256
 
