@@ -1,8 +1,39 @@
-"""Serve any Hugging Face causal LM through TorchServe.
+"""Serve any Hugging Face causal LM; TorchServe hosts it through one thin adapter.
 
-Modules, one job each: `settings` (the app's typed config), `params` (generation
-parameters), `requests` (request shapes and validation), `errors` (client errors
-as data), `stopping` (stop strings, finish reasons, stream hold-back), `sampling`
-(per-row logits processing), `engine` (load and generate), `sources` (where
-weights come from), `metrics`, and `torchserve_handler` (the thin adapter).
+Layers, each importing only from the ones above it:
+
+Request pipeline (no model, no server)
+    `errors`     client errors as data (status, field, details), never a failed batch
+    `params`     generation parameters: merge the layers, coerce, verify, one frozen object
+    `requests`   request shapes (Vertex instances, TGI inputs, plain text) into instances
+    `prompts`    chat template and prompt template, token ids, token limits
+    `settings`   the app's `handler:` config and the container's environment, read once
+
+Per-sequence state (used by both schedulers)
+    `stopping`     stop strings, finish reasons, the text a stream may release
+    `detokenizer`  incremental detokenization, a short window per step
+    `sequence`     `SequenceState`: one sequence's text, stop, finish reason and stream
+    `sampling`     per-row logits processors; `sequence_processors` is the list both apply
+
+Loading
+    `loading`       device, threads, dtype, weight-format policy, model and tokenizer
+    `quantization`  post-load CPU quantization
+    `dtype_probe`   fp32 against bf16 on CPUs with native bf16, timed (not yet used by `loading`)
+    `sources`       where weights come from (Hub, local, SmolLM2 GGUF; `weights_dir`)
+    `storage`       Cloud Storage copies (`AIP_STORAGE_URI`)
+
+Schedulers (prompts and one chunk sink in, completions out)
+    `scheduler`         the interface, `honours` capability sets, `Router`: the one routing rule
+    `dynamic`           batched `generate` over a TorchServe batch (per-row sampling, beams)
+    `continuous`        transformers' continuous batching manager
+    `batch_processors`  the manager's per-request processors
+    `compat`            every use of transformers' private internals
+
+Service and server
+    `responses`           the `predictions` body and the stream's JSON lines
+    `metrics`             what each completion reports
+    `service`             pipeline plus schedulers, server-agnostic: `prepare`, `answer`
+    `torchserve_handler`  the adapter, the only module that imports `ts`
+
+docs/architecture.md follows a request through these layers.
 """

@@ -1,19 +1,22 @@
-"""Generation metrics reported through TorchServe's `context.metrics` (Prometheus on port 7082)."""
+"""Generation metrics: what each completion reports, whatever server hosts the handler.
+
+The adapter sends them through TorchServe's `context.metrics` (Prometheus on port 7082);
+`metrics.yaml` declares the same names, units and kinds so Prometheus mode exports them.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ts.metrics.dimension import Dimension
-from ts.metrics.metric_type_enum import MetricTypes
+from handler.sequence import Completion
 
-# name, unit, type; declared likewise in metrics.yaml so Prometheus mode exports them.
+# name, unit, kind
 GENERATION_METRICS = (
-    ("PromptTokens", "count", MetricTypes.COUNTER),
-    ("GeneratedTokens", "count", MetricTypes.COUNTER),
-    ("GenerationTokensPerSecond", "TokensPerSecond", MetricTypes.GAUGE),
-    ("TimeToFirstTokenMs", "ms", MetricTypes.GAUGE),
-    ("TimePerOutputTokenMs", "ms", MetricTypes.GAUGE),
+    ("PromptTokens", "count", "counter"),
+    ("GeneratedTokens", "count", "counter"),
+    ("GenerationTokensPerSecond", "TokensPerSecond", "gauge"),
+    ("TimeToFirstTokenMs", "ms", "gauge"),
+    ("TimePerOutputTokenMs", "ms", "gauge"),
 )
 UNITS = {name: (unit, kind) for name, unit, kind in GENERATION_METRICS}
 
@@ -25,10 +28,14 @@ class GenerationStats:
     seconds: float
     first_token_seconds: float | None = None
 
+    @classmethod
+    def of(cls, completion: Completion) -> "GenerationStats":
+        return cls(completion.prompt_tokens, completion.generated_tokens, completion.seconds, completion.first_token_seconds)
 
-def report(metrics, model_name: str, stats: GenerationStats) -> None:
-    """One call per generate: token counts, throughput, and latency of the first and later tokens."""
-    values = {"PromptTokens": stats.prompt_tokens, "GeneratedTokens": stats.generated_tokens}
+
+def metric_values(stats: GenerationStats) -> dict[str, float]:
+    """Token counts, throughput, and latency of the first and later tokens of one completion."""
+    values: dict[str, float] = {"PromptTokens": stats.prompt_tokens, "GeneratedTokens": stats.generated_tokens}
     if stats.seconds > 0 and stats.generated_tokens:
         values["GenerationTokensPerSecond"] = stats.generated_tokens / stats.seconds
     if stats.first_token_seconds is not None:
@@ -36,7 +43,4 @@ def report(metrics, model_name: str, stats: GenerationStats) -> None:
         if stats.generated_tokens > 1:
             rest = stats.seconds - stats.first_token_seconds
             values["TimePerOutputTokenMs"] = rest * 1000 / (stats.generated_tokens - 1)
-    for name, value in values.items():
-        unit, kind = UNITS[name]
-        dimensions = [Dimension("ModelName", model_name), Dimension("Level", "Model")]
-        metrics.add_metric(name, value, unit, None, dimensions, kind)
+    return values

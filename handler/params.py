@@ -41,6 +41,7 @@ class GenerationParams:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
     typical_p: float = 1.0
     repetition_penalty: float = 1.0
     do_sample: bool | None = None
@@ -143,6 +144,8 @@ def _coerce(name: str, value: Any, field: str, limits: ParamLimits) -> Any:
         return _as_float(value, field, 0.0, MAX_TEMPERATURE)
     if name in ("top_p", "typical_p"):
         return _as_float(value, field, 0.0, 1.0, low_open=True)
+    if name == "min_p":
+        return _as_float(value, field, 0.0, 1.0)
     if name == "repetition_penalty":
         return _as_float(value, field, MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY)
     if name == "penalty_alpha":

@@ -1,11 +1,15 @@
 """Per-row logits processing, so one batch can honour every request's own parameters.
 
-Generation runs greedy (argmax) over the whole batch. Each row's own processors
-(repetition penalty, bad words, min_new_tokens, temperature, top-k, top-p, typical-p)
-are transformers' own classes applied to that row's slice; a sampling row then draws
-its token with the request's own `torch.Generator` and leaves only that token
+The dynamic scheduler runs `generate` greedy (argmax) over the whole batch. Each row's own
+processors (repetition penalty, bad words, min_new_tokens, temperature, top-k, top-p, min-p,
+typical-p) are transformers' own classes applied to that row's slice; a sampling row then
+draws its token with the request's own `torch.Generator` and leaves only that token
 possible, so argmax picks it. A seeded request therefore gives the same text alone or
 in a batch, and neighbours never share parameters.
+
+`sequence_processors` is the part both schedulers apply per sequence, the continuous one
+through `batch_processors.SequenceProcessors`: a per-row processor added there (a logits
+mask, a bias) works on both paths.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 from transformers import LogitsProcessor
 from transformers.generation.logits_process import (
     MinNewTokensLengthLogitsProcessor,
+    MinPLogitsWarper,
     NoBadWordsLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
@@ -68,9 +73,17 @@ def row_processors(
             processors.append(TopKLogitsWarper(params.top_k))
         if params.top_p < 1.0:
             processors.append(TopPLogitsWarper(params.top_p))
+        processors += sequence_processors(params)
         if params.typical_p < 1.0:
             processors.append(TypicalLogitsWarper(params.typical_p))
     return processors
+
+
+def sequence_processors(params: GenerationParams) -> list[LogitsProcessor]:
+    """The processors both schedulers run on each sequence's row, after temperature, top-k and top-p."""
+    if params.sampling and params.min_p > 0.0:
+        return [MinPLogitsWarper(params.min_p)]
+    return []
 
 
 class PerRowSampler(LogitsProcessor):

@@ -17,6 +17,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from handler.loading import quiet_optional_backends
+
 logger = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -151,6 +153,7 @@ def main() -> None:
     prep.add_argument("dest", type=Path)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
+    quiet_optional_backends()
     args.dest.parent.mkdir(parents=True, exist_ok=True)
     prepare(load_app(args.app_dir)["source"], args.dest)
 

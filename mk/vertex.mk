@@ -15,27 +15,43 @@ VERTEX_ENDPOINT ?= $(APP)
 VERTEX_DEPLOY_ARGS ?=
 VERTEX_PROMPT ?= How to prepare a spanish omelette:
 VERTEX_MAX_NEW_TOKENS ?= 64
+# 1: deploy to a dedicated endpoint (its own DNS name; needed for streaming and invoke).
+VERTEX_DEDICATED ?= 0
+# 1: upload with invoke_route_prefix "/*" (every container path through .../invoke/<path>,
+# no predict route); implies VERTEX_DEDICATED=1.
+VERTEX_INVOKE ?= 0
+# 1: `make chat` prints the text as it is generated (streamRawPredict, or invoke).
+VERTEX_STREAM ?= 0
 # 1: `make undeploy` also deletes the Model (all its versions).
 VERTEX_DELETE_MODEL ?= 0
+
+VERTEX_YES = $(filter 1 yes true,$(1))
+VERTEX_ROUTES = $(if $(call VERTEX_YES,$(VERTEX_INVOKE)),--invoke-route-prefix '/*' --dedicated-endpoint,\
+	$(if $(call VERTEX_YES,$(VERTEX_DEDICATED)),--dedicated-endpoint))
 
 VERTEX_CONNECT = $(if $(GCP_PROJECT),--project $(GCP_PROJECT)) \
 	$(if $(GCP_REGION),--region $(GCP_REGION)) \
 	$(if $(VERTEX_API_ENDPOINT),--api-endpoint $(VERTEX_API_ENDPOINT))
 
-.PHONY: deploy predict undeploy vertex-check
+.PHONY: deploy predict chat undeploy vertex-check
 
 vertex-check:
 	@test -n "$(GCP_PROJECT)" || { echo "set GCP_PROJECT (and GCP_REGION, default us-central1)" >&2; exit 2; }
 
-deploy: vertex-check ## Upload VERTEX_IMAGE as a Model (new version if it exists) and deploy it on VERTEX_MACHINE
+deploy: vertex-check ## Upload VERTEX_IMAGE as a Model (new version if it exists) and deploy it on VERTEX_MACHINE (VERTEX_INVOKE=1: invoke prefix, dedicated endpoint)
 	$(PY) -m vertex deploy --app $(APP) --image $(VERTEX_IMAGE) --machine $(VERTEX_MACHINE) \
-		--endpoint $(VERTEX_ENDPOINT) $(VERTEX_CONNECT) $(VERTEX_DEPLOY_ARGS)
+		--endpoint $(VERTEX_ENDPOINT) $(VERTEX_ROUTES) $(VERTEX_CONNECT) $(VERTEX_DEPLOY_ARGS)
 
 predict: vertex-check ## Ask the Vertex endpoint VERTEX_PROMPT (VERTEX_MAX_NEW_TOKENS tokens)
 	$(PY) -m vertex predict --app $(APP) --endpoint $(VERTEX_ENDPOINT) \
 		--instance '$(VERTEX_PROMPT)' --parameters '{"max_new_tokens": $(VERTEX_MAX_NEW_TOKENS)}' \
 		$(VERTEX_CONNECT)
 
+chat: vertex-check ## Send VERTEX_PROMPT to the endpoint as an OpenAI chat request and print the answer (VERTEX_STREAM=1: as it comes)
+	$(PY) -m vertex chat --app $(APP) --endpoint $(VERTEX_ENDPOINT) --prompt '$(VERTEX_PROMPT)' \
+		--max-tokens $(VERTEX_MAX_NEW_TOKENS) $(if $(call VERTEX_YES,$(VERTEX_STREAM)),--stream) \
+		$(VERTEX_CONNECT)
+
 undeploy: vertex-check ## Undeploy everything from the endpoint and delete it (VERTEX_DELETE_MODEL=1: the Model too)
 	$(PY) -m vertex undeploy --app $(APP) --endpoint $(VERTEX_ENDPOINT) \
-		$(if $(filter 1 yes true,$(VERTEX_DELETE_MODEL)),--delete-model) $(VERTEX_CONNECT)
+		$(if $(call VERTEX_YES,$(VERTEX_DELETE_MODEL)),--delete-model) $(VERTEX_CONNECT)

@@ -1,4 +1,4 @@
-"""Pytest fixtures for the Vertex tests: the stand-in API, a fake container, GCS.
+"""Pytest fixtures for the Vertex tests: the stand-in API, a fake or real container, GCS.
 
 Test modules import the fixtures they use from here (``from tests.vertex_fixtures
 import ...``), so the Vertex tests need nothing from the shared conftest files.
@@ -15,10 +15,12 @@ os.environ.setdefault("NO_GCE_CHECK", "true")
 os.environ.setdefault("GCE_METADATA_HOST", "127.0.0.1:9")
 os.environ.setdefault("GCE_METADATA_IP", "127.0.0.1:9")
 
+import threading  # noqa: E402
 from typing import Iterator  # noqa: E402
 
 import pytest  # noqa: E402
 
+from tests.support.torchserve import TorchServe  # noqa: E402
 from tests.vertex_standin import FakeContainer, StandIn  # noqa: E402
 from vertex.settings import Settings, connect, resolve_settings  # noqa: E402
 
@@ -41,6 +43,25 @@ def fake_container() -> Iterator[FakeContainer]:
     container = FakeContainer().start()
     yield container
     container.stop()
+
+
+@pytest.fixture
+def container_url(smollm2_server: TorchServe) -> Iterator[str]:
+    """Where a real "replica" answers /health and the predict route: the gateway in front of a real TorchServe."""
+    from gateway.server import make_server
+    from gateway.settings import GatewaySettings, Upstream
+
+    settings = GatewaySettings(
+        app="smollm2", port=0, predict_route="/predictions/smollm2", health_route="/health",
+        inference=Upstream("127.0.0.1", smollm2_server.port),
+        management=Upstream("127.0.0.1", smollm2_server.management_port),
+        bind_host="127.0.0.1",
+    )
+    server = make_server(settings)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
 
 
 @pytest.fixture

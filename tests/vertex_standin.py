@@ -7,12 +7,24 @@ own request types, and it does what Vertex does with the container: on
 ``:deployModel`` it polls the container's health route, on ``:predict`` it
 forwards the body to the container's predict route on its port.
 
+The routes that carry any body (OpenAI's included) are here too: ``:rawPredict``,
+``:streamRawPredict`` and the OpenAI-compatible ``/chat/completions`` send the
+body unchanged, with the client's Content-Type, to the predict route and relay
+the container's status and body (streams chunk by chunk, as they arrive);
+``/invoke/<path>`` sends it to ``<path>`` on a Model uploaded with
+``invokeRoutePrefix: "/*"``. The SDK calls those through its own HTTPS session
+(``Endpoint.authorized_session``) on fixed hosts, so a test routes them here
+with ``vertex.transport.route_to`` and the original host travels in ``Host``:
+as on Vertex, a dedicated endpoint answers only on its own DNS name, and
+invoke and streamRawPredict only on a dedicated endpoint.
+
 Every long-running operation is answered already finished, so the SDK never
 polls (see shared/docs/vertex-offline.md).
 """
 
 from __future__ import annotations
 
+import http.client
 import itertools
 import json
 import re
@@ -23,7 +35,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 from urllib.parse import parse_qs, unquote, urlsplit
 
 V1 = "type.googleapis.com/google.cloud.aiplatform.v1."
@@ -33,7 +45,22 @@ NEVER_READY = (
     "container configuration are valid."
 )
 
+# What real Vertex answers when a dedicated endpoint is called through the shared API host.
+SHARED_HOST_REFUSED = (
+    "This endpoint is a dedicated endpoint and cannot be accessed through the "
+    "shared Vertex AI API host. Please access the endpoint using its dedicated DNS name {dns}."
+)
+PROJECT_NUMBER = "123456789012"
+# Response headers Vertex adds to a raw prediction (the SDK's _RAW_PREDICT_*_KEY).
+DEPLOYED_MODEL_HEADER = "X-Vertex-AI-Deployed-Model-Id"
+MODEL_HEADER = "X-Vertex-AI-Model"
+MODEL_VERSION_HEADER = "X-Vertex-AI-Model-Version-Id"
+# Request headers that describe the client's connection to Vertex, not the body.
+_NOT_FORWARDED = frozenset({"host", "content-length", "transfer-encoding", "connection",
+                            "authorization", "accept-encoding", "keep-alive"})
+
 _PARENT = r"projects/[^/]+/locations/[^/]+"
+_ENDPOINT = rf"{_PARENT}/endpoints/[^/:]+"
 _ROUTES: Tuple[Tuple[str, "re.Pattern[str]", str], ...] = tuple(
     (method, re.compile(pattern), name)
     for method, pattern, name in (
@@ -48,6 +75,11 @@ _ROUTES: Tuple[Tuple[str, "re.Pattern[str]", str], ...] = tuple(
         ("POST", rf"^/v1/({_PARENT}/endpoints/[^/:]+):deployModel$", "deploy_model"),
         ("POST", rf"^/v1/({_PARENT}/endpoints/[^/:]+):undeployModel$", "undeploy_model"),
         ("POST", rf"^/v1/({_PARENT}/endpoints/[^/:]+):predict$", "predict"),
+        ("POST", rf"^/v1/({_ENDPOINT}):rawPredict$", "raw_predict"),
+        ("POST", rf"^/v1/({_ENDPOINT}):streamRawPredict$", "stream_raw_predict"),
+        ("POST", rf"^/v1(?:beta1)?/({_ENDPOINT})/chat/completions$", "chat_completions"),
+        ("POST", rf"^/v1/({_ENDPOINT})(?:/deployedModels/([^/:]+))?/invoke(/.+)$", "invoke"),
+        ("GET", rf"^/v1/({_ENDPOINT})(?:/deployedModels/([^/:]+))?/invoke(/.+)$", "invoke"),
         ("GET", r"^/ui/(.+/operations/\d+)$", "get_operation"),
     )
 )
@@ -72,13 +104,38 @@ class ApiError(Exception):
 
 @dataclass
 class Recorded:
-    """One request the SDK sent: what a test asserts on."""
+    """One request the SDK sent: what a test asserts on.
+
+    ``body`` is the parsed JSON (``None`` for an empty or non-JSON body),
+    ``raw`` the bytes as sent, ``host`` the host the client addressed.
+    """
 
     method: str
     path: str
     query: Dict[str, List[str]]
     body: Optional[Dict[str, Any]]
     route: str
+    headers: Dict[str, str] = field(default_factory=dict)
+    raw: bytes = b""
+
+    @property
+    def host(self) -> str:
+        return self.headers.get("host", "")
+
+
+@dataclass
+class Reply:
+    """One answer: JSON for the API's own routes, or a relayed container response.
+
+    ``chunks`` set means the body is sent as it is produced (chunked), one HTTP
+    chunk per piece the container sent.
+    """
+
+    status: int
+    payload: Optional[Dict[str, Any]] = None
+    headers: List[Tuple[str, str]] = field(default_factory=list)
+    body: bytes = b""
+    chunks: Optional[Iterator[bytes]] = None
 
 
 def _now() -> str:
@@ -203,6 +260,11 @@ class StandIn:
     def _container_base(self, spec: Dict[str, Any]) -> str:
         return self.container_url or f"http://127.0.0.1:{self._port_of(spec)}"
 
+    def dedicated_dns(self, endpoint_name: str) -> str:
+        """The DNS name Vertex gives a dedicated endpoint: ``ID.REGION-PROJECTNUMBER.prediction.vertexai.goog``."""
+        region = endpoint_name.split("/locations/", 1)[1].split("/", 1)[0]
+        return f"{endpoint_name.rsplit('/', 1)[1]}.{region}-{PROJECT_NUMBER}.prediction.vertexai.goog"
+
     def _healthy(self, spec: Dict[str, Any]) -> bool:
         url = self._container_base(spec) + spec.get("healthRoute", "/")
         deadline = time.monotonic() + self.health_timeout_s
@@ -220,6 +282,12 @@ class StandIn:
     # -- handlers, one per route ------------------------------------------
     def upload_model(self, parent: str, body: Dict[str, Any]) -> Dict[str, Any]:
         spec = dict(body["model"])
+        container_spec = spec.get("containerSpec", {})
+        if container_spec.get("invokeRoutePrefix"):
+            if container_spec["invokeRoutePrefix"] != "/*":
+                raise ApiError(400, 'invoke_route_prefix: "/*" is the only supported value')
+            if container_spec.get("predictRoute"):
+                raise ApiError(400, "only one of predict_route or invoke_route_prefix can be set")
         parent_model = body.get("parentModel")
         if parent_model:
             name = parent_model
@@ -279,6 +347,8 @@ class StandIn:
             raise ApiError(409, f"Endpoint {name} already exists")
         endpoint = dict(body, name=name, deployedModels=[], trafficSplit={},
                         createTime=_now(), updateTime=_now(), etag="e1")
+        if body.get("dedicatedEndpointEnabled"):
+            endpoint["dedicatedEndpointDns"] = self.dedicated_dns(name)
         self.endpoints[name] = endpoint
         return self._operation(parent, "CreateEndpoint", dict(endpoint, **{"@type": f"{V1}Endpoint"}))
 
@@ -305,6 +375,9 @@ class StandIn:
         deployed = dict(body["deployedModel"])
         model = self._model_version(deployed["model"], deployed.get("modelVersionId"))
         spec = model["containerSpec"]
+        if spec.get("invokeRoutePrefix") and not endpoint.get("dedicatedEndpointEnabled"):
+            raise ApiError(400, "a Model with invoke_route_prefix can only be deployed to a "
+                                "dedicated endpoint")
         if not self._healthy(spec):
             return self._operation(name, "DeployModel", error={"code": 9, "message": NEVER_READY})
         deployed_id = self._next_id()
@@ -329,14 +402,43 @@ class StandIn:
         return self._operation(name, "UndeployModel",
                                {"@type": f"{V1}UndeployModelResponse"})
 
-    def predict(self, name: str, body: Dict[str, Any]) -> Dict[str, Any]:
+    def _serving(self, name: str, host: str, dedicated_only: str = "",
+                 deployed_id: Optional[str] = None) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+        """The deployed model that takes this request, and its Model version.
+
+        ``host`` is where the client sent it: a dedicated endpoint answers only
+        on its own DNS name; ``dedicated_only`` names a method that exists only there.
+        """
         endpoint = self._endpoint(name)
-        if not endpoint["trafficSplit"]:
-            raise ApiError(400, f"Endpoint {name} has no deployed model taking traffic")
-        deployed_id = max(endpoint["trafficSplit"], key=endpoint["trafficSplit"].get)
+        dns = endpoint.get("dedicatedEndpointDns")
+        if dns and host != dns:
+            raise ApiError(400, SHARED_HOST_REFUSED.format(dns=dns))
+        if not dns and host.endswith(".prediction.vertexai.goog"):
+            raise ApiError(404, f"no dedicated endpoint answers on {host}")
+        if dedicated_only and not dns:
+            raise ApiError(400, f"{dedicated_only} is only supported on dedicated endpoints "
+                                f"for custom models; {name} is a shared endpoint")
+        if deployed_id is None:
+            if not endpoint["trafficSplit"]:
+                raise ApiError(400, f"Endpoint {name} has no deployed model taking traffic")
+            deployed_id = max(endpoint["trafficSplit"], key=endpoint["trafficSplit"].get)
+        elif not any(d["id"] == deployed_id for d in endpoint["deployedModels"]):
+            raise ApiError(404, f"DeployedModel {deployed_id} not on {name}")
         _, deployed = self._find_deployed(deployed_id)
-        model = self._model_version(deployed["model"], deployed["modelVersionId"])
+        return deployed, self._model_version(deployed["model"], deployed["modelVersionId"])
+
+    @staticmethod
+    def _predict_spec(model: Dict[str, Any]) -> Dict[str, Any]:
+        """The container spec of a Model that has a predict route (one with an invoke prefix has none)."""
         spec = model["containerSpec"]
+        if not spec.get("predictRoute"):
+            raise ApiError(400, f"Model {model['name']} has no predict route (it was uploaded "
+                                "with invoke_route_prefix): use invoke")
+        return spec
+
+    def predict(self, name: str, body: Dict[str, Any], host: str) -> Dict[str, Any]:
+        deployed, model = self._serving(name, host)
+        spec = self._predict_spec(model)
         url = self._container_base(spec) + spec["predictRoute"]
         payload = json.dumps({k: body[k] for k in ("instances", "parameters") if k in body})
         request = urllib.request.Request(url, data=payload.encode(), method="POST",
@@ -347,9 +449,67 @@ class StandIn:
         except urllib.error.HTTPError as err:
             # Vertex hands a custom container's error status and body back to the caller.
             raise ApiError(err.code, err.read().decode(errors="replace")) from None
-        return {"predictions": answer["predictions"], "deployedModelId": deployed_id,
+        return {"predictions": answer["predictions"], "deployedModelId": deployed["id"],
                 "model": model["name"], "modelDisplayName": model["displayName"],
                 "modelVersionId": model["versionId"]}
+
+    def raw_predict(self, name: str, request: Recorded) -> Reply:
+        """The body, unchanged, to the predict route; the answer relayed whole."""
+        return self._to_predict_route(name, request, stream=False)
+
+    def stream_raw_predict(self, name: str, request: Recorded) -> Reply:
+        """As rawPredict, with the answer relayed chunk by chunk as the container sends it."""
+        return self._to_predict_route(name, request, stream=True, dedicated_only="streamRawPredict")
+
+    def chat_completions(self, name: str, request: Recorded) -> Reply:
+        """The OpenAI-compatible route: the body, unchanged, to the predict route; streams relayed."""
+        return self._to_predict_route(name, request, stream=True)
+
+    def invoke(self, name: str, deployed_id: Optional[str], path: str, request: Recorded) -> Reply:
+        """``.../invoke/<path>`` reaches ``<path>`` on a Model uploaded with ``invokeRoutePrefix: "/*"``."""
+        deployed, model = self._serving(name, request.host, "invoke", deployed_id)
+        spec = model["containerSpec"]
+        if spec.get("invokeRoutePrefix") != "/*":
+            raise ApiError(400, f"Model {model['name']} was uploaded without invoke_route_prefix; "
+                                "invoke is not enabled for it")
+        query = urlsplit(request.path).query
+        return self._relay(request, self._container_base(spec), path + (f"?{query}" if query else ""),
+                           deployed, model, stream=True)
+
+    def _to_predict_route(self, name: str, request: Recorded, stream: bool,
+                          dedicated_only: str = "") -> Reply:
+        deployed, model = self._serving(name, request.host, dedicated_only)
+        spec = self._predict_spec(model)
+        return self._relay(request, self._container_base(spec), spec["predictRoute"],
+                           deployed, model, stream)
+
+    @staticmethod
+    def _relay(request: Recorded, base: str, path: str, deployed: Dict[str, Any],
+               model: Dict[str, Any], stream: bool) -> Reply:
+        """Send the client's method, body and end-to-end headers to the container; relay its answer."""
+        target = urlsplit(base)
+        connection = http.client.HTTPConnection(target.hostname, target.port, timeout=300)
+        headers = {k: v for k, v in request.headers.items() if k not in _NOT_FORWARDED}
+        connection.request(request.method, path, body=request.raw or None, headers=headers)
+        response = connection.getresponse()
+        reply_headers = [(k, v) for k, v in response.getheaders()
+                         if k.lower() not in _NOT_FORWARDED and k.lower() not in ("date", "server")]
+        reply_headers += [(DEPLOYED_MODEL_HEADER, deployed["id"]), (MODEL_HEADER, model["name"]),
+                          (MODEL_VERSION_HEADER, model["versionId"])]
+        if not stream:
+            try:
+                return Reply(response.status, headers=reply_headers, body=response.read())
+            finally:
+                connection.close()
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                while data := response.read1(65536):
+                    yield data
+            finally:
+                connection.close()
+
+        return Reply(response.status, headers=reply_headers, chunks=chunks())
 
     def get_operation(self, name: str) -> Dict[str, Any]:
         try:
@@ -358,46 +518,83 @@ class StandIn:
             raise ApiError(404, f"operation {name} not found") from None
 
     # -- dispatch ----------------------------------------------------------
-    def dispatch(self, method: str, raw_path: str, raw_body: bytes) -> Tuple[int, Dict[str, Any]]:
+    def dispatch(self, method: str, raw_path: str, raw_body: bytes,
+                 headers: Optional[Mapping[str, str]] = None) -> Reply:
         parts = urlsplit(raw_path)
         query = parse_qs(parts.query)
-        body = json.loads(raw_body) if raw_body else None
         for route_method, pattern, route in _ROUTES:
             match = pattern.match(unquote(parts.path))
             if match and route_method == method:
                 break
         else:
-            return 404, ApiError(404, f"stand-in has no route {method} {parts.path}").body()
+            return Reply(404, ApiError(404, f"stand-in has no route {method} {parts.path}").body())
+        recorded = Recorded(method, unquote(parts.path), query, _json_or_none(raw_body), route,
+                            {k.lower(): v for k, v in (headers or {}).items()}, raw_body)
         with self._lock:
-            self.requests.append(Recorded(method, unquote(parts.path), query, body, route))
+            self.requests.append(recorded)
+        body = recorded.body if isinstance(recorded.body, dict) else {}
         args: List[Any] = list(match.groups())
-        if route in ("upload_model", "deploy_model", "undeploy_model", "predict"):
-            args.append(body or {})
+        if route in ("upload_model", "deploy_model", "undeploy_model"):
+            args.append(body)
+        elif route == "predict":
+            args.extend([body, recorded.host])
+        elif route in _RAW_ROUTES:
+            args.append(recorded)
         elif route == "create_endpoint":
-            args.extend([body or {}, query])
+            args.extend([body, query])
         elif route in ("list_models", "list_endpoints"):
             args.append(query)
         try:
-            if route == "predict":
-                return 200, self.predict(*args)
-            with self._lock:
-                return 200, getattr(self, route)(*args)
+            if route == "predict" or route in _RAW_ROUTES:
+                answer: Union[Reply, Dict[str, Any]] = getattr(self, route)(*args)
+            else:
+                with self._lock:
+                    answer = getattr(self, route)(*args)
         except ApiError as err:
-            return err.http_status, err.body()
+            return Reply(err.http_status, err.body())
+        except OSError as err:
+            # Vertex's answer when the replica does not take the connection.
+            return Reply(503, ApiError(503, f"the model server is unreachable: {err}").body())
+        return answer if isinstance(answer, Reply) else Reply(200, answer)
+
+
+_RAW_ROUTES = frozenset({"raw_predict", "stream_raw_predict", "chat_completions", "invoke"})
+
+
+def _json_or_none(raw: bytes) -> Any:
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return None
 
 
 class _Handler(BaseHTTPRequestHandler):
     standin: StandIn
+    protocol_version = "HTTP/1.1"
 
     def _serve(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
-        status, payload = self.standin.dispatch(self.command, self.path, self.rfile.read(length))
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
+        reply = self.standin.dispatch(self.command, self.path, self.rfile.read(length),
+                                      dict(self.headers.items()))
+        self.send_response(reply.status)
+        if reply.payload is not None:
+            data = json.dumps(reply.payload).encode()
+            self.send_header("Content-Type", "application/json")
+        else:
+            data = reply.body
+        for key, value in reply.headers:
+            self.send_header(key, value)
+        if reply.chunks is None:
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
+        self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        self.wfile.write(data)
+        for chunk in reply.chunks:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
 
     do_GET = do_POST = do_DELETE = do_PATCH = _serve
 
@@ -405,31 +602,96 @@ class _Handler(BaseHTTPRequestHandler):
         """Keep test output quiet; the recorded requests are the log."""
 
 
+def _echo_chat(body: Dict[str, Any]) -> str:
+    """What the fake container "generates" for an OpenAI chat body: the last message, echoed."""
+    return f"echo: {body['messages'][-1]['content']}"
+
+
 @dataclass
 class FakeContainer:
-    """A stand-in serving container: /health, and an echoing predict route."""
+    """A stand-in serving container: /health, an echoing predict route, and /v1/chat/completions.
+
+    The predict route takes Vertex bodies (``instances``; with ``parameters.stream``
+    it sends JSON lines, then the final body, as the real one does), OpenAI chat
+    bodies (``messages``; with ``stream`` it sends SSE chunks and ``[DONE]``) and
+    plain text. ``gate``, when set, holds a stream after its first chunk until a
+    test sets it, so a test can show that a relay passes chunks on as they come:
+    ``gate_opened`` records, per stream, whether it was opened (``False``: the
+    wait timed out, so nobody downstream saw the first chunk in time).
+    """
 
     app: str = "smollm2"
     healthy: bool = True
     received: List[Dict[str, Any]] = field(default_factory=list)
+    raw_received: List[Tuple[str, str, bytes]] = field(default_factory=list)
+    gate: Optional[threading.Event] = None
+    gate_opened: List[bool] = field(default_factory=list)
 
     def start(self) -> "FakeContainer":
         container = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
             def do_GET(self) -> None:
                 ok = self.path == "/health" and container.healthy
                 self._answer(200 if ok else 503, {"status": "ok" if ok else "loading"})
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length) or b"{}")
-                if self.path != f"/predictions/{container.app}":
+                raw = self.rfile.read(length)
+                content_type = self.headers.get("Content-Type", "")
+                container.raw_received.append((self.path, content_type, raw))
+                if self.path not in (f"/predictions/{container.app}", "/v1/chat/completions"):
                     self._answer(404, {"error": f"no model at {self.path}"})
                     return
+                if not content_type.startswith("application/json"):
+                    self._answer(200, {"predictions": [{"generated_text": f"echo: {raw.decode()}"}]})
+                    return
+                body = json.loads(raw or b"{}")
                 container.received.append(body)
-                self._answer(200, {"predictions": [
-                    {"generated_text": f"echo: {instance}"} for instance in body["instances"]]})
+                if "messages" in body:
+                    self._chat(body)
+                elif "instances" in body and self.path != "/v1/chat/completions":
+                    self._instances(body)
+                else:
+                    self._answer(400, {"error": "the body has neither instances nor messages"})
+
+            def _instances(self, body: Dict[str, Any]) -> None:
+                texts = [f"echo: {instance}" for instance in body["instances"]]
+                final = {"predictions": [{"generated_text": text} for text in texts]}
+                if not (body.get("parameters") or {}).get("stream"):
+                    self._answer(200, final)
+                    return
+                lines = [json.dumps({"index": i, "text": text}) + "\n" for i, text in enumerate(texts)]
+                self._stream("application/json", [*lines, json.dumps(final)])
+
+            def _chat(self, body: Dict[str, Any]) -> None:
+                text = _echo_chat(body)
+                if not body.get("stream"):
+                    self._answer(200, {"object": "chat.completion", "model": body.get("model"),
+                                       "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                           "role": "assistant", "content": text}}]})
+                    return
+                deltas = [{"role": "assistant"}] + [{"content": word} for word in
+                                                    text.replace(" ", "\0 ").split("\0")]
+                events = [{"object": "chat.completion.chunk", "choices": [
+                    {"index": 0, "delta": delta, "finish_reason": None}]} for delta in deltas]
+                self._stream("text/event-stream",
+                             [f"data: {json.dumps(event)}\n\n" for event in events] + ["data: [DONE]\n\n"])
+
+            def _stream(self, content_type: str, pieces: List[str]) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for number, piece in enumerate(pieces):
+                    if number == 1 and container.gate is not None:
+                        container.gate_opened.append(container.gate.wait(30))
+                    data = piece.encode()
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    self.wfile.flush()
+                self.wfile.write(b"0\r\n\r\n")
 
             def _answer(self, status: int, payload: Dict[str, Any]) -> None:
                 data = json.dumps(payload).encode()

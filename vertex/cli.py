@@ -1,8 +1,9 @@
-"""``python -m vertex upload|deploy|predict|undeploy``: flags in, one step out.
+"""``python -m vertex upload|deploy|predict|chat|undeploy``: flags in, one step out.
 
 Every configuration error is raised before the first call to Google, so a
 typo exits with status 2 and a message instead of a half-built endpoint.
-Results go to stdout as JSON; progress goes to stderr through logging.
+Results go to stdout as JSON (``chat``: the assistant's text, as it arrives);
+progress goes to stderr through logging.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from vertex.container import (
     VALID_DTYPES,
     ServingContainer,
 )
-from vertex.errors import DeployError, VertexConfigError
+from vertex.errors import DeployError, PredictionError, VertexConfigError
 from vertex.machines import PRESETS, MachineSpec, resolve_machine
 from vertex.predict import DEFAULT_TIMEOUT_S
 from vertex.settings import Settings, connect, resolve_settings
@@ -82,6 +83,9 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--shared-memory-mb", type=int, default=DEFAULT_SHARED_MEMORY_MB)
     group.add_argument("--deployment-timeout", type=int, default=DEFAULT_DEPLOYMENT_TIMEOUT_S,
                        help="seconds Vertex waits for the container to become healthy")
+    group.add_argument("--invoke-route-prefix", metavar="/*",
+                       help='"/*": every container path through .../invoke/<path> (no predict '
+                       "route then; dedicated endpoints only)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--spot", action="store_true", help="Spot VMs: cheaper, preemptible")
     group.add_argument("--deploy-request-timeout", type=float,
                        help="seconds for the deploy API call itself")
+    group.add_argument("--dedicated-endpoint", action="store_true",
+                       help="an endpoint with its own DNS name (streaming, invoke)")
     _add_connection(deploy)
 
     predict = sub.add_parser("predict", help="send instances to an endpoint")
@@ -117,6 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--parameters", help="JSON object, e.g. '{\"max_new_tokens\": 64}'")
     predict.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S)
     _add_connection(predict)
+
+    chat = sub.add_parser("chat", help="send an OpenAI chat request, print the answer")
+    chat.add_argument("--endpoint", help="endpoint display name or id (default: the app)")
+    chat.add_argument("--app", default=DEFAULT_APP, help="the app, sent as the body's model")
+    chat.add_argument("--prompt", help="the user message")
+    chat.add_argument("--system", help="a system message before it")
+    chat.add_argument("--messages-json", help="a JSON list of {role, content} messages instead")
+    chat.add_argument("--max-tokens", type=int)
+    chat.add_argument("--temperature", type=float)
+    chat.add_argument("--stream", action="store_true",
+                      help="print the text as it is generated (streamRawPredict, or invoke)")
+    chat.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S)
+    _add_connection(chat)
 
     undeploy = sub.add_parser("undeploy", help="undeploy everything, delete the endpoint")
     undeploy.add_argument("--endpoint", help="endpoint display name or id (default: the app)")
@@ -145,6 +164,7 @@ def _container_from(args: argparse.Namespace, machine: Optional[MachineSpec]) ->
         extra_env=_parse_env(args.env),
         shared_memory_mb=args.shared_memory_mb,
         deployment_timeout_s=args.deployment_timeout,
+        invoke_route_prefix=args.invoke_route_prefix,
     )
 
 
@@ -156,6 +176,20 @@ def _instances_from(args: argparse.Namespace) -> List[Any]:
             raise VertexConfigError("--instances-json must be a JSON list")
         instances.extend(extra)
     return instances
+
+
+def _messages_from(args: argparse.Namespace) -> List[Dict[str, str]]:
+    if args.messages_json is not None:
+        if args.prompt or args.system:
+            raise VertexConfigError("pass --messages-json or --prompt/--system, not both")
+        messages = _parse_json(args.messages_json, "--messages-json")
+        if not isinstance(messages, list):
+            raise VertexConfigError("--messages-json must be a JSON list")
+        return messages
+    if not args.prompt:
+        raise VertexConfigError("no message: pass --prompt or --messages-json")
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    return [*system, {"role": "user", "content": args.prompt}]
 
 
 def _settings_from(args: argparse.Namespace) -> Settings:
@@ -187,6 +221,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             service_account=args.service_account,
             spot=args.spot,
             request_timeout_s=args.deploy_request_timeout,
+            dedicated_endpoint=args.dedicated_endpoint,
         )
         connect(settings)
         model, endpoint = deploy_app(container, deployment, args.model_name or args.app,
@@ -201,7 +236,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         if parameters is not None and not isinstance(parameters, dict):
             raise VertexConfigError("--parameters must be a JSON object")
         connect(settings)
-        predictions = predict(args.endpoint or args.app, instances, parameters, args.timeout)
+        predictions = predict(args.endpoint or args.app, instances, parameters, args.timeout,
+                              settings)
         return {"predictions": predictions}
     from vertex.endpoints import teardown
 
@@ -211,6 +247,20 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             "models": report.models}
 
 
+def run_chat(args: argparse.Namespace) -> None:
+    """Write the assistant's text to stdout piece by piece, flushed, so a stream shows as it comes."""
+    from vertex.chat import ChatRequest, chat
+
+    settings = _settings_from(args)
+    request = ChatRequest(messages=_messages_from(args), model=args.app,
+                          max_tokens=args.max_tokens, temperature=args.temperature)
+    connect(settings)
+    for piece in chat(args.endpoint or args.app, request, settings, args.stream, args.timeout):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -218,11 +268,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from google.api_core.exceptions import GoogleAPICallError
 
     try:
+        if args.command == "chat":
+            run_chat(args)
+            return 0
         result = run(args)
     except VertexConfigError as err:
         log.error("%s", err)
         return 2
-    except DeployError as err:
+    except (DeployError, PredictionError) as err:
         log.error("%s", err)
         return 1
     except GoogleAPICallError as err:

@@ -1,7 +1,7 @@
 """The serving container as Vertex will run it: image, port, routes and env.
 
 The env built here is the whole contract between the Model resource and the
-image (see docs/CONTRACT.md); it is assembled in one dict so that a reviewer
+image (see docs/architecture.md); it is assembled in one dict so that a reviewer
 sees in one place everything a replica will be started with.
 """
 
@@ -24,6 +24,8 @@ DEFAULT_SHARED_MEMORY_MB = 8 * 1024
 DEFAULT_DEPLOYMENT_TIMEOUT_S = 30 * 60
 MAX_DEPLOYMENT_TIMEOUT_S = 2 * 60 * 60  # Vertex's limit
 VALID_DTYPES = ("float32", "bfloat16", "float16", "auto")
+# Vertex's only invoke prefix: every non-root container path, through .../invoke/<path>.
+INVOKE_ROUTE_PREFIXES = ("/*",)
 
 # Matched on whole ``_``-separated words so that MAX_NEW_TOKENS or TOKENIZER_DIR
 # stay allowed while HF_TOKEN or OPENAI_API_KEY are refused.
@@ -85,6 +87,7 @@ class ServingContainer:
     extra_env: Mapping[str, str] = field(default_factory=dict)
     shared_memory_mb: int = DEFAULT_SHARED_MEMORY_MB
     deployment_timeout_s: int = DEFAULT_DEPLOYMENT_TIMEOUT_S
+    invoke_route_prefix: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not self.image_uri:
@@ -108,6 +111,11 @@ class ServingContainer:
             )
         if self.shared_memory_mb < 64:
             raise VertexConfigError(f"--shared-memory-mb {self.shared_memory_mb} is below 64")
+        if self.invoke_route_prefix is not None and self.invoke_route_prefix not in INVOKE_ROUTE_PREFIXES:
+            raise VertexConfigError(
+                f"--invoke-route-prefix {self.invoke_route_prefix!r} is not one Vertex accepts: "
+                f"only {', '.join(INVOKE_ROUTE_PREFIXES)}"
+            )
         check_env_keys(self.extra_env)
         reserved = {"APP", "LLM_DTYPE"} & set(self.extra_env)
         if reserved:
@@ -117,8 +125,9 @@ class ServingContainer:
             )
 
     @property
-    def predict_route(self) -> str:
-        return predict_route(self.app)
+    def predict_route(self) -> Optional[str]:
+        """None with an invoke prefix: Vertex takes one or the other, and the prefix reaches every path."""
+        return None if self.invoke_route_prefix else predict_route(self.app)
 
     @property
     def health_route(self) -> str:

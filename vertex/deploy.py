@@ -24,16 +24,22 @@ def deploy_app(
     model_name: str,
     endpoint_name: str,
 ) -> Tuple["Model", "Endpoint"]:
-    """Upload then deploy; refuse bfloat16 on a T4 before anything is created.
+    """Upload then deploy; refuse what Vertex would refuse late, before anything is created.
 
     Turing GPUs have no bfloat16 units, so that pairing fails (or crawls) only
-    once the replica is up and billing.
+    once the replica is up and billing; Vertex refuses an invoke-prefix Model on
+    a shared endpoint only at deploy time, after the upload.
     """
     if container.dtype == "bfloat16" and deployment.machine.accelerator_type == T4:
         raise VertexConfigError(
             f"{deployment.machine.describe()} has no bfloat16 support: use float16"
         )
+    if container.invoke_route_prefix and not deployment.dedicated_endpoint:
+        raise VertexConfigError(
+            "a Model with --invoke-route-prefix can only be deployed to a dedicated endpoint: "
+            "add --dedicated-endpoint"
+        )
     model = upload_model(container, model_name)
-    endpoint = get_or_create_endpoint(endpoint_name)
+    endpoint = get_or_create_endpoint(endpoint_name, deployment.dedicated_endpoint)
     deploy_model(model, endpoint, deployment)
     return model, endpoint

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, List, Optional
 from vertex.errors import DeployError, VertexConfigError
 from vertex.machines import MachineSpec
 from vertex.models import display_name_filter
+from vertex.settings import Settings
 
 if TYPE_CHECKING:
     from google.cloud.aiplatform import Endpoint, Model
@@ -28,6 +29,7 @@ class Deployment:
     service_account: Optional[str] = None
     spot: bool = False
     request_timeout_s: Optional[float] = None
+    dedicated_endpoint: bool = False
 
     def __post_init__(self) -> None:
         if self.min_replicas < 1:
@@ -70,16 +72,41 @@ def find_endpoints(name: str) -> List["Endpoint"]:
     )
 
 
-def get_or_create_endpoint(display_name: str) -> "Endpoint":
-    """Reuse an endpoint by display name so that a redeploy keeps its URL."""
+def open_endpoint(name: str, settings: Optional[Settings] = None) -> "Endpoint":
+    """The newest endpoint with this name; with an ``http://`` API endpoint, its SDK session routed there too."""
+    endpoints = find_endpoints(name)
+    if not endpoints:
+        raise VertexConfigError(f"no endpoint named {name!r}: run `make deploy` first")
+    endpoint = endpoints[0]
+    if settings is not None and settings.is_loopback_rest:
+        from vertex.transport import route_to
+
+        route_to(endpoint, settings.api_endpoint)
+    return endpoint
+
+
+def get_or_create_endpoint(display_name: str, dedicated: bool = False) -> "Endpoint":
+    """Reuse an endpoint by display name so that a redeploy keeps its URL.
+
+    A dedicated endpoint (its own DNS name; needed for invoke and streaming) is
+    fixed at creation, so an existing endpoint of the other kind is refused.
+    """
     from google.cloud import aiplatform
 
     found = find_endpoints(display_name)
     if found:
+        if found[0].dedicated_endpoint_enabled != dedicated:
+            kind = "a dedicated" if found[0].dedicated_endpoint_enabled else "a shared"
+            raise VertexConfigError(
+                f"endpoint {display_name!r} exists as {kind} endpoint and that cannot change: "
+                f"{'drop' if found[0].dedicated_endpoint_enabled else 'add'} --dedicated-endpoint, "
+                "deploy to another --endpoint name, or `make undeploy` first"
+            )
         log.info("reusing endpoint %s", found[0].resource_name)
         return found[0]
-    log.info("creating endpoint %s", display_name)
-    return aiplatform.Endpoint.create(display_name=display_name, sync=True)
+    log.info("creating %sendpoint %s", "dedicated " if dedicated else "", display_name)
+    return aiplatform.Endpoint.create(display_name=display_name, dedicated_endpoint_enabled=dedicated,
+                                      sync=True)
 
 
 def deploy_model(model: "Model", endpoint: "Endpoint", deployment: Deployment) -> "Endpoint":

@@ -16,3 +16,7 @@ class SecretInEnvError(VertexConfigError):
 
 class DeployError(RuntimeError):
     """Vertex accepted the request but the deployment did not become serviceable."""
+
+
+class PredictionError(RuntimeError):
+    """The endpoint answered, but not with a usable answer (an error status, a cut stream)."""

@@ -61,6 +61,7 @@ def upload_model(container: ServingContainer, display_name: str) -> "Model":
         serving_container_ports=[container.port],
         serving_container_predict_route=container.predict_route,
         serving_container_health_route=container.health_route,
+        serving_container_invoke_route_prefix=container.invoke_route_prefix,
         serving_container_environment_variables=container.env(),
         serving_container_shared_memory_size_mb=container.shared_memory_mb,
         serving_container_deployment_timeout=container.deployment_timeout_s,

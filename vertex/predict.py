@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
-from vertex.endpoints import find_endpoints
+from vertex.endpoints import open_endpoint
 from vertex.errors import VertexConfigError
+from vertex.settings import Settings
 
 # Public Vertex endpoints cut a request at about 60 s; waiting longer is pointless.
 DEFAULT_TIMEOUT_S = 60.0
@@ -16,14 +17,17 @@ def predict(
     instances: List[Any],
     parameters: Optional[Dict[str, Any]] = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    settings: Optional[Settings] = None,
 ) -> List[Any]:
-    """The ``predictions`` list, one item per instance."""
+    """The ``predictions`` list, one item per instance.
+
+    ``settings`` matters only for an ``http://`` API endpoint: the SDK sends a
+    dedicated endpoint's predict through its own session, routed there too.
+    """
     if not instances:
         raise VertexConfigError("no instances to predict")
-    endpoints = find_endpoints(endpoint_name)
-    if not endpoints:
-        raise VertexConfigError(f"no endpoint named {endpoint_name!r}: run `make deploy` first")
-    response = endpoints[0].predict(
+    endpoint = open_endpoint(endpoint_name, settings)
+    response = endpoint.predict(
         instances=instances, parameters=parameters, timeout=timeout_s
     )
     return list(response.predictions)

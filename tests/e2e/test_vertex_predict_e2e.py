@@ -1,22 +1,25 @@
 """The Vertex path end to end: SDK -> Vertex stand-in -> gateway -> real TorchServe.
 
-``smollm2_server`` (from the shared conftest) is a real TorchServe serving the
-offline SmolLM2 model; the container's real gateway is put in front of it, as in
-the image. Vertex checks the Model's health route and forwards ``:predict`` to
-its predict route.
+``container_url`` (tests/vertex_fixtures.py) is the container's real gateway in
+front of ``smollm2_server``, a real TorchServe serving the offline SmolLM2
+model, as in the image. Vertex checks the Model's health route and forwards
+``:predict`` to its predict route.
 """
 
 from __future__ import annotations
 
-import threading
 from typing import Iterator
 from urllib.parse import urlsplit
 
 import pytest
 from google.api_core import exceptions
 
-from tests.support.torchserve import TorchServe
-from tests.vertex_fixtures import PROJECT, REGION, offline_google  # noqa: F401 - fixture
+from tests.vertex_fixtures import (  # noqa: F401 - fixtures
+    PROJECT,
+    REGION,
+    container_url,
+    offline_google,
+)
 from tests.vertex_standin import StandIn
 from vertex import (
     Deployment,
@@ -32,25 +35,6 @@ from vertex import (
 APP = "smollm2"
 IMAGE = "us-docker.pkg.dev/test-project/llm/torchserve-llm-cpu:e2e"
 PROMPTS = ["How to prepare a spanish omelette:", "The capital of France is"]
-
-
-@pytest.fixture
-def container_url(smollm2_server: TorchServe) -> Iterator[str]:
-    """Where the "replica" answers /health and the predict route: the gateway in front of a real TorchServe."""
-    from gateway.server import make_server
-    from gateway.settings import GatewaySettings, Upstream
-
-    settings = GatewaySettings(
-        app=APP, port=0, predict_route=f"/predictions/{APP}", health_route="/health",
-        inference=Upstream("127.0.0.1", smollm2_server.port),
-        management=Upstream("127.0.0.1", smollm2_server.management_port),
-        bind_host="127.0.0.1",
-    )
-    server = make_server(settings)
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
 
 
 @pytest.fixture

@@ -16,7 +16,8 @@ from typing import Any, Iterator
 import pytest
 import torch
 
-from handler.engine import Engine
+from handler.dynamic import DynamicScheduler
+from handler.loading import load_model
 from handler.prompts import encode
 from handler.requests import RequestShape, parse_request
 from handler.settings import HandlerSettings
@@ -44,12 +45,13 @@ def server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Itera
 def classic(smollm2_dir: Path):
     """The classic engine with the app's own settings, and a function that completes a request body with it."""
     settings = HandlerSettings.from_config(continuous_config(), {})
-    engine = Engine.load(smollm2_dir, settings, torch.device("cpu"))
+    loaded = load_model(smollm2_dir, settings, torch.device("cpu"))
+    engine = DynamicScheduler(loaded)
     shape = RequestShape(settings.defaults, settings.limits, settings.max_instances, settings.max_prompt_chars)
 
     def complete(body: dict[str, Any]) -> list[str]:
         prompts = [
-            encode(instance, engine.tokenizer, settings.prompt_template, engine.limits, "instances[0]")
+            encode(instance, loaded.tokenizer, settings.prompt_template, loaded.limits, "instances[0]")
             for instance in parse_request({"body": body}, shape)
         ]
         return [c.text for sequences in engine.generate(prompts) for c in sequences]

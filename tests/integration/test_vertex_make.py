@@ -1,4 +1,4 @@
-"""`make deploy predict undeploy` (mk/vertex.mk) driving the CLI against the stand-in."""
+"""`make deploy predict chat undeploy` (mk/vertex.mk) driving the CLI against the stand-in."""
 
 from __future__ import annotations
 
@@ -46,6 +46,13 @@ def test_make_deploy_predict_undeploy(offline_google, standin, fake_container):
         {"generated_text": "echo: How to prepare a spanish omelette:"}]
     assert fake_container.received[-1]["parameters"] == {"max_new_tokens": 8.0}
 
+    chatted = make("chat", standin.url, "VERTEX_MAX_NEW_TOKENS=8")
+    assert chatted.returncode == 0, chatted.stderr
+    assert chatted.stdout == "echo: How to prepare a spanish omelette:\n"
+    assert fake_container.received[-1] == {
+        "model": "smollm2", "max_tokens": 8,
+        "messages": [{"role": "user", "content": "How to prepare a spanish omelette:"}]}
+
     removed = make("undeploy", standin.url, "VERTEX_DELETE_MODEL=1")
     assert removed.returncode == 0, removed.stderr
     assert standin.endpoints == {} and standin.models == {}
@@ -57,3 +64,16 @@ def test_make_deploy_refuses_a_bad_pair_before_any_request(offline_google, stand
     assert result.returncode != 0
     assert "no bfloat16 support" in result.stderr
     assert standin.requests == []
+
+
+def test_make_chat_streams_from_a_dedicated_endpoint(offline_google, standin, fake_container):
+    deployed = make("deploy", standin.url, "VERTEX_MACHINE=l4", "VERTEX_IMAGE=img:1", "VERTEX_INVOKE=1")
+    assert deployed.returncode == 0, deployed.stderr
+    spec = standin.calls("upload_model")[0].body["model"]["containerSpec"]
+    assert (spec["invokeRoutePrefix"], spec.get("predictRoute")) == ("/*", None)
+
+    chatted = make("chat", standin.url, "VERTEX_STREAM=1", "VERTEX_PROMPT=Hi there")
+    assert chatted.returncode == 0, chatted.stderr
+    assert chatted.stdout == "echo: Hi there\n"
+    assert [call.route for call in standin.requests][-1] == "invoke"
+    assert fake_container.raw_received[-1][0] == "/v1/chat/completions"

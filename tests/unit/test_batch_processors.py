@@ -1,14 +1,18 @@
-"""Our top-k and top-p warpers for the continuous batching manager filter exactly as transformers' own."""
+"""Our processors for the continuous batching manager filter exactly as transformers' own warpers."""
 
 import pytest
 import torch
-from transformers import TopKLogitsWarper, TopPLogitsWarper
-from transformers.generation.continuous_batching.cb_logits_processors import (
+from transformers import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from handler.batch_processors import SequenceProcessors, TopKWarper, TopPWarper, ours_for
+from handler.compat import (
     ContinuousBatchingTopKLogitsWarper,
     ContinuousBatchingTopPLogitsWarper,
+    FutureRequestState,
+    RequestState,
 )
-
-from handler.batch_processors import TopKWarper, TopPWarper, ours_for
+from handler.params import GenerationParams
+from handler.sampling import sequence_processors
 
 VOCAB = 5000
 
@@ -54,3 +58,20 @@ def test_greedy_rows_are_left_alone_without_sorting():
     unlimited = ours_for(theirs_k)(scores.clone(), rows([VOCAB] * 4, torch.int32))
     assert torch.equal(unlimited, scores)
     assert torch.equal(ours_for(theirs_p)(scores.clone(), rows([1.0] * 4, torch.float32)), scores)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_min_p_on_the_manager_filters_as_transformers_warper_does(seed):
+    """The manager runs each sequence's own list (`sampling.sequence_processors`) on its row: min_p rows filter
+    exactly as transformers' MinPLogitsWarper, the other rows are untouched."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randn(4, VOCAB, generator=generator) * 3
+    min_ps = {"a": 0.1, "c": 0.9}
+    lists = {rid: sequence_processors(GenerationParams(temperature=1.0, min_p=p)) for rid, p in min_ps.items()}
+    requests = [FutureRequestState(RequestState(request_id=rid, initial_tokens=[1, 2]), True, {}, 1) for rid in "abcd"]
+    processor = SequenceProcessors(lists)
+    got = processor(scores.clone(), processor.prepare_tensor_args(requests))
+    for row, rid in enumerate("abcd"):
+        expected = MinPLogitsWarper(min_ps[rid])(None, scores[row : row + 1].clone()) if rid in min_ps else scores[row : row + 1]
+        assert torch.equal(got[row : row + 1], expected)
+    assert bool((got[2] == float("-inf")).any()) and not bool((got[1] == float("-inf")).any())

@@ -7,55 +7,61 @@ Context, its streamed chunks read back from a socket pair.
 
 import asyncio
 import json
-import socket
-import struct
 from pathlib import Path
 
 import pytest
 import torch
-from ts.context import Context, RequestProcessor
-from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
-from handler.continuous import ContinuousEngine, classic_reason, handle_one, processor_kwargs
-from handler.engine import Engine
-from handler.params import GenerationParams, ParamLimits, resolve_params
-from handler.prompts import Prompt, encode
-from handler.requests import Instance
+from handler.compat import pending_result_handlers
+from handler.continuous import ContinuousScheduler, processor_kwargs
+from handler.dynamic import DynamicScheduler
+from handler.loading import LoadedModel, load_model
+from handler.params import GenerationParams
+from handler.prompts import Prompt
+from handler.scheduler import Router, unhonoured
 from handler.settings import ContinuousBatchingSettings, HandlerSettings, SettingsError
 from handler.stopping import FinishReason
 from handler.torchserve_handler import LLMHandler
-from tests.support.torchserve import ROOT
+from tests.support.context import make_context, run_async
+from tests.support.prompts import make_prompt
 
 CACHE = ContinuousBatchingSettings(num_blocks=48, page_size=16, max_batch_tokens=256)
 CACHE_CONFIG = {"num_blocks": 48, "page_size": 16, "max_batch_tokens": 256}
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir: Path) -> Engine:
-    return Engine.load(tiny_model_dir, HandlerSettings(max_total_tokens=200), torch.device("cpu"))
+def loaded(tiny_model_dir: Path) -> LoadedModel:
+    return load_model(tiny_model_dir, HandlerSettings(max_total_tokens=200), torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
-def continuous(engine: Engine):
-    served = ContinuousEngine(engine, CACHE)
+def engine(loaded: LoadedModel) -> DynamicScheduler:
+    return DynamicScheduler(loaded)
+
+
+@pytest.fixture(scope="module")
+def continuous(loaded: LoadedModel):
+    served = ContinuousScheduler(loaded, CACHE)
     yield served
     served.stop()
 
 
-def prompt(engine: Engine, text: str, **params) -> Prompt:
-    resolved = resolve_params([("parameters.", params)], ParamLimits())
-    return encode(Instance(params=resolved, text=text), engine.tokenizer, None, engine.limits, "instances[0]")
+@pytest.fixture(scope="module")
+def beside(loaded: LoadedModel, continuous: ContinuousScheduler) -> DynamicScheduler:
+    """The dynamic scheduler as it runs beside the manager: in a worker thread, taking turns with it."""
+    return DynamicScheduler(loaded, threaded=True, guard=continuous.exclusive)
 
 
-def complete_all(continuous: ContinuousEngine, prompts: list[Prompt], stream=None) -> list:
-    async def run():
-        return await asyncio.gather(*(continuous.complete(p, stream) for p in prompts))
-
-    return asyncio.run(run())
+def prompt(engine: DynamicScheduler, text: str, **params) -> Prompt:
+    return make_prompt(engine.loaded, text, **params)
 
 
-def handlers_left(continuous: ContinuousEngine) -> int:
-    return len(continuous.manager.output_router.result_handlers)
+def complete_all(scheduler, prompts: list[Prompt], stream=None) -> list:
+    return asyncio.run(scheduler.complete(prompts, stream))
+
+
+def handlers_left(continuous: ContinuousScheduler) -> int:
+    return pending_result_handlers(continuous.manager)
 
 
 # The routing rule
@@ -67,6 +73,7 @@ def handlers_left(continuous: ContinuousEngine) -> int:
         (GenerationParams(), None),
         (GenerationParams(temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.2, min_new_tokens=3), None),
         (GenerationParams(stop=("###",), num_return_sequences=2, stream=True, details=True), None),
+        (GenerationParams(temperature=0.8, min_p=0.1), None),
         (GenerationParams(seed=7), "seed"),
         (GenerationParams(num_beams=2), "num_beams"),
         (GenerationParams(typical_p=0.5), "typical_p"),
@@ -74,7 +81,8 @@ def handlers_left(continuous: ContinuousEngine) -> int:
     ],
 )
 def test_only_what_the_manager_cannot_honour_goes_to_the_classic_engine(params, reason):
-    assert classic_reason(params) == reason
+    assert unhonoured(params, ContinuousScheduler.honours) == reason
+    assert unhonoured(params, DynamicScheduler.honours) is None
 
 
 def test_greedy_is_a_single_candidate_at_temperature_one():
@@ -120,6 +128,21 @@ def test_manager_output_equals_the_classic_engine_for_the_parameters_it_serves(e
     assert handlers_left(continuous) == 0
 
 
+def test_min_p_of_one_makes_the_manager_sample_the_greedy_text(engine, continuous):
+    """min_p=1 keeps only tokens as likely as the top one, so sampled rows give greedy text; the
+    neighbour without min_p shows that the sequence's processors stay on its own row."""
+    greedy = engine.generate([prompt(engine, "Tell me a story", max_new_tokens=12, temperature=0)])[0][0].text
+    [filtered, _] = complete_all(
+        continuous,
+        [
+            prompt(engine, "Tell me a story", max_new_tokens=12, temperature=1.5, min_p=1.0, num_return_sequences=2),
+            prompt(engine, "A neighbour", max_new_tokens=12, temperature=1.5),
+        ],
+    )
+    assert [c.text for c in filtered] == [greedy, greedy]
+    assert continuous.processor_lists == {}
+
+
 def test_the_repetition_penalty_changes_what_the_manager_generates(engine, continuous):
     plain, penalised = complete_all(
         continuous,
@@ -152,7 +175,7 @@ def test_a_stop_string_ends_the_sequence_and_cancels_it_in_the_manager(engine, c
     [[completion]] = complete_all(
         continuous,
         [prompt(engine, "Hello there", max_new_tokens=30, temperature=0, stop=stop, stream=True)],
-        lambda index, text: pieces.append((index, text)),
+        lambda _, index, text: pieces.append((index, text)),
     )
     assert completion.text == expected
     assert completion.finish_reason == FinishReason.STOP
@@ -167,7 +190,7 @@ def test_streamed_pieces_add_up_to_the_text_and_come_token_by_token(engine, cont
     [[completion]] = complete_all(
         continuous,
         [prompt(engine, "Stream this", max_new_tokens=20, temperature=0, stream=True)],
-        lambda index, text: pieces.append((index, text)),
+        lambda _, index, text: pieces.append((index, text)),
     )
     assert len(pieces) > 5
     assert {index for index, _ in pieces} == {0}
@@ -176,12 +199,12 @@ def test_streamed_pieces_add_up_to_the_text_and_come_token_by_token(engine, cont
 
 def test_a_prompt_that_does_not_stream_sends_nothing(engine, continuous):
     pieces: list[str] = []
-    complete_all(continuous, [prompt(engine, "Quiet", max_new_tokens=5)], lambda index, text: pieces.append(text))
+    complete_all(continuous, [prompt(engine, "Quiet", max_new_tokens=5)], lambda _, index, text: pieces.append(text))
     assert pieces == []
 
 
 def test_the_deadline_ends_a_generation_with_finish_reason_length(engine):
-    hurried = ContinuousEngine(engine, CACHE, deadline_seconds=0.001)
+    hurried = ContinuousScheduler(engine.loaded, CACHE, deadline_seconds=0.001)
     try:
         [[completion]] = complete_all(hurried, [prompt(engine, "Take your time", max_new_tokens=150, temperature=0)])
         assert completion.finish_reason == FinishReason.LENGTH
@@ -191,106 +214,49 @@ def test_the_deadline_ends_a_generation_with_finish_reason_length(engine):
         hurried.stop()
 
 
-def test_the_classic_engine_serves_a_seeded_prompt_like_it_does_alone(engine, continuous):
+def test_the_classic_engine_serves_a_seeded_prompt_like_it_does_alone(engine, continuous, beside):
     seeded = prompt(engine, "Tell me a story", max_new_tokens=10, temperature=1.0, seed=1234)
     alone = engine.generate([seeded])[0][0].text
+    router = Router([continuous, beside])
+    neighbour = prompt(engine, "A neighbour", max_new_tokens=20, temperature=0.9)
 
-    async def run():
-        return await asyncio.gather(
-            continuous.classic([seeded]),
-            continuous.complete(prompt(engine, "A neighbour", max_new_tokens=20, temperature=0.9)),
-        )
-
-    [[classic_result], _] = asyncio.run(run())
+    [classic_result, _] = complete_all(router, [seeded, neighbour])
     assert classic_result[0].text == alone
 
 
-def test_classic_generates_beside_the_manager_leave_the_model_as_it_was(engine, continuous):
+def test_classic_generates_beside_the_manager_leave_the_model_as_it_was(engine, continuous, beside):
     greedy = [prompt(engine, f"Classic prompt {n}", max_new_tokens=60, temperature=0) for n in range(3)]
     alone = [engine.generate([p])[0][0].text for p in greedy]
-    is_causal = getattr(engine.model.config, "is_causal", None)
+    is_causal = getattr(engine.loaded.model.config, "is_causal", None)
 
     async def run():
-        neighbours = [continuous.complete(prompt(engine, f"Neighbour {n}", max_new_tokens=80, temperature=0.9)) for n in range(4)]
-        return await asyncio.gather(*(continuous.classic([p]) for p in greedy), *neighbours)
+        neighbours = [continuous.complete([prompt(engine, f"Neighbour {n}", max_new_tokens=80, temperature=0.9)]) for n in range(4)]
+        return await asyncio.gather(*(beside.complete([p]) for p in greedy), *neighbours)
 
     beside = [result[0][0].text for result in asyncio.run(run())[: len(greedy)]]
     assert beside == alone
-    assert getattr(engine.model.config, "is_causal", None) == is_causal
+    assert getattr(engine.loaded.model.config, "is_causal", None) == is_causal
     assert [engine.generate([p])[0][0].text for p in greedy] == alone
 
 
-# handle_one with TorchServe's own Context
-
-
-def read_messages(sock: socket.socket) -> list[tuple[int, bytes]]:
-    """Every (status, body) TorchServe's response encoder wrote, in order."""
-    data = bytearray()
-    sock.setblocking(False)
-    while True:
-        try:
-            block = sock.recv(65536)
-        except BlockingIOError:
-            break
-        if not block:
-            break
-        data += block
-    messages, at = [], 0
-
-    def take() -> int:
-        nonlocal at
-        (value,) = struct.unpack_from("!i", data, at)
-        at += 4
-        return value
-
-    def skip_string() -> bytes:
-        nonlocal at
-        size = take()
-        at += size
-        return bytes(data[at - size : at])
-
-    while at < len(data):
-        take(), skip_string()  # code, message
-        while (size := take()) != -1:
-            at += size  # request id
-            skip_string()  # content type
-            status = take()
-            skip_string()  # phrase
-            for _ in range(take()):
-                skip_string(), skip_string()
-            messages.append((status, skip_string()))
-    return messages
+# The adapter's async handle with TorchServe's own Context
 
 
 @pytest.fixture(scope="module")
 def handler(tiny_model_dir: Path):
-    metrics = MetricsCacheYamlImpl(str(ROOT / "metrics.yaml"))
-    metrics.initialize_cache()
     config = {"asyncCommunication": True, "handler": {"batching": "continuous", "continuous": CACHE_CONFIG, "max_total_tokens": 200}}
-    context = Context("tiny", str(tiny_model_dir), {}, 1, None, "0.12.0", metrics=metrics, model_yaml_config=config)
-    metrics.model_name = "tiny"
+    context = make_context("tiny", tiny_model_dir, config, batch_size=1)
     served = LLMHandler()
     served.initialize(context)
-    assert served.continuous_engine.running
+    assert served.service.continuous.running
     yield served, context
-    served.continuous_engine.stop()
+    served.service.stop()
 
 
 def run_handler(handler_and_context, bodies: list) -> tuple[list[tuple[int, dict]], list[tuple[int, bytes]]]:
     """Runs one TorchServe message through `handle`; returns each request's (status, body) and the chunks sent."""
     served, context = handler_and_context
-    reader, writer = socket.socketpair()
-    context.cl_socket = writer
-    context.request_ids = {i: f"request-{i}" for i in range(len(bodies))}
-    context.request_processor = [RequestProcessor({}) for _ in bodies]
-    context.metrics.request_ids = context.request_ids
-    try:
-        outputs = asyncio.run(served.handle([{"body": body} for body in bodies], context))
-        chunks = read_messages(reader)
-    finally:
-        reader.close()
-        writer.close()
-    return [(context.get_response_status(i)[0], json.loads(out)) for i, out in enumerate(outputs)], chunks
+    return run_async(served, context, bodies)
 
 
 def test_handle_answers_each_request_of_a_message_on_its_own(handler):
@@ -301,9 +267,11 @@ def test_handle_answers_each_request_of_a_message_on_its_own(handler):
             {"instances": []},
             {"instances": ["Hi", {"prompt": "Yo", "seed": 3}], "parameters": {"max_new_tokens": 5, "temperature": 0.8}},
             {"instances": ["x"], "parameters": {"max_new_tokens": 100_000}},
+            {"instances": ["x"], "parameters": {"min_p": 1.5}},
         ],
     )
-    assert [status for status, _ in results] == [200, 400, 200, 422]
+    assert [status for status, _ in results] == [200, 400, 200, 422, 400]
+    assert results[4][1]["field"] == "parameters.min_p"
     [first] = results[0][1]["predictions"]
     assert first["finish_reason"] == "length" and first["generated_tokens"] == 4 and first["prompt_tokens"] > 0
     assert results[1][1]["field"] == "instances"
@@ -359,8 +327,8 @@ def test_return_full_text_prepends_the_prompt(handler):
 
 def test_a_stopped_manager_is_replaced_on_the_next_request(handler):
     served, _ = handler
-    first = served.continuous_engine
-    first.manager.stop(block=True)
+    first = served.service.continuous.manager
+    first.stop(block=True)
     [(status, body)], _ = run_handler(handler, [{"instances": ["Again"], "parameters": {"max_new_tokens": 3}}])
     assert status == 200 and body["predictions"][0]["generated_text"] is not None
-    assert served.continuous_engine is not first and served.continuous_engine.running
+    assert served.service.continuous.manager is not first and served.service.continuous.running

@@ -1,27 +1,41 @@
-"""The engine on a tiny random Llama: batching, per-request parameters, stops, seeds, streaming."""
+"""The dynamic scheduler on a tiny random Llama: batching, per-request parameters, stops, seeds, streaming."""
 
 from pathlib import Path
 
 import pytest
 import torch
 
-from handler.engine import Engine, check_weight_format
+from handler.dynamic import DynamicScheduler
 from handler.errors import RequestError
-from handler.params import GenerationParams, ParamLimits, resolve_params
+from handler.loading import check_weight_format, load_model
+from handler.params import GenerationParams
 from handler.prompts import Prompt, TokenLimits, encode
 from handler.requests import Instance
+from handler.sampling import row_processors
 from handler.settings import HandlerSettings, SettingsError
 from handler.stopping import FinishReason
+from tests.support.prompts import make_prompt
+
+
+class Engine(DynamicScheduler):
+    """The scheduler with its model's tokenizer, limits and model at hand, as these tests use them."""
+
+    @classmethod
+    def load(cls, model_dir: Path, settings: HandlerSettings) -> "Engine":
+        return cls(load_model(model_dir, settings, torch.device("cpu")), settings.deadline_seconds)
+
+    tokenizer = property(lambda self: self.loaded.tokenizer)
+    limits = property(lambda self: self.loaded.limits)
+    model = property(lambda self: self.loaded.model)
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir: Path) -> Engine:
-    return Engine.load(tiny_model_dir, HandlerSettings(max_total_tokens=128), torch.device("cpu"))
+    return Engine.load(tiny_model_dir, HandlerSettings(max_total_tokens=128))
 
 
 def prompt(engine: Engine, text: str, **params) -> Prompt:
-    resolved = resolve_params([("parameters.", params)], ParamLimits())
-    return encode(Instance(params=resolved, text=text), engine.tokenizer, None, engine.limits, "instances[0]")
+    return make_prompt(engine.loaded, text, **params)
 
 
 def texts(completions) -> list[str]:
@@ -143,7 +157,7 @@ def test_streaming_sends_pieces_that_add_up_to_the_text(engine):
     pieces: list[tuple[int, int, str]] = []
     (completions,) = engine.generate(
         [prompt(engine, "Hello", max_new_tokens=12, temperature=0, stream=True)],
-        stream=lambda index, sequence, text: pieces.append((index, sequence, text)),
+        sink=lambda index, sequence, text: pieces.append((index, sequence, text)),
     )
     assert len(pieces) > 1
     assert "".join(p[2] for p in pieces) == completions[0].text
@@ -157,7 +171,7 @@ def test_streaming_never_leaks_a_stop_string(engine):
     pieces: list[str] = []
     engine.generate(
         [prompt(engine, "Hello", max_new_tokens=20, temperature=0, stop=[stop], stream=True)],
-        stream=lambda index, sequence, piece: pieces.append(piece),
+        sink=lambda index, sequence, piece: pieces.append(piece),
     )
     assert "".join(pieces) == text[: text.find(stop)]
 
@@ -166,7 +180,7 @@ def test_only_streaming_requests_stream(engine):
     pieces: list[int] = []
     engine.generate(
         [prompt(engine, "a", max_new_tokens=4, temperature=0), prompt(engine, "b", max_new_tokens=4, temperature=0, stream=True)],
-        stream=lambda index, sequence, text: pieces.append(index),
+        sink=lambda index, sequence, text: pieces.append(index),
     )
     assert set(pieces) == {1}
 
@@ -190,7 +204,7 @@ def test_max_input_tokens_follows_a_smaller_max_total_tokens(engine):
 
 
 def test_limits_default_to_the_context_length(tiny_model_dir):
-    engine = Engine.load(tiny_model_dir, HandlerSettings(warmup=False), torch.device("cpu"))
+    engine = Engine.load(tiny_model_dir, HandlerSettings(warmup=False))
     assert engine.limits == TokenLimits(max_input_tokens=255, max_total_tokens=256)
 
 
@@ -216,14 +230,35 @@ def test_pickle_only_folders_are_refused_unless_allowed(tmp_path):
 
 def test_device_map_auto_loads_and_generates(tiny_model_dir, tmp_path):
     settings = HandlerSettings(device_map="auto", offload_folder=str(tmp_path / "offload"), warmup=False)
-    mapped = Engine.load(tiny_model_dir, settings, torch.device("cpu"))
+    mapped = Engine.load(tiny_model_dir, settings)
     (completions,) = mapped.generate([prompt(mapped, "Hello", max_new_tokens=3, temperature=0)])
     assert completions[0].generated_tokens == 3
 
 
 def test_the_app_can_serve_a_quantized_model(tiny_model_dir):
     settings = HandlerSettings(quantization="fp16-dynamic", warmup=False)
-    quantized = Engine.load(tiny_model_dir, settings, torch.device("cpu"))
+    quantized = Engine.load(tiny_model_dir, settings)
     assert not any(type(m) is torch.nn.Linear for m in quantized.model.modules())
     (completions,) = quantized.generate([prompt(quantized, "Hello", max_new_tokens=3, temperature=0)])
     assert completions[0].generated_tokens == 3
+
+
+def test_min_p_runs_transformers_warper_in_its_order_for_sampled_rows_only():
+    sampled = row_processors(GenerationParams(temperature=0.8, top_p=0.9, min_p=0.2, typical_p=0.5), 4, [0], [])
+    kinds = [type(p).__name__ for p in sampled]
+    assert kinds == ["TemperatureLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper", "TypicalLogitsWarper"]
+    assert not row_processors(GenerationParams(temperature=0, min_p=0.2), 4, [0], [])
+
+
+def test_min_p_of_one_leaves_only_the_most_likely_token(engine):
+    """min_p=1 keeps only tokens as likely as the top one: sampling at any temperature gives the greedy text."""
+    greedy = engine.generate([prompt(engine, "Tell me a story", max_new_tokens=12, temperature=0)])
+    sampled = engine.generate(
+        [prompt(engine, "Tell me a story", max_new_tokens=12, temperature=1.5, min_p=1.0, num_return_sequences=2)]
+    )
+    assert texts(sampled[0]) == texts(greedy[0]) * 2
+
+
+def test_min_p_in_beam_search_reaches_generate(engine):
+    (completions,) = engine.generate([prompt(engine, "hi", max_new_tokens=4, temperature=1.0, min_p=0.5, num_beams=2, seed=3)])
+    assert len(completions) == 1 and completions[0].generated_tokens <= 4

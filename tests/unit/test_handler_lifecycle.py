@@ -4,36 +4,16 @@ One batch holds valid and invalid requests: each invalid one gets its own 4xx an
 body, the valid ones are served. The real SmolLM2 checkpoint answers the omelette prompt.
 """
 
-import json
 import logging
 from pathlib import Path
 
 import pytest
-from ts.context import Context, RequestProcessor
-from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+from ts.context import Context
 
 from handler.torchserve_handler import LLMHandler
-from tests.support.torchserve import ROOT
+from tests.support.context import make_context, run_batch
 
 OMELETTE = "How to prepare a spanish omelette:"
-
-
-def make_context(model_dir: Path, handler_config: dict) -> Context:
-    metrics = MetricsCacheYamlImpl(str(ROOT / "metrics.yaml"))
-    metrics.initialize_cache()
-    context = Context("smollm2", str(model_dir), {}, 4, None, "0.12.0", metrics=metrics,
-                      model_yaml_config={"handler": handler_config})
-    metrics.model_name = "smollm2"
-    return context
-
-
-def run_batch(handler: LLMHandler, context: Context, bodies: list) -> list[tuple[int, dict]]:
-    context.request_ids = {i: f"request-{i}" for i in range(len(bodies))}
-    context.request_processor = [RequestProcessor({}) for _ in bodies]
-    context.metrics.request_ids = context.request_ids
-    outputs = handler.handle([{"body": body} for body in bodies], context)
-    assert len(outputs) == len(bodies)
-    return [(context.get_response_status(i)[0], json.loads(out)) for i, out in enumerate(outputs)]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +21,7 @@ def smollm2_handler(smollm2_dir: Path, tmp_path_factory) -> tuple[LLMHandler, Co
     model_dir = tmp_path_factory.mktemp("archive")
     for item in smollm2_dir.iterdir():
         (model_dir / item.name).symlink_to(item)
-    context = make_context(model_dir, {"defaults": {"max_new_tokens": 40, "temperature": 0}})
+    context = make_context("smollm2", model_dir, {"handler": {"defaults": {"max_new_tokens": 40, "temperature": 0}}})
     handler = LLMHandler()
     handler.initialize(context)
     return handler, context

@@ -143,3 +143,15 @@ def test_parameters_must_be_an_object():
     with pytest.raises(RequestError) as caught:
         resolve_params([("parameters.", ["max_new_tokens"])], LIMITS)
     assert caught.value.field == "parameters"
+
+
+@pytest.mark.parametrize("value", [0, 0.0, 0.05, 1, 1.0])
+def test_min_p_takes_a_number_from_zero_to_one(value):
+    assert resolve({"min_p": value}).min_p == float(value)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, math.inf, math.nan, "0.1", True, None])
+def test_min_p_outside_zero_to_one_names_the_field(value):
+    error = rejects({"min_p": value})
+    assert error.status == 400 and error.field == "parameters.min_p"
+    assert "min_p" in error.message

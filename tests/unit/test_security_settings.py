@@ -19,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from handler.engine import Engine, check_weight_format
+from handler.loading import check_weight_format, load_model
 from handler.settings import HandlerSettings, SettingsError
 from tests.support.torchserve import ROOT
 
@@ -87,7 +87,7 @@ def with_custom_code(source: Path, folder: Path, marker: Path, model_type: str) 
 def test_custom_code_for_a_known_architecture_is_ignored(tiny_model_dir, tmp_path):
     marker = tmp_path / "ran"
     folder = with_custom_code(tiny_model_dir, tmp_path / "model", marker, "llama")
-    engine = Engine.load(folder, settings(), CPU)
+    engine = load_model(folder, settings(), CPU)
     assert not marker.exists()
     assert type(engine.model).__name__ == "LlamaForCausalLM"
 
@@ -96,14 +96,14 @@ def test_custom_code_for_an_unknown_architecture_is_refused(tiny_model_dir, tmp_
     marker = tmp_path / "ran"
     folder = with_custom_code(tiny_model_dir, tmp_path / "model", marker, "evil")
     with pytest.raises(ValueError, match="trust_remote_code"):
-        Engine.load(folder, settings(), CPU)
+        load_model(folder, settings(), CPU)
     assert not marker.exists()
 
 
 def test_custom_code_runs_only_when_the_app_opts_in(tiny_model_dir, tmp_path):
     marker = tmp_path / "ran"
     folder = with_custom_code(tiny_model_dir, tmp_path / "model", marker, "llama")
-    engine = Engine.load(folder, settings(trust_remote_code=True), CPU)
+    engine = load_model(folder, settings(trust_remote_code=True), CPU)
     assert marker.read_text() == "custom code ran"
     assert type(engine.model).__name__ == "EvilForCausalLM"
 
@@ -134,13 +134,13 @@ def test_pickle_only_weights_are_refused(tiny_model_dir, tmp_path):
     with pytest.raises(SettingsError, match="allow_pickle_weights"):
         check_weight_format(folder, allow_pickle=False)
     with pytest.raises(SettingsError, match="only pickle weights"):
-        Engine.load(folder, settings(), CPU)
+        load_model(folder, settings(), CPU)
 
 
 def test_pickle_weights_load_when_the_app_opts_in(tiny_model_dir, tmp_path):
     weights = load_file(tiny_model_dir / "model.safetensors")
     folder = pickled(tiny_model_dir, tmp_path / "model", weights)
-    engine = Engine.load(folder, settings(allow_pickle_weights=True), CPU)
+    engine = load_model(folder, settings(allow_pickle_weights=True), CPU)
     name, tensor = next(iter(weights.items()))
     assert torch.equal(engine.model.state_dict()[name], tensor)
 
@@ -149,14 +149,14 @@ def test_a_hostile_pickle_is_never_unpickled(tiny_model_dir, tmp_path):
     marker = tmp_path / "ran"
     folder = pickled(tiny_model_dir, tmp_path / "model", {"weight": WritesMarker(marker)})
     with pytest.raises(SettingsError):
-        Engine.load(folder, settings(), CPU)
+        load_model(folder, settings(), CPU)
     assert not marker.exists()
 
 
 def test_a_hostile_pickle_beside_safetensors_is_ignored(tiny_model_dir, tmp_path):
     marker = tmp_path / "ran"
     folder = pickled(tiny_model_dir, tmp_path / "model", {"weight": WritesMarker(marker)}, keep_safetensors=True)
-    engine = Engine.load(folder, settings(), CPU)
+    engine = load_model(folder, settings(), CPU)
     assert not marker.exists()
     assert engine.model is not None
 
@@ -165,7 +165,7 @@ def test_opting_into_pickle_still_uses_torchs_weights_only_unpickler(tiny_model_
     marker = tmp_path / "ran"
     folder = pickled(tiny_model_dir, tmp_path / "model", {"weight": WritesMarker(marker)})
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        Engine.load(folder, settings(allow_pickle_weights=True), CPU)
+        load_model(folder, settings(allow_pickle_weights=True), CPU)
     assert not marker.exists()
 
 

@@ -6,16 +6,14 @@ messages: a real bug of the kind a Hub template can carry, raising a ZeroDivisio
 request in the batch.
 """
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
-from ts.context import Context, RequestProcessor
-from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+from ts.context import Context
 
 from handler.torchserve_handler import LLMHandler
-from tests.support.torchserve import ROOT
+from tests.support.context import make_context, run_batch
 
 BROKEN_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'system' %}{{ 1 / 0 }}{% endif %}"
@@ -28,22 +26,12 @@ def handler(tiny_model_dir: Path, tmp_path_factory) -> tuple[LLMHandler, Context
     model_dir = tmp_path_factory.mktemp("broken-template")
     shutil.copytree(tiny_model_dir, model_dir, dirs_exist_ok=True)
     (model_dir / "chat_template.jinja").write_text(BROKEN_TEMPLATE)
-    metrics = MetricsCacheYamlImpl(str(ROOT / "metrics.yaml"))
-    metrics.initialize_cache()
-    context = Context("tiny", str(model_dir), {}, 4, None, "0.12.0", metrics=metrics,
-                      model_yaml_config={"handler": {"warmup": False, "defaults": {"max_new_tokens": 3, "temperature": 0}}})
-    metrics.model_name = "tiny"
+    context = make_context(
+        "tiny", model_dir, {"handler": {"warmup": False, "defaults": {"max_new_tokens": 3, "temperature": 0}}}
+    )
     llm = LLMHandler()
     llm.initialize(context)
     return llm, context
-
-
-def run_batch(llm: LLMHandler, context: Context, bodies: list) -> list[tuple[int, dict]]:
-    context.request_ids = {i: f"request-{i}" for i in range(len(bodies))}
-    context.request_processor = [RequestProcessor({}) for _ in bodies]
-    context.metrics.request_ids = context.request_ids
-    outputs = llm.handle([{"body": body} for body in bodies], context)
-    return [(context.get_response_status(i)[0], json.loads(out)) for i, out in enumerate(outputs)]
 
 
 def test_a_request_that_breaks_the_template_fails_alone(handler):
@@ -56,3 +44,10 @@ def test_a_request_that_breaks_the_template_fails_alone(handler):
     assert [status for status, _ in results] == [500, 200, 200]
     assert "see the server log" in results[0][1]["error"]
     assert "predictions" in results[1][1] and "predictions" in results[2][1]
+
+
+def test_a_bad_min_p_is_refused_alone_on_the_dynamic_path(handler):
+    llm, context = handler
+    results = run_batch(llm, context, [{"inputs": "Hello", "parameters": {"min_p": -1}}, {"instances": ["Hello"]}])
+    assert [status for status, _ in results] == [400, 200]
+    assert results[0][1]["field"] == "parameters.min_p" and "min_p" in results[0][1]["error"]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from vertex.chat import ChatRequest, stream_text
 from vertex.container import ServingContainer, looks_like_secret
 from vertex.endpoints import Deployment
-from vertex.errors import SecretInEnvError, VertexConfigError
+from vertex.errors import PredictionError, SecretInEnvError, VertexConfigError
 from vertex.machines import PRESETS, resolve_machine, validate_machine
 from vertex.settings import resolve_settings
 
@@ -117,3 +120,50 @@ def test_deployment_timeout_stays_within_vertex_limit(timeout):
     with pytest.raises(VertexConfigError, match="deployment-timeout"):
         ServingContainer(image_uri="img", app="smollm2", dtype="float16",
                          deployment_timeout_s=timeout)
+
+
+def test_invoke_prefix_replaces_the_predict_route():
+    container = ServingContainer(image_uri="img", app="smollm2", dtype="float16", invoke_route_prefix="/*")
+    assert container.predict_route is None
+    assert ServingContainer(image_uri="img", app="smollm2", dtype="float16").predict_route == (
+        "/predictions/smollm2")
+
+
+@pytest.mark.parametrize("prefix", ["", "/v1/*", "*", "/predictions/*"])
+def test_only_vertex_invoke_prefix_is_accepted(prefix):
+    with pytest.raises(VertexConfigError, match='only /\\*'):
+        ServingContainer(image_uri="img", app="smollm2", dtype="float16", invoke_route_prefix=prefix)
+
+
+@pytest.mark.parametrize(("messages", "error"), [
+    ([], "no messages"),
+    ([{"role": "tool", "content": "x"}], "messages\\[0\\] needs a role"),
+    ([{"role": "user", "content": ["x"]}], "messages\\[0\\].content must be a string"),
+])
+def test_chat_request_checks_messages(messages, error):
+    with pytest.raises(VertexConfigError, match=error):
+        ChatRequest(messages=messages, model="smollm2")
+
+
+def test_chat_body_is_openai_shaped():
+    request = ChatRequest(messages=[{"role": "user", "content": "Hi"}], model="smollm2",
+                          max_tokens=8, temperature=0)
+    assert json.loads(request.body(stream=True)) == {
+        "model": "smollm2", "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 8, "temperature": 0, "stream": True}
+    assert "stream" not in json.loads(request.body(stream=False))
+
+
+def test_stream_text_joins_deltas_until_done():
+    lines = [b'data: {"choices": [{"index": 0, "delta": {"role": "assistant"}}]}', b"",
+             b'data: {"choices": [{"index": 0, "delta": {"content": "Hel"}}]}', b"",
+             b'data: {"choices": [{"index": 0, "delta": {"content": "lo"}}]}', b"",
+             b"data: [DONE]", b'data: {"choices": [{"delta": {"content": "after"}}]}']
+    assert "".join(stream_text(lines)) == "Hello"
+
+
+def test_stream_text_raises_an_error_event_and_a_cut_stream():
+    with pytest.raises(PredictionError, match="out of memory"):
+        list(stream_text([b'data: {"error": {"message": "out of memory"}}']))
+    with pytest.raises(PredictionError, match="without \\[DONE\\].*Bad Request"):
+        list(stream_text([b'{"error": "Bad Request"}']))

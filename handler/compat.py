@@ -1,0 +1,113 @@
+"""Every use of transformers' private continuous batching internals, behind one door.
+
+transformers 5.23 gives no public way to drop a result handler, to read a re-queued
+request's generated tokens, to add processors to a running manager, or to swap one of its
+warpers for another class. The functions below do it with private attributes; nothing else
+in `handler/` touches them. `problems(manager)` lists what a transformers upgrade moved,
+and `tests/unit/test_compat.py` fails with that list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from transformers.generation.continuous_batching.cb_logits_processors import (
+    ContinuousBatchingLogitsProcessor,
+    ContinuousBatchingLogitsProcessorList,
+    ContinuousBatchingTopKLogitsWarper,
+    ContinuousBatchingTopPLogitsWarper,
+)
+from transformers.generation.continuous_batching.requests import (
+    FutureRequestState,
+    GenerationOutput,
+    RequestState,
+    RequestStatus,
+)
+
+__all__ = [
+    "ContinuousBatchingLogitsProcessor",
+    "ContinuousBatchingTopKLogitsWarper",
+    "ContinuousBatchingTopPLogitsWarper",
+    "FutureRequestState",
+    "GenerationOutput",
+    "RequestState",
+    "RequestStatus",
+    "add_processors",
+    "forget_result_handler",
+    "generated_ids",
+    "pending_result_handlers",
+    "problems",
+    "retype",
+]
+
+
+def forget_result_handler(manager, request_id: str) -> None:
+    """Drops a request's result handler; after `cancel_request` no final result comes to remove it."""
+    router = manager.output_router
+    with router._lock:
+        router.result_handlers.pop(request_id, None)
+
+
+def pending_result_handlers(manager) -> int:
+    router = manager.output_router
+    with router._lock:
+        return len(router.result_handlers)
+
+
+def generated_ids(state: RequestState) -> list[int]:
+    """A request's generated tokens, also after the manager re-queued it with them folded into its prompt."""
+    if state._true_initial_tokens:
+        return state.initial_tokens[state._true_initial_tokens :] + state.generated_tokens
+    return state.generated_tokens
+
+
+def add_processors(manager, front: list, back: list) -> None:
+    """Runs `front` before the manager's own processors and `back` after them, each with its own
+    tensor argument, and makes the manager accept their per-request keyword arguments."""
+    processors: ContinuousBatchingLogitsProcessorList = manager.logit_processor
+    processors.logits_processor[0:0] = front
+    processors.logits_processor.extend(back)
+    processors.tensors_required += len(front) + len(back)
+    processors._retrieve_processors_kwargs()
+    processors.do_processing = True
+
+
+def retype(processor: Any, kind: type) -> Any:
+    """`processor`'s settings in an instance of `kind`, a subclass with another `__call__`; its
+    constructor takes a regular warper, which the manager no longer holds."""
+    replacement = kind.__new__(kind)
+    replacement.__dict__.update(vars(processor))
+    return replacement
+
+
+def problems(manager) -> list[str]:
+    """What moved in transformers, one line each; empty while every internal above is where we use it."""
+    found = []
+    router = getattr(manager, "output_router", None)
+    if router is None:
+        found.append("the manager has no output_router (forget_result_handler)")
+    else:
+        if not hasattr(getattr(router, "_lock", None), "__enter__"):
+            found.append("manager.output_router._lock is gone or is no lock (forget_result_handler)")
+        if not isinstance(getattr(router, "result_handlers", None), dict):
+            found.append("manager.output_router.result_handlers is no longer a dict (forget_result_handler)")
+    state_fields = {f.name for f in fields(RequestState)}
+    for name in ("_true_initial_tokens", "request_id", "initial_tokens", "generated_tokens", "logit_processor_kwargs"):
+        if name not in state_fields:
+            found.append(f"RequestState has no field {name} (generated_ids, batch processors)")
+    processors = getattr(manager, "logit_processor", None)
+    if not isinstance(processors, ContinuousBatchingLogitsProcessorList):
+        found.append("manager.logit_processor is no ContinuousBatchingLogitsProcessorList (add_processors)")
+    else:
+        for name in ("logits_processor", "tensors_required", "do_processing"):
+            if not hasattr(processors, name):
+                found.append(f"manager.logit_processor has no attribute {name} (add_processors)")
+        if not callable(getattr(processors, "_retrieve_processors_kwargs", None)):
+            found.append("ContinuousBatchingLogitsProcessorList._retrieve_processors_kwargs() is gone (add_processors)")
+    if not {"state", "has_new_token"} <= set(getattr(FutureRequestState, "__slots__", ())):
+        found.append("FutureRequestState lost its state or has_new_token slot (batch processors)")
+    for kind in (ContinuousBatchingTopKLogitsWarper, ContinuousBatchingTopPLogitsWarper):
+        if kind.__dictoffset__ == 0:
+            found.append(f"{kind.__name__} instances have no __dict__: retype's copy no longer works")
+    return found

@@ -1,0 +1,232 @@
+"""The dynamic batcher: every prompt of a TorchServe batch in one batched `generate`.
+
+Sampled and greedy prompts share one `generate`, each row with its own processors, stops
+and length (`sampling`, `sequence`). Beam search takes one parameter set per call, so beam
+prompts are grouped by identical parameters; which of the two strategies serves a prompt is
+the same capability check the `Router` makes (`scheduler.assign`).
+
+On its own (dynamic batching) it generates on the caller's thread, as TorchServe's
+synchronous worker expects. Beside the continuous batcher it generates in a worker thread,
+one `generate` at a time, inside `guard` (the manager pauses around each forward pass), and
+its stream chunks reach the caller's loop in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import weakref
+from typing import Callable, ContextManager
+
+import torch
+from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+from handler.loading import LoadedModel
+from handler.params import PARAMETER_NAMES, GenerationParams
+from handler.prompts import Prompt
+from handler.sampling import PerRowSampler, RowSampling, request_generator, row_processors
+from handler.scheduler import ChunkSink, assign
+from handler.sequence import Completion, SequenceState
+from handler.stopping import FinishReason, find_stop
+
+MAX_ROWS_PER_GENERATE = 64
+ROWS_HONOUR = frozenset(PARAMETER_NAMES) - {"num_beams"}
+BEAMS_HONOUR = frozenset(PARAMETER_NAMES) - {"stream"}  # verify_params refuses stream with beams
+
+
+class DynamicScheduler:
+    honours = ROWS_HONOUR | BEAMS_HONOUR
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        deadline_seconds: float | None = None,
+        threaded: bool = False,
+        guard: Callable[[], ContextManager] = contextlib.nullcontext,
+    ):
+        self.loaded = loaded
+        self.deadline_seconds = deadline_seconds
+        self.threaded = threaded
+        self.guard = guard
+        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+    async def complete(self, prompts: list[Prompt], sink: ChunkSink | None = None) -> list[list[Completion]]:
+        if not self.threaded:
+            return self.generate(prompts, sink)
+        loop = asyncio.get_running_loop()
+        lock = self._locks.setdefault(loop, asyncio.Lock())
+
+        def on_loop(prompt_index: int, sequence: int, text: str) -> None:
+            loop.call_soon_threadsafe(sink, prompt_index, sequence, text)
+
+        def generate() -> list[list[Completion]]:
+            with self.guard():
+                return self.generate(prompts, on_loop if sink else None)
+
+        async with lock:
+            return await asyncio.to_thread(generate)
+
+    def warm_up(self) -> None:
+        ids = tuple(self.loaded.tokenizer("Hello")["input_ids"])
+        self.generate([Prompt("Hello", ids, GenerationParams(max_new_tokens=2, temperature=0))])
+
+    def generate(self, prompts: list[Prompt], sink: ChunkSink | None = None) -> list[list[Completion]]:
+        """Completions for every prompt, `num_return_sequences` each, in prompt order, on this thread."""
+        results: list[list[Completion]] = [[] for _ in prompts]
+        rows, beams = assign(prompts, [ROWS_HONOUR, BEAMS_HONOUR])
+        for chunk in _row_chunks(rows, prompts):
+            for index, completions in zip(chunk, self._generate_rows([prompts[i] for i in chunk], chunk, sink)):
+                results[index] = completions
+        for group in _beam_groups(beams, prompts):
+            for index, completions in zip(group, self._generate_beams([prompts[i] for i in group])):
+                results[index] = completions
+        return results
+
+    def _generate_rows(self, prompts: list[Prompt], indices: list[int], sink: ChunkSink | None):
+        """All prompts in one `generate`, each row with its own processors, stops and length."""
+        loaded = self.loaded
+        padded = self._pad([p.input_ids for p in prompts for _ in range(p.params.num_return_sequences)])
+        prompt_length = padded["input_ids"].shape[1]
+        rows: list[RowSampling] = []
+        states: list[SequenceState] = []
+        for prompt, index in zip(prompts, indices):
+            generator = request_generator(prompt.params, loaded.device)
+            bad_words = self._bad_words_ids(prompt.params.bad_words)
+            for sequence in range(prompt.params.num_return_sequences):
+                processors = row_processors(prompt.params, prompt_length, loaded.eos_token_ids, bad_words)
+                rows.append(RowSampling(processors, generator))
+                send = _bind(sink, index, sequence) if sink and prompt.params.stream else None
+                states.append(SequenceState(prompt, loaded.tokenizer, loaded.eos_token_ids, send))
+        criteria = BatchStopping(states, prompt_length, self.deadline_seconds)
+        config = self._config(max_new_tokens=max(p.params.max_new_tokens for p in prompts), do_sample=False)
+        with torch.inference_mode():
+            loaded.model.generate(
+                **padded,
+                generation_config=config,
+                logits_processor=LogitsProcessorList([PerRowSampler(rows)]),
+                stopping_criteria=StoppingCriteriaList([criteria]),
+            )
+        completions = [state.completion() for state in states]
+        grouped, start = [], 0
+        for prompt in prompts:
+            grouped.append(completions[start : start + prompt.params.num_return_sequences])
+            start += prompt.params.num_return_sequences
+        return grouped
+
+    def _generate_beams(self, prompts: list[Prompt]) -> list[list[Completion]]:
+        """Beam search needs one parameter set per call; stops are trimmed after the fact."""
+        params = prompts[0].params
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        padded = self._pad([p.input_ids for p in prompts])
+        prompt_length = padded["input_ids"].shape[1]
+        sampling = params.sampling
+        config = self._config(
+            max_new_tokens=params.max_new_tokens,
+            min_new_tokens=params.min_new_tokens or None,
+            num_beams=params.num_beams,
+            num_return_sequences=params.num_return_sequences,
+            do_sample=sampling,
+            temperature=params.temperature if sampling else None,
+            top_k=params.top_k if sampling and params.top_k else None,
+            top_p=params.top_p if sampling and params.top_p < 1 else None,
+            min_p=params.min_p if sampling and params.min_p > 0 else None,
+            typical_p=params.typical_p if sampling and params.typical_p < 1 else None,
+            repetition_penalty=params.repetition_penalty if params.repetition_penalty != 1 else None,
+            bad_words_ids=self._bad_words_ids(params.bad_words) or None,
+            max_time=self.deadline_seconds,
+        )
+        started = time.perf_counter()
+        with torch.inference_mode():
+            output = self.loaded.model.generate(**padded, generation_config=config)
+        seconds = time.perf_counter() - started
+        sequences = output[:, prompt_length:].tolist()
+        n = params.num_return_sequences
+        return [
+            [self._finish_beam(prompt, sequences[i * n + j], seconds) for j in range(n)]
+            for i, prompt in enumerate(prompts)
+        ]
+
+    def _finish_beam(self, prompt: Prompt, ids: list[int], seconds: float) -> Completion:
+        tokenizer, eos = self.loaded.tokenizer, self.loaded.eos_token_ids
+        reason = FinishReason.LENGTH
+        for position, token in enumerate(ids):
+            if token in eos:
+                ids, reason = ids[:position], FinishReason.EOS
+                break
+        while ids and ids[-1] == tokenizer.pad_token_id and tokenizer.pad_token_id not in eos:
+            ids = ids[:-1]
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        cut = find_stop(text, prompt.params.stop)
+        if cut is not None:
+            text, reason = text[:cut], FinishReason.STOP
+        return Completion(text, reason, len(prompt.input_ids), len(ids), seconds)
+
+    def _pad(self, sequences: list[tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        padded = self.loaded.tokenizer.pad({"input_ids": [list(s) for s in sequences]}, padding=True, return_tensors="pt")
+        return {name: tensor.to(self.loaded.device) for name, tensor in padded.items()}
+
+    def _config(self, **values) -> GenerationConfig:
+        """A fresh config each call, so the model's own generation_config.json never leaks into requests."""
+        values = {k: v for k, v in values.items() if v is not None}
+        tokenizer = self.loaded.tokenizer
+        return GenerationConfig(
+            eos_token_id=self.loaded.eos_token_ids,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            **values,
+        )
+
+    def _bad_words_ids(self, words: tuple[str, ...]) -> list[list[int]]:
+        """Each word as written and after a space, since most tokenizers encode the two differently."""
+        ids = []
+        for word in words:
+            for variant in (word, " " + word):
+                tokens = self.loaded.tokenizer(variant, add_special_tokens=False)["input_ids"]
+                if tokens and tokens not in ids:
+                    ids.append(tokens)
+        return ids
+
+
+class BatchStopping(StoppingCriteria):
+    """Per-row stopping for a batch: each row's own length, stop strings, EOS, and the deadline."""
+
+    def __init__(self, states: list[SequenceState], prompt_length: int, deadline_seconds: float | None):
+        self.states = states
+        self.prompt_length = prompt_length
+        self.deadline = time.monotonic() + deadline_seconds if deadline_seconds else None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        out_of_time = self.deadline is not None and time.monotonic() >= self.deadline
+        generated = input_ids[:, self.prompt_length :].tolist()
+        done = [state.step(ids, out_of_time) for state, ids in zip(self.states, generated)]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def _bind(sink: ChunkSink, index: int, sequence: int) -> Callable[[str], None]:
+    return lambda text: sink(index, sequence, text)
+
+
+def _row_chunks(indices: list[int], prompts: list[Prompt]) -> list[list[int]]:
+    """Split prompts so no single `generate` holds more than MAX_ROWS_PER_GENERATE rows."""
+    chunks: list[list[int]] = []
+    rows = 0
+    for index in indices:
+        size = prompts[index].params.num_return_sequences
+        if chunks and rows + size <= MAX_ROWS_PER_GENERATE:
+            chunks[-1].append(index)
+            rows += size
+        else:
+            chunks.append([index])
+            rows = size
+    return chunks
+
+
+def _beam_groups(indices: list[int], prompts: list[Prompt]) -> list[list[int]]:
+    """Beam prompts grouped by identical parameters, since beam search takes one set per call."""
+    groups: dict[GenerationParams, list[int]] = {}
+    for index in indices:
+        groups.setdefault(prompts[index].params, []).append(index)
+    return list(groups.values())
+

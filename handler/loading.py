@@ -1,0 +1,147 @@
+"""Loading: host resources (device, threads, dtype), the weight-format policy, the model and tokenizer.
+
+Nothing here generates; the schedulers share the `LoadedModel` this returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from handler.prompts import TokenLimits
+from handler.quantization import quantize_for_cpu
+from handler.settings import HandlerSettings, SettingsError
+
+logger = logging.getLogger(__name__)
+
+# transformers imports torchao whenever it is installed (the dev and bench extras install it
+# for `quantization: int8-weight-only`), and torchao then warns about CUDA kernels and Triton
+# that a CPU build never has. Those warnings say nothing about the model being loaded.
+QUIET_LOGGERS = ("torchao", "torchao.kernel.intmm", "torch.utils._pytree")
+
+
+def quiet_optional_backends() -> None:
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@dataclass
+class LoadedModel:
+    """The model, its tokenizer and what both schedulers need to know about them."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    limits: TokenLimits
+    eos_token_ids: list[int]
+
+
+def pick_device(gpu_id: int | None) -> torch.device:
+    if gpu_id is not None and torch.cuda.is_available():
+        return torch.device(f"cuda:{gpu_id}")
+    return torch.device("cpu")
+
+
+def cpu_budget() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 quota (`docker --cpus`,
+    Kubernetes limits), which torch's own default ignores and so oversubscribes."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+def pick_threads(settings: HandlerSettings) -> int:
+    """torch's intra-op threads: as configured, or an even share of the CPU budget per worker."""
+    if settings.torch_threads != "auto":
+        return settings.torch_threads
+    return max(1, cpu_budget() // settings.workers)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """fp32 on CPU, bf16 on GPUs that support it, else fp16, unless the app says otherwise."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def context_length(config, tokenizer) -> int:
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    if 0 < tokenizer.model_max_length < 1_000_000:
+        return tokenizer.model_max_length
+    raise SettingsError("cannot tell the model's context length: set handler.max_total_tokens")
+
+
+def check_weight_format(model_dir: Path, allow_pickle: bool) -> None:
+    """Safetensors by default: pickle weights can run code when loaded."""
+    if any(model_dir.glob("*.safetensors")) or allow_pickle:
+        return
+    if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt")):
+        raise SettingsError(
+            f"{model_dir} holds only pickle weights (.bin/.pt); convert them to safetensors "
+            "or set handler.allow_pickle_weights: true if you trust them"
+        )
+    raise SettingsError(f"{model_dir} holds no model weights")
+
+
+def token_limits(model, tokenizer, settings: HandlerSettings) -> TokenLimits:
+    context = context_length(model.config, tokenizer)
+    max_total = min(settings.max_total_tokens or context, context)
+    return TokenLimits(
+        max_input_tokens=min(settings.max_input_tokens or max_total - 1, max_total - 1),
+        max_total_tokens=max_total,
+    )
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def load_model(model_dir: Path, settings: HandlerSettings, device: torch.device) -> LoadedModel:
+    check_weight_format(model_dir, settings.allow_pickle_weights)
+    quiet_optional_backends()
+    torch.set_num_threads(pick_threads(settings))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=settings.trust_remote_code)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dtype = pick_dtype(settings.dtype, device)
+    load_args = {
+        "dtype": dtype,
+        "trust_remote_code": settings.trust_remote_code,
+        "use_safetensors": None if settings.allow_pickle_weights else True,
+    }
+    if settings.device_map:
+        load_args.update(device_map=settings.device_map, offload_folder=settings.offload_folder)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **load_args)
+    if not settings.device_map:
+        model.to(device)
+    model.eval()
+    if settings.quantization != "none":
+        model = quantize_for_cpu(model, settings.quantization)
+    logger.info("loaded %s on %s as %s, %d torch threads", model.config.model_type, device, dtype, torch.get_num_threads())
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        device=model.device if settings.device_map else device,
+        limits=token_limits(model, tokenizer, settings),
+        eos_token_ids=eos_token_ids(model, tokenizer),
+    )

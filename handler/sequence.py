@@ -1,0 +1,82 @@
+"""One generated sequence's state, fed by either scheduler: text, stops, finish reason, stream.
+
+A scheduler calls `step` with the sequence's generated ids after each token, and
+`completion` once it is done. Everything a sequence decides on its own lives here, so both
+schedulers finish, trim and stream a sequence the same way (TGI's per-request
+`StoppingCriteria`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from handler.detokenizer import IncrementalDetokenizer
+from handler.prompts import Prompt
+from handler.stopping import FinishReason, StopScan, releasable_length
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    generated_tokens: int
+    seconds: float = 0.0
+    first_token_seconds: float | None = None
+
+
+class SequenceState:
+    """Decodes incrementally, finds stop strings in the new tail, holds back what a stream may not send yet."""
+
+    def __init__(self, prompt: Prompt, tokenizer, eos_token_ids: list[int], sink: Callable[[str], None] | None):
+        self.prompt = prompt
+        self.eos_token_ids = eos_token_ids
+        self.sink = sink
+        self.detokenizer = IncrementalDetokenizer(tokenizer)
+        self.scan = StopScan(prompt.params.stop)
+        self.text = ""
+        self.sent = 0
+        self.generated = 0
+        self.reason: FinishReason | None = None
+        self.started = time.perf_counter()
+        self.first_token_seconds: float | None = None
+        self.seconds = 0.0
+
+    def step(self, ids: Sequence[int], out_of_time: bool = False) -> bool:
+        """Take the sequence's generated ids so far; True once it is finished."""
+        if self.reason is not None:
+            return True
+        self.seconds = time.perf_counter() - self.started
+        if self.first_token_seconds is None:
+            self.first_token_seconds = self.seconds
+        self.generated = len(ids)
+        if ids and ids[-1] in self.eos_token_ids:
+            self.reason, ids = FinishReason.EOS, ids[:-1]
+        elif self.generated >= self.prompt.params.max_new_tokens or out_of_time:
+            self.reason = FinishReason.LENGTH
+        self.text = self.detokenizer.update(ids, final=self.reason is not None)
+        cut = self.scan.scan(self.text)
+        if cut is not None:
+            self.text, self.reason = self.text[:cut], FinishReason.STOP
+        self._release(final=self.reason is not None)
+        return self.reason is not None
+
+    def _release(self, final: bool) -> None:
+        if self.sink is None:
+            return
+        end = len(self.text) if final else releasable_length(self.text, self.prompt.params.stop)
+        if end > self.sent:
+            self.sink(self.text[self.sent : end])
+            self.sent = end
+
+    def completion(self) -> Completion:
+        return Completion(
+            self.text,
+            self.reason or FinishReason.LENGTH,
+            len(self.prompt.input_ids),
+            self.generated,
+            self.seconds,
+            self.first_token_seconds,
+        )

@@ -1,0 +1,104 @@
+"""The handler without its server: the request pipeline in front of the schedulers.
+
+`prepare` turns one request into prompts or the error that rejects it (shapes, then
+parameters, then prompts); `answer` completes the prompts of several requests through one
+scheduler call and gives each request its answer or its own error, as data. Which server
+hosts this (TorchServe today, through `torchserve_handler`) it does not know.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from handler.continuous import ContinuousScheduler
+from handler.dynamic import DynamicScheduler
+from handler.errors import RequestError
+from handler.loading import LoadedModel, load_model
+from handler.prompts import Prompt, encode
+from handler.requests import RequestShape, parse_request
+from handler.responses import Answer, prediction_offsets
+from handler.scheduler import Router, Scheduler
+from handler.settings import HandlerSettings
+
+logger = logging.getLogger(__name__)
+
+# (request index, prediction index, new text): a stream chunk for one request of a batch.
+RequestSink = Callable[[int, int, str], None]
+Prepared = list[Prompt] | RequestError
+
+
+class Service:
+    def __init__(
+        self,
+        settings: HandlerSettings,
+        loaded: LoadedModel,
+        scheduler: Scheduler,
+        continuous: ContinuousScheduler | None = None,
+    ):
+        self.settings = settings
+        self.loaded = loaded
+        self.scheduler = scheduler
+        self.continuous = continuous
+        self.shape = RequestShape(
+            defaults=settings.defaults,
+            limits=settings.limits,
+            max_instances=settings.max_instances,
+            max_prompt_chars=settings.max_prompt_chars,
+        )
+
+    @classmethod
+    def start(cls, settings: HandlerSettings, model_dir: Path, device: torch.device) -> "Service":
+        """Loads the model and starts the schedulers `handler.batching` asks for."""
+        loaded = load_model(model_dir, settings, device)
+        dynamic = DynamicScheduler(loaded, settings.deadline_seconds)
+        if settings.warmup:
+            dynamic.warm_up()
+        if settings.batching != "continuous":
+            return cls(settings, loaded, dynamic)
+        continuous = ContinuousScheduler(loaded, settings.continuous, settings.deadline_seconds)
+        beside = DynamicScheduler(loaded, settings.deadline_seconds, threaded=True, guard=continuous.exclusive)
+        return cls(settings, loaded, Router([continuous, beside]), continuous)
+
+    def stop(self) -> None:
+        if self.continuous is not None:
+            self.continuous.stop()
+
+    def prepare(self, item: Any) -> Prepared:
+        """One request's prompts, or the error that rejects it; never raises for bad input."""
+        try:
+            instances = parse_request(item, self.shape)
+            return [
+                encode(instance, self.loaded.tokenizer, self.settings.prompt_template, self.loaded.limits, f"instances[{i}]")
+                for i, instance in enumerate(instances)
+            ]
+        except RequestError as error:
+            return error
+        except Exception:  # a bug on one request's path must not fail the rest of its batch
+            logger.exception("could not prepare a request")
+            return RequestError("could not prepare this request; see the server log", status=500)
+
+    async def answer(self, requests: list[Prepared], sink: RequestSink | None = None) -> list[Answer | RequestError]:
+        """Every valid request's prompts in one scheduler call; a failed call answers each of them with a 500."""
+        owners = [(index, prompt) for index, entry in enumerate(requests) if not isinstance(entry, RequestError) for prompt in entry]
+        if not owners:
+            return list(requests)
+        offsets = [o for entry in requests if not isinstance(entry, RequestError) for o in prediction_offsets(entry)]
+
+        def on_chunk(prompt_index: int, sequence: int, text: str) -> None:
+            sink(owners[prompt_index][0], offsets[prompt_index] + sequence, text)
+
+        prompts = [prompt for _, prompt in owners]
+        try:
+            completions = await self.scheduler.complete(prompts, on_chunk if sink else None)
+        except Exception:  # a failed generation must still answer every request in it
+            logger.exception("generation failed for %d prompts", len(prompts))
+            failure = RequestError("generation failed; see the server log", status=500)
+            return [entry if isinstance(entry, RequestError) else failure for entry in requests]
+        answers: list[Answer | RequestError] = [entry if isinstance(entry, RequestError) else [] for entry in requests]
+        for (index, prompt), sequences in zip(owners, completions):
+            answers[index].append((prompt, sequences))
+        return answers

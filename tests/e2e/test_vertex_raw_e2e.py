@@ -1,0 +1,177 @@
+"""Vertex's raw routes end to end: SDK raw_predict / stream_raw_predict / invoke -> stand-in -> gateway -> real TorchServe.
+
+The SDK posts these to fixed HTTPS hosts through ``Endpoint.authorized_session``;
+``route_to`` mounts a transport adapter on that session that sends them to the
+stand-in, which forwards the body unchanged to the container (the gateway in
+front of a real TorchServe serving SmolLM2, ``container_url``).
+
+The bodies are the native API's (``WIRE``): what goes in, which container path
+invoke targets, and how the text is read back; the reference is the same
+request through plain ``:predict``, greedy. An ``OPENAI`` wire (a chat body,
+``/v1/chat/completions``, SSE deltas) takes these tests over with one line,
+``WIRE = OPENAI``, once the container serves the OpenAI routes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Tuple
+from urllib.parse import urlsplit
+
+import pytest
+from google.cloud import aiplatform
+
+from tests.vertex_fixtures import (  # noqa: F401 - fixtures
+    PROJECT,
+    REGION,
+    container_url,
+    offline_google,
+)
+from tests.vertex_standin import StandIn
+from vertex import (
+    Deployment,
+    ServingContainer,
+    Settings,
+    connect,
+    deploy_app,
+    predict,
+    resolve_settings,
+    teardown,
+    validate_machine,
+)
+from vertex.transport import route_to
+
+APP = "smollm2"
+IMAGE = "us-docker.pkg.dev/test-project/llm/torchserve-llm-cpu:e2e"
+PROMPT = "The capital of France is"
+GREEDY = {"max_new_tokens": 12, "temperature": 0}
+JSON = {"Content-Type": "application/json"}
+
+
+@dataclass(frozen=True)
+class Wire:
+    """One request protocol, everything the tests need to know of it.
+
+    ``instance`` is what plain ``:predict`` gets for the same request (the
+    reference text); ``body`` the raw body; ``path`` the container path invoke
+    targets; ``text`` and ``streamed`` read the answer back (``streamed``: the
+    pieces, and the final text); ``bad`` a body with a bad field, and that field.
+    """
+
+    instance: Any
+    path: str
+    body: Callable[[bool], Dict[str, Any]]
+    text: Callable[[Dict[str, Any]], str]
+    streamed: Callable[[List[bytes]], Tuple[List[str], str]]
+    bad: Tuple[Dict[str, Any], str]
+
+
+def _native_streamed(lines: List[bytes]) -> Tuple[List[str], str]:
+    """JSON lines ``{"index", "text"}``, then the final body."""
+    *chunks, final = [json.loads(line) for line in lines if line]
+    return [chunk["text"] for chunk in chunks], final["predictions"][0]["generated_text"]
+
+
+NATIVE = Wire(
+    instance=PROMPT,
+    path=f"/predictions/{APP}",
+    body=lambda stream: {"instances": [PROMPT], "parameters": {**GREEDY, **({"stream": True} if stream else {})}},
+    text=lambda answer: answer["predictions"][0]["generated_text"],
+    streamed=_native_streamed,
+    bad=({"instances": [PROMPT], "parameters": {**GREEDY, "max_new_tokens": -1}}, "max_new_tokens"),
+)
+WIRE = NATIVE
+
+
+def encoded(stream: bool) -> bytes:
+    return json.dumps(WIRE.body(stream)).encode()
+
+
+@pytest.fixture
+def standin(offline_google, container_url: str) -> Iterator[StandIn]:
+    server = StandIn(container_url=container_url, health_timeout_s=120).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def settings(standin: StandIn) -> Iterator[Settings]:
+    """The SDK pointed at this test's stand-in; what the test deployed is torn down after it."""
+    settings = resolve_settings(PROJECT, REGION, standin.url, environ={})
+    connect(settings)
+    yield settings
+    for name in ("raw", "invoke"):
+        teardown(name, delete_models=True)
+
+
+def deployed(standin: StandIn, container_url: str, name: str, invoke: bool) -> aiplatform.Endpoint:
+    """The app on a dedicated endpoint (streaming and invoke need one), its session routed to the stand-in."""
+    container = ServingContainer(image_uri=IMAGE, app=APP, dtype="float32", port=urlsplit(container_url).port,
+                                 invoke_route_prefix="/*" if invoke else None)
+    deployment = Deployment(machine=validate_machine("n1-standard-8"), dedicated_endpoint=True)
+    _, endpoint = deploy_app(container, deployment, name, name)
+    endpoint = aiplatform.Endpoint(endpoint.resource_name)
+    route_to(endpoint, standin.url)
+    return endpoint
+
+
+@pytest.fixture
+def raw_endpoint(standin: StandIn, settings: Settings, container_url: str) -> aiplatform.Endpoint:
+    return deployed(standin, container_url, "raw", invoke=False)
+
+
+@pytest.fixture
+def invoke_endpoint(standin: StandIn, settings: Settings, container_url: str) -> aiplatform.Endpoint:
+    return deployed(standin, container_url, "invoke", invoke=True)
+
+
+@pytest.fixture
+def greedy_text(settings: Settings, raw_endpoint: aiplatform.Endpoint) -> str:
+    """The greedy answer through plain :predict, the reference every raw route must match."""
+    [prediction] = predict("raw", [WIRE.instance], GREEDY, settings=settings)
+    assert prediction["generated_text"].strip()
+    return prediction["generated_text"]
+
+
+def test_raw_predict_gives_the_predict_text(raw_endpoint, greedy_text, standin):
+    response = raw_endpoint.raw_predict(body=encoded(stream=False), headers=JSON)
+
+    assert response.status_code == 200, response.text
+    assert WIRE.text(response.json()) == greedy_text
+    assert standin.calls("raw_predict")[0].raw == encoded(stream=False)
+
+
+def test_stream_raw_predict_streams_the_same_text(raw_endpoint, greedy_text):
+    lines = list(raw_endpoint.stream_raw_predict(body=encoded(stream=True), headers=JSON))
+
+    pieces, final = WIRE.streamed(lines)
+    assert len(pieces) > 1
+    assert "".join(pieces) == final == greedy_text
+
+
+def test_invoke_reaches_the_container_path(invoke_endpoint, greedy_text, standin):
+    deployed_id = invoke_endpoint.gca_resource.deployed_models[0].id
+    response = invoke_endpoint.invoke(request_path=WIRE.path, body=encoded(stream=False), headers=JSON,
+                                      deployed_model_id=deployed_id)
+
+    assert response.status_code == 200, response.text
+    assert WIRE.text(response.json()) == greedy_text
+    assert standin.calls("invoke")[0].path.endswith(f"/deployedModels/{deployed_id}/invoke{WIRE.path}")
+
+
+def test_invoke_streams_the_same_text(invoke_endpoint, greedy_text):
+    lines = list(invoke_endpoint.invoke(request_path=WIRE.path, body=encoded(stream=True), headers=JSON,
+                                        stream=True))
+
+    pieces, final = WIRE.streamed(lines)
+    assert len(pieces) > 1
+    assert "".join(pieces) == final == greedy_text
+
+
+def test_raw_predict_passes_a_client_error_through(raw_endpoint):
+    body, bad_field = WIRE.bad
+    response = raw_endpoint.raw_predict(body=json.dumps(body).encode(), headers=JSON)
+
+    assert 400 <= response.status_code < 500
+    assert bad_field in response.text
