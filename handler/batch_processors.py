@@ -9,7 +9,9 @@ result (tested against transformers' own warpers).
 
 `SequenceProcessors` runs, after the manager's warpers, each sequence's own list of
 transformers `LogitsProcessor`s on its row (`sampling.sequence_processors`: min_p today),
-the same list the dynamic scheduler applies, so a processor added there works on both.
+the same list the dynamic scheduler applies, so a processor added there works on both. A
+second `SequenceProcessors` runs before everything else: each constrained sequence's
+`GrammarConstraint`, which must mask the logits before any warper reads them.
 """
 
 from __future__ import annotations
@@ -172,9 +174,18 @@ def ours_for(processor: ContinuousBatchingLogitsProcessor) -> ContinuousBatching
     return processor if kind is None else retype(processor, kind)
 
 
-def install(manager, eos_token_ids: list[int], sequence_lists: Mapping[str, list[LogitsProcessor]]) -> None:
-    """Our processors around the manager's, and our top-k and top-p warpers in place of its own."""
+def install(
+    manager,
+    eos_token_ids: list[int],
+    sequence_lists: Mapping[str, list[LogitsProcessor]],
+    grammar_lists: Mapping[str, list[LogitsProcessor]],
+) -> None:
+    """Our processors around the manager's, and our top-k and top-p warpers in place of its own.
+
+    Grammar constraints (`grammar_lists`) run first of all, so the warpers, and greedy's
+    top_k=1, choose among the tokens the grammar allows.
+    """
     processors = manager.logit_processor.logits_processor
     processors[:] = [ours_for(processor) for processor in processors]
-    front = [RepetitionPenaltyProcessor(), MinNewTokensProcessor(eos_token_ids)]
+    front = [SequenceProcessors(grammar_lists), RepetitionPenaltyProcessor(), MinNewTokensProcessor(eos_token_ids)]
     add_processors(manager, front, [SequenceProcessors(sequence_lists)])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 import xgrammar
@@ -27,6 +28,18 @@ import xgrammar
 from handler.errors import LIMIT_EXCEEDED, RequestError
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CompiledFormat:
+    """A request's compiled response format, which makes one constraint per sequence."""
+
+    grammar: xgrammar.CompiledGrammar
+    where: str
+    max_mask_ms: int
+
+    def constraint(self, prompt_length: int) -> "GrammarConstraint":
+        return GrammarConstraint(self.grammar, prompt_length, self.where, self.max_mask_ms)
 
 
 class GrammarConstraint:

@@ -12,7 +12,9 @@ It honours exactly: max_new_tokens, EOS, min_new_tokens and repetition_penalty (
 processors in `batch_processors`), temperature, top_k, top_p (the manager's per-request
 warpers; greedy is top_k=1), min_p and whatever else `sampling.sequence_processors` gives a
 sequence, do_sample, stop strings, details, return_full_text, stream and
-num_return_sequences. Not a `seed` (the manager samples from one generator shared by all its
+num_return_sequences, and response_format (each sequence's `GrammarConstraint`, run before
+every other processor; greedy's top_k=1 then takes the best token the grammar allows, as
+the dynamic scheduler's argmax does). Not a `seed` (the manager samples from one generator shared by all its
 requests), beam search, `typical_p` or `bad_words`: the `Router` sends those prompts to the
 dynamic scheduler, which runs inside `exclusive()` (see `ModelTurns`).
 
@@ -125,6 +127,7 @@ class ContinuousScheduler:
         self.deadline_seconds = deadline_seconds
         self.vocab_size = loaded.model.config.get_text_config().vocab_size
         self.processor_lists: dict[str, list[LogitsProcessor]] = {}
+        self.grammar_lists: dict[str, list[LogitsProcessor]] = {}
         self._ids = itertools.count()
         self.manager = self._start_manager()
         self.turns = ModelTurns(loaded.model, self.manager)
@@ -181,18 +184,21 @@ class ContinuousScheduler:
             use_cuda_graph=False,
         )
         manager = loaded.model.init_continuous_batching(generation_config=generation_config, continuous_batching_config=config)
-        install_processors(manager, loaded.eos_token_ids, self.processor_lists)
+        install_processors(manager, loaded.eos_token_ids, self.processor_lists, self.grammar_lists)
         manager.start()
         return manager
 
     def _submit(self, prompt: Prompt, index: int, number: int, sink: ChunkSink | None) -> _Sequence:
         loop = asyncio.get_running_loop()
         send = (lambda text: sink(index, number, text)) if sink and prompt.params.stream else None
-        state = SequenceState(prompt, self.loaded.tokenizer, self.loaded.eos_token_ids, send)
+        constraint = prompt.grammar.constraint(len(prompt.input_ids)) if prompt.grammar else None
+        state = SequenceState(prompt, self.loaded.tokenizer, self.loaded.eos_token_ids, send, constraint)
         sequence = _Sequence(f"ts-{next(self._ids)}", state, loop.create_future(), [])
         processors = sequence_processors(prompt.params)
         if processors:
             self.processor_lists[sequence.request_id] = processors
+        if constraint is not None:
+            self.grammar_lists[sequence.request_id] = [constraint]
         self.manager.register_result_handler(sequence.request_id, lambda output: self._on_output(sequence, output))
         added = self.manager.add_request(
             input_ids=list(prompt.input_ids),
@@ -216,7 +222,7 @@ class ContinuousScheduler:
             return
         if output.is_finished():
             sequence.in_manager = False
-            self.processor_lists.pop(sequence.request_id, None)
+            self._drop_processors(sequence.request_id)
         if output.status == RequestStatus.FAILED or output.error is not None:
             sequence.future.set_exception(RuntimeError(f"generation failed: {output.error}"))
             return
@@ -238,7 +244,7 @@ class ContinuousScheduler:
             sequence.deadline.cancel()
             sequence.deadline = None
         if not sequence.in_manager:
-            self.processor_lists.pop(sequence.request_id, None)
+            self._drop_processors(sequence.request_id)
             return
         sequence.in_manager = False
         self.manager.cancel_request(sequence.request_id)
@@ -248,4 +254,8 @@ class ContinuousScheduler:
 
     def _forget(self, request_id: str) -> None:
         forget_result_handler(self.manager, request_id)
+        self._drop_processors(request_id)
+
+    def _drop_processors(self, request_id: str) -> None:
         self.processor_lists.pop(request_id, None)
+        self.grammar_lists.pop(request_id, None)

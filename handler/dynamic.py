@@ -1,7 +1,8 @@
 """The dynamic batcher: every prompt of a TorchServe batch in one batched `generate`.
 
 Sampled and greedy prompts share one `generate`, each row with its own processors, stops
-and length (`sampling`, `sequence`). Beam search takes one parameter set per call, so beam
+and length (`sampling`, `sequence`); a constrained prompt's rows each get their own
+`GrammarConstraint` in front of their processors. Beam search takes one parameter set per call, so beam
 prompts are grouped by identical parameters; which of the two strategies serves a prompt is
 the same capability check the `Router` makes (`scheduler.assign`).
 
@@ -32,7 +33,8 @@ from handler.stopping import FinishReason, find_stop
 
 MAX_ROWS_PER_GENERATE = 64
 ROWS_HONOUR = frozenset(PARAMETER_NAMES) - {"num_beams"}
-BEAMS_HONOUR = frozenset(PARAMETER_NAMES) - {"stream"}  # verify_params refuses stream with beams
+# verify_params refuses stream and response_format with beams
+BEAMS_HONOUR = frozenset(PARAMETER_NAMES) - {"stream", "response_format"}
 
 
 class DynamicScheduler:
@@ -95,9 +97,13 @@ class DynamicScheduler:
             bad_words = self._bad_words_ids(prompt.params.bad_words)
             for sequence in range(prompt.params.num_return_sequences):
                 processors = row_processors(prompt.params, prompt_length, loaded.eos_token_ids, bad_words)
+                # The grammar's mask goes first: the warpers then choose among the tokens it allows.
+                constraint = prompt.grammar.constraint(prompt_length) if prompt.grammar else None
+                if constraint is not None:
+                    processors.insert(0, constraint)
                 rows.append(RowSampling(processors, generator))
                 send = _bind(sink, index, sequence) if sink and prompt.params.stream else None
-                states.append(SequenceState(prompt, loaded.tokenizer, loaded.eos_token_ids, send))
+                states.append(SequenceState(prompt, loaded.tokenizer, loaded.eos_token_ids, send, constraint))
         criteria = BatchStopping(states, prompt_length, self.deadline_seconds)
         config = self._config(max_new_tokens=max(p.params.max_new_tokens for p in prompts), do_sample=False)
         with torch.inference_mode():

@@ -18,15 +18,16 @@ import subprocess
 import sys
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import xgrammar
 
-from handler.constraint import GrammarConstraint
+from handler.constraint import CompiledFormat, GrammarConstraint
 from handler.errors import LIMIT_EXCEEDED, RequestError
+from handler.prompts import Prompt
 from handler.response_format import ResponseFormat
 from handler.settings import StructuredOutputSettings
 
@@ -120,9 +121,18 @@ class Grammars:
             raise found.error(spec)
         return found
 
+    def compiled(self, spec: ResponseFormat) -> CompiledFormat:
+        """`spec` compiled (or from the cache), ready to make one constraint per sequence."""
+        return CompiledFormat(self.compile(spec), spec.source_field, self.settings.max_mask_ms)
+
     def constraint(self, spec: ResponseFormat, prompt_length: int) -> GrammarConstraint:
-        """A fresh per-sequence constraint for `spec` (compiled, or from the cache)."""
-        return GrammarConstraint(self.compile(spec), prompt_length, spec.source_field, self.settings.max_mask_ms)
+        return self.compiled(spec).constraint(prompt_length)
+
+    def attach(self, prompt: Prompt) -> Prompt:
+        """`prompt` with its response format compiled onto it; raises the request's error."""
+        if prompt.params.response_format is None:
+            return prompt
+        return replace(prompt, grammar=self.compiled(prompt.params.response_format))
 
     def start(self) -> None:
         """Starts the child now (it takes seconds to import xgrammar), so the first request need not wait."""

@@ -72,7 +72,7 @@ class LLMHandler(BaseHandler):
             def sink(_: int, prediction_index: int, text: str) -> None:
                 send_chunk(context, index, prediction_index, text)
 
-            [answer] = await self.service.answer([self.service.prepare(item)], sink)
+            [answer] = await self.service.answer([await self.service.prepare_async(item)], sink)
             return self._body(context, index, answer)
 
         return list(await asyncio.gather(*(one(index, item) for index, item in enumerate(data))))
