@@ -9,6 +9,8 @@ One of
 Parsing needs no tokenizer: it checks the shape and the size limit and turns the value into a
 `ResponseFormat`, hashable so it can sit on `GenerationParams` and key the compile cache.
 Whether the schema, regex or grammar can be followed is known only once `grammars` compiles it.
+A schema using a keyword xgrammar 0.2.9 compiles but silently ignores (`IGNORED`) is refused
+here, since its answers could fail the schema; vLLM refuses the same ones for xgrammar.
 """
 
 from __future__ import annotations
@@ -20,6 +22,13 @@ from typing import Any
 from handler.errors import RequestError, limit_error
 
 KINDS = ("json_object", "json_schema", "regex", "grammar")
+# Checked against xgrammar 0.2.9: each compiles, and the grammar accepts values that break it.
+IGNORED = ("uniqueItems", "not", "if", "then", "else", "dependentRequired", "dependentSchemas",
+           "contains", "minContains", "maxContains", "allOf", "unevaluatedItems")  # fmt: skip
+# Where a schema holds subschemas: one subschema, a list of them, or a map of names to them.
+ONE = ("items", "additionalProperties", "additionalItems", "propertyNames", "unevaluatedProperties")
+MANY = ("anyOf", "oneOf", "prefixItems")
+NAMED = ("properties", "patternProperties", "$defs", "definitions")
 # The key that carries each kind's source, and the keys it may have besides `type`.
 SOURCE_KEYS = {"json_object": None, "json_schema": "json_schema", "regex": "pattern", "grammar": "grammar"}
 JSON_SCHEMA_KEYS = ("name", "schema", "description", "strict")
@@ -87,12 +96,43 @@ def _schema_source(value: Any, where: str) -> str:
     schema = value["schema"]
     if not isinstance(schema, dict):
         raise RequestError(f"{where}.schema must be a JSON Schema object, got {type(schema).__name__}", f"{where}.schema")
+    unfollowed = _unfollowed(schema)
+    if unfollowed is not None:
+        raise RequestError(
+            f"{where}.schema uses {unfollowed}, which this server cannot enforce while generating",
+            f"{where}.schema",
+        )
     try:
         return json.dumps(schema, separators=(",", ":"), allow_nan=False)
     except RecursionError as error:
         raise RequestError(f"{where}.schema is nested too deeply", f"{where}.schema") from error
     except ValueError as error:
         raise RequestError(f"{where}.schema is not valid JSON: {error}", f"{where}.schema") from error
+
+
+def _unfollowed(schema: dict) -> str | None:
+    """The first keyword (with its JSON pointer) that the compiler would ignore, or None."""
+    pending: list[tuple[str, Any]] = [("#", schema)]
+    while pending:
+        pointer, node = pending.pop()
+        if not isinstance(node, dict):
+            continue
+        for keyword in IGNORED:
+            if keyword in node and node[keyword] is not False:
+                return f"{keyword!r} at {pointer}"
+        if "pattern" in node and ("minLength" in node or "maxLength" in node):
+            return f"'pattern' with 'minLength' or 'maxLength' at {pointer} (write the length into the pattern)"
+        multiple = node.get("multipleOf")
+        if multiple is not None and not (node.get("type") == "integer" and isinstance(multiple, int)):
+            return f"'multipleOf' on a non-integer at {pointer}"
+        pending += [(f"{pointer}/{key}", node[key]) for key in ONE if key in node]
+        for key in MANY:
+            if isinstance(node.get(key), list):
+                pending += [(f"{pointer}/{key}/{i}", item) for i, item in enumerate(node[key])]
+        for key in NAMED:
+            if isinstance(node.get(key), dict):
+                pending += [(f"{pointer}/{key}/{name}", item) for name, item in node[key].items()]
+    return None
 
 
 def _text_source(value: Any, where: str) -> str:

@@ -174,3 +174,25 @@ def test_a_grammar_compiled_in_the_child_follows_this_tokenizer(grammars, info):
     matcher = xgrammar.GrammarMatcher(grammar)
     assert matcher.accept_string("yes") and matcher.is_completed()
     assert grammar.tokenizer_info.vocab_size == info.vocab_size and grammar.tokenizer_info.stop_token_ids == [2]
+
+
+@pytest.mark.parametrize(
+    "keyword, schema, breaking",
+    [
+        ("uniqueItems", {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "[1, 1]"),
+        ("not", {"not": {"type": "string"}}, '"x"'),
+        ("if", {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                "if": {"properties": {"a": {"const": 1}}}, "then": {"required": ["b"]}}, '{"a": 1}'),
+        ("dependentRequired", {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                               "dependentRequired": {"a": ["b"]}}, '{"a": 1}'),
+        ("contains", {"type": "array", "items": {"type": "integer"}, "contains": {"const": 5}}, "[1]"),
+        ("allOf", {"allOf": [{"type": "integer", "minimum": 0}, {"maximum": 5}]}, "9"),
+        ("multipleOf", {"type": "number", "multipleOf": 0.5}, "0.3"),
+        ("pattern", {"type": "string", "pattern": "^[a-z]+$", "maxLength": 3}, '"abcdef"'),
+    ],  # fmt: skip
+)
+def test_the_keywords_refused_at_parse_time_are_ones_xgrammar_ignores(info, keyword, schema, breaking):
+    """Why `response_format.IGNORED` exists; a failure here means xgrammar now enforces the keyword."""
+    grammar = xgrammar.GrammarCompiler(info).compile_json_schema(json.dumps(schema), any_whitespace=False)
+    matcher = xgrammar.GrammarMatcher(grammar)
+    assert matcher.accept_string(breaking) and matcher.is_completed()

@@ -144,3 +144,39 @@ def test_structured_output_settings_come_from_the_app_config():
 def test_a_wrong_structured_output_setting_stops_the_worker(section):
     with pytest.raises(SettingsError, match="handler.structured_output"):
         HandlerSettings.from_config({"handler": {"structured_output": section}}, {})
+
+
+@pytest.mark.parametrize(
+    "schema, words",
+    [
+        ({"type": "array", "uniqueItems": True}, "'uniqueItems' at #"),
+        ({"not": {"type": "string"}}, "'not' at #"),
+        ({"if": {"required": ["a"]}, "then": {"required": ["b"]}}, "at #"),
+        ({"type": "object", "dependentRequired": {"a": ["b"]}}, "'dependentRequired' at #"),
+        ({"type": "array", "contains": {"const": 5}}, "'contains' at #"),
+        ({"allOf": [{"type": "integer"}, {"maximum": 5}]}, "'allOf' at #"),
+        ({"type": "number", "multipleOf": 0.5}, "'multipleOf' on a non-integer at #"),
+        ({"type": "object", "properties": {"a": {"type": "string", "pattern": "^x+$", "maxLength": 3}}},
+         "'pattern' with 'minLength' or 'maxLength' at #/properties/a"),
+        ({"type": "array", "items": {"anyOf": [{"type": "integer"}, {"uniqueItems": True}]}}, "at #/items/anyOf/1"),
+        ({"$defs": {"x": {"not": {}}}, "$ref": "#/$defs/x"}, "'not' at #/$defs/x"),
+    ],
+)
+def test_a_keyword_the_compiler_would_ignore_is_a_400_naming_it(schema, words):
+    error = rejects({"type": "json_schema", "json_schema": {"schema": schema}})
+    assert (error.status, error.field) == (400, f"{WHERE}.json_schema.schema")
+    assert words in error.message and "cannot enforce" in error.message
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "array", "uniqueItems": False},
+        {"type": "integer", "multipleOf": 5},
+        {"type": "object", "properties": {"not": {"type": "string"}, "if": {"type": "integer"}}},
+        {"enum": [{"not": 1}]},
+        {"type": "string", "pattern": "^[a-z]{3,8}$"},
+    ],
+)
+def test_what_the_compiler_enforces_passes(schema):
+    assert parse({"type": "json_schema", "json_schema": {"schema": schema}}).kind == "json_schema"
