@@ -128,7 +128,9 @@ def test_a_refusal_is_cached_and_names_each_askers_own_field(grammars):
 
 def test_a_recursive_schema_with_finite_answers_compiles(grammars):
     tree = {
-        "$defs": {"node": {"type": "object", "properties": {"children": {"type": "array", "items": {"$ref": "#/$defs/node"}}}}},
+        "$defs": {
+            "node": {"type": "object", "properties": {"children": {"type": "array", "items": {"$ref": "#/$defs/node"}}}}
+        },
         "$ref": "#/$defs/node",
     }
     assert isinstance(grammars.compile(spec(schema(tree))), xgrammar.CompiledGrammar)
