@@ -6,30 +6,35 @@
 #   docker build --build-arg APP=gpt2 -t llm-gpt2 .      weights inside (default target)
 #   docker build --target slim -t llm-slim .              no weights: the container loads
 #                                                         $LLM_MODEL_DIR or $AIP_STORAGE_URI
-#   GPU: --build-arg BASE_IMAGE=pytorch/torchserve:0.12.0-gpu --build-arg TORCH_INDEX_URL=
+#   GPU: --build-arg TORCH_INDEX_URL=                     PyPI's torch, the CUDA build: its pip
+#                                                         packages bring the CUDA runtime
 #
-# Stages: deps (Python 3.11 + pinned runtime deps) -> wheel (our packages),
-# tools -> build (prepare the checkpoint, make the archive) and slim-model (an
-# archive with no weights) -> server (the base's Java, our venv, tini, the
-# gateway) -> slim | runtime (the default).
+# Stages: deps (a Python 3.11 venv with the pinned runtime deps) -> wheel (our
+# packages), tools -> build (prepare the checkpoint, make the archive) and
+# slim-model (an archive with no weights) -> server (Java 17 and tini from
+# Debian, our venv, the gateway) -> slim | runtime (the default).
 
-ARG BASE_IMAGE=pytorch/torchserve:0.12.0-cpu
+# One maintained base for the CPU and GPU images: Debian 12 bookworm (security
+# updates through Debian LTS to 2028-06) with Python 3.11, the newest Python
+# TorchServe 0.12 supports. Pinned by the digest of its multi-platform index;
+# docs/docker.md ("The base image") says how to refresh it. Any apt-based base
+# whose user is root and that has `python3.11` on PATH will do (building on
+# pytorch/torchserve: docs/docker.md).
+ARG BASE_IMAGE=python:3.11-slim-bookworm@sha256:0bee7276f83efd4a1ee05bbbf4281d95ed28e079220a9457f25a93e3f1e3c31b
 
 # ---------------------------------------------------------------------------
-# deps: the one Python environment the image runs. The base ships Python 3.9,
-# which transformers 5 does not support, so provision-python.sh brings 3.11
-# when the base has no new enough interpreter.
+# deps: the one Python environment the image runs.
 FROM ${BASE_IMAGE} AS deps
-ARG UV_VERSION=0.13.9
+ARG PIP_VERSION=26.3
 # CPU wheels by default (PyPI's Linux torch bundles CUDA, ~3 GB more); empty = PyPI only.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-# Build stages install into /opt as root; only the runtime stages drop to model-server.
-# hadolint ignore=DL3002
-USER root
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
-COPY docker/provision-python.sh /usr/local/bin/provision-python.sh
-RUN UV_VERSION="${UV_VERSION}" provision-python.sh
+# python3.11 is /usr/local/bin's in python:3.11-slim and /usr/bin's where it comes
+# from Debian's package (CI's base): the venv links to whichever the base has,
+# and the server stage, on the same base, has it at the same place. pip is
+# pinned because the two bundle different ones.
+RUN python3.11 -m venv /opt/venv && /opt/venv/bin/pip install "pip==${PIP_VERSION}"
 ENV PATH="/opt/venv/bin:$PATH"
 COPY docker/requirements-runtime.txt /tmp/requirements-runtime.txt
 RUN pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -r /tmp/requirements-runtime.txt
@@ -77,20 +82,21 @@ COPY docker /src/docker
 RUN docker/slim-archive.sh "${SLIM_MODEL_CONFIG}" /out
 
 # ---------------------------------------------------------------------------
-# server: the base's Java runtime, our venv, tini and the container config.
+# server: Java 17 and tini from Debian, our venv and the container config.
 FROM ${BASE_IMAGE} AS server
-USER root
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# The base lists the deadsnakes PPA for its Python 3.9; it is not needed here
-# and its focal index may be gone, which would fail apt-get update.
-# tini is not pinned: the same line must work on Ubuntu 20.04 (the real base)
-# and Debian 12 (the CI stand-in), whose versions differ.
+# The upgrade brings the distribution's security fixes published after the
+# pinned base. Versions are not pinned: Debian's security suite keeps only the
+# newest build of a package, so an exact pin would break the build at its next
+# fix (the base digest pins everything else). Slim images drop man pages, and
+# Java's postinst links into man1.
 # hadolint ignore=DL3008
-RUN rm -f /etc/apt/sources.list.d/*deadsnakes* \
+RUN mkdir -p /usr/share/man/man1 \
     && apt-get update \
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends tini \
-    && rm -rf /var/lib/apt/lists/*
-COPY --from=deps /opt/python /opt/python
+    && DEBIAN_FRONTEND=noninteractive apt-get upgrade -y \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends openjdk-17-jre-headless tini \
+    && rm -rf /var/lib/apt/lists/* \
+    && { id -u model-server >/dev/null 2>&1 || useradd --create-home --uid 1000 model-server; }
 COPY --from=deps /opt/venv /opt/venv
 COPY --from=wheel /wheels /tmp/wheels
 RUN /opt/venv/bin/pip install --no-cache-dir --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels
@@ -98,14 +104,19 @@ RUN /opt/venv/bin/pip install --no-cache-dir --no-deps /tmp/wheels/*.whl && rm -
 # loopback ports behind the gateway through TS_* env (enable_envvars_config).
 COPY config.properties metrics.yaml /home/model-server/
 COPY docker/entrypoint.sh /usr/local/bin/entrypoint.sh
-RUN mkdir -p /home/model-server/model-store /home/model-server/tmp \
-    && chown model-server /home/model-server/model-store /home/model-server/tmp
+# The only places the server writes: TEMP (unpacked archives, worker sockets,
+# Cloud Storage downloads) and the log folder. Both can be tmpfs over a
+# read-only root (docs/docker.md, "Read-only root").
+RUN mkdir -p /home/model-server/model-store /home/model-server/tmp /home/model-server/logs \
+    && chown model-server /home/model-server/model-store /home/model-server/tmp /home/model-server/logs
 ENV PATH="/opt/venv/bin:$PATH" \
     PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
     TEMP=/home/model-server/tmp \
+    LOG_LOCATION=/home/model-server/logs \
+    METRICS_LOCATION=/home/model-server/logs \
     TINI_SUBREAPER=1
 # Numeric: Kubernetes' runAsNonRoot (GKE, Vertex) can only verify a numeric user.
-# model-server is uid 1000 in pytorch/torchserve and in the stand-in.
 USER 1000
 WORKDIR /home/model-server
 EXPOSE 7080

@@ -24,7 +24,7 @@ Structured output
 Loading
     `loading`       device, threads, dtype, weight-format policy, model and tokenizer
     `quantization`  post-load CPU quantization
-    `dtype_probe`   fp32 against bf16 on CPUs with native bf16, timed (not yet used by `loading`)
+    `dtype_probe`   `dtype: auto` on CPUs with native bf16: fp32 and bf16 timed, the faster kept
     `sources`       where weights come from (Hub, local, SmolLM2 GGUF; `weights_dir`)
     `storage`       Cloud Storage copies (`AIP_STORAGE_URI`)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from handler.dtype_probe import fastest_cpu_dtype, native_bf16_cpu
 from handler.prompts import TokenLimits
 from handler.quantization import quantize_for_cpu
 from handler.settings import HandlerSettings, SettingsError
@@ -68,12 +69,25 @@ def pick_threads(settings: HandlerSettings) -> int:
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """fp32 on CPU, bf16 on GPUs that support it, else fp16, unless the app says otherwise."""
+    """The dtype to load in: fp32 on CPU (where `measures_dtype` may then pick bf16), bf16 on GPUs
+    that support it, else fp16, unless the app says otherwise."""
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+def measures_dtype(settings: HandlerSettings, device: torch.device) -> bool:
+    """`dtype: auto` on a CPU with native bf16 is decided by timing both (handler.dtype_probe);
+    a quantized or device-mapped model keeps fp32, as the quantizers and offloading expect."""
+    return (
+        settings.dtype == "auto"
+        and device.type == "cpu"
+        and settings.quantization == "none"
+        and not settings.device_map
+        and native_bf16_cpu()
+    )
 
 
 def context_length(config, tokenizer) -> int:
@@ -135,6 +149,11 @@ def load_model(model_dir: Path, settings: HandlerSettings, device: torch.device)
     if not settings.device_map:
         model.to(device)
     model.eval()
+    if measures_dtype(settings, device):
+        rows = settings.dtype_probe_rows or 1
+        model, choice = fastest_cpu_dtype(model, batch=rows)
+        dtype = choice.dtype
+        logger.info("dtype auto on this CPU: %s at %d rows", choice.describe(), rows)
     if settings.quantization != "none":
         model = quantize_for_cpu(model, settings.quantization)
     logger.info("loaded %s on %s as %s, %d torch threads", model.config.model_type, device, dtype, torch.get_num_threads())

@@ -7,7 +7,7 @@ container contract (`LLM_DTYPE`, `LLM_MODEL_DIR`, `AIP_STORAGE_URI`), read here 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
 from handler.errors import RequestError
@@ -16,6 +16,7 @@ from handler.quantization import METHODS as QUANTIZATIONS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BATCHING_MODES = ("dynamic", "continuous")
+CONTINUOUS_PROBE_ROWS = 16
 
 
 class SettingsError(ValueError):
@@ -66,6 +67,9 @@ class HandlerSettings:
     continuous: ContinuousBatchingSettings = field(default_factory=ContinuousBatchingSettings)
     structured_output: StructuredOutputSettings = field(default_factory=StructuredOutputSettings)
     torch_threads: int | str = "auto"
+    # Rows decoded together when `dtype: auto` times fp32 against bf16 on a CPU: by default the
+    # dynamic path's batchSize, or CONTINUOUS_PROBE_ROWS users sharing the manager.
+    dtype_probe_rows: int | None = None
     model_dir_override: str | None = None
     storage_uri: str | None = None
     workers: int = 1
@@ -98,6 +102,10 @@ class HandlerSettings:
             storage_uri=environ.get("AIP_STORAGE_URI") or None,
             workers=max(1, int((model_yaml_config or {}).get("maxWorkers") or 1)),
         )
+        if settings.dtype_probe_rows is None:
+            batch_size = int((model_yaml_config or {}).get("batchSize") or 1)
+            rows = CONTINUOUS_PROBE_ROWS if settings.batching == "continuous" else batch_size
+            settings = replace(settings, dtype_probe_rows=rows)
         settings.verify()
         if settings.batching == "continuous" and not (model_yaml_config or {}).get("asyncCommunication"):
             raise SettingsError(
@@ -119,6 +127,10 @@ class HandlerSettings:
             isinstance(self.torch_threads, bool) or not isinstance(self.torch_threads, int) or self.torch_threads < 1
         ):
             raise SettingsError(f"handler.torch_threads must be 'auto' or a positive integer, got {self.torch_threads!r}")
+        if self.dtype_probe_rows is not None and (
+            isinstance(self.dtype_probe_rows, bool) or not isinstance(self.dtype_probe_rows, int) or self.dtype_probe_rows < 1
+        ):
+            raise SettingsError(f"handler.dtype_probe_rows must be a positive integer, got {self.dtype_probe_rows!r}")
         if self.max_instances < 1:
             raise SettingsError("handler.max_instances must be >= 1")
         if self.prompt_template is not None and "{prompt}" not in self.prompt_template:

@@ -8,6 +8,7 @@
 #   make test APP=gpt2           (core) the omelette request, against the container
 #   make stop-container
 #   make push VARIANT=gpu        to $(REGION)-docker.pkg.dev/$(GCP_PROJECT)/$(REPO)/…
+#   make scan VARIANT=slim       pip-audit and Debian's security suite on a podman image
 
 APP ?= smollm2
 PORT ?= 7080
@@ -16,8 +17,10 @@ DOCKER ?= docker
 IMAGE ?= torchserve-llm
 TAG ?= $(APP)
 SLIM_TAG ?= latest
-BASE_IMAGE ?= pytorch/torchserve:0.12.0-cpu
-GPU_BASE_IMAGE ?= pytorch/torchserve:0.12.0-gpu
+# Empty: the Dockerfile's own default (python:3.11-slim-bookworm, pinned by digest), for
+# the CPU and the GPU image alike. Set it to build on another base (docs/docker.md).
+BASE_IMAGE ?=
+BASE_ARG = $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE))
 # CPU builds take torch from PyTorch's CPU index; empty means PyPI only.
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 # Empty: PyPI's torch, which bundles CUDA. Set e.g. https://download.pytorch.org/whl/cu126
@@ -36,6 +39,12 @@ LOCAL_IMAGE = $(IMAGE_$(VARIANT))
 CONTAINER ?= $(IMAGE)-$(if $(filter slim,$(VARIANT)),slim,$(APP))
 # slim only: the checkpoint folder to mount (e.g. models/$(APP) after `make model`).
 MODEL_DIR ?= models/$(APP)
+# make run's container has a read-only root; TorchServe writes only to these two (tmpfs).
+# TEMP holds the unpacked archive: a tmpfs costs that much memory (docs/docker.md).
+# Docker mounts a tmpfs world-writable; podman as root's, unless :U gives it to the user.
+TMPFS_OWNER = $(if $(filter podman,$(notdir $(DOCKER))),:U)
+READ_ONLY_FLAGS ?= --read-only --tmpfs /home/model-server/tmp$(TMPFS_OWNER) \
+	--tmpfs /home/model-server/logs$(TMPFS_OWNER)
 # Seconds `make run` waits for the health route (CPU loads of big models are slow).
 RUN_WAIT_S ?= 900
 # 1: publish TorchServe's management (7081) and metrics (7082) APIs as well.
@@ -47,23 +56,27 @@ REMOTE_IMAGE = $(REGION)-docker.pkg.dev/$(GCP_PROJECT)/$(REPO)/$(LOCAL_IMAGE)
 # What `make build-gpu push VARIANT=gpu` leaves in Artifact Registry, for mk/vertex.mk to deploy.
 GPU_REMOTE_IMAGE = $(REGION)-docker.pkg.dev/$(GCP_PROJECT)/$(REPO)/$(IMAGE_gpu)
 
-.PHONY: build-dev build-gpu build-slim run stop-container push
+# make scan: the image to scan (in the project's podman storage) and where the report goes.
+SCAN_IMAGE ?= $(LOCAL_IMAGE)
+SCAN_OUT ?= docs/scan
+
+.PHONY: build-dev build-gpu build-slim run stop-container push scan
 
 build-dev: ## CPU image torchserve-llm:APP with APP's weights inside
-	$(DOCKER) build $(DOCKER_BUILD_FLAGS) --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+	$(DOCKER) build $(DOCKER_BUILD_FLAGS) $(BASE_ARG) \
 		--build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL) --build-arg APP=$(APP) -t $(IMAGE_cpu) .
 
-build-gpu: ## GPU image torchserve-llm-gpu:APP (pytorch/torchserve:0.12.0-gpu base, CUDA torch)
-	$(DOCKER) build $(DOCKER_BUILD_FLAGS) --build-arg BASE_IMAGE=$(GPU_BASE_IMAGE) \
+build-gpu: ## GPU image torchserve-llm-gpu:APP (same base, PyPI's CUDA torch)
+	$(DOCKER) build $(DOCKER_BUILD_FLAGS) $(BASE_ARG) \
 		--build-arg TORCH_INDEX_URL=$(GPU_TORCH_INDEX_URL) --build-arg APP=$(APP) -t $(IMAGE_gpu) .
 
 build-slim: ## image with no weights (torchserve-llm-slim): loads LLM_MODEL_DIR or AIP_STORAGE_URI at start
-	$(DOCKER) build $(DOCKER_BUILD_FLAGS) --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+	$(DOCKER) build $(DOCKER_BUILD_FLAGS) $(BASE_ARG) \
 		--build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL) --target slim -t $(IMAGE_slim) .
 
 run: ## run the VARIANT image (cpu|gpu|slim) on 127.0.0.1:PORT; returns once /health is 200
 	-@$(DOCKER) rm -f $(CONTAINER) >/dev/null 2>&1
-	$(DOCKER) run -d --name $(CONTAINER) -p 127.0.0.1:$(PORT):7080 \
+	$(DOCKER) run -d --name $(CONTAINER) -p 127.0.0.1:$(PORT):7080 $(READ_ONLY_FLAGS) \
 		$(if $(filter 1 yes true,$(EXPOSE_ADMIN)),-e LLM_EXPOSE_ADMIN=true -p 127.0.0.1:7081:7081 -p 127.0.0.1:7082:7082) \
 		$(if $(filter slim,$(VARIANT)),-e APP=$(APP) -e LLM_MODEL_DIR=/models/$(APP) -v $(abspath $(MODEL_DIR)):/models/$(APP):ro) \
 		$(if $(filter gpu,$(VARIANT)),--gpus all) \
@@ -85,3 +98,6 @@ push: ## push the VARIANT image to REGION-docker.pkg.dev/GCP_PROJECT/REPO
 	$(DOCKER) tag $(LOCAL_IMAGE) $(REMOTE_IMAGE)
 	$(DOCKER) push $(REMOTE_IMAGE)
 	@echo "pushed $(REMOTE_IMAGE)"
+
+scan: ## pip-audit the VARIANT image's venv, list its Debian packages with pending updates (SCAN_OUT)
+	$(PY) scripts/scan_image.py $(SCAN_IMAGE) --out $(SCAN_OUT)

@@ -4,13 +4,17 @@
 # shared/docs/container-builds.md for why each flag is there).
 #
 # Env in: CONTAINER_WORK (default <repo>/.work/containers).
-# Env out: CONTAINERS_STORAGE_CONF, TMPDIR, BUILDAH_BUILD_OPTS, PODMAN_RUN_OPTS.
+# Env out: CONTAINERS_STORAGE_CONF, CONTAINERS_CONF, TMPDIR, BUILDAH_BUILD_OPTS,
+# PODMAN_RUN_OPTS.
 
 _repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 export CONTAINER_WORK="${CONTAINER_WORK:-$_repo/.work/containers}"
-mkdir -p "$CONTAINER_WORK/storage" "$CONTAINER_WORK/run" "$CONTAINER_WORK/tmp" "$CONTAINER_WORK/pip"
+mkdir -p "$CONTAINER_WORK/storage" "$CONTAINER_WORK/run" "$CONTAINER_WORK/tmp" "$CONTAINER_WORK/pip" \
+  "$CONTAINER_WORK/libpod"
 
-# Every image and layer stays under CONTAINER_WORK, so `rm -rf` of it cleans up.
+# Every image, layer and container state stays under CONTAINER_WORK, so `rm -rf`
+# of it cleans up, and two clones on one machine share nothing (podman's own
+# state would otherwise sit in /run/libpod for all of them).
 cat > "$CONTAINER_WORK/storage.conf" <<CONF
 [storage]
 driver = "overlay"
@@ -18,6 +22,11 @@ graphroot = "$CONTAINER_WORK/storage"
 runroot = "$CONTAINER_WORK/run"
 CONF
 export CONTAINERS_STORAGE_CONF="$CONTAINER_WORK/storage.conf"
+cat > "$CONTAINER_WORK/containers.conf" <<CONF
+[engine]
+tmp_dir = "$CONTAINER_WORK/libpod"
+CONF
+export CONTAINERS_CONF="$CONTAINER_WORK/containers.conf"
 export TMPDIR="$CONTAINER_WORK/tmp"
 
 # pip inside RUN steps must trust the same CA as the host (TLS is intercepted

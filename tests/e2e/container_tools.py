@@ -2,8 +2,10 @@
 
 Flags and storage come from .ci/container-base/env.sh (the one place that says
 what this kind of machine needs), so the tests and a person at a shell build
-the same way. Every container is named and removed by name; every image and
-layer lives under CONTAINER_WORK (default .work/containers).
+the same way. Every image, layer and container state lives under CONTAINER_WORK
+(default .work/containers of this clone). Containers and image tags carry
+SESSION, new for each test run, so two suites on one machine never touch each
+other's; each is removed by name.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import secrets
 import shlex
 import shutil
 import socket
@@ -22,6 +25,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 BASE_DIR = ROOT / ".ci" / "container-base"
 TOOLS = ("buildah", "podman", "runc", "slirp4netns", "debootstrap")
+SESSION = secrets.token_hex(4)
+
+
+def session_name(kind: str) -> str:
+    """A container name no other test run on this machine uses."""
+    return f"tsllm-e2e-{SESSION}-{kind}"
 
 
 def missing_tools() -> list[str]:
@@ -51,7 +60,7 @@ class Podman:
         return subprocess.run(list(args), env=self.env, capture_output=True, text=True, check=check, timeout=timeout)
 
     def base_image(self) -> str:
-        """The stand-in for pytorch/torchserve:0.12.0-cpu, built once and cached by recipe hash."""
+        """CI's equivalent of the default base (Debian bookworm, Python 3.11), cached by recipe hash."""
         log = self._log("base")
         with log.open("w") as sink:
             result = subprocess.run(
@@ -59,25 +68,36 @@ class Podman:
                 text=True, timeout=1800,
             )
         if result.returncode:
-            raise AssertionError(f"stand-in base build failed, see {log}:\n{_tail(log)}")
+            raise AssertionError(f"base build failed, see {log}:\n{_tail(log)}")
         return result.stdout.strip().splitlines()[-1]
 
-    def build(self, tag: str, base: str, *build_args: str, target: str | None = None) -> None:
-        """`docker build` of the real Dockerfile at the repo root, as buildah runs it here."""
-        log = self._log(tag.replace("/", "_").replace(":", "_"))
+    def make_build(self, target: str, base: str, *variables: str) -> None:
+        """`make TARGET` (build-dev, build-slim) with buildah as the client, as a user would run it."""
+        log = self._log(f"{target}-{SESSION}")
         command = [
-            "buildah", "bud", *shlex.split(self.env["BUILDAH_BUILD_OPTS"]), "--layers",
-            "--build-arg", f"BASE_IMAGE={base}",
+            "make", "--no-print-directory", target, "DOCKER=buildah", f"BASE_IMAGE={base}",
             # The CPU wheel index is out of reach here; /opt/wheels (mounted) has torch.
-            "--build-arg", "TORCH_INDEX_URL=",
-            *[arg for pair in build_args for arg in ("--build-arg", pair)],
-            *(["--target", target] if target else []),
-            "-t", tag, str(ROOT),
+            "TORCH_INDEX_URL=", f"DOCKER_BUILD_FLAGS={self.env['BUILDAH_BUILD_OPTS']} --layers", *variables,
         ]
         with log.open("w") as sink:
-            result = subprocess.run(command, env=self.env, stdout=sink, stderr=subprocess.STDOUT, timeout=3600)
+            result = subprocess.run(command, cwd=ROOT, env=self.env, stdout=sink, stderr=subprocess.STDOUT, timeout=3600)
         if result.returncode:
-            raise AssertionError(f"build of {tag} failed, see {log}:\n{_tail(log)}")
+            raise AssertionError(f"make {target} failed, see {log}:\n{_tail(log)}")
+
+    def remove_image(self, image: str) -> None:
+        """Untag; the cached layers stay for the next run's build."""
+        self.run("podman", "rmi", image, check=False)
+
+    def run_once(self, image: str, *command: str) -> str:
+        """stdout of COMMAND in a new container of IMAGE, through the image's entrypoint."""
+        name = session_name("once")
+        try:
+            return self.run(
+                "podman", "run", "--rm", "--name", name, *shlex.split(self.env["PODMAN_RUN_OPTS"]),
+                "--network", "none", image, *command,
+            ).stdout
+        finally:
+            self.remove(name)
 
     def image_size(self, image: str) -> int:
         return int(self.run("podman", "image", "inspect", "--format", "{{.Size}}", image).stdout.strip())

@@ -1,17 +1,19 @@
 """The real Dockerfile, built and run as Vertex AI would run it (buildah/podman, no Docker engine).
 
-Builds the default target for APP=smollm2 and the slim target on a local
-stand-in for pytorch/torchserve:0.12.0-cpu (.ci/container-base), then checks
-the container contract: the health route stays non-200 until the model
-answers, predictions come on AIP_PREDICT_ROUTE at AIP_HTTP_PORT, streams
-arrive in chunks, the server runs as non-root, `podman stop` ends it cleanly
-within seconds, the container exits when TorchServe dies, and the slim image
-serves a mounted checkpoint (or refuses to start without one).
+Builds the default target for APP=smollm2 and the slim target on CI's
+equivalent of the default base (.ci/container-base: Debian bookworm with
+Python 3.11), then checks the container contract: the image holds Debian 12,
+Python 3.11 and Java 17 and no older Python; the health route stays non-200
+until the model answers, predictions come on AIP_PREDICT_ROUTE at
+AIP_HTTP_PORT, streams arrive in chunks, the server runs as non-root on a
+read-only root file system, `podman stop` ends it cleanly within seconds, the
+container exits when TorchServe dies, and the slim image serves a mounted
+checkpoint (or refuses to start without one).
 
-Needs root and the tools of .ci/install-container-tools.sh; on CI a missing
-tool fails the test, elsewhere it skips. From nothing it took 15.5 minutes on 2
-busy cores (stand-in base 5.5, images 9.5, runs 1.5); the base and the layers
-are cached under .work/containers for the next run.
+Needs root and the tools of .ci/install-container-tools.sh (`make
+container-tools`); without them the tests fail, saying what to run. Image tags
+and container names carry a per-run suffix (container_tools.SESSION); the base
+and the layers are cached under .work/containers for the next run.
 """
 
 from __future__ import annotations
@@ -26,12 +28,30 @@ import tomllib
 
 import pytest
 
-from tests.e2e.container_tools import ROOT, Container, Podman, free_port, missing_tools, running_as_root
+from tests.e2e.container_tools import (
+    ROOT,
+    SESSION,
+    Container,
+    Podman,
+    free_port,
+    missing_tools,
+    running_as_root,
+    session_name,
+)
 from vertex.container import looks_like_secret
 
 APP = "smollm2"
-FULL_IMAGE = f"localhost/torchserve-llm-e2e:{APP}"
-SLIM_IMAGE = "localhost/torchserve-llm-e2e:slim"
+# What `make build-dev APP=smollm2` and `make build-slim` name their images, with IMAGE set.
+IMAGE = f"localhost/torchserve-llm-e2e-{SESSION}"
+FULL_IMAGE = f"{IMAGE}:{APP}"
+SLIM_IMAGE = f"{IMAGE}-slim:latest"
+# As Kubernetes' readOnlyRootFilesystem runs it: nothing writable but TorchServe's
+# temp and log folders (podman's own tmpfs on /tmp, /run and /var/tmp are off).
+# U: podman mounts a tmpfs as root's 0755 (mode= is not applied here), Docker as 1777.
+READ_ONLY = (
+    "--read-only", "--read-only-tmpfs=false",
+    "--tmpfs", "/home/model-server/tmp:U", "--tmpfs", "/home/model-server/logs:U",
+)
 # Vertex picks the port and routes; anything but the defaults shows they are honoured.
 VERTEX_ENV = {
     "AIP_HTTP_PORT": "8080",
@@ -42,6 +62,16 @@ OMELETTE = {"instances": ["How to prepare a spanish omelette:"]}
 # Same prompt, fewer tokens: for checks that need an answer, not a recipe (2 shared cores).
 SHORT = {**OMELETTE, "parameters": {"max_new_tokens": 8}}
 LOAD_TIMEOUT_S = 300
+# Run inside the container: for each folder argument, "FOLDER writable" or "FOLDER <why not>".
+WRITE_PROBE = """
+import pathlib, sys
+for folder in sys.argv[1:]:
+    try:
+        (pathlib.Path(folder) / "probe").touch()
+        print(folder, "writable")
+    except OSError as error:
+        print(folder, error.strerror)
+"""
 
 
 # Needed to build the archive only: in docker/requirements-build.txt, not in the runtime image.
@@ -79,11 +109,30 @@ def podman() -> Podman:
 
 
 @pytest.fixture(scope="module")
-def images(podman: Podman) -> dict[str, str]:
+def images(podman: Podman):
     base = podman.base_image()
-    podman.build(FULL_IMAGE, base, f"APP={APP}")
-    podman.build(SLIM_IMAGE, base, target="slim")
-    return {"base": base, "full": FULL_IMAGE, "slim": SLIM_IMAGE}
+    try:
+        podman.make_build("build-dev", base, f"APP={APP}", f"IMAGE={IMAGE}")
+        podman.make_build("build-slim", base, f"IMAGE={IMAGE}")
+        yield {"base": base, "full": FULL_IMAGE, "slim": SLIM_IMAGE}
+    finally:
+        podman.remove_image(FULL_IMAGE)
+        podman.remove_image(SLIM_IMAGE)
+
+
+@pytest.mark.parametrize("kind", ["full", "slim"])
+def test_the_image_is_debian_12_with_python_3_11_and_java_17(podman: Podman, images: dict[str, str], kind: str):
+    """No end-of-life OS or Python inside: the base is maintained, and its Python is the venv's."""
+    os_release = dict(
+        line.split("=", 1) for line in podman.run_once(images[kind], "cat", "/etc/os-release").splitlines() if "=" in line
+    )
+    assert (os_release["ID"], os_release["VERSION_CODENAME"]) == ("debian", "bookworm"), os_release
+    assert podman.run_once(images[kind], "python", "--version").startswith("Python 3.11.")
+    assert podman.run_once(images[kind], "sh", "-c", "command -v python").strip() == "/opt/venv/bin/python"
+    older = podman.run_once(images[kind], "sh", "-c", "ls -d /usr/bin/python3.* /usr/local/bin/python3.* 2>/dev/null || true")
+    assert [path for path in older.split() if not re.search(r"python3\.11", path)] == []
+    java = podman.run_once(images[kind], "sh", "-c", "java -version 2>&1")
+    assert re.search(r'version "17\.', java), java
 
 
 @pytest.mark.parametrize("kind", ["full", "slim"])
@@ -118,7 +167,9 @@ def _watch_start(container: Container, route: str) -> list[tuple[float, int, int
 @pytest.fixture(scope="module")
 def full(podman: Podman, images: dict[str, str]):
     # A stop grace that a loaded 2-core machine can meet; the default (8 s) fits docker's 10 s.
-    container = podman.start("tsllm-e2e-full", images["full"], free_port(), env={**VERTEX_ENV, "LLM_STOP_GRACE_S": "50"})
+    container = podman.start(
+        session_name("full"), images["full"], free_port(), *READ_ONLY, env={**VERTEX_ENV, "LLM_STOP_GRACE_S": "50"}
+    )
     try:
         yield container, _watch_start(container, VERTEX_ENV["AIP_HEALTH_ROUTE"])
     finally:
@@ -183,6 +234,25 @@ def test_the_server_runs_as_non_root(full):
     assert container.exec("id", "-u").stdout.strip() == "1000"
 
 
+def test_the_server_serves_from_a_read_only_root(full, podman: Podman):
+    """It has served every request above on a read-only root; only the two tmpfs take writes."""
+    container, _ = full
+    inspected = json.loads(podman.run("podman", "inspect", container.name).stdout)[0]
+    assert inspected["HostConfig"]["ReadonlyRootfs"] is True
+    folders = ["/home/model-server", "/home/model-server/model-store", "/opt/venv", "/tmp",
+               "/home/model-server/tmp", "/home/model-server/logs"]
+    output = container.exec("python", "-c", WRITE_PROBE, *folders).stdout
+    result = dict(line.split(" ", 1) for line in output.splitlines())
+    assert result == {
+        **{folder: "Read-only file system" for folder in folders[:4]},
+        "/home/model-server/tmp": "writable",
+        "/home/model-server/logs": "writable",
+    }
+    # TorchServe really uses them: its logs and the unpacked archive are there.
+    assert "ts_log.log" in container.exec("ls", "/home/model-server/logs").stdout
+    assert container.exec("ls", "/home/model-server/tmp/models").stdout.strip()
+
+
 def test_stop_is_clean(full, podman: Podman):
     container, _ = full
     podman.run("podman", "stop", "-t", "60", container.name, timeout=90)
@@ -206,7 +276,7 @@ def readable_checkpoint(smollm2_dir, tmp_path_factory):
 
 def test_slim_image_serves_a_mounted_checkpoint_and_dies_with_torchserve(podman, images, readable_checkpoint):
     container = podman.start(
-        "tsllm-e2e-slim", images["slim"], free_port(),
+        session_name("slim"), images["slim"], free_port(), *READ_ONLY,
         "-v", f"{readable_checkpoint}:/models/{APP}:ro",
         env={**VERTEX_ENV, "APP": APP, "LLM_MODEL_DIR": f"/models/{APP}"},
     )
@@ -239,7 +309,9 @@ def test_slim_image_refuses_to_start_without_usable_weights(podman, images, smol
     if all(os.stat(p).st_mode & 0o004 for p in smollm2_dir.iterdir()):
         cases.pop()  # the prepared checkpoint is world-readable here: nothing to refuse
     for env, options, reason in cases:
-        container = podman.start("tsllm-e2e-noweights", images["slim"], free_port(), *options, env={**VERTEX_ENV, **env})
+        container = podman.start(
+            session_name("noweights"), images["slim"], free_port(), *READ_ONLY, *options, env={**VERTEX_ENV, **env}
+        )
         try:
             assert container.wait_exit(30)
             logs = container.logs()

@@ -31,6 +31,7 @@ def continuous_config() -> dict[str, Any]:
     config = app_model_config("smollm2")
     config.update(asyncCommunication=True, batchSize=1)
     config["handler"]["batching"] = "continuous"
+    config["handler"]["dtype"] = "float32"  # the in-process reference must decode in the server's dtype
     return config
 
 

@@ -31,7 +31,7 @@ CACHE_CONFIG = {"num_blocks": 48, "page_size": 16, "max_batch_tokens": 256}
 
 @pytest.fixture(scope="module")
 def loaded(tiny_model_dir: Path) -> LoadedModel:
-    return load_model(tiny_model_dir, HandlerSettings(max_total_tokens=200), torch.device("cpu"))
+    return load_model(tiny_model_dir, HandlerSettings(dtype="float32", max_total_tokens=200), torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +244,7 @@ def test_classic_generates_beside_the_manager_leave_the_model_as_it_was(engine, 
 
 @pytest.fixture(scope="module")
 def handler(tiny_model_dir: Path):
-    config = {"asyncCommunication": True, "handler": {"batching": "continuous", "continuous": CACHE_CONFIG, "max_total_tokens": 200}}
+    config = {"asyncCommunication": True, "handler": {"batching": "continuous", "continuous": CACHE_CONFIG, "max_total_tokens": 200, "dtype": "float32"}}
     context = make_context("tiny", tiny_model_dir, config, batch_size=1)
     served = LLMHandler()
     served.initialize(context)

@@ -39,3 +39,27 @@ def test_a_spent_budget_ends_the_rounds_after_the_first(tiny_model_dir, monkeypa
     monkeypatch.setattr("handler.dtype_probe.decode_step_seconds", lambda m, batch, steps: calls.append(steps) or 0.01)
     fastest_cpu_dtype(model, batch=1, steps=3, rounds=5, budget_s=0.0)
     assert calls == [1, 1, 3, 3]  # two warm-ups, then one timed round of each dtype
+
+
+def test_auto_on_this_cpu_loads_the_timed_choice(tiny_model_dir, caplog):
+    from handler.loading import load_model, measures_dtype
+    from handler.settings import HandlerSettings
+
+    settings = HandlerSettings(warmup=False, dtype_probe_rows=2)
+    with caplog.at_level("INFO", logger="handler.loading"):
+        loaded = load_model(tiny_model_dir, settings, torch.device("cpu"))
+    dtype = next(loaded.model.parameters()).dtype
+    if measures_dtype(settings, torch.device("cpu")):
+        assert f"dtype auto on this CPU: {str(dtype).removeprefix('torch.')} (decode step: float32" in caplog.text
+    else:
+        assert dtype == torch.float32
+
+
+def test_a_named_dtype_is_never_timed(tiny_model_dir):
+    from handler.loading import measures_dtype
+    from handler.settings import HandlerSettings
+
+    cpu = torch.device("cpu")
+    assert not measures_dtype(HandlerSettings(dtype="float32"), cpu)
+    assert not measures_dtype(HandlerSettings(quantization="fp16-dynamic"), cpu)
+    assert not measures_dtype(HandlerSettings(), torch.device("cuda", 0))

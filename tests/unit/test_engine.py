@@ -31,7 +31,7 @@ class Engine(DynamicScheduler):
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir: Path) -> Engine:
-    return Engine.load(tiny_model_dir, HandlerSettings(max_total_tokens=128))
+    return Engine.load(tiny_model_dir, HandlerSettings(dtype="float32", max_total_tokens=128))
 
 
 def prompt(engine: Engine, text: str, **params) -> Prompt:

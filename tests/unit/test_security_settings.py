@@ -36,7 +36,7 @@ def shipped_configs() -> dict[str, Path]:
 
 
 def settings(**handler: object) -> HandlerSettings:
-    return HandlerSettings.from_config({"handler": {"warmup": False, **handler}}, {})
+    return HandlerSettings.from_config({"handler": {"warmup": False, "dtype": "float32", **handler}}, {})
 
 
 def test_the_defaults_trust_nothing():

@@ -11,7 +11,7 @@ from handler.settings import HandlerSettings, SettingsError
 
 def test_empty_config_gives_the_defaults():
     settings = HandlerSettings.from_config({}, {})
-    assert settings == HandlerSettings()
+    assert settings == HandlerSettings(dtype_probe_rows=1)  # the dynamic path's batchSize, 1 when unset
     assert not settings.trust_remote_code and not settings.allow_pickle_weights
 
 
@@ -69,3 +69,12 @@ def test_torch_threads_share_the_cpu_budget_between_workers(monkeypatch):
 
 def test_the_cpu_budget_is_what_this_process_may_run_on():
     assert 1 <= cpu_budget() <= len(os.sched_getaffinity(0))
+
+
+def test_the_dtype_probe_decodes_as_many_rows_as_the_app_batches():
+    assert HandlerSettings.from_config({"batchSize": 8}, {}).dtype_probe_rows == 8
+    continuous = {"asyncCommunication": True, "batchSize": 1, "handler": {"batching": "continuous"}}
+    assert HandlerSettings.from_config(continuous, {}).dtype_probe_rows == 16
+    assert HandlerSettings.from_config({"handler": {"dtype_probe_rows": 3}}, {}).dtype_probe_rows == 3
+    with pytest.raises(SettingsError, match="dtype_probe_rows"):
+        HandlerSettings.from_config({"handler": {"dtype_probe_rows": 0}}, {})

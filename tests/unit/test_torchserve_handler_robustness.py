@@ -27,7 +27,7 @@ def handler(tiny_model_dir: Path, tmp_path_factory) -> tuple[LLMHandler, Context
     shutil.copytree(tiny_model_dir, model_dir, dirs_exist_ok=True)
     (model_dir / "chat_template.jinja").write_text(BROKEN_TEMPLATE)
     context = make_context(
-        "tiny", model_dir, {"handler": {"warmup": False, "defaults": {"max_new_tokens": 3, "temperature": 0}}}
+        "tiny", model_dir, {"handler": {"warmup": False, "dtype": "float32", "defaults": {"max_new_tokens": 3, "temperature": 0}}}
     )
     llm = LLMHandler()
     llm.initialize(context)
