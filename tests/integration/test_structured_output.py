@@ -47,7 +47,8 @@ def server(request, tmp_path_factory: pytest.TempPathFactory, smollm2_dir) -> It
     config = PATHS[request.param](MODEL)
     # No deadline: on a busy 2-core machine the app's 50 s would cut answers short ("length").
     handler = {key: value for key, value in config["handler"].items() if key != "deadline_seconds"}
-    config["handler"] = {**handler, "structured_output": {"compile_timeout_seconds": 1}}
+    # float32: neighbours' texts are compared alone and in a batch.
+    config["handler"] = {**handler, "dtype": "float32", "structured_output": {"compile_timeout_seconds": 1}}
     config["responseTimeout"] = 1800  # TorchServe restarts a worker past it; a batch of 8 can take minutes here
     torchserve = start_app(tmp_path_factory.mktemp(f"structured-{request.param}"), MODEL, config)
     yield torchserve

@@ -40,7 +40,7 @@ FORMAT = {"type": "json_schema", "json_schema": {"name": "t", "schema": SCHEMA}}
 
 @pytest.fixture(scope="module")
 def loaded(tiny_model_dir: Path) -> LoadedModel:
-    return load_model(tiny_model_dir, HandlerSettings(max_total_tokens=200), torch.device("cpu"))
+    return load_model(tiny_model_dir, HandlerSettings(dtype="float32", max_total_tokens=200), torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
