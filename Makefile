@@ -45,19 +45,14 @@ archive: $(ARCHIVE) ## build the TorchServe archive model-store/APP.mar
 $(ARCHIVE): models/$(APP)/config.json $(APP_DIR)/model-config.yaml $(wildcard handler/*.py)
 	$(PY) scripts/archive.py $(APP)
 
-serve: archive ## start TorchServe on 127.0.0.1 in the background; returns once APP answers
-	@if $(PY) scripts/wait_ready.py $(APP) --timeout 1 2>/dev/null; then echo "$(APP) is already serving"; exit 0; fi
-	mkdir -p logs
-	LOG_LOCATION=logs METRICS_LOCATION=logs $(VENV)/bin/torchserve --start --ncs \
-		--ts-config config.properties --model-store model-store --models $(APP)=$(MODEL_NAME) > logs/torchserve.out 2>&1
-	@$(PY) scripts/wait_ready.py $(APP) || { tail -n 40 logs/model_log.log; $(VENV)/bin/torchserve --stop; exit 1; }
-	@echo "$(APP) answers on http://127.0.0.1:$(PORT)/predictions/$(APP)"
+serve: archive ## start the front + TorchServe in the background on 127.0.0.1:PORT (as in the container); returns once APP answers
+	@$(PY) scripts/serve.py start $(APP) $(MODEL_NAME) --port $(PORT)
 
-stop: ## stop TorchServe
-	@if [ -x $(VENV)/bin/torchserve ]; then $(VENV)/bin/torchserve --stop || true; fi
+stop: ## stop exactly the tree that make serve started in this checkout
+	@if [ -x $(PY) ]; then $(PY) scripts/serve.py stop; fi
 
-health: ## 200 only when APP has a READY worker (TorchServe's /ping says Healthy while loading)
-	@curl -fsS http://127.0.0.1:7081/models/$(APP) | $(PYTHON) -c 'import json,sys; w=[x["status"] for m in json.load(sys.stdin) for x in m["workers"]]; print("workers:", w); sys.exit(0 if "READY" in w else 1)'
+health: ## the front's /health: 200 only while APP has a READY worker that answers and is not healing
+	@curl -sS --fail-with-body http://127.0.0.1:$(PORT)/health | $(PYTHON) -m json.tool
 
 test: ## POST the omelette request to /predictions/APP (against make serve or make run); fails on non-200
 	@curl -sS --fail-with-body -X POST -H 'Content-Type: application/json' \
@@ -73,6 +68,6 @@ lint: ## hadolint the Dockerfile
 	$(VENV)/bin/hadolint Dockerfile
 
 clean: stop ## remove built models, archives and logs (keeps the venv)
-	rm -rf models build logs model-store/*.mar model-store/*/
+	rm -rf models build logs run model-store/*.mar model-store/*/
 
 -include mk/*.mk

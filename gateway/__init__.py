@@ -1,12 +1,15 @@
-"""Readiness-aware HTTP front for the serving container.
+"""The HTTP front: the one public face of the server, locally and in the container.
 
-TorchServe's own ``/ping`` says Healthy while the model is still loading, so a
-platform that routes traffic on it (Vertex AI) sends requests that hang. The
-gateway owns the public port (``$AIP_HTTP_PORT``), answers the health route
-from TorchServe's management API, maps the Vertex predict route onto
-``/predictions/<APP>`` and streams everything else through unchanged.
+TorchServe's own HTTP servers are frozen code (its last release is 0.12.0) and its
+``/ping`` says Healthy while the model is still loading; they stay on loopback, on ports
+picked free at every start. The front owns the public port, serves Vertex's routes and a
+truthful health route, relays predictions as they stream, and brings an app back when its
+worker dies.
 
-Modules: ``settings`` (env contract, read once), ``health`` (is a worker
-READY?), ``proxy`` (the request handler), ``server`` (the HTTP server),
-``supervisor`` (TorchServe + gateway as one container process).
+Modules: ``settings`` (env contract, read once), ``torchserve`` (the TorchServe child:
+ports, temp folder, process group), ``health`` (what the management API says),
+``healer`` (notice a dead worker, answer what it held, bring the app back), ``relay``
+(one prediction to TorchServe and back), ``routes`` (every route, one table),
+``metrics`` (Prometheus histograms), ``server`` (uvicorn servers and the front's state),
+``supervisor`` (all of it as one process tree).
 """

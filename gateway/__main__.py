@@ -1,10 +1,10 @@
-"""``python -m gateway``: the container entrypoint (TorchServe + gateway)."""
+"""``python -m gateway``: the front, its healer and TorchServe, as one process tree (``make serve``, the container)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-import signal
 import sys
 
 from gateway.settings import SettingsError, SupervisorSettings
@@ -20,15 +20,14 @@ def main() -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # httpx2 logs every upstream request at INFO: the healer's polls alone would be one a second.
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
     try:
         settings = SupervisorSettings.from_env(os.environ)
     except SettingsError as exc:
         log.error("cannot start: %s", exc)
         return 2
-    supervisor = Supervisor(settings)
-    signal.signal(signal.SIGTERM, supervisor.request_stop)
-    signal.signal(signal.SIGINT, supervisor.request_stop)
-    return supervisor.run()
+    return asyncio.run(Supervisor(settings).run())
 
 
 if __name__ == "__main__":

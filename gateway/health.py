@@ -7,21 +7,15 @@ worker list is the only place that says whether a worker can answer now.
 
 from __future__ import annotations
 
-import http.client
 import json
-import logging
 from dataclasses import dataclass
-
-from gateway.settings import Upstream
-
-log = logging.getLogger(__name__)
 
 READY = "READY"
 
 
 @dataclass(frozen=True)
 class Readiness:
-    """The health route's answer: ``ready`` decides 200 or 503, the rest is its JSON body."""
+    """One app's state for the health route: ``ready`` decides 200 or 503, the rest is its JSON body."""
 
     ready: bool
     status: str
@@ -33,11 +27,11 @@ class Readiness:
     def http_status(self) -> int:
         return 200 if self.ready else 503
 
-    def body(self) -> bytes:
+    def payload(self) -> dict:
         payload = {"status": self.status, "model": self.model, "workers": list(self.workers)}
         if self.detail:
             payload["detail"] = self.detail
-        return json.dumps(payload).encode()
+        return payload
 
 
 def readiness_from_description(app: str, status: int, body: bytes) -> Readiness:
@@ -79,22 +73,17 @@ def workers_of(body: bytes) -> list[dict]:
     ]
 
 
-def describe(app: str, management: Upstream, timeout_s: float) -> tuple[int, bytes]:
-    """``GET /models/<app>`` on the management API: its status and body. OSError or HTTPException if unreachable."""
-    conn = http.client.HTTPConnection(management.host, management.port, timeout=timeout_s)
-    try:
-        conn.request("GET", f"/models/{app}")
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
+def worker_pids(workers: list[dict]) -> frozenset[int]:
+    return frozenset(worker["pid"] for worker in workers if isinstance(worker.get("pid"), int))
 
 
-def check(app: str, management: Upstream, timeout_s: float) -> Readiness:
-    """Ask the management API now; an unreachable API means "not ready", never an error."""
+def worker_counts(body: bytes) -> tuple[int, int]:
+    """``(minWorkers, maxWorkers)`` of the first version, (1, 1) when the description does not say."""
     try:
-        status, body = describe(app, management, timeout_s)
-    except (OSError, http.client.HTTPException) as exc:
-        log.debug("management API unreachable: %s", exc)
-        return Readiness(False, "starting", app, detail=f"management API unreachable: {exc.__class__.__name__}")
-    return readiness_from_description(app, status, body)
+        versions = json.loads(body)
+        first = versions[0] if isinstance(versions, list) else versions
+        low, high = int(first.get("minWorkers", 1)), int(first.get("maxWorkers", 1))
+    except (ValueError, TypeError, IndexError, AttributeError):
+        return 1, 1
+    low = max(low, 1)
+    return low, max(low, high)

@@ -1,73 +1,155 @@
-"""Build the gateway's HTTP server from its settings, and drain it at shutdown."""
+"""The front's state and its two uvicorn servers: the public one and the metrics one.
+
+Why Starlette + uvicorn + httpx2 (docs/reliability.md says more): they are maintained,
+small, and already in the runtime image's dependency tree (huggingface_hub brings httpx2
+and anyio). uvicorn does the HTTP/1.1 framing, chunking and keep-alive that the old
+hand-written proxy did itself; httpx2 (the maintained successor of httpx) pools the
+upstream connections and streams answers; Starlette routes and streams them back.
+"""
 
 from __future__ import annotations
 
-import threading
-import time
-from http.server import ThreadingHTTPServer
+import asyncio
+import contextlib
+import logging
+import socket
 
-from gateway.proxy import GatewayHandler
-from gateway.settings import GatewaySettings
-from gateway.worker_watch import WorkerWatch
+import httpx2
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from gateway import health
+from gateway.healer import Healer, Upstream
+from gateway.metrics import FrontMetrics
+from gateway.routes import build_app, build_metrics_app
+from gateway.settings import FrontSettings
+
+log = logging.getLogger(__name__)
 
 
-class GatewayServer(ThreadingHTTPServer):
-    """Threads per connection, so a long stream never holds up the health checks.
+class Front:
+    """What every route needs: settings, the healer, the upstream client, the metrics."""
 
-    It counts requests in flight so that a stopping container can let them
-    finish (``drain``) before TorchServe goes away under them, and runs the
-    ``WorkerWatch`` that fails the predictions a dead worker held.
+    def __init__(self, settings: FrontSettings, healer: Healer, upstream: Upstream, metrics: FrontMetrics) -> None:
+        self.settings = settings
+        self.healer = healer
+        self.upstream = upstream
+        self.metrics = metrics
+        self.client = httpx2.AsyncClient(
+            timeout=httpx2.Timeout(settings.upstream_timeout_s, connect=10.0, pool=settings.upstream_timeout_s),
+            limits=httpx2.Limits(max_connections=settings.max_connections, max_keepalive_connections=64),
+        )
+
+    async def live_readiness(self, app: str) -> health.Readiness:
+        """Ask the management API now; unreachable means "not ready", never an error."""
+        try:
+            status, body = await self.healer.describe(app)
+        except httpx2.HTTPError as exc:
+            return health.Readiness(False, "unavailable", app, detail=f"management API unreachable: {exc.__class__.__name__}")
+        return health.readiness_from_description(app, status, body)
+
+    async def metrics_text(self) -> bytes:
+        """Ours, then TorchServe's own (``ts_*`` and the handler's), so one scrape gets both."""
+        ours = self.metrics.render()
+        try:
+            response = await self.healer.client.get(f"{self.upstream.metrics_url}/metrics", timeout=5.0)
+            theirs = response.content if response.status_code == 200 else b""
+        except httpx2.HTTPError:
+            theirs = b""
+        return ours + theirs
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+class BoundedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, plus a deadline for a request's headers.
+
+    uvicorn has a keep-alive timeout but none for a client that connects and then sends its
+    headers slowly (or never): without one, slow clients could hold every connection slot.
     """
 
-    daemon_threads = True
-    # A restarted container binds its port again at once.
-    allow_reuse_address = True
-    request_queue_size = 64
+    header_timeout_s = 10.0
 
-    def __init__(self, address, handler, watch: WorkerWatch) -> None:
-        self.watch = watch  # before binding: a failed bind calls server_close
-        super().__init__(address, handler)
-        self._idle = threading.Condition()
-        self._active = 0
-        self.draining = False
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_deadline()
 
-    def serve_forever(self, poll_interval: float = 0.5) -> None:
-        self.watch.start()
-        super().serve_forever(poll_interval)
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_header_deadline()
 
-    def server_close(self) -> None:
-        self.watch.stop()
-        super().server_close()
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.cycle is not self._armed_for and self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
 
-    def request_started(self) -> None:
-        with self._idle:
-            self._active += 1
+    def connection_lost(self, exc) -> None:
+        if getattr(self, "_header_deadline", None) is not None:
+            self._header_deadline.cancel()
+        super().connection_lost(exc)
 
-    def request_finished(self) -> None:
-        with self._idle:
-            self._active -= 1
-            if self._active == 0:
-                self._idle.notify_all()
+    def _arm_header_deadline(self) -> None:
+        if getattr(self, "_header_deadline", None) is not None:
+            self._header_deadline.cancel()
+        self._armed_for = self.cycle
+        self._header_deadline = None
+        if not self.transport.is_closing():
+            self._header_deadline = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
 
-    @property
-    def active_requests(self) -> int:
-        with self._idle:
-            return self._active
-
-    def drain(self, timeout_s: float) -> bool:
-        """Refuse new requests, wait up to ``timeout_s`` for those in flight; True if none is left."""
-        deadline = time.monotonic() + timeout_s
-        with self._idle:
-            self.draining = True
-            while self._active:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._idle.wait(left)
-        return True
+    def _headers_too_slow(self) -> None:
+        if self.cycle is self._armed_for and not self.transport.is_closing():
+            log.info("closing a connection that sent no complete request headers in %.0f s", self.header_timeout_s)
+            self.transport.close()
 
 
-def make_server(settings: GatewaySettings) -> GatewayServer:
-    """Bind now (so a port clash fails at start) and return the server, not yet serving."""
-    handler = type("BoundGatewayHandler", (GatewayHandler,), {"settings": settings})
-    return GatewayServer((settings.bind_host, settings.port), handler, WorkerWatch(settings.app, settings.management))
+class Server(uvicorn.Server):
+    """A uvicorn server whose signals are the supervisor's to handle."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind now, so a busy port fails before TorchServe starts; OSError if it cannot."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def servers(front: Front, drain_s: float) -> tuple[Server, Server]:
+    """The public server (bounded connections, header and keep-alive timeouts, drain) and the metrics one."""
+    settings = front.settings
+    protocol = type("FrontH11Protocol", (BoundedH11Protocol,), {"header_timeout_s": settings.header_timeout_s})
+    public = Server(uvicorn.Config(
+        build_app(front), http=protocol, lifespan="off", access_log=False, log_config=None,
+        limit_concurrency=settings.max_connections, timeout_keep_alive=30,
+        timeout_graceful_shutdown=max(1, int(drain_s)),
+    ))
+    metrics = Server(uvicorn.Config(
+        build_metrics_app(front), http=protocol, lifespan="off", access_log=False, log_config=None,
+        limit_concurrency=64, timeout_graceful_shutdown=1,
+    ))
+    return public, metrics
+
+
+async def stop(server: Server, task: asyncio.Task, timeout_s: float) -> None:
+    """Let ``server`` finish what it serves (uvicorn's graceful shutdown), then make sure it is gone."""
+    server.should_exit = True
+    try:
+        await asyncio.wait_for(asyncio.shield(task), timeout_s)
+    except asyncio.TimeoutError:
+        server.force_exit = True
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task

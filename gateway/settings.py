@@ -1,73 +1,60 @@
-"""The container's env contract, read once into frozen objects.
+"""The front's env contract, read once into frozen objects.
 
-Every ``AIP_*``/``TS_*``/``LLM_*`` variable the gateway and supervisor honour is
-read here and nowhere else, so the contract in docs/CONTRACT.md has one home.
+Every ``AIP_*``/``LLM_*`` variable the front and its supervisor honour is read
+here and nowhere else, so the contract (docs/docker.md, docs/architecture.md) has one home.
+TorchServe's own ports are not part of it: the supervisor picks them free on
+loopback at every start (``gateway.torchserve``), so nothing can collide.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
-from urllib.parse import urlsplit
 
 DEFAULT_HTTP_PORT = 7080
-DEFAULT_INFERENCE_ADDRESS = "http://127.0.0.1:7085"
-DEFAULT_MANAGEMENT_PORT = 7081
-DEFAULT_METRICS_PORT = 7082
+# With LLM_EXPOSE_ADMIN, TorchServe's management API gets this fixed port on 0.0.0.0.
+EXPOSED_MANAGEMENT_PORT = 7081
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+MIB = 1024 * 1024
 
 
 class SettingsError(ValueError):
-    """The container was started with an env that cannot work; message says which variable."""
+    """The server was started with an env that cannot work; message says which variable."""
 
 
 @dataclass(frozen=True)
-class Upstream:
-    """Where the gateway connects to reach one TorchServe API."""
+class FrontSettings:
+    """What the HTTP front needs: where it listens, its routes, its limits."""
 
-    host: str
-    port: int
-
-    @classmethod
-    def from_address(cls, name: str, address: str) -> "Upstream":
-        """Parse a TorchServe binding address such as ``http://0.0.0.0:7081``.
-
-        A wildcard bind is reached through loopback: the gateway runs beside
-        TorchServe in the same network namespace.
-        """
-        parts = urlsplit(address)
-        if parts.scheme != "http" or not parts.hostname or parts.port is None:
-            raise SettingsError(f"{name}={address!r}: expected http://HOST:PORT")
-        host = parts.hostname
-        if host in ("0.0.0.0", "::"):
-            host = "127.0.0.1"
-        return cls(host=host, port=parts.port)
-
-
-@dataclass(frozen=True)
-class GatewaySettings:
-    """What the HTTP front needs: its port, its two Vertex routes and its upstreams."""
-
-    app: str
+    apps: tuple[str, ...]
     port: int
     predict_route: str
     health_route: str
-    inference: Upstream
-    management: Upstream
+    metrics_port: int
     bind_host: str = "0.0.0.0"
-    # Generations can be long; this bounds one silent gap on the upstream
-    # socket, not the whole response, so streams of any length still work.
+    metrics_host: str = "127.0.0.1"
+    # TorchServe's own max_request_size in config.properties is the same 1 MiB.
+    max_request_bytes: int = MIB
+    # A connection must finish its request headers within this, and each piece of a body
+    # must arrive within body_timeout_s: slow clients cannot pin connections.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    # Bounds one silent gap on the upstream socket, not the whole response, so streams
+    # of any length still work.
     upstream_timeout_s: float = 600.0
-    health_timeout_s: float = 2.0
+    # Connections the front accepts at once; beyond, uvicorn answers 503.
+    max_connections: int = 512
+    retry_after_s: int = 5
 
     @property
-    def upstream_predict_path(self) -> str:
-        return f"/predictions/{self.app}"
+    def app(self) -> str:
+        """The app Vertex's predict route maps onto: the first one served."""
+        return self.apps[0]
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "GatewaySettings":
+    def from_env(cls, env: Mapping[str, str]) -> "FrontSettings":
         app = env.get("APP", "").strip()
         if not app:
             raise SettingsError("APP is not set: it names the model registered in TorchServe")
@@ -76,71 +63,89 @@ class GatewaySettings:
         health_route = _route(env, "AIP_HEALTH_ROUTE", "/health")
         if predict_route == health_route:
             raise SettingsError(f"AIP_PREDICT_ROUTE and AIP_HEALTH_ROUTE are both {predict_route!r}")
-        addresses = torchserve_addresses(env)
-        inference = Upstream.from_address("TS_INFERENCE_ADDRESS", addresses["TS_INFERENCE_ADDRESS"])
-        management = Upstream.from_address("TS_MANAGEMENT_ADDRESS", addresses["TS_MANAGEMENT_ADDRESS"])
-        taken = {inference.port, management.port, Upstream.from_address("TS_METRICS_ADDRESS", addresses["TS_METRICS_ADDRESS"]).port}
-        if port in taken:
-            raise SettingsError(f"AIP_HTTP_PORT={port} collides with a TorchServe port ({sorted(taken)})")
+        metrics_port = _port(env, "LLM_METRICS_PORT", port + 2 if port + 2 < 65536 else 0, allow_zero=True)
+        if metrics_port == port:
+            raise SettingsError(f"LLM_METRICS_PORT={metrics_port} is the front's own port (AIP_HTTP_PORT)")
         return cls(
-            app=app,
+            apps=(app,),
             port=port,
             predict_route=predict_route,
             health_route=health_route,
-            inference=inference,
-            management=management,
+            metrics_port=metrics_port,
             bind_host=env.get("LLM_GATEWAY_BIND", "0.0.0.0"),
+            metrics_host="0.0.0.0" if admin_exposed(env) else "127.0.0.1",
+            max_request_bytes=int(_positive_float(env, "LLM_MAX_REQUEST_BYTES", MIB)),
             upstream_timeout_s=_positive_float(env, "LLM_GATEWAY_TIMEOUT_S", 600.0),
+            max_connections=int(_positive_float(env, "LLM_MAX_CONNECTIONS", 512)),
+            header_timeout_s=_positive_float(env, "LLM_HEADER_TIMEOUT_S", 10.0),
         )
 
 
-def torchserve_addresses(env: Mapping[str, str]) -> dict[str, str]:
-    """TorchServe's three binding addresses as ``TS_*`` env values.
-
-    Inference stays on loopback: the gateway is its only public face. The
-    management and metrics APIs stay on loopback too unless ``LLM_EXPOSE_ADMIN``
-    is true (then they bind 0.0.0.0); an explicit ``TS_*`` value always wins.
-    TorchServe reads these because the container's config.properties sets
-    ``enable_envvars_config=true``.
-    """
-    admin_host = "0.0.0.0" if env.get("LLM_EXPOSE_ADMIN", "").strip().lower() in TRUE_WORDS else "127.0.0.1"
-    return {
-        "TS_INFERENCE_ADDRESS": env.get("TS_INFERENCE_ADDRESS", DEFAULT_INFERENCE_ADDRESS),
-        "TS_MANAGEMENT_ADDRESS": env.get("TS_MANAGEMENT_ADDRESS", f"http://{admin_host}:{DEFAULT_MANAGEMENT_PORT}"),
-        "TS_METRICS_ADDRESS": env.get("TS_METRICS_ADDRESS", f"http://{admin_host}:{DEFAULT_METRICS_PORT}"),
-    }
+def admin_exposed(env: Mapping[str, str]) -> bool:
+    """``LLM_EXPOSE_ADMIN`` is the one way to put metrics and management beyond loopback."""
+    return env.get("LLM_EXPOSE_ADMIN", "").strip().lower() in TRUE_WORDS
 
 
 @dataclass(frozen=True)
 class SupervisorSettings:
-    """How to start TorchServe in the container and what it must be given."""
+    """How to start TorchServe, what to serve, and how to heal and stop it."""
 
-    gateway: GatewaySettings
+    front: FrontSettings
     ts_config: Path
     model_store: Path
-    model_archive: str
+    # Model name -> archive (``APP.mar`` or a no-archive folder) in the store.
+    models: Mapping[str, str]
     torchserve_env: Mapping[str, str]
+    # The folder for TorchServe's config, temp folder and pid file; a fresh temp folder if None.
+    run_dir: Path | None = None
+    # A fixed port on 0.0.0.0 for TorchServe's management API; loopback and free if None.
+    exposed_management_port: int | None = None
     # podman/docker stop wait 10 s before SIGKILL; stay well inside that.
     stop_grace_s: float = 8.0
+    # Scaling a model back up must give a READY worker that answers within this, or
+    # TorchServe is restarted.
+    heal_timeout_s: float = 180.0
+    startup_timeout_s: float = 900.0
+    properties: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "SupervisorSettings":
-        gateway = GatewaySettings.from_env(env)
+        front = FrontSettings.from_env(env)
         home = Path(env.get("HOME", "/home/model-server"))
         ts_config = Path(env.get("TS_CONFIG_FILE", str(home / "config.properties")))
         model_store = Path(env.get("LLM_MODEL_STORE", str(home / "model-store")))
-        archive = env.get("LLM_MODEL_ARCHIVE", "").strip() or _only_archive(model_store)
+        models = _models(env, front.app, model_store)
+        front = replace(front, apps=tuple(models))
         _check_weight_source(env)
-        ts_env = dict(env)
-        ts_env.update(torchserve_addresses(env))
+        run_dir = env.get("LLM_RUN_DIR", "").strip()
         return cls(
-            gateway=gateway,
+            front=front,
             ts_config=ts_config,
             model_store=model_store,
-            model_archive=archive,
-            torchserve_env=ts_env,
+            models=models,
+            torchserve_env=dict(env),
+            run_dir=Path(run_dir) if run_dir else None,
+            exposed_management_port=EXPOSED_MANAGEMENT_PORT if admin_exposed(env) else None,
             stop_grace_s=_positive_float(env, "LLM_STOP_GRACE_S", 8.0),
+            heal_timeout_s=_positive_float(env, "LLM_HEAL_TIMEOUT_S", 180.0),
+            startup_timeout_s=_positive_float(env, "LLM_STARTUP_TIMEOUT_S", 900.0),
         )
+
+
+def _models(env: Mapping[str, str], app: str, model_store: Path) -> dict[str, str]:
+    """APP and its archive, or ``LLM_MODELS=name=archive,...`` for several (APP's first)."""
+    listed = env.get("LLM_MODELS", "").strip()
+    if not listed:
+        return {app: env.get("LLM_MODEL_ARCHIVE", "").strip() or _only_archive(model_store)}
+    models = {}
+    for item in listed.split(","):
+        name, _, archive = item.strip().partition("=")
+        if not name or not archive:
+            raise SettingsError(f"LLM_MODELS item {item!r} is not NAME=ARCHIVE")
+        models[name] = archive
+    if app not in models:
+        raise SettingsError(f"LLM_MODELS={listed!r} does not serve APP={app!r}")
+    return {app: models.pop(app), **models}
 
 
 def _only_archive(model_store: Path) -> str:
@@ -191,11 +196,12 @@ def _check_readable_folder(model_dir: str) -> None:
         raise SettingsError(f"LLM_MODEL_DIR={model_dir!r} holds no config.json: not a Hugging Face checkpoint")
 
 
-def _port(env: Mapping[str, str], name: str, default: int) -> int:
+def _port(env: Mapping[str, str], name: str, default: int, allow_zero: bool = False) -> int:
     raw = env.get(name, "").strip()
     if not raw:
         return default
-    if not raw.isdigit() or not 0 < int(raw) < 65536:
+    lowest = 0 if allow_zero else 1
+    if not raw.isdigit() or not lowest <= int(raw) < 65536:
         raise SettingsError(f"{name}={raw!r} is not a TCP port")
     return int(raw)
 
@@ -215,6 +221,6 @@ def _positive_float(env: Mapping[str, str], name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise SettingsError(f"{name}={raw!r} is not a number") from None
-    if value <= 0:
+    if not value > 0:
         raise SettingsError(f"{name}={raw!r} must be positive")
     return value

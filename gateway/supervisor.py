@@ -1,176 +1,182 @@
-"""The container's main process: TorchServe and the gateway live and die together.
+"""One process tree, everywhere: the front, its healer, and the TorchServe they own.
 
-``torchserve --foreground`` runs in its own process group so that one signal
-reaches the Python launcher, the Java frontend and the model workers at once
-(the launcher does not forward signals to Java). The gateway serves from
-threads of this process. When TorchServe exits, for any reason, the gateway
-stops and this process exits with a failure status, so the container stops
-instead of answering 503 forever. On SIGTERM/SIGINT the gateway stops taking
-requests, lets those in flight finish, then TorchServe gets SIGTERM and, when
-``stop_grace_s`` is spent, SIGKILL: the whole stop fits inside the 10 s that
-``docker stop`` and Kubernetes give by default.
+``make serve`` and the container's ``serve`` both run this (``python -m gateway``). The
+front binds first (a busy port fails before TorchServe starts), TorchServe starts on free
+loopback ports in a run folder of its own, and the front answers 503 until every app has a
+READY worker that answered a one-token prediction.
 
-Run it under an init (tini in the image, or ``--init``) so that orphans of the
-workers are reaped.
+TorchServe exiting before it was ever ready ends the process with TorchServe's status (a
+config that cannot work should stop the container, not loop). Exiting later is healed:
+TorchServe is started again, and only if that fails too does this process exit (1).
+
+On SIGTERM/SIGINT the front stops taking connections and lets those in flight finish
+(uvicorn's graceful shutdown), then TorchServe gets SIGTERM and, when ``stop_grace_s`` is
+spent, SIGKILL: the whole stop fits inside the 10 s that ``docker stop`` and Kubernetes
+give by default. Run it under an init (tini in the image) so orphaned workers are reaped.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import os
+import shutil
 import signal
-import subprocess
-import threading
+import tempfile
 import time
-from typing import Sequence
+from pathlib import Path
+from typing import IO
 
-from gateway.server import GatewayServer, make_server
+from gateway.healer import HealFailed, Healer
+from gateway.metrics import FrontMetrics
+from gateway.server import Front, bind, servers, stop
 from gateway.settings import SupervisorSettings
+from gateway.torchserve import TorchServeProcess, archive_config
 
 log = logging.getLogger(__name__)
 
-# Of the stop grace, what TorchServe keeps for itself after the gateway drained.
+# Of the stop grace, what TorchServe keeps for itself after the front drained.
 TORCHSERVE_SHARE_S = 3.0
 
 
-def group_alive(pgid: int, proc: str = "/proc") -> bool:
-    """Whether a process of group ``pgid`` still runs; zombies do not count.
-
-    Orphaned workers are reaped by the init (tini), not by us, so a plain
-    ``killpg(pgid, 0)`` would see their zombies as alive until then.
-    """
-    try:
-        entries = os.listdir(proc)
-    except OSError:
-        entries = None
-    if entries is None:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"{proc}/{entry}/stat", "rb") as stat:
-                fields = stat.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # gone while we looked
-        state, group = fields[0], int(fields[2])
-        if group == pgid and state not in (b"Z", b"X"):
-            return True
-    return False
-
-
-def torchserve_command(settings: SupervisorSettings) -> list[str]:
-    """The TorchServe command line: config, store, and the image's one model under ``$APP``."""
-    return [
-        "torchserve",
-        "--foreground",
-        "--ts-config",
-        str(settings.ts_config),
-        "--model-store",
-        str(settings.model_store),
-        "--models",
-        f"{settings.gateway.app}={settings.model_archive}",
-        "--disable-token-auth",
-        "--ncs",
-    ]
-
-
 class Supervisor:
-    """Owns the TorchServe process group and the gateway server."""
-
-    def __init__(self, settings: SupervisorSettings, command: Sequence[str] | None = None) -> None:
+    def __init__(self, settings: SupervisorSettings, executable: str | None = None,
+                 output: IO[bytes] | None = None) -> None:
         self.settings = settings
-        self.command = list(command) if command is not None else torchserve_command(settings)
-        self._stop_requested = threading.Event()
-        self._wake = threading.Event()
-        self._process: subprocess.Popen | None = None
-        self.server: GatewayServer | None = None
+        self.executable = executable
+        self.output = output
+        self._stop = asyncio.Event()
+        self.torchserve: TorchServeProcess | None = None
+        self.front: Front | None = None
+        self.ports: dict[str, int] = {}
 
-    def request_stop(self, signum: int = signal.SIGTERM, _frame=None) -> None:
-        """Signal handler: only wakes the main loop, which does the stopping."""
-        self._stop_requested.set()
-        self._wake.set()
+    def request_stop(self) -> None:
+        self._stop.set()
 
-    def run(self) -> int:
-        """Start both, wait until one ends or a stop is asked, stop the other; return the exit status.
+    async def run(self) -> int:
+        """Serve until a stop is asked or the server cannot go on; the exit status.
 
-        0 for a stop that was asked for and went cleanly (137 if TorchServe had
-        to be killed); TorchServe's status (never 0) when it died by itself; 1
-        when the gateway died; 2 when the port cannot be bound.
+        0 for a stop that went cleanly (137 if TorchServe had to be killed); TorchServe's
+        status when it died before it was ever ready; 1 when it could not be brought back;
+        2 when a port cannot be bound.
         """
-        gateway = self.settings.gateway
+        s = self.settings
         try:
-            self.server = make_server(gateway)  # bind first: a busy port fails before TorchServe starts
+            public_sock = bind(s.front.bind_host, s.front.port)
         except OSError as exc:
-            log.error("cannot listen on %s:%d: %s", gateway.bind_host, gateway.port, exc)
+            log.error("cannot listen on %s:%d: %s", s.front.bind_host, s.front.port, exc)
             return 2
-        log.info(
-            "gateway on %s:%d (predict %s, health %s) in front of TorchServe model %s",
-            gateway.bind_host,
-            self.server.server_address[1],
-            gateway.predict_route,
-            gateway.health_route,
-            gateway.app,
+        try:
+            metrics_sock = bind(s.front.metrics_host, s.front.metrics_port)
+        except OSError as exc:
+            public_sock.close()
+            log.error("cannot listen on %s:%d (metrics): %s", s.front.metrics_host, s.front.metrics_port, exc)
+            return 2
+        self.ports = {"front": public_sock.getsockname()[1], "metrics": metrics_sock.getsockname()[1]}
+        own_run_dir = s.run_dir is None
+        run_dir = Path(tempfile.mkdtemp(prefix="torchserve-llm-")) if own_run_dir else s.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.torchserve = TorchServeProcess(
+            s.ts_config, s.model_store, s.models, s.torchserve_env, run_dir, self.executable,
+            s.exposed_management_port, s.properties, self.output,
         )
-        self._process = subprocess.Popen(self.command, env=dict(self.settings.torchserve_env), start_new_session=True)
-        threading.Thread(target=self._watch_process, name="torchserve-watch", daemon=True).start()
-        threading.Thread(target=self._serve, name="gateway", daemon=True).start()
-        self._wake.wait()
-        started = time.monotonic()
-        self.server.shutdown()
+        apps = {name: bool(archive_config(s.model_store, archive).get("asyncCommunication")) for name, archive in s.models.items()}
+        metrics = FrontMetrics()
+        healer = Healer(apps, self.torchserve, metrics, self._restart, s.heal_timeout_s, s.startup_timeout_s)
+        self.front = Front(s.front, healer, self.torchserve, metrics)
+        drain_s = max(1.0, s.stop_grace_s - TORCHSERVE_SHARE_S)
+        public, metrics_server = servers(self.front, drain_s)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.request_stop)
+        tasks: list[asyncio.Task] = []
         try:
-            if self._stop_requested.is_set():
-                log.info("stop requested: draining %d request(s) in flight", self.server.active_requests)
-                self.server.drain(max(0.0, self.settings.stop_grace_s - TORCHSERVE_SHARE_S))
-                grace = max(1.0, self.settings.stop_grace_s - (time.monotonic() - started))
-                return self._stop_torchserve(grace)
-            code = self._process.poll()
-            if code is not None:
-                log.error("TorchServe exited with status %s: stopping the container", code)
-                self._stop_torchserve(1.0)  # leftovers of its group, if any
-                return code if code > 0 else 1
-            log.error("the gateway stopped serving: stopping TorchServe")
-            self._stop_torchserve(self.settings.stop_grace_s)
+            public_task = asyncio.create_task(public.serve(sockets=[public_sock]))
+            metrics_task = asyncio.create_task(metrics_server.serve(sockets=[metrics_sock]))
+            log.info("front on %s:%d (predict %s, health %s), metrics on %s:%d, apps %s",
+                     s.front.bind_host, self.ports["front"], s.front.predict_route, s.front.health_route,
+                     s.front.metrics_host, self.ports["metrics"], sorted(apps))
+            self.torchserve.start()
+            code = await self._serve(healer, public_task, tasks)
+            for task in tasks:
+                task.cancel()  # no healing while the tree stops: its workers are meant to go
+            healer.cancel()
+            stopping = time.monotonic()
+            await stop(public, public_task, drain_s)
+            grace = max(1.0, s.stop_grace_s - (time.monotonic() - stopping))
+            stopped = await asyncio.to_thread(self.torchserve.stop, grace)
+            await stop(metrics_server, metrics_task, 1.0)
+            return stopped if code == 0 else code
+        finally:
+            for task in tasks:
+                task.cancel()
+            if self.torchserve.poll() is None:
+                await asyncio.to_thread(self.torchserve.stop, 1.0)
+            await self.front.aclose()
+            await healer.aclose()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+            if own_run_dir:
+                shutil.rmtree(run_dir, ignore_errors=True)
+
+    async def _serve(self, healer: Healer, public_task: asyncio.Task, tasks: list[asyncio.Task]) -> int:
+        """Start, then watch until a stop, a dead front, or a TorchServe that cannot come back."""
+        starting = asyncio.create_task(healer.wait_started())
+        exited = asyncio.create_task(self._torchserve_exit())
+        stopping = asyncio.create_task(self._stop.wait())
+        tasks += [starting, exited, stopping]
+        done, _ = await asyncio.wait({starting, exited, stopping, public_task}, return_when=asyncio.FIRST_COMPLETED)
+        if stopping in done:
+            log.info("stop requested before the apps were ready")
+            return 0
+        if public_task in done:
+            log.error("the front stopped serving: stopping TorchServe")
             return 1
-        finally:
-            self.server.server_close()
-
-    def _serve(self) -> None:
+        if exited in done:
+            _, code = exited.result()
+            log.error("TorchServe exited with status %s before it was ready: stopping", code)
+            return code if code > 0 else 1
         try:
-            self.server.serve_forever(poll_interval=0.5)
-        finally:
-            self._wake.set()
-
-    def _watch_process(self) -> None:
-        self._process.wait()
-        self._wake.set()
-
-    def _stop_torchserve(self, grace_s: float) -> int:
-        """SIGTERM the group, wait for all of it to go, SIGKILL what is left at the deadline.
-
-        Returns 0 when everything left within the grace, 137 when something had to be killed.
-        """
-        deadline = time.monotonic() + grace_s
-        self._signal_group(signal.SIGTERM)
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None and not self._group_alive():
-                log.info("TorchServe stopped")
+            starting.result()
+        except HealFailed as exc:
+            log.error("%s: stopping", exc)
+            return 1
+        exited.cancel()
+        watching = asyncio.create_task(healer.watch())
+        gave_up = asyncio.create_task(healer.gave_up.wait())
+        tasks += [watching, gave_up]
+        handled: set[int] = set()
+        while True:
+            exited = asyncio.create_task(self._torchserve_exit())
+            tasks.append(exited)
+            done, _ = await asyncio.wait({exited, stopping, public_task, gave_up, watching},
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if stopping in done:
+                log.info("stop requested: draining the requests in flight")
                 return 0
-            time.sleep(0.05)
-        log.warning("TorchServe still running after %.1f s: killing it", grace_s)
-        self._signal_group(signal.SIGKILL)
-        self._process.wait()
-        return 137
+            if public_task in done:
+                log.error("the front stopped serving: stopping TorchServe")
+                return 1
+            if gave_up in done:
+                log.error("%s: stopping", healer.failure)
+                return 1
+            if watching in done:
+                watching.result()  # the watch never ends by itself: re-raise what ended it
+                return 1
+            pid, code = exited.result()
+            if pid not in handled and not healer.restarting:
+                handled.add(pid)
+                tasks.append(asyncio.create_task(healer.torchserve_exited(code)))
+            await asyncio.sleep(0.5)  # our own restart replaces the process: let it
 
-    def _group_alive(self) -> bool:
-        return group_alive(self._process.pid)
+    async def _torchserve_exit(self) -> tuple[int, int]:
+        """The pid and status of the TorchServe process that runs now, once it exits."""
+        process = self.torchserve.process
+        while process.poll() is None:
+            await asyncio.sleep(0.2)
+        return process.pid, process.returncode
 
-    def _signal_group(self, signum: int) -> None:
-        try:
-            os.killpg(self._process.pid, signum)
-        except ProcessLookupError:
-            pass
+    async def _restart(self, cause: str) -> None:
+        """The healer's last resort: the whole TorchServe again, on fresh ports."""
+        log.warning("restarting TorchServe (%s)", cause)
+        await asyncio.to_thread(self.torchserve.stop, self.settings.stop_grace_s)
+        self.torchserve.start()

@@ -10,9 +10,11 @@ so the archive serves with nothing but TorchServe and the handler's dependencies
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -31,6 +33,9 @@ def build(app: str, name: str, model_config: Path, archive_format: str, models_d
     target = export / (name if archive_format == "no-archive" else f"{name}.mar")
     if target.is_dir():
         shutil.rmtree(target)
+    # torch-model-archiver stages in $TMPDIR/<model name>: two checkouts archiving the same
+    # app at once would mix their files. A temp folder of our own keeps them apart.
+    private_tmp = Path(tempfile.mkdtemp(prefix="archive-"))
     subprocess.run(
         [
             str(Path(sys.executable).parent / "torch-model-archiver"),
@@ -44,7 +49,9 @@ def build(app: str, name: str, model_config: Path, archive_format: str, models_d
             "--force",
         ],
         check=True,
+        env={**os.environ, "TMPDIR": str(private_tmp)},
     )
+    shutil.rmtree(private_tmp, ignore_errors=True)
     shutil.rmtree(staging)
     return target
 

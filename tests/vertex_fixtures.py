@@ -46,22 +46,9 @@ def fake_container() -> Iterator[FakeContainer]:
 
 
 @pytest.fixture
-def container_url(smollm2_server: TorchServe) -> Iterator[str]:
-    """Where a real "replica" answers /health and the predict route: the gateway in front of a real TorchServe."""
-    from gateway.server import make_server
-    from gateway.settings import GatewaySettings, Upstream
-
-    settings = GatewaySettings(
-        app="smollm2", port=0, predict_route="/predictions/smollm2", health_route="/health",
-        inference=Upstream("127.0.0.1", smollm2_server.port),
-        management=Upstream("127.0.0.1", smollm2_server.management_port),
-        bind_host="127.0.0.1",
-    )
-    server = make_server(settings)
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+def container_url(smollm2_server: TorchServe) -> str:
+    """Where a real "replica" answers /health and the predict route: the front of a real TorchServe."""
+    return smollm2_server.url
 
 
 @pytest.fixture

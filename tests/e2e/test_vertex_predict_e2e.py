@@ -1,8 +1,8 @@
-"""The Vertex path end to end: SDK -> Vertex stand-in -> gateway -> real TorchServe.
+"""The Vertex path end to end: SDK -> Vertex stand-in -> the front -> real TorchServe.
 
-``container_url`` (tests/vertex_fixtures.py) is the container's real gateway in
-front of ``smollm2_server``, a real TorchServe serving the offline SmolLM2
-model, as in the image. Vertex checks the Model's health route and forwards
+``container_url`` (tests/vertex_fixtures.py) is ``smollm2_server``'s front: the
+product's process tree, as in the image (``python -m gateway`` with a real TorchServe
+serving the offline SmolLM2 model behind it). Vertex checks the Model's health route and forwards
 ``:predict`` to its predict route.
 """
 

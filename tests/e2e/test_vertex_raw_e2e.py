@@ -1,8 +1,8 @@
-"""Vertex's raw routes end to end: SDK raw_predict / stream_raw_predict / invoke -> stand-in -> gateway -> real TorchServe.
+"""Vertex's raw routes end to end: SDK raw_predict / stream_raw_predict / invoke -> stand-in -> the front -> real TorchServe.
 
 The SDK posts these to fixed HTTPS hosts through ``Endpoint.authorized_session``;
 ``route_to`` mounts a transport adapter on that session that sends them to the
-stand-in, which forwards the body unchanged to the container (the gateway in
+stand-in, which forwards the body unchanged to the container (the front in
 front of a real TorchServe serving SmolLM2, ``container_url``).
 
 The bodies are the native API's (``WIRE``): what goes in, which container path

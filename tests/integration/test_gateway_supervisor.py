@@ -1,12 +1,14 @@
-"""`python -m gateway` (the container's main process) around a fake `torchserve`.
+"""`python -m gateway` (the container's main process) around a stand-in `torchserve`.
 
-The fake is a script put first on PATH: it serves TorchServe's management and
-inference APIs on the addresses the supervisor gives it through TS_*_ADDRESS,
-spawns a long-lived child (like TorchServe's Java frontend) and behaves as
-FAKE_TS_MODE says. The tests check the lifecycle promises: health only once
-ready, a clean and quick stop on SIGTERM that takes the whole process group,
-the container's exit when TorchServe dies, SIGKILL when TorchServe ignores
-SIGTERM, and a fast failure for an env that cannot work.
+The stand-in is a script put first on PATH: it serves TorchServe's management and
+inference APIs on the addresses of the config file the supervisor writes for it
+(``--ts-config``), spawns a long-lived child (like TorchServe's Java frontend) and behaves
+as FAKE_TS_MODE says. A real TorchServe cannot be told to ignore SIGTERM or to crash on
+cue; these tests check the lifecycle promises that need that: health only once ready, a
+clean and quick stop on SIGTERM that takes the whole process group, the container's exit
+when TorchServe dies before it was ever ready, SIGKILL when TorchServe ignores SIGTERM,
+and a fast failure for an env that cannot work. tests/integration/test_worker_crash.py and
+test_front.py check the rest against a real TorchServe.
 """
 
 from __future__ import annotations
@@ -31,11 +33,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 mode = os.environ.get("FAKE_TS_MODE", "ok")
+config = {}
+for line in open(sys.argv[sys.argv.index("--ts-config") + 1]).read().splitlines():
+    if "=" in line and not line.startswith("#"):
+        key, value = line.split("=", 1)
+        config[key] = value
 ready_at = time.monotonic() + float(os.environ.get("FAKE_TS_READY_AFTER", "1"))
 state = os.environ["FAKE_TS_STATE"]
 frontend = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
 with open(state, "w") as f:
-    json.dump({"argv": sys.argv[1:], "frontend_pid": frontend.pid, "env": {k: v for k, v in os.environ.items() if k.startswith("TS_")}}, f)
+    json.dump({"argv": sys.argv[1:], "pid": os.getpid(), "frontend_pid": frontend.pid, "config": config,
+               "env": {k: v for k, v in os.environ.items() if k.startswith("TS_") or k in ("TEMP", "TMPDIR")}}, f)
 if mode == "stubborn":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
@@ -58,8 +66,8 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-for name in ("TS_INFERENCE_ADDRESS", "TS_MANAGEMENT_ADDRESS"):
-    address = urlsplit(os.environ[name])
+for name in ("inference_address", "management_address"):
+    address = urlsplit(config[name])
     server = ThreadingHTTPServer((address.hostname, address.port), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
 if mode == "crash":
@@ -100,9 +108,10 @@ class Container:
             "LLM_GATEWAY_BIND": "127.0.0.1",
             "LLM_MODEL_STORE": str(store),
             "LLM_STOP_GRACE_S": "4",
-            "TS_INFERENCE_ADDRESS": f"http://127.0.0.1:{_free_port()}",
-            "TS_MANAGEMENT_ADDRESS": f"http://127.0.0.1:{_free_port()}",
-            "TS_METRICS_ADDRESS": f"http://127.0.0.1:{_free_port()}",
+            "LLM_METRICS_PORT": str(_free_port()),
+            "TS_CONFIG_FILE": str(self._base_config(tmp_path)),
+            # Would move TorchServe off our free loopback ports: the supervisor must drop it.
+            "TS_INFERENCE_ADDRESS": "http://0.0.0.0:7080",
             "FAKE_TS_MODE": mode,
             "FAKE_TS_STATE": str(self.state),
             **env,
@@ -111,10 +120,16 @@ class Container:
             [sys.executable, "-m", "gateway"], env=self.env, cwd=tmp_path, stderr=subprocess.PIPE, text=True
         )
 
-    def get(self, path: str) -> int:
+    @staticmethod
+    def _base_config(tmp_path: Path) -> Path:
+        path = tmp_path / "base.properties"
+        path.write_text("inference_address=http://0.0.0.0:7080\nmanagement_address=http://0.0.0.0:7081\n")
+        return path
+
+    def get(self, path: str, method: str = "GET") -> int:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
         try:
-            conn.request("GET", path)
+            conn.request(method, path, body=b"{}" if method == "POST" else None)
             response = conn.getresponse()
             response.read()
             return response.status
@@ -158,8 +173,9 @@ def container(tmp_path, request):
     for c in made:
         c.stop()
         state = c.state.exists() and json.loads(c.state.read_text())
-        if state:
+        if state:  # a failed test may leave the stand-in behind its killed supervisor
             _kill_quietly(state["frontend_pid"])
+            _kill_quietly(state["pid"])
 
 
 def _kill_quietly(pid: int) -> None:
@@ -180,8 +196,12 @@ def _alive(pid: int) -> bool:
 def test_health_waits_for_the_model_then_sigterm_stops_everything_quickly(container):
     c = container(FAKE_TS_READY_AFTER="1.5")
     state = c.wait_state()
-    assert state["argv"][-4:] == ["--models", "m=m.mar", "--disable-token-auth", "--ncs"]
-    assert state["env"]["TS_INFERENCE_ADDRESS"] == c.env["TS_INFERENCE_ADDRESS"]
+    assert state["argv"][-2:] == ["--models", "m=m.mar"]
+    assert "--disable-token-auth" in state["argv"]
+    for key in ("inference_address", "management_address", "metrics_address"):
+        assert state["config"][key].startswith("http://127.0.0.1:"), state["config"]
+    assert "TS_INFERENCE_ADDRESS" not in state["env"]
+    assert state["env"]["TEMP"] == state["env"]["TMPDIR"]  # a temp folder of its own, not /tmp
     seen = []
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and (not seen or seen[-1] != 200):
@@ -189,7 +209,7 @@ def test_health_waits_for_the_model_then_sigterm_stops_everything_quickly(contai
         time.sleep(0.1)
     assert seen[-1] == 200
     assert 503 in seen
-    assert c.get("/v1/predict") == 200
+    assert c.get("/v1/predict", "POST") == 200
     c.process.send_signal(signal.SIGTERM)
     code, took, log = c.wait_exit(10)
     assert code == 0, log
@@ -198,8 +218,8 @@ def test_health_waits_for_the_model_then_sigterm_stops_everything_quickly(contai
     assert "TorchServe stopped" in log
 
 
-def test_the_container_exits_when_torchserve_dies(container):
-    c = container("crash")
+def test_the_container_exits_when_torchserve_dies_before_it_was_ready(container):
+    c = container("crash", FAKE_TS_READY_AFTER="60")
     state = c.wait_state()
     code, took, log = c.wait_exit(10)
     assert code == 3, log

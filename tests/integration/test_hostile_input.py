@@ -187,8 +187,7 @@ def test_a_plain_text_body_of_spaces_is_refused(server, worker_pid):
 def send_oversized(server: TorchServe, size: int) -> tuple[int, dict[str, str], bytes]:
     """Announce a body of `size` bytes as curl does (`Expect: 100-continue`) and read the answer.
 
-    TorchServe answers an oversized body from its headers and closes the connection; a
-    client that pushes the whole body first may see a reset instead of the status.
+    The front answers an oversized body from its headers, without asking for the body.
     """
     with socket.create_connection(("127.0.0.1", server.port), timeout=60) as connection:
         connection.sendall(
@@ -200,11 +199,12 @@ def send_oversized(server: TorchServe, size: int) -> tuple[int, dict[str, str], 
         return response.status, dict(response.getheaders()), response.read()
 
 
-def test_a_body_over_max_request_size_is_refused_by_torchserve(server, worker_pid):
-    # TorchServe's frontend answers this one before any handler runs: 413 with an empty body.
+def test_a_body_over_max_request_size_is_refused_by_the_front(server, worker_pid):
+    # The front answers this one from the headers, before TorchServe or any handler sees it.
     status, headers, body = send_oversized(server, MAX_REQUEST_SIZE + 1)
     assert status == 413
-    assert body == b"" and headers.get("content-length") == "0"
+    answer = json.loads(body)
+    assert answer["limit"] == MAX_REQUEST_SIZE and answer["value"] == MAX_REQUEST_SIZE + 1
     assert_still_serving(server, worker_pid)
 
 

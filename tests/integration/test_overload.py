@@ -1,4 +1,4 @@
-"""Load beyond capacity, and generations longer than the deadline, on a real TorchServe.
+"""Load beyond capacity, and generations longer than the deadline, on a real TorchServe behind the front.
 
 Overload: 200 requests at once against a job queue of 10. Each must be answered, either
 served (200) or refused at once (503 or 429) with a JSON message; none may hang past a
@@ -65,11 +65,9 @@ def describe(server: TorchServe, model: str) -> dict:
 
 
 def frontend_pid(server: TorchServe) -> int:
-    """The Java frontend: the child of the `torchserve --foreground` launcher."""
-    pid = server.process.pid
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    (java,) = [c for c in children if "java" in Path(f"/proc/{c}/cmdline").read_bytes().decode(errors="replace")]
-    return int(java)
+    """TorchServe's Java frontend, under the front's supervisor."""
+    (java,) = server.processes()["java"]
+    return java
 
 
 def rss(pid: int) -> int:
@@ -108,7 +106,7 @@ def test_the_small_queue_is_in_force(server):
 
 def test_a_burst_of_200_is_served_or_refused_never_lost(server, record_property):
     worker = describe(server, "overload")["workers"][0]["pid"]
-    sampler = RssSampler({"frontend": frontend_pid(server), "worker": worker})
+    sampler = RssSampler({"front": server.process.pid, "frontend": frontend_pid(server), "worker": worker})
     sampler.start()
     start = threading.Barrier(BURST)
     body = {"instances": ["Say hi:"], "parameters": {"max_new_tokens": 4, "temperature": 0}}

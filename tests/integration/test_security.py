@@ -1,7 +1,7 @@
 """Exposure and secrets: what the shipped configuration, the Dockerfile and a live server allow.
 
 - TorchServe's management and metrics APIs listen on loopback, locally and in the container,
-  unless the deployer asks otherwise (LLM_EXPOSE_ADMIN); only the gateway's port is exposed.
+  unless the deployer asks otherwise (LLM_EXPOSE_ADMIN); only the front's port is exposed.
 - Registering or unregistering models through the management API is refused by a live server.
 - No build argument or image env var carries a secret; HF_TOKEN reaches the build only as a
   build secret; the images run as a non-root user. Built images, when present, are inspected.
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.settings import SupervisorSettings, torchserve_addresses
-from gateway.supervisor import torchserve_command
+from gateway.settings import SupervisorSettings
+from gateway.torchserve import TorchServeProcess, pick_ports
 from tests.support.torchserve import ROOT, TorchServe
 from vertex.container import looks_like_secret
 
@@ -36,8 +36,13 @@ FINAL_TARGETS = ("runtime", "slim")
 
 
 def properties(path: Path) -> dict[str, str]:
+    return parse_properties(path.read_text())
+
+
+def parse_properties(text: str) -> dict[str, str]:
+    """As java.util.Properties reads them: the last value of a key wins."""
     pairs = {}
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         line = line.strip()
         if line and not line.startswith("#") and "=" in line:
             key, value = line.split("=", 1)
@@ -69,20 +74,28 @@ def test_the_container_keeps_management_and_metrics_on_loopback(tmp_path):
     (tmp_path / "model-store" / "smollm2.mar").write_bytes(b"")
     (tmp_path / "config.properties").write_text((ROOT / "config.properties").read_text())
     settings = SupervisorSettings.from_env({"APP": "smollm2", "HOME": str(tmp_path)})
-    env = settings.torchserve_env
-    assert host(env["TS_MANAGEMENT_ADDRESS"]) in LOOPBACK
-    assert host(env["TS_METRICS_ADDRESS"]) in LOOPBACK
-    assert host(env["TS_INFERENCE_ADDRESS"]) in LOOPBACK  # reached through the gateway only
-    command = torchserve_command(settings)
+    assert settings.front.metrics_host in LOOPBACK
+    assert settings.exposed_management_port is None
     # The image copies the project's config.properties there: model registration stays off.
-    assert command[command.index("--ts-config") + 1] == str(tmp_path / "config.properties")
+    assert settings.ts_config == tmp_path / "config.properties"
+    process = TorchServeProcess(settings.ts_config, settings.model_store, settings.models, {}, tmp_path / "run")
+    written = parse_properties(process.config_text(pick_ports(), tmp_path / "tmp"))
+    for key in ("inference_address", "management_address", "metrics_address"):
+        assert host(written[key]) in LOOPBACK, key  # TorchServe is reached through the front only
+    assert written["grpc_inference_address"] in LOOPBACK and written["grpc_management_address"] in LOOPBACK
+    assert written["enable_model_api"] == "false"
 
 
-def test_exposing_the_admin_apis_is_an_explicit_choice():
-    assert {host(a) for a in torchserve_addresses({}).values()} <= LOOPBACK
-    exposed = torchserve_addresses({"LLM_EXPOSE_ADMIN": "true"})
-    assert host(exposed["TS_MANAGEMENT_ADDRESS"]) == "0.0.0.0"
-    assert host(exposed["TS_INFERENCE_ADDRESS"]) in LOOPBACK
+def test_exposing_the_admin_apis_is_an_explicit_choice(tmp_path):
+    (tmp_path / "model-store").mkdir()
+    (tmp_path / "model-store" / "smollm2.mar").write_bytes(b"")
+    exposed = SupervisorSettings.from_env({"APP": "smollm2", "HOME": str(tmp_path), "LLM_EXPOSE_ADMIN": "true"})
+    assert exposed.front.metrics_host == "0.0.0.0"
+    process = TorchServeProcess(ROOT / "config.properties", exposed.model_store, exposed.models, {}, tmp_path / "run",
+                                exposed_management_port=exposed.exposed_management_port)
+    written = parse_properties(process.config_text(pick_ports(exposed.exposed_management_port), tmp_path / "tmp"))
+    assert host(written["management_address"]) == "0.0.0.0"
+    assert host(written["inference_address"]) in LOOPBACK
 
 
 # --- a live server --------------------------------------------------------------------------
@@ -209,7 +222,7 @@ def test_the_default_target_is_a_final_image(stages):
 @pytest.mark.parametrize("target", FINAL_TARGETS)
 def test_the_dockerfile_exposes_only_the_gateway_port(stages, target):
     # The base image's own EXPOSE lines (8080-8082, 7070-7071) stay in its metadata, but
-    # TorchServe here listens on 7085/7081/7082 of loopback only (see above).
+    # TorchServe here listens on free ports of loopback only (see above).
     exposed = {port for stage in chain(stages, target)
                for keyword, rest in stage.instructions if keyword == "EXPOSE" for port in rest.split()}
     assert exposed == {"7080"}

@@ -1,12 +1,18 @@
-"""Kill the model worker in the middle of a request, on a real TorchServe with the gateway in front.
+"""Kill the model worker in the middle of a request, on the real process tree (front, healer, TorchServe).
 
-The client of the killed request gets an error, not a hang; a request queued behind it is
-not lost; TorchServe starts a new worker; while it loads, the management API says the worker
-is not READY and the gateway's health route answers 503, then 200 again; later requests
-succeed through TorchServe and through the gateway.
+On both batching paths: the client of the killed request gets a 5xx JSON answer at once,
+not a hang; small requests sent every half second while the app heals are each answered
+(200, or 503 with Retry-After); the health route is 503 while the app heals and 200 again
+after; the app comes back by itself; the heal is counted in the front's metrics; and the
+process tree has as many launcher, Java and worker processes after as before.
 
-On the continuous path (TorchServe's async mode) TorchServe itself never answers the requests
-a dead worker held; through the gateway, which watches the worker pids, they get 507.
+The dynamic path shows a request queued behind the killed one survives the crash (TorchServe
+answers the killed one itself, which the front words as on the other path, and its restarted
+worker serves the queued one). On the
+continuous path (TorchServe's async mode) TorchServe would never answer what the dead worker
+held, and its restarted worker thread can fail forever; the front answers 507 and brings the
+app back by scaling its workers to 0 and up. Last, TorchServe itself is killed: the front
+starts it again.
 """
 
 from __future__ import annotations
@@ -23,12 +29,12 @@ from typing import Any, Iterator
 
 import pytest
 
-from gateway.server import GatewayServer, make_server
-from gateway.settings import GatewaySettings, Upstream
 from tests.support.torchserve import TorchServe, continuous_model_config, dynamic_model_config, post, start_app
 
 MODEL = "smollm2"
 HANG_GUARD_S = int(os.environ.get("HANG_GUARD_S", 300))
+LONG = {"parameters": {"max_new_tokens": 400, "min_new_tokens": 400}}
+SMALL = {"instances": ["Name a colour:"], "parameters": {"max_new_tokens": 2, "temperature": 0}}
 
 
 @pytest.fixture(scope="module")
@@ -41,38 +47,37 @@ def server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Itera
     torchserve.stop()
 
 
-def start_gateway(server: TorchServe) -> GatewayServer:
-    """The container's gateway (real code, own thread), its upstreams this TorchServe."""
-    settings = GatewaySettings(
-        app=MODEL,
-        port=0,
-        predict_route=f"/predictions/{MODEL}",
-        health_route="/health",
-        inference=Upstream("127.0.0.1", server.port),
-        management=Upstream("127.0.0.1", server.management_port),
-        bind_host="127.0.0.1",
-    )
-    front = make_server(settings)
-    threading.Thread(target=front.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    return front
-
-
 @pytest.fixture(scope="module")
-def gateway(server: TorchServe) -> Iterator[GatewayServer]:
-    front = start_gateway(server)
-    yield front
-    front.shutdown()
-    front.server_close()
+def continuous_server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterator[TorchServe]:
+    """The shipped path: TorchServe's async mode, every request in the worker at once."""
+    torchserve = start_app(tmp_path_factory.mktemp("worker-crash-continuous"), MODEL, continuous_model_config("smollm2"))
+    yield torchserve
+    torchserve.stop()
 
 
-def get_status(url: str) -> int:
+def lower(headers) -> dict[str, str]:
+    return {name.lower(): value for name, value in headers.items()}
+
+
+def answer_of(url: str, timeout: float = 10) -> tuple[int, dict[str, str]]:
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, lower(response.headers)
     except urllib.error.HTTPError as error:
-        return error.code
+        return error.code, lower(error.headers)
     except (urllib.error.URLError, OSError):
-        return 0
+        return 0, {}
+
+
+def post_with_headers(url: str, body: Any) -> tuple[int, dict[str, str], Any]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=HANG_GUARD_S) as response:
+            return response.status, lower(response.headers), json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, lower(error.headers), json.loads(error.read() or b"{}")
+    except (urllib.error.URLError, OSError) as error:
+        return 0, {}, str(error)
 
 
 def describe(server: TorchServe) -> dict[str, Any]:
@@ -88,111 +93,164 @@ def wait_for(condition, what: str) -> None:
         time.sleep(0.05)
 
 
-class Call(threading.Thread):
-    """One prediction in the background, its answer kept; through `url` (a gateway) if given."""
+def heals(server: TorchServe) -> dict[str, float]:
+    """``llm_front_heals_total`` by method, from the front's metrics port."""
+    with urllib.request.urlopen(f"{server.metrics}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("llm_front_heals_total{"):
+            method = line.split('method="', 1)[1].split('"', 1)[0]
+            counts[method] = counts.get(method, 0) + float(line.rsplit(" ", 1)[1])
+    return counts
 
-    def __init__(self, server: TorchServe, body: dict[str, Any], url: str | None = None):
+
+class Call(threading.Thread):
+    """One prediction through the front in the background, its answer kept."""
+
+    def __init__(self, server: TorchServe, body: dict[str, Any]):
         super().__init__(daemon=True)
-        self.server, self.body, self.url = server, body, url
-        self.answer: tuple[int, Any] | None = None
+        self.url, self.body = f"{server.url}/predictions/{MODEL}", body
+        self.answer: tuple[int, dict[str, str], Any] | None = None
 
     def run(self) -> None:
-        if self.url is None:
-            self.answer = self.server.post(MODEL, self.body, timeout=HANG_GUARD_S)
-        else:
-            self.answer = post(self.url, self.body, timeout=HANG_GUARD_S)
+        self.answer = post_with_headers(self.url, self.body)
 
 
-def test_a_worker_killed_mid_request_is_replaced(server, gateway, record_property):
-    health = f"http://127.0.0.1:{gateway.server_address[1]}/health"
-    assert get_status(health) == 200
+class Trickle(threading.Thread):
+    """A small request every half second until stopped; each one's answer kept."""
+
+    def __init__(self, server: TorchServe):
+        super().__init__(daemon=True)
+        self.server = server
+        self.calls: list[Call] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            call = Call(self.server, SMALL)
+            call.start()
+            self.calls.append(call)
+            self.done.wait(0.5)
+
+    def stop(self) -> list[tuple[int, dict[str, str], Any]]:
+        self.done.set()
+        self.join()
+        for call in self.calls:
+            call.join(HANG_GUARD_S)
+            assert not call.is_alive(), "a request sent during the heal never got an answer"
+        return [call.answer for call in self.calls]
+
+
+def assert_answered_while_healing(answers: list[tuple[int, dict[str, str], Any]]) -> None:
+    statuses = {status for status, _, _ in answers}
+    assert statuses <= {200, 503, 507}, statuses  # 0 would be a hang or a dropped connection
+    for status, headers, body in answers:
+        if status == 503:
+            assert headers.get("retry-after"), body
+            assert "retry" in json.dumps(body).lower(), body
+    assert answers[-1][0] == 200, answers[-1]
+
+
+def test_a_dynamic_worker_killed_mid_request_is_replaced(server, record_property):
+    health = f"{server.url}/health"
+    assert answer_of(health)[0] == 200
     old = describe(server)["workers"][0]
-    assert old["status"] == "READY"
+    before_tree = {kind: len(pids) for kind, pids in server.processes().items()}
+    heals_before = sum(heals(server).values())
 
-    before = server.batches_received()
-    long_call = Call(server, {"instances": ["Count to a thousand:"],
-                              "parameters": {"max_new_tokens": 400, "min_new_tokens": 400}})
+    batches = server.batches_received()
+    long_call = Call(server, {"instances": ["Count to a thousand:"], **LONG})
     long_call.start()
-    wait_for(lambda: server.batches_received() > before, "the long request to reach the worker")
-    queued_call = Call(server, {"instances": ["The capital of France is"], "parameters": {"max_new_tokens": 2, "temperature": 0}})
+    wait_for(lambda: server.batches_received() > batches, "the long request to reach the worker")
+    queued_call = Call(server, {"instances": ["The capital of France is"], "parameters": {"max_new_tokens": 2}})
     queued_call.start()
     wait_for(lambda: describe(server)["jobQueueStatus"]["pendingRequests"] >= 1, "the second request to queue")
 
     os.kill(old["pid"], signal.SIGKILL)
-    worker_states, health_states, ping_states = set(), [], set()
+    killed = time.monotonic()
+    trickle = Trickle(server)
+    trickle.start()
+    health_seen = []
 
-    def replaced() -> bool:
-        workers = describe(server)["workers"]
-        worker_states.update(w["status"] for w in workers)
-        health_states.append(get_status(health))
-        ping_states.add(get_status(f"{server.url}/ping"))
-        return any(w["status"] == "READY" and w["pid"] != old["pid"] for w in workers)
+    def healed() -> bool:
+        health_seen.append(answer_of(health)[0])
+        return health_seen[-1] == 200 and 503 in health_seen
 
-    wait_for(replaced, "a new READY worker")
+    wait_for(healed, "the front's health route to report the outage, then the healed app")
+    seconds = time.monotonic() - killed
+    time.sleep(1)
+    answers = trickle.stop()
     long_call.join(HANG_GUARD_S)
     queued_call.join(HANG_GUARD_S)
 
-    status, answer = long_call.answer
-    assert status >= 500, answer  # TorchServe 0.12 answered 507
-    assert "Worker died" in answer["message"]
+    status, headers, answer = long_call.answer
+    assert status == 507, answer  # TorchServe's "Worker died." (500 or 507), said as on the other path
+    assert "worker died" in answer["error"] and "retry" in answer["error"]
+    assert headers.get("retry-after")
     assert queued_call.answer[0] == 200, queued_call.answer
-    assert queued_call.answer[1]["predictions"][0]["generated_text"]
-    assert worker_states - {"READY"}, "the outage never showed in the management API"
-    assert 503 in health_states, "the gateway's health route never reported the outage"
-    assert get_status(health) == 200
-    record_property("client_status", status)
-    record_property("client_message", answer["message"])
-    record_property("worker_states_seen", sorted(worker_states))
-    record_property("gateway_health_seen", sorted(set(health_states)))
-    record_property("ping_seen", sorted(ping_states))
+    assert queued_call.answer[2]["predictions"][0]["generated_text"]
+    assert_answered_while_healing(answers)
+    assert sum(heals(server).values()) == heals_before + 1
+    assert describe(server)["workers"][0]["pid"] != old["pid"]
+    wait_for(lambda: {k: len(p) for k, p in server.processes().items()} == before_tree, "no leftover process")
+    record_property("seconds_to_health_200", round(seconds, 1))
+    record_property("trickle_statuses", sorted({s for s, _, _ in answers}))
 
 
-def test_requests_succeed_after_the_restart(server, gateway):
-    body = {"instances": ["Name a colour:"], "parameters": {"max_new_tokens": 3, "temperature": 0}}
-    status, answer = server.post(MODEL, body, timeout=HANG_GUARD_S)
+def test_requests_succeed_after_the_restart(server):
+    status, answer = server.post(MODEL, SMALL, timeout=HANG_GUARD_S)
     assert status == 200 and answer["predictions"][0]["generated_text"]
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{gateway.server_address[1]}/predictions/{MODEL}",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=HANG_GUARD_S) as response:
-        assert response.status == 200
-        assert json.load(response)["predictions"] == answer["predictions"]
 
 
-@pytest.fixture(scope="module")
-def continuous_server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterator[TorchServe]:
-    """The shipped path: TorchServe's async mode, every request in the worker at once."""
-    torchserve = start_app(
-        tmp_path_factory.mktemp("worker-crash-continuous"), MODEL, continuous_model_config("smollm2")
-    )
-    yield torchserve
-    torchserve.stop()
-
-
-def test_the_gateway_fails_what_a_dead_async_worker_held(continuous_server):
-    """TorchServe 0.12 never answers these itself. (Nor does its restarted async worker come
-    back: it fails with "Received more than 1 control command"; docs/reliability.md.)"""
+def test_a_continuous_worker_killed_mid_request_is_answered_and_healed(continuous_server, record_property):
     server = continuous_server
-    front = start_gateway(server)
-    predict = f"http://127.0.0.1:{front.server_address[1]}/predictions/{MODEL}"
-    try:
-        old = describe(server)["workers"][0]
-        wait_for(lambda: front.watch.known_pids == frozenset({old["pid"]}), "the gateway to see the worker")
-        before = server.batches_received()
-        long = {"parameters": {"max_new_tokens": 400, "min_new_tokens": 400}}
-        held = [Call(server, {"instances": [f"Count to a thousand ({i}):"], **long}, url=predict) for i in range(2)]
-        for call in held:
-            call.start()
-        wait_for(lambda: server.batches_received() >= before + 2, "both requests to reach the worker")
-        os.kill(old["pid"], signal.SIGKILL)
-        for call in held:
-            call.join(HANG_GUARD_S)
-            assert not call.is_alive(), "a request the dead worker held never got an answer"
-            status, answer = call.answer
-            assert status == 507, answer
-            assert "worker died" in answer["error"]
-    finally:
-        front.shutdown()
-        front.server_close()
+    old = describe(server)["workers"][0]
+    before_tree = {kind: len(pids) for kind, pids in server.processes().items()}
+    heals_before = heals(server).get("scale", 0)
+    batches = server.batches_received()
+    held = [Call(server, {"instances": [f"Count to a thousand ({i}):"], **LONG}) for i in range(2)]
+    for call in held:
+        call.start()
+    wait_for(lambda: server.batches_received() >= batches + 2, "both requests to reach the worker")
+
+    os.kill(old["pid"], signal.SIGKILL)
+    killed = time.monotonic()
+    trickle = Trickle(server)
+    trickle.start()
+    for call in held:
+        call.join(HANG_GUARD_S)
+        assert not call.is_alive(), "a request the dead worker held never got an answer"
+        status, headers, answer = call.answer
+        assert status == 507, answer
+        assert "worker died" in answer["error"] and "retry" in answer["error"]
+        assert headers.get("retry-after")
+    held_answered = time.monotonic() - killed
+
+    wait_for(lambda: answer_of(f"{server.url}/health")[0] == 200, "the app to heal by itself")
+    seconds = time.monotonic() - killed
+    time.sleep(1)
+    answers = trickle.stop()
+    assert_answered_while_healing(answers)
+    assert heals(server).get("scale", 0) == heals_before + 1
+    assert describe(server)["workers"][0]["pid"] != old["pid"]
+    wait_for(lambda: {k: len(p) for k, p in server.processes().items()} == before_tree, "no leftover process")
+    status, answer = server.post(MODEL, SMALL, timeout=HANG_GUARD_S)
+    assert status == 200, answer
+    record_property("seconds_to_answer_held", round(held_answered, 1))
+    record_property("seconds_to_health_200", round(seconds, 1))
+    record_property("trickle_statuses", sorted({s for s, _, _ in answers}))
+
+
+def test_torchserve_killed_whole_is_started_again(continuous_server):
+    server = continuous_server
+    (java,) = server.processes()["java"]
+    old_management = server.management_port
+    os.kill(java, signal.SIGKILL)
+    wait_for(lambda: answer_of(f"{server.url}/health")[0] == 503, "the front to notice")
+    wait_for(lambda: answer_of(f"{server.url}/health")[0] == 200, "TorchServe to be started again")
+    assert server.management_port != old_management  # fresh ports at every start
+    status, answer = post(f"{server.url}/predictions/{MODEL}", SMALL, timeout=HANG_GUARD_S)
+    assert status == 200, answer
+    assert heals(server).get("restart", 0) >= 1
+    assert len(server.processes()["java"]) == 1

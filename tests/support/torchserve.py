@@ -1,8 +1,8 @@
-"""A real TorchServe on free ports and its own temp folders, with archives built for it.
+"""The product's process tree (the front, its healer and a real TorchServe), with archives built for it.
 
-Every instance picks free TCP ports and gets its own TEMP and TMPDIR: TorchServe puts its
-worker sockets under Java's temp folder (named by port) and its pid file under Python's, so
-two test suites (or a suite and a `make serve`) on one host never touch each other.
+Tests reach TorchServe through the front, as users do. The front's ports are picked free
+here; TorchServe's by the front itself (``gateway.torchserve``: free loopback ports, its own
+TEMP and TMPDIR), so two suites (or a suite and a `make serve`) on one host never meet.
 """
 
 from __future__ import annotations
@@ -16,17 +16,17 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import psutil
 import yaml
 
 from tests.support.ports import free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
-VENV_BIN = Path(sys.executable).parent
 PROBE = {"instances": ["Hello"], "parameters": {"max_new_tokens": 1, "temperature": 0}}
 
 
@@ -69,19 +69,29 @@ def continuous_model_config(app: str) -> dict[str, Any]:
 
 @dataclass
 class TorchServe:
-    """One TorchServe process in the foreground, so the test owns its lifetime."""
+    """The product's own process tree (``python -m gateway``: the front, its healer, TorchServe).
+
+    The test owns its lifetime. ``url`` is the front, as a user sees it; ``management``
+    is TorchServe's management API on its internal loopback port (``ports.json`` in the run
+    folder, rewritten when the front restarts TorchServe); ``metrics`` is the front's metrics
+    port, which also carries TorchServe's own metrics.
+    """
 
     workdir: Path
     models: dict[str, Path]
     properties: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen | None = None
     port: int = 0
-    management_port: int = 0
     metrics_port: int = 0
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def management_port(self) -> int:
+        return self.internal_ports()["management"]
 
     @property
     def management(self) -> str:
@@ -91,6 +101,13 @@ class TorchServe:
     def metrics(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}"
 
+    @property
+    def run_dir(self) -> Path:
+        return self.workdir / "run"
+
+    def internal_ports(self) -> dict[str, int]:
+        return json.loads((self.run_dir / "ports.json").read_text())
+
     def start(self, timeout: float = 600) -> "TorchServe":
         logs = self.workdir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
@@ -99,34 +116,31 @@ class TorchServe:
         for name, path in self.models.items():
             if path.parent != store and not (store / name).exists():
                 (store / name).symlink_to(path)
-        self.port, self.management_port, self.metrics_port, grpc_inference, grpc_management = free_ports(5)
+        self.port, self.metrics_port = free_ports(2)
         properties = (ROOT / "config.properties").read_text()
         properties += "\n".join(
-            [
-                f"inference_address=http://127.0.0.1:{self.port}",
-                f"management_address=http://127.0.0.1:{self.management_port}",
-                f"metrics_address=http://127.0.0.1:{self.metrics_port}",
-                f"metrics_config={ROOT / 'metrics.yaml'}",
-                f"model_store={store}",
-                f"grpc_inference_port={grpc_inference}",
-                f"grpc_management_port={grpc_management}",
-                *(f"{key}={value}" for key, value in self.properties.items()),
-            ]
+            [f"metrics_config={ROOT / 'metrics.yaml'}", *(f"{key}={value}" for key, value in self.properties.items())]
         )
         config = self.workdir / "config.properties"
         config.write_text(properties + "\n")
-        tmp = self.workdir / "tmp"
-        tmp.mkdir(exist_ok=True)
+        first = next(iter(self.models))
         environment = {
             **os.environ,
+            "APP": first,
+            "LLM_MODELS": ",".join(f"{name}={name}" for name in self.models),
+            "AIP_HTTP_PORT": str(self.port),
+            "LLM_METRICS_PORT": str(self.metrics_port),
+            "LLM_GATEWAY_BIND": "127.0.0.1",
+            "LLM_MODEL_STORE": str(store),
+            "LLM_RUN_DIR": str(self.run_dir),
+            "TS_CONFIG_FILE": str(config),
             "LOG_LOCATION": str(logs),
             "METRICS_LOCATION": str(logs),
-            "TEMP": str(tmp),  # Java's temp folder: the worker sockets
-            "TMPDIR": str(tmp),  # Python's: the pid file
+            "PYTHONPATH": str(ROOT),
+            **self.env,
         }
         self.process = subprocess.Popen(
-            [str(VENV_BIN / "torchserve"), "--foreground", "--ncs", "--ts-config", str(config),
-             "--model-store", str(store), "--models", *(f"{name}={name}" for name in self.models)],
+            [sys.executable, "-m", "gateway"],
             cwd=self.workdir,
             env=environment,
             stdout=(logs / "stdout.log").open("wb"),
@@ -141,11 +155,19 @@ class TorchServe:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"TorchServe exited early:\n{self.log_tail()}")
-            if self.worker_ready(name) and self.post(name, PROBE)[0] == 200:
+                raise RuntimeError(f"the server exited early:\n{self.log_tail()}")
+            if self.healthy() and self.post(name, PROBE)[0] == 200:
                 return
             time.sleep(1)
         raise TimeoutError(f"{name} not ready in {timeout} s:\n{self.log_tail()}")
+
+    def healthy(self) -> bool:
+        """The front's /health: every app READY, answering, not healing."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=10) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
 
     def worker_ready(self, name: str) -> bool:
         return "READY" in self.worker_statuses(name)
@@ -159,13 +181,29 @@ class TorchServe:
 
     def post(self, name: str, body: Any, timeout: float = 300, raw: bytes | None = None,
              content_type: str = "application/json") -> tuple[int, Any]:
-        """POST to /predictions/name; returns the status and the decoded JSON (or text) body."""
+        """POST to the front's /predictions/name; returns the status and the decoded JSON (or text) body."""
         return post(f"{self.url}/predictions/{name}", body, timeout, raw, content_type)
 
     def batches_received(self) -> int:
         """How many batches the workers have taken so far: each logs one line per batch."""
         log = self.workdir / "logs" / "model_log.log"
         return log.read_text(errors="replace").count("Backend received inference at")
+
+    def processes(self) -> dict[str, list[int]]:
+        """The tree under the front, by kind: the torchserve launcher, Java, the model workers."""
+        kinds: dict[str, list[int]] = {"launcher": [], "java": [], "workers": []}
+        for child in psutil.Process(self.process.pid).children(recursive=True):
+            try:
+                command = " ".join(child.cmdline())
+            except psutil.Error:
+                continue
+            if "model_service_worker" in command:
+                kinds["workers"].append(child.pid)
+            elif command.split(" ", 1)[0].endswith("java"):
+                kinds["java"].append(child.pid)
+            elif "torchserve" in command:
+                kinds["launcher"].append(child.pid)
+        return kinds
 
     def log_tail(self, lines: int = 60) -> str:
         logs = self.workdir / "logs"
@@ -177,13 +215,17 @@ class TorchServe:
         return text
 
     def stop(self) -> None:
+        """SIGTERM, as `make stop` and `docker stop` do: the front drains, then stops TorchServe."""
         if self.process is None or self.process.poll() is not None:
             return
-        os.killpg(self.process.pid, signal.SIGTERM)
+        self.process.send_signal(signal.SIGTERM)
         try:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            for child in psutil.Process(self.process.pid).children(recursive=True):
+                with suppress(psutil.Error):
+                    child.kill()
+            self.process.kill()
             self.process.wait()
 
 

@@ -1,35 +1,31 @@
-"""The gateway's pure logic: env contract, readiness rule, routing, framing, process groups."""
+"""The front's pure logic: env contract, readiness rule, TorchServe's config and ports, process groups."""
 
 from __future__ import annotations
 
-import io
 import json
-import threading
-from email.message import Message
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import zipfile
 from pathlib import Path
 
 import pytest
 
 from gateway import health
-from gateway.proxy import BadBody, forwardable, read_chunks, read_length, upstream_path
-from gateway.settings import GatewaySettings, SettingsError, SupervisorSettings, Upstream, torchserve_addresses
-from gateway.supervisor import group_alive, torchserve_command
+from gateway.settings import FrontSettings, SettingsError, SupervisorSettings
+from gateway.torchserve import TorchServeProcess, archive_config, free_ports, group_alive, pick_ports
 
 # --- settings ---------------------------------------------------------------
 
 
 def test_defaults_follow_the_contract():
-    s = GatewaySettings.from_env({"APP": "smollm2"})
+    s = FrontSettings.from_env({"APP": "smollm2"})
     assert (s.port, s.predict_route, s.health_route) == (7080, "/predictions/smollm2", "/health")
-    assert s.inference == Upstream("127.0.0.1", 7085)
-    assert s.management == Upstream("127.0.0.1", 7081)
+    assert (s.bind_host, s.metrics_host, s.metrics_port) == ("0.0.0.0", "127.0.0.1", 7082)
+    assert s.apps == ("smollm2",)
 
 
 def test_vertex_variables_win():
     env = {"APP": "m", "AIP_HTTP_PORT": "8080", "AIP_PREDICT_ROUTE": "/v1/x:predict", "AIP_HEALTH_ROUTE": "/ping"}
-    s = GatewaySettings.from_env(env)
-    assert (s.port, s.predict_route, s.health_route) == (8080, "/v1/x:predict", "/ping")
+    s = FrontSettings.from_env(env)
+    assert (s.port, s.predict_route, s.health_route, s.metrics_port) == (8080, "/v1/x:predict", "/ping", 8082)
 
 
 @pytest.mark.parametrize(
@@ -39,29 +35,23 @@ def test_vertex_variables_win():
         ({"APP": "m", "AIP_HTTP_PORT": "http"}, "AIP_HTTP_PORT"),
         ({"APP": "m", "AIP_HTTP_PORT": "70000"}, "AIP_HTTP_PORT"),
         ({"APP": "m", "AIP_HEALTH_ROUTE": "health"}, "AIP_HEALTH_ROUTE"),
-        ({"APP": "m", "AIP_HTTP_PORT": "7081"}, "collides"),
+        ({"APP": "m", "LLM_METRICS_PORT": "7080"}, "LLM_METRICS_PORT"),
         ({"APP": "m", "AIP_HEALTH_ROUTE": "/x", "AIP_PREDICT_ROUTE": "/x"}, "both"),
-        ({"APP": "m", "TS_MANAGEMENT_ADDRESS": "127.0.0.1:7081"}, "TS_MANAGEMENT_ADDRESS"),
         ({"APP": "m", "LLM_GATEWAY_TIMEOUT_S": "-1"}, "LLM_GATEWAY_TIMEOUT_S"),
+        ({"APP": "m", "LLM_MAX_REQUEST_BYTES": "lots"}, "LLM_MAX_REQUEST_BYTES"),
     ],
 )
 def test_bad_env_names_the_variable(env, word):
     with pytest.raises(SettingsError, match=word):
-        GatewaySettings.from_env(env)
+        FrontSettings.from_env(env)
 
 
-def test_admin_apis_stay_on_loopback_unless_asked():
-    assert torchserve_addresses({})["TS_MANAGEMENT_ADDRESS"] == "http://127.0.0.1:7081"
-    exposed = torchserve_addresses({"LLM_EXPOSE_ADMIN": "true"})
-    assert exposed["TS_MANAGEMENT_ADDRESS"] == "http://0.0.0.0:7081"
-    assert exposed["TS_METRICS_ADDRESS"] == "http://0.0.0.0:7082"
-    assert exposed["TS_INFERENCE_ADDRESS"] == "http://127.0.0.1:7085"
-
-
-def test_explicit_torchserve_address_wins_and_wildcard_is_reached_on_loopback():
-    env = {"APP": "m", "LLM_EXPOSE_ADMIN": "1", "TS_MANAGEMENT_ADDRESS": "http://0.0.0.0:9001"}
-    assert torchserve_addresses(env)["TS_MANAGEMENT_ADDRESS"] == "http://0.0.0.0:9001"
-    assert GatewaySettings.from_env(env).management == Upstream("127.0.0.1", 9001)
+def test_metrics_and_management_stay_on_loopback_unless_asked(tmp_path):
+    store = _store(tmp_path, "m.mar")
+    quiet = SupervisorSettings.from_env({"APP": "m", "LLM_MODEL_STORE": str(store)})
+    assert (quiet.front.metrics_host, quiet.exposed_management_port) == ("127.0.0.1", None)
+    exposed = SupervisorSettings.from_env({"APP": "m", "LLM_MODEL_STORE": str(store), "LLM_EXPOSE_ADMIN": "true"})
+    assert (exposed.front.metrics_host, exposed.exposed_management_port) == ("0.0.0.0", 7081)
 
 
 def _store(tmp_path: Path, *names: str) -> Path:
@@ -75,9 +65,8 @@ def _store(tmp_path: Path, *names: str) -> Path:
 def test_the_one_archive_in_the_store_is_served(tmp_path):
     store = _store(tmp_path, "smollm2.mar", ".gitkeep")
     s = SupervisorSettings.from_env({"APP": "smollm2", "LLM_MODEL_STORE": str(store), "HOME": str(tmp_path)})
-    assert s.model_archive == "smollm2.mar"
-    assert torchserve_command(s)[-4:] == ["--models", "smollm2=smollm2.mar", "--disable-token-auth", "--ncs"]
-    assert s.torchserve_env["TS_INFERENCE_ADDRESS"] == "http://127.0.0.1:7085"
+    assert s.models == {"smollm2": "smollm2.mar"}
+    assert s.ts_config == tmp_path / "config.properties"
 
 
 def test_a_store_with_two_archives_needs_a_name(tmp_path):
@@ -85,14 +74,25 @@ def test_a_store_with_two_archives_needs_a_name(tmp_path):
     with pytest.raises(SettingsError, match="LLM_MODEL_ARCHIVE"):
         SupervisorSettings.from_env({"APP": "a", "LLM_MODEL_STORE": str(store)})
     named = SupervisorSettings.from_env({"APP": "a", "LLM_MODEL_STORE": str(store), "LLM_MODEL_ARCHIVE": "b.mar"})
-    assert named.model_archive == "b.mar"
+    assert named.models == {"a": "b.mar"}
+
+
+def test_several_models_are_served_with_app_first(tmp_path):
+    env = {"APP": "b", "LLM_MODEL_STORE": str(_store(tmp_path)), "LLM_MODELS": "a=a.mar, b=b"}
+    s = SupervisorSettings.from_env(env)
+    assert list(s.models.items()) == [("b", "b"), ("a", "a.mar")]
+    assert s.front.apps == ("b", "a")
+    with pytest.raises(SettingsError, match="does not serve APP"):
+        SupervisorSettings.from_env({**env, "APP": "c"})
+    with pytest.raises(SettingsError, match="NAME=ARCHIVE"):
+        SupervisorSettings.from_env({**env, "LLM_MODELS": "b"})
 
 
 def test_slim_image_without_weights_fails_at_start(tmp_path):
     env = {"APP": "m", "LLM_MODEL_STORE": str(_store(tmp_path, "llm")), "LLM_IMAGE_WEIGHTS": "none"}
     with pytest.raises(SettingsError, match="AIP_STORAGE_URI"):
         SupervisorSettings.from_env(env)
-    assert SupervisorSettings.from_env({**env, "AIP_STORAGE_URI": "gs://b/m"}).model_archive == "llm"
+    assert SupervisorSettings.from_env({**env, "AIP_STORAGE_URI": "gs://b/m"}).models == {"m": "llm"}
     with pytest.raises(SettingsError, match="not a folder"):
         SupervisorSettings.from_env({**env, "LLM_MODEL_DIR": str(tmp_path / "missing")})
     checkpoint = tmp_path / "ckpt"
@@ -100,7 +100,7 @@ def test_slim_image_without_weights_fails_at_start(tmp_path):
     with pytest.raises(SettingsError, match="config.json"):
         SupervisorSettings.from_env({**env, "LLM_MODEL_DIR": str(checkpoint)})
     (checkpoint / "config.json").write_text("{}")
-    assert SupervisorSettings.from_env({**env, "LLM_MODEL_DIR": str(checkpoint)}).model_archive == "llm"
+    assert SupervisorSettings.from_env({**env, "LLM_MODEL_DIR": str(checkpoint)}).models == {"m": "llm"}
 
 
 def test_a_mounted_checkpoint_the_server_cannot_read_fails_at_start(tmp_path, monkeypatch):
@@ -138,77 +138,59 @@ def test_any_version_with_a_ready_worker_is_enough():
 def test_anything_else_is_not_ready(status, body, word):
     state = health.readiness_from_description("m", status, body)
     assert (state.http_status, state.status) == (503, word)
-    assert json.loads(state.body())["status"] == word
+    assert state.payload()["status"] == word
 
 
-class _FakeManagement(BaseHTTPRequestHandler):
-    statuses: list[str] = []
-
-    def do_GET(self):  # noqa: N802
-        body = _description(*self.statuses) if self.path == "/models/m" else b'{"code": 404}'
-        self.send_response(200 if self.path == "/models/m" else 404)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+# --- TorchServe's config and ports ---------------------------------------------------
 
 
-def test_health_check_follows_the_management_api_from_503_to_200():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeManagement)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    upstream = Upstream("127.0.0.1", server.server_address[1])
-    try:
-        _FakeManagement.statuses = ["STARTING"]
-        assert health.check("m", upstream, 2.0).http_status == 503
-        _FakeManagement.statuses = ["STARTING", "READY"]
-        assert health.check("m", upstream, 2.0).http_status == 200
-        _FakeManagement.statuses = ["UNLOADING"]
-        assert health.check("m", upstream, 2.0).http_status == 503
-        assert health.check("other", upstream, 2.0).status == "not-registered"
-    finally:
-        server.shutdown()
-        server.server_close()
-    down = health.check("m", upstream, 0.5)
-    assert (down.http_status, down.status) == (503, "starting")
+def test_ports_are_distinct_and_the_exposed_management_port_is_kept():
+    assert len(set(free_ports(7))) == 7
+    ports = pick_ports(management=7081)
+    assert ports.management == 7081
+    assert len({ports.inference, ports.metrics, ports.grpc_inference, ports.grpc_management, ports.worker}) == 5
 
 
-# --- routing and framing --------------------------------------------------------
+def test_the_config_puts_every_address_on_loopback_and_overrides_the_base(tmp_path):
+    base = tmp_path / "base.properties"
+    base.write_text("inference_address=http://0.0.0.0:7080\nmax_request_size=1048576\n")
+    process = TorchServeProcess(base, tmp_path, {"m": "m.mar"}, {}, tmp_path / "run")
+    ports = pick_ports()
+    text = process.config_text(ports, tmp_path / "tmp")
+    last = {}
+    for line in text.splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            last[key] = value  # java.util.Properties keeps the last value of a key
+    assert last["inference_address"] == f"http://127.0.0.1:{ports.inference}"
+    assert last["management_address"] == f"http://127.0.0.1:{ports.management}"
+    assert last["metrics_address"] == f"http://127.0.0.1:{ports.metrics}"
+    assert last["grpc_inference_address"] == last["grpc_management_address"] == "127.0.0.1"
+    assert last["initial_worker_port"] == str(ports.worker)
+    assert last["max_request_size"] == "1048576"
+    exposed = TorchServeProcess(base, tmp_path, {"m": "m.mar"}, {}, tmp_path / "run", exposed_management_port=7081)
+    assert "management_address=http://0.0.0.0:7081" in exposed.config_text(pick_ports(7081), tmp_path)
 
 
-def test_predict_route_is_renamed_and_the_rest_kept():
-    s = GatewaySettings.from_env({"APP": "m", "AIP_PREDICT_ROUTE": "/v1/endpoints/1:predict"})
-    assert upstream_path(s, "/v1/endpoints/1:predict") == "/predictions/m"
-    assert upstream_path(s, "/v1/endpoints/1:predict?x=1") == "/predictions/m?x=1"
-    assert upstream_path(s, "/predictions/m/1.0") == "/predictions/m/1.0"
-    assert upstream_path(s, "/ping") == "/ping"
+def test_the_model_config_is_read_from_either_kind_of_archive(tmp_path):
+    manifest = json.dumps({"model": {"configFile": "model-config.yaml"}})
+    folder = tmp_path / "m"
+    (folder / "MAR-INF").mkdir(parents=True)
+    (folder / "MAR-INF" / "MANIFEST.json").write_text(manifest)
+    (folder / "model-config.yaml").write_text("asyncCommunication: true\n")
+    with zipfile.ZipFile(tmp_path / "z.mar", "w") as mar:
+        mar.writestr("MAR-INF/MANIFEST.json", manifest)
+        mar.writestr("model-config.yaml", "batchSize: 4\n")
+    assert archive_config(tmp_path, "m") == {"asyncCommunication": True}
+    assert archive_config(tmp_path, "z.mar") == {"batchSize": 4}
+    assert archive_config(tmp_path, "missing.mar") == {}
 
 
-def test_hop_by_hop_headers_are_not_forwarded():
-    headers = Message()
-    for name, value in [("Content-Type", "a/b"), ("Connection", "keep-alive, X-Private"), ("X-Private", "1"),
-                        ("Transfer-Encoding", "chunked"), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")]:
-        headers[name] = value
-    assert forwardable(headers) == [("Content-Type", "a/b"), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")]
-
-
-def test_chunks_come_out_one_by_one_with_extensions_and_trailers():
-    stream = io.BytesIO(b"3;ext=1\r\nabc\r\n1\r\nd\r\n0\r\nX-Trailer: 1\r\n\r\nNEXT")
-    assert list(read_chunks(stream)) == [b"abc", b"d"]
-    assert stream.read() == b"NEXT"
-
-
-@pytest.mark.parametrize("raw", [b"zz\r\nabc\r\n", b"5\r\nab", b"3\r\nabcXX", b"3"])
-def test_broken_chunked_framing_raises(raw):
-    with pytest.raises(BadBody):
-        list(read_chunks(io.BytesIO(raw)))
-
-
-def test_a_short_body_raises():
-    assert b"".join(read_length(io.BytesIO(b"abcdef"), 4)) == b"abcd"
-    with pytest.raises(BadBody):
-        list(read_length(io.BytesIO(b"ab"), 4))
+def test_worker_counts_come_from_the_description():
+    body = json.dumps([{"minWorkers": 2, "maxWorkers": 3, "workers": [{"pid": 7, "status": "READY"}, {"status": "X"}]}])
+    assert health.worker_counts(body.encode()) == (2, 3)
+    assert health.worker_counts(b"<html>") == (1, 1)
+    assert health.worker_pids(health.workers_of(body.encode())) == frozenset({7})
 
 
 # --- process groups -------------------------------------------------------------

@@ -1,0 +1,266 @@
+"""Relay one prediction to TorchServe and its answer back, as it arrives.
+
+The body is read whole (it is bounded by ``max_request_bytes``, and TorchServe wants a
+Content-Length anyway); the answer is streamed: its bytes go to the client as TorchServe
+sends them, so a streaming generation reaches the client token by token. Three things can
+end a relay early:
+
+- the worker died (the healer sets ``Held.cut``): 507 JSON saying to retry, or, once a
+  stream has started, a last JSON line saying so;
+- the client went away: the upstream request is closed. TorchServe 0.12 does not tell
+  the handler (its frontend drops the channel, the job goes on), so the generation runs on
+  until ``max_new_tokens`` or the app's ``deadline_seconds`` (50 s in the shipped apps);
+  that bounds the waste;
+- TorchServe does not answer: 502 JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import AsyncIterator
+
+import httpx2
+from starlette.background import BackgroundTask
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from gateway.healer import Held
+
+log = logging.getLogger(__name__)
+
+# RFC 9110 §7.6.1: headers that describe one connection, not the message.
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding",
+     "upgrade", "host", "content-length", "expect"}
+)
+WORKER_DIED = "the model worker died during this request; retry it"
+
+
+class BodyError(Exception):
+    def __init__(self, response: Response) -> None:
+        self.response = response
+
+
+def error(status: int, message: str, headers: dict[str, str] | None = None, **extra) -> JSONResponse:
+    return JSONResponse({"error": message, "code": status, **extra}, status_code=status, headers=headers)
+
+
+def unavailable(front, app: str, why: str) -> JSONResponse:
+    seconds = front.settings.retry_after_s
+    return error(503, f"{app} is {why}; retry after {seconds} s", {"Retry-After": str(seconds)})
+
+
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The whole body, refused past ``limit`` bytes (413) or when a piece is slower than ``timeout_s`` (408)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise BodyError(error(400, f"Content-Length {declared!r} is not a number", field="Content-Length"))
+        if int(declared) > limit:
+            raise BodyError(_too_large(limit, int(declared)))
+    body = bytearray()
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            piece = await asyncio.wait_for(stream.__anext__(), timeout_s)
+        except StopAsyncIteration:
+            return bytes(body)
+        except asyncio.TimeoutError:
+            raise BodyError(error(408, f"the request body stalled for {timeout_s:.0f} s")) from None
+        body += piece
+        if len(body) > limit:
+            raise BodyError(_too_large(limit, len(body)))
+
+
+def _too_large(limit: int, size: int) -> JSONResponse:
+    return error(413, f"the request body must be <= {limit} bytes, got {size}", field="body", limit=limit, value=size)
+
+
+def forwardable(headers) -> list[tuple[str, str]]:
+    """The end-to-end headers of a message, repeats kept; also drops those named in ``Connection:``."""
+    named = {token.strip().lower() for value in headers.getlist("connection") for token in value.split(",")}
+    return [(k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP and k.lower() not in named]
+
+
+async def relay(request: Request, app: str, path: str) -> Response:
+    """Forward ``request`` to TorchServe's ``path`` for ``app``; the answer streams back."""
+    front = request.app.state.front
+    state = front.healer.state(app)
+    if state is None:
+        return error(404, f"no app named {app!r}; served: {sorted(front.healer.apps)}", field="app")
+    if not state.ready:
+        return unavailable(front, app, "being restarted after a worker crash" if state.healing else "still loading")
+    arrived = time.monotonic()
+    try:
+        body = await read_body(request, front.settings.max_request_bytes, front.settings.body_timeout_s)
+    except BodyError as exc:
+        return exc.response
+    except ClientDisconnect:
+        front.metrics.disconnects.labels(app).inc()
+        return Response(status_code=499)
+    held = front.healer.hold(app)
+    front.metrics.in_flight.labels(app).inc()
+    try:
+        return await _forward(front, request, app, path, body, held, arrived)
+    except BaseException:
+        _finished(front, app, held)
+        raise
+
+
+def _finished(front, app: str, held: Held) -> None:
+    """Once per request, whichever of the stream's end or the response's background task comes first."""
+    if held.released:
+        return
+    held.released = True
+    front.healer.release(app, held)
+    front.metrics.in_flight.labels(app).dec()
+
+
+async def _forward(front, request: Request, app: str, path: str, body: bytes, held: Held, arrived: float) -> Response:
+    sent: list[float] = []
+
+    async def trace(event: str, info: dict) -> None:
+        if event == "http11.send_request_headers.started" and not sent:
+            sent.append(time.monotonic())
+
+    headers = forwardable(request.headers)
+    headers.append(("X-Forwarded-For", request.client.host if request.client else ""))
+    query = request.url.query
+    upstream = front.client.build_request(
+        request.method, f"{front.upstream.inference_url}{path}" + (f"?{query}" if query else ""),
+        headers=headers, content=body, extensions={"trace": trace},
+    )
+    sending = asyncio.ensure_future(front.client.send(upstream, stream=True))
+    cut = asyncio.ensure_future(held.cut.wait())
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({sending, cut, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not sending.done():
+        sending.cancel()
+        cut.cancel()
+        if held.cut.is_set():
+            return _done(front, app, held, arrived, sent, _worker_died(front))
+        front.metrics.disconnects.labels(app).inc()
+        return _done(front, app, held, arrived, sent, Response(status_code=499))
+    try:
+        response = sending.result()
+    except httpx2.HTTPError as exc:
+        cut.cancel()
+        if held.cut.is_set():
+            return _done(front, app, held, arrived, sent, _worker_died(front))
+        log.warning("TorchServe failed for %s %s: %s", request.method, path, exc)
+        return _done(front, app, held, arrived, sent, error(502, "TorchServe is not answering; retry it"))
+    if held.cut.is_set():
+        cut.cancel()
+        await response.aclose()
+        return _done(front, app, held, arrived, sent, _worker_died(front))
+    _observe_wait(front, app, response.status_code, arrived, sent)
+    streaming = "chunked" in response.headers.get("transfer-encoding", "").lower()
+    if response.status_code in (500, 507) and not streaming:
+        # The dynamic path: TorchServe answers a dead worker's requests itself, as
+        # {"message": "Worker died."} (500 or 507). Say it the same way on both paths.
+        try:
+            text = await response.aread()
+        except httpx2.HTTPError:
+            text = b""
+        finally:
+            cut.cancel()
+            await response.aclose()
+        if b"Worker died" in text:
+            return _done(front, app, held, arrived, [], _worker_died(front))
+        headers = {k: v for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP}
+        return _done(front, app, held, arrived, [], Response(text, response.status_code, headers))
+    answer_headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in HOP_BY_HOP]
+    if response.status_code == 503 and "retry-after" not in response.headers:
+        # TorchServe's "queue full" (its message says "no worker"): it means retry later.
+        answer_headers.append(("retry-after", str(front.settings.retry_after_s)))
+
+    async def cleanup() -> None:
+        # Runs even when the client left before the first byte, when the generator never started.
+        cut.cancel()
+        await response.aclose()
+        _finished(front, app, held)
+
+    return StreamingResponse(
+        _pieces(front, app, held, response, cut, arrived, streaming),
+        status_code=response.status_code,
+        headers=_header_dict(answer_headers, response),
+        background=BackgroundTask(cleanup),
+    )
+
+
+def _header_dict(items: list[tuple[str, str]], response: httpx2.Response) -> dict[str, str]:
+    """Starlette takes a mapping; a repeated header (rare from TorchServe) is joined with commas."""
+    joined: dict[str, str] = {}
+    for name, value in items:
+        joined[name] = f"{joined[name]}, {value}" if name in joined else value
+    if "content-length" in response.headers and "chunked" not in response.headers.get("transfer-encoding", ""):
+        joined["content-length"] = response.headers["content-length"]
+    return joined
+
+
+async def _pieces(front, app: str, held: Held, response: httpx2.Response, cut: asyncio.Future, arrived: float,
+                  streaming: bool) -> AsyncIterator[bytes]:
+    """The answer's bytes as they arrive; a dead worker ends the stream with a JSON line saying so."""
+    status = response.status_code
+    first = True
+    raw = response.aiter_raw().__aiter__()
+    try:
+        while True:
+            piece = asyncio.ensure_future(raw.__anext__())
+            await asyncio.wait({piece, cut}, return_when=asyncio.FIRST_COMPLETED)
+            if not piece.done():
+                piece.cancel()
+                yield b"\n" + json.dumps({"error": WORKER_DIED, "code": 507}).encode()
+                return
+            try:
+                data = piece.result()
+            except StopAsyncIteration:
+                return
+            except httpx2.HTTPError as exc:
+                log.warning("TorchServe's answer to %s broke off: %s", app, exc)
+                if streaming:
+                    yield b"\n" + json.dumps({"error": "TorchServe broke off the answer; retry it", "code": 502}).encode()
+                return
+            if first and streaming:
+                front.metrics.ttft.labels(app, str(status)).observe(time.monotonic() - arrived)
+            first = False
+            yield data
+    except asyncio.CancelledError:
+        front.metrics.disconnects.labels(app).inc()
+        raise
+    finally:
+        cut.cancel()
+        await response.aclose()
+        front.metrics.latency.labels(app, str(status)).observe(time.monotonic() - arrived)
+        _finished(front, app, held)
+
+
+def _worker_died(front) -> JSONResponse:
+    seconds = front.settings.retry_after_s
+    return error(507, WORKER_DIED, {"Retry-After": str(seconds)})
+
+
+def _observe_wait(front, app: str, status: int, arrived: float, sent: list[float]) -> None:
+    if sent:
+        front.metrics.queue_wait.labels(app, str(status)).observe(sent[0] - arrived)
+
+
+def _done(front, app: str, held: Held, arrived: float, sent: list[float], response: Response) -> Response:
+    _observe_wait(front, app, response.status_code, arrived, sent)
+    front.metrics.latency.labels(app, str(response.status_code)).observe(time.monotonic() - arrived)
+    _finished(front, app, held)
+    return response
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body is already read, so only that can come)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -1,0 +1,91 @@
+"""Every route of the front, in one table: a new protocol (the OpenAI API under ``/v1``) adds its own here.
+
+Order matters: Vertex's routes come first, because ``$AIP_PREDICT_ROUTE`` may itself start
+with ``/v1`` or ``/predictions``.
+"""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway.relay import error, relay
+
+
+async def health(request: Request) -> Response:
+    """200 only while every served app has a READY worker that answered, and is not healing."""
+    front = request.app.state.front
+    apps = []
+    for state in front.healer.apps.values():
+        readiness = state.readiness()
+        if readiness.ready:
+            readiness = await front.live_readiness(state.name)
+        apps.append(readiness)
+    ready = all(a.ready for a in apps)
+    headers = None if ready else {"Retry-After": str(front.settings.retry_after_s)}
+    return JSONResponse(
+        {"status": "ready" if ready else "unavailable", "apps": [a.payload() for a in apps]},
+        status_code=200 if ready else 503,
+        headers=headers,
+    )
+
+
+async def ping(request: Request) -> Response:
+    """Liveness, as TorchServe's /ping was: the front answers. Readiness is the health route."""
+    return JSONResponse({"status": "Healthy"})
+
+
+async def vertex_predict(request: Request) -> Response:
+    front = request.app.state.front
+    return await relay(request, front.settings.app, f"/predictions/{front.settings.app}")
+
+
+async def predictions(request: Request) -> Response:
+    """``/predictions/APP`` and ``/predictions/APP/VERSION/...``, as TorchServe has them."""
+    return await relay(request, request.path_params["app"], request.url.path)
+
+
+async def reserved(request: Request) -> Response:
+    return error(404, "/v1 is reserved for the OpenAI-compatible API, which this server does not serve yet")
+
+
+async def not_found(request: Request, exc: Exception) -> Response:
+    return error(404, f"no route {request.url.path}; predictions go to /predictions/APP, health to /health")
+
+
+async def wrong_method(request: Request, exc: Exception) -> Response:
+    return error(405, f"{request.method} is not allowed on {request.url.path}")
+
+
+async def metrics(request: Request) -> Response:
+    front = request.app.state.front
+    return Response(await front.metrics_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def front_routes(settings) -> list[Route]:
+    routes = [Route(settings.health_route, health, methods=["GET"])]
+    if settings.health_route != "/health":
+        routes.append(Route("/health", health, methods=["GET"]))
+    routes += [
+        Route(settings.predict_route, vertex_predict, methods=["POST"]),
+        Route("/predictions/{app}", predictions, methods=["POST", "PUT"]),
+        Route("/predictions/{app}/{rest:path}", predictions, methods=["POST", "PUT"]),
+        Route("/ping", ping, methods=["GET"]),
+        Route("/v1/{rest:path}", reserved, methods=["GET", "POST"]),
+    ]
+    return routes
+
+
+def build_app(front) -> Starlette:
+    app = Starlette(routes=front_routes(front.settings), exception_handlers={404: not_found, 405: wrong_method})
+    app.state.front = front
+    return app
+
+
+def build_metrics_app(front) -> Starlette:
+    """The metrics port: loopback unless LLM_EXPOSE_ADMIN."""
+    app = Starlette(routes=[Route("/metrics", metrics, methods=["GET"])], exception_handlers={404: not_found})
+    app.state.front = front
+    return app
