@@ -4,18 +4,24 @@ Layers, each importing only from the ones above it:
 
 Request pipeline (no model, no server)
     `errors`     client errors as data (status, field, details), never a failed batch
+    `response_format`  `parameters.response_format` checked into a frozen, hashable value
     `params`     generation parameters: merge the layers, coerce, verify, one frozen object
     `requests`   request shapes (Vertex instances, TGI inputs, plain text) into instances
     `prompts`    chat template and prompt template, token ids, token limits
     `settings`   the app's `handler:` config and the container's environment, read once
 
 Per-sequence state (used by both schedulers)
+    `constraint`   `GrammarConstraint`: one sequence's grammar as a logits mask, run first
     `stopping`     stop strings, finish reasons, the text a stream may release
     `detokenizer`  incremental detokenization, a short window per step
     `sequence`     `SequenceState`: one sequence's text, stop, finish reason and stream
     `sampling`     per-row logits processors; `front_processors` and `sequence_processors` are the lists both apply
     `penalties`    presence and frequency penalties and logit bias, as OpenAI defines them, per row
     `logprobs`     a generated token's log-probability and its top alternatives, from the raw logits
+
+Structured output
+    `grammars`        compile response formats once each, bounded, in a killable child; LRU cache
+    `grammar_worker`  that child: xgrammar's compiler, run as a script
 
 Loading
     `loading`       device, threads, dtype, weight-format policy, model and tokenizer

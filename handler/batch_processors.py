@@ -8,10 +8,11 @@ step at 16 rows. Ours filter with `torch.topk` over the rows that need it and gi
 result (tested against transformers' own warpers).
 
 `SequenceProcessors` runs each sequence's own list of transformers `LogitsProcessor`s on its
-row: once in front of everything, on the raw logits (`sampling.front_processors`: presence
-and frequency penalties, logit bias), and once after the manager's warpers
-(`sampling.sequence_processors`: min_p), the same lists the dynamic scheduler applies, so a
-processor added to either works on both.
+row: once in front of everything, on the raw logits (a constrained sequence's
+`GrammarConstraint` first, so that every later processor and warper chooses among the tokens
+the grammar allows, then `sampling.front_processors`: presence and frequency penalties, logit
+bias), and once after the manager's warpers (`sampling.sequence_processors`: min_p), the same
+lists the dynamic scheduler applies, so a processor added to either works on both.
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ blocks on generation. `deadline_seconds` counts from a sequence's submission: on
 running then is cancelled and answered with what it has, finish_reason "length".
 
 It honours exactly: max_new_tokens, EOS, min_new_tokens and repetition_penalty (our
-processors in `batch_processors`), presence_penalty, frequency_penalty and logit_bias
+processors in `batch_processors`), response_format (each sequence's `GrammarConstraint`, run
+before every other processor; greedy's top_k=1 then takes the best token the grammar allows,
+as the dynamic scheduler's argmax does), presence_penalty, frequency_penalty and logit_bias
 (`sampling.front_processors`, on the raw logits), temperature, top_k, top_p (the manager's
 per-request warpers; greedy is top_k=1), min_p and whatever else
 `sampling.sequence_processors` gives a sequence, do_sample, stop strings, details,
@@ -194,9 +196,10 @@ class ContinuousScheduler:
     def _submit(self, prompt: Prompt, index: int, number: int, sink: ChunkSink | None) -> _Sequence:
         loop = asyncio.get_running_loop()
         send = (lambda text: sink(index, number, text)) if sink and prompt.params.stream else None
-        state = SequenceState(prompt, self.loaded.tokenizer, self.loaded.eos_token_ids, send)
+        constraint = prompt.grammar.constraint(len(prompt.input_ids)) if prompt.grammar else None
+        state = SequenceState(prompt, self.loaded.tokenizer, self.loaded.eos_token_ids, send, constraint)
         sequence = _Sequence(f"ts-{next(self._ids)}", state, loop.create_future(), [])
-        front = front_processors(prompt.params, len(prompt.input_ids))
+        front = ([constraint] if constraint is not None else []) + front_processors(prompt.params, len(prompt.input_ids))
         if front:
             self.front_lists[sequence.request_id] = front
         processors = sequence_processors(prompt.params)

@@ -1,7 +1,8 @@
 """The dynamic batcher: every prompt of a TorchServe batch in one batched `generate`.
 
 Sampled and greedy prompts share one `generate`, each row with its own processors, stops
-and length (`sampling`, `sequence`). Beam search takes one parameter set per call, so beam
+and length (`sampling`, `sequence`); a constrained prompt's rows each get their own
+`GrammarConstraint` in front of their processors. Beam search takes one parameter set per call, so beam
 prompts are grouped by identical parameters; which of the two strategies serves a prompt is
 the same capability check the `Router` makes (`scheduler.assign`).
 
@@ -33,7 +34,9 @@ from handler.stopping import FinishReason, find_stop
 MAX_ROWS_PER_GENERATE = 64
 ROWS_HONOUR = frozenset(PARAMETER_NAMES) - {"num_beams"}
 # verify_params refuses these with beam search
-BEAMS_HONOUR = frozenset(PARAMETER_NAMES) - {"stream", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs"}
+BEAMS_HONOUR = frozenset(PARAMETER_NAMES) - {
+    "stream", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "response_format",
+}  # fmt: skip
 
 
 class DynamicScheduler:
@@ -96,8 +99,12 @@ class DynamicScheduler:
             bad_words = self._bad_words_ids(prompt.params.bad_words)
             for sequence in range(prompt.params.num_return_sequences):
                 processors = row_processors(prompt.params, prompt_length, loaded.eos_token_ids, bad_words)
+                # The grammar's mask goes first: the warpers then choose among the tokens it allows.
+                constraint = prompt.grammar.constraint(prompt_length) if prompt.grammar else None
+                if constraint is not None:
+                    processors.insert(0, constraint)
                 send = _bind(sink, index, sequence) if sink and prompt.params.stream else None
-                state = SequenceState(prompt, loaded.tokenizer, loaded.eos_token_ids, send)
+                state = SequenceState(prompt, loaded.tokenizer, loaded.eos_token_ids, send, constraint)
                 rows.append(RowSampling(processors, generator, state.observe if prompt.params.logprobs else None))
                 states.append(state)
         criteria = BatchStopping(states, prompt_length, self.deadline_seconds)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from handler.errors import RequestError, limit_error
+from handler.response_format import ResponseFormat, parse_response_format
 
 MAX_SEED = 2**63 - 1
 # Bounds that keep a row's float32 logits finite: past them (temperature 1e-40 or 1e39,
@@ -35,6 +36,7 @@ class ParamLimits:
     max_num_return_sequences: int = 4
     max_logit_bias: int = 300
     max_top_logprobs: int = 20
+    max_response_format_bytes: int = 32_768
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class GenerationParams:
     logprobs: bool = False
     top_logprobs: int = 0
     stream: bool = False
+    response_format: ResponseFormat | None = None
 
     @property
     def sampling(self) -> bool:
@@ -189,6 +192,8 @@ def _coerce(name: str, value: Any, field: str, limits: ParamLimits) -> Any:
         return _as_strings(value, field, limits.max_stop_sequences, limits.max_stop_length)
     if name == "bad_words":
         return _as_strings(value, field, limits.max_bad_words, limits.max_stop_length)
+    if name == "response_format":
+        return parse_response_format(value, field, limits.max_response_format_bytes)
     raise AssertionError(f"no coercion for {name}")
 
 
@@ -251,3 +256,18 @@ def verify_params(params: GenerationParams, names: Mapping[str, str] | None = No
         for native in ("presence_penalty", "frequency_penalty", "logit_bias", "logprobs"):
             if getattr(params, native) != getattr(DEFAULTS, native):
                 raise RequestError(f"{name(native)} is not available with beam search (num_beams > 1)", name(native))
+    if params.response_format is not None:
+        _verify_constrained(params, name)
+
+
+def _verify_constrained(params: GenerationParams, name: Callable[[str], str]) -> None:
+    """Parameters a grammar cannot share a row with: beams reorder rows under their per-row
+    grammar state, and a grammar that allows only EOS, or only banned words, leaves a row nothing."""
+    clashes = {
+        "num_beams": params.uses_beams,
+        "min_new_tokens": params.min_new_tokens > 0,
+        "bad_words": bool(params.bad_words),
+    }
+    for native, clash in clashes.items():
+        if clash:
+            raise RequestError(f"{name(native)} cannot be combined with {name('response_format')}", name(native))

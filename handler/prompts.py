@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from jinja2 import TemplateError
 
 from handler.errors import RequestError, limit_error
 from handler.params import GenerationParams
 from handler.requests import Instance
+
+if TYPE_CHECKING:
+    from handler.constraint import CompiledFormat
 
 
 @dataclass(frozen=True)
@@ -21,11 +25,12 @@ class TokenLimits:
 
 @dataclass(frozen=True)
 class Prompt:
-    """A rendered prompt ready for generation."""
+    """A rendered prompt ready for generation; `grammar` is its response format, compiled."""
 
     text: str
     input_ids: tuple[int, ...]
     params: GenerationParams
+    grammar: CompiledFormat | None = field(default=None, compare=False)
 
 
 def render(instance: Instance, tokenizer, prompt_template: str | None, where: str) -> tuple[str, tuple[int, ...]]:

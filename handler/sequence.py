@@ -4,7 +4,9 @@ A scheduler calls `step` with the sequence's generated ids after each token, and
 `completion` once it is done. Everything a sequence decides on its own lives here, so both
 schedulers finish, trim and stream a sequence the same way (TGI's per-request
 `StoppingCriteria`). A sequence asked for `logprobs` is also shown each step's raw logits
-(`observe`) and records the log-probability of the token that step picked.
+(`observe`) and records the log-probability of the token that step picked. A constrained
+sequence holds its `GrammarConstraint`: its EOS means the grammar is complete (finish_reason
+"stop"), and a constraint that failed fails the sequence's request (`Completion.error`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from handler.constraint import GrammarConstraint
 from handler.detokenizer import IncrementalDetokenizer
+from handler.errors import RequestError
 from handler.logprobs import TokenLogprob, token_logprob
 from handler.prompts import Prompt
 from handler.stopping import FinishReason, StopScan, releasable_length
@@ -28,14 +32,23 @@ class Completion:
     seconds: float = 0.0
     first_token_seconds: float | None = None
     logprobs: tuple[TokenLogprob, ...] = ()
+    error: RequestError | None = None
 
 
 class SequenceState:
     """Decodes incrementally, finds stop strings in the new tail, holds back what a stream may not send yet."""
 
-    def __init__(self, prompt: Prompt, tokenizer, eos_token_ids: list[int], sink: Callable[[str], None] | None):
+    def __init__(
+        self,
+        prompt: Prompt,
+        tokenizer,
+        eos_token_ids: list[int],
+        sink: Callable[[str], None] | None,
+        constraint: GrammarConstraint | None = None,
+    ):
         self.prompt = prompt
         self.tokenizer = tokenizer
+        self.constraint = constraint
         self.eos_token_ids = eos_token_ids
         self.sink = sink
         self.detokenizer = IncrementalDetokenizer(tokenizer)
@@ -68,13 +81,16 @@ class SequenceState:
                 self.logprobs.append(token_logprob(self.pending, ids[-1], self.prompt.params.top_logprobs, self._token_text))
             self.pending = None
         if ids and ids[-1] in self.eos_token_ids:
-            self.reason, ids = FinishReason.EOS, ids[:-1]
+            # A constraint allows EOS only where its grammar is complete.
+            self.reason, ids = (FinishReason.EOS if self.constraint is None else FinishReason.STOP), ids[:-1]
         elif self.generated >= self.prompt.params.max_new_tokens or out_of_time:
             self.reason = FinishReason.LENGTH
         self.text = self.detokenizer.update(ids, final=self.reason is not None)
         cut = self.scan.scan(self.text)
         if cut is not None:
             self.text, self.reason = self.text[:cut], FinishReason.STOP
+        if self.reason is not None and self.constraint is not None:
+            self.constraint.close()
         self._release(final=self.reason is not None)
         return self.reason is not None
 
@@ -95,6 +111,7 @@ class SequenceState:
             self.seconds,
             self.first_token_seconds,
             self._kept_logprobs(),
+            self.constraint.failure if self.constraint is not None else None,
         )
 
     def _token_text(self, token_id: int) -> str:

@@ -1,13 +1,15 @@
 """The handler without its server: the request pipeline in front of the schedulers.
 
 `prepare` turns one request into its protocol's exchange (`protocols`) and prompts, or the
-error that rejects it (shapes, then parameters, then prompts); `answer` completes the prompts of several requests through one
+error that rejects it (shapes, then parameters, then prompts, then their response formats
+compiled: `prepare_async` compiles off the event loop); `answer` completes the prompts of several requests through one
 scheduler call and gives each request its answer or its own error, as data. Which server
 hosts this (TorchServe today, through `torchserve_handler`) it does not know.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -17,6 +19,7 @@ import torch
 from handler.continuous import ContinuousScheduler
 from handler.dynamic import DynamicScheduler
 from handler.errors import RequestError
+from handler.grammars import Grammars, tokenizer_info
 from handler.loading import LoadedModel, load_model
 from handler.prompts import Prompt, encode
 from handler.protocols import Exchange, NativeExchange, named_exchange, sniffed_exchange
@@ -32,6 +35,10 @@ RequestSink = Callable[[int, int, str], None]
 Prepared = list[Prompt] | RequestError
 
 
+def needs_compiling(prepared: Prepared) -> bool:
+    return not isinstance(prepared, RequestError) and any(p.params.response_format for p in prepared)
+
+
 class Service:
     def __init__(
         self,
@@ -40,12 +47,14 @@ class Service:
         scheduler: Scheduler,
         continuous: ContinuousScheduler | None = None,
         model_name: str = "model",
+        grammars: Grammars | None = None,
     ):
         self.settings = settings
         self.model_name = model_name  # what OpenAI answers call the model when a request names none
         self.loaded = loaded
         self.scheduler = scheduler
         self.continuous = continuous
+        self._grammars = grammars
         self.shape = RequestShape(
             defaults=settings.defaults,
             limits=settings.limits,
@@ -57,20 +66,62 @@ class Service:
     def start(cls, settings: HandlerSettings, model_dir: Path, device: torch.device, model_name: str) -> "Service":
         """Loads the model and starts the schedulers `handler.batching` asks for."""
         loaded = load_model(model_dir, settings, device)
+        grammars = cls.grammars_for(loaded, settings)
         dynamic = DynamicScheduler(loaded, settings.deadline_seconds)
         if settings.warmup:
             dynamic.warm_up()
+            grammars.start()
         if settings.batching != "continuous":
-            return cls(settings, loaded, dynamic, model_name=model_name)
+            return cls(settings, loaded, dynamic, model_name=model_name, grammars=grammars)
         continuous = ContinuousScheduler(loaded, settings.continuous, settings.deadline_seconds)
         beside = DynamicScheduler(loaded, settings.deadline_seconds, threaded=True, guard=continuous.exclusive)
-        return cls(settings, loaded, Router([continuous, beside]), continuous, model_name)
+        return cls(settings, loaded, Router([continuous, beside]), continuous, model_name, grammars)
+
+    @staticmethod
+    def grammars_for(loaded: LoadedModel, settings: HandlerSettings) -> Grammars:
+        """The compile cache for this model's vocabulary: the logits' width, its EOS ids as the ends."""
+        vocab_size = loaded.model.config.get_text_config().vocab_size
+        info = tokenizer_info(loaded.tokenizer, vocab_size, loaded.eos_token_ids)
+        return Grammars(info, settings.structured_output)
+
+    @property
+    def grammars(self) -> Grammars:
+        if self._grammars is None:
+            self._grammars = self.grammars_for(self.loaded, self.settings)
+        return self._grammars
 
     def stop(self) -> None:
         if self.continuous is not None:
             self.continuous.stop()
+        if self._grammars is not None:
+            self._grammars.close()
 
     def prepare(self, item: Any, protocol: str | None = None) -> tuple[Exchange, Prepared]:
+        """One request's exchange and its prompts, formats compiled, or the error that rejects it;
+        never raises for bad input."""
+        exchange, prepared = self.parse(item, protocol)
+        return exchange, self.compile_formats(exchange, prepared)
+
+    async def prepare_async(self, item: Any, protocol: str | None = None) -> tuple[Exchange, Prepared]:
+        """`prepare` for an event loop: a compile (up to its time limit) runs in a thread."""
+        exchange, prepared = self.parse(item, protocol)
+        if not needs_compiling(prepared):
+            return exchange, prepared
+        return exchange, await asyncio.to_thread(self.compile_formats, exchange, prepared)
+
+    def compile_formats(self, exchange: Exchange, prepared: Prepared) -> Prepared:
+        """Each prompt's response format compiled onto it, or the request's own compile error."""
+        if not needs_compiling(prepared):
+            return prepared
+        try:
+            return [self.grammars.attach(prompt) for prompt in prepared]
+        except RequestError as error:
+            return exchange.rename(error)
+        except Exception:  # a compiler fault answers its own request only
+            logger.exception("could not compile a response format")
+            return RequestError("could not compile the response format; see the server log", status=500)
+
+    def parse(self, item: Any, protocol: str | None = None) -> tuple[Exchange, Prepared]:
         """One request's exchange (its protocol: named by `protocol`, else by its body's shape) and
         its prompts, or the error that rejects it; never raises for bad input."""
         exchange: Exchange = NativeExchange()
@@ -109,5 +160,9 @@ class Service:
             return [entry if isinstance(entry, RequestError) else failure for entry in requests]
         answers: list[Answer | RequestError] = [entry if isinstance(entry, RequestError) else [] for entry in requests]
         for (index, prompt), sequences in zip(owners, completions):
-            answers[index].append((prompt, sequences))
+            failure = next((c.error for c in sequences if c.error is not None), None)
+            if failure is not None:
+                answers[index] = failure
+            elif not isinstance(answers[index], RequestError):
+                answers[index].append((prompt, sequences))
         return answers

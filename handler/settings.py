@@ -33,6 +33,20 @@ class ContinuousBatchingSettings:
 
 
 @dataclass(frozen=True)
+class StructuredOutputSettings:
+    """Bounds on compiling `response_format`s (handler.grammars) and on following them
+    (`max_mask_ms`, CPU time per token, handler.constraint); the size limit on a format's
+    source is `limits.max_response_format_bytes`, checked when the request is parsed."""
+
+    compile_timeout_seconds: int = 5
+    compile_memory_mb: int = 2048
+    compile_threads: int = 2
+    max_mask_ms: int = 50
+    cache_entries: int = 256
+    cache_mb: int = 256
+
+
+@dataclass(frozen=True)
 class HandlerSettings:
     dtype: str = "auto"
     device_map: str | None = None
@@ -51,6 +65,7 @@ class HandlerSettings:
     warmup: bool = True
     batching: str = "dynamic"
     continuous: ContinuousBatchingSettings = field(default_factory=ContinuousBatchingSettings)
+    structured_output: StructuredOutputSettings = field(default_factory=StructuredOutputSettings)
     torch_threads: int | str = "auto"
     # Rows decoded together when `dtype: auto` times fp32 against bf16 on a CPU: by default the
     # dynamic path's batchSize, or CONTINUOUS_PROBE_ROWS users sharing the manager.
@@ -68,6 +83,9 @@ class HandlerSettings:
             raise SettingsError(f"unknown keys in handler config: {unknown}; known: {sorted(known)}")
         limits = _build(ParamLimits, section.pop("limits", {}), "handler.limits")
         continuous = _build(ContinuousBatchingSettings, section.pop("continuous", {}), "handler.continuous")
+        structured_output = _build(
+            StructuredOutputSettings, section.pop("structured_output", {}), "handler.structured_output"
+        )
         try:
             defaults = resolve_params([("handler.defaults.", section.pop("defaults", {}) or {})], limits)
         except RequestError as error:
@@ -78,6 +96,7 @@ class HandlerSettings:
             **section,
             limits=limits,
             continuous=continuous,
+            structured_output=structured_output,
             defaults=defaults,
             model_dir_override=environ.get("LLM_MODEL_DIR") or None,
             storage_uri=environ.get("AIP_STORAGE_URI") or None,

@@ -87,7 +87,7 @@ class LLMHandler(BaseHandler):
         """The coroutine TorchServe's async worker awaits: each request completed and answered on its own."""
 
         async def one(index: int, item: Any) -> str:
-            exchange, prepared = self.service.prepare(item, protocol_of(context, index))
+            exchange, prepared = await self.service.prepare_async(item, protocol_of(context, index))
             streamed = False
 
             def sink(_: int, prediction_index: int, text: str) -> None:
