@@ -137,10 +137,10 @@ def test_a_failing_constraint_fails_its_request_only(loaded):
     try:
         ambiguous = {"type": "regex", "pattern": "((a+)+)+b"}
         slow = ("a", {"max_new_tokens": 150, "temperature": 0, "response_format": ambiguous})
-        first = tight.compile_formats([make_prompt(loaded, slow[0], **slow[1])])
-        second = tight.compile_formats([make_prompt(loaded, PLAIN[0][0], **PLAIN[0][1])])
+        first = tight.compile_formats(NativeExchange(), [make_prompt(loaded, slow[0], **slow[1])])
+        second = tight.compile_formats(NativeExchange(), [make_prompt(loaded, PLAIN[0][0], **PLAIN[0][1])])
         answers = asyncio.run(tight.answer([first, second]))
-        alone = asyncio.run(tight.answer([tight.compile_formats([make_prompt(loaded, PLAIN[0][0], **PLAIN[0][1])])]))
+        alone = asyncio.run(tight.answer([tight.compile_formats(NativeExchange(), [make_prompt(loaded, PLAIN[0][0], **PLAIN[0][1])])]))
     finally:
         tight.stop()
     assert isinstance(answers[0], RequestError) and answers[0].status == 422, answers[0]
