@@ -99,8 +99,6 @@ def parse_openai(endpoint: str, body: Any, shape: RequestShape) -> OpenAIRequest
     for name in ("model", "user"):
         if name in body and not isinstance(body[name], str):
             raise RequestError(f"{name} must be a string, got {type(body[name]).__name__}", name)
-    if body.get("response_format", {"type": "text"}) != {"type": "text"}:
-        raise unsupported("response_format is not supported by this server (only {'type': 'text'})", "response_format")
     layer, names = _parameters(endpoint, body)
     params = resolve_params([("", layer)], shape.limits, shape.defaults, names)
     if params.return_full_text and params.logprobs:
@@ -165,6 +163,9 @@ def _parameters(endpoint: str, body: dict[str, Any]) -> tuple[dict[str, Any], di
     if endpoint == CHAT:
         layer.update({name: body[name] for name in ("logprobs", "top_logprobs") if name in body})
         layer["return_full_text"] = False
+        response_format = _response_format(body.get("response_format"))
+        if response_format is not None:
+            layer["response_format"] = response_format
     else:
         if "logprobs" in body:  # completions: an integer, how many top tokens to report
             layer["logprobs"] = True
@@ -173,6 +174,20 @@ def _parameters(endpoint: str, body: dict[str, Any]) -> tuple[dict[str, Any], di
         layer["return_full_text"] = body.get("echo", False)
         names["return_full_text"] = "echo"
     return layer, names
+
+
+def _response_format(value: Any) -> Any:
+    """OpenAI's `text`, `json_object` and `json_schema`: the last two are the native structured
+    output's own shapes (validated there); `text` means no constraint."""
+    if value is None or value == {"type": "text"}:
+        return None
+    if isinstance(value, dict) and value.get("type") in ("json_object", "json_schema"):
+        return value
+    raise unsupported(
+        "response_format must be {'type': 'text'}, {'type': 'json_object'} or {'type': 'json_schema', "
+        "'json_schema': {...}}",
+        "response_format",
+    )
 
 
 def _include_usage(body: dict[str, Any], stream: bool) -> bool:

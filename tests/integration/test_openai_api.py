@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
+import jsonschema
 import openai
 import pytest
 from transformers import AutoTokenizer
@@ -139,6 +140,33 @@ def test_bad_input_is_the_sdks_bad_request_error_naming_the_field(client, model,
     assert caught.value.param == field and field in caught.value.message
 
 
+SCHEMA_FILE = Path(__file__).parents[1] / "support" / "structured_schemas.json"
+SCHEMAS = {entry["name"]: entry for entry in json.loads(SCHEMA_FILE.read_text())["schemas"]}
+
+
+@pytest.mark.parametrize("name", ["person", "order_items", "any_of_value"])
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 0.8, "seed": 11}], ids=["greedy", "seeded"])
+def test_json_schema_response_format_gives_valid_json(client, model, name, sampling):
+    entry = SCHEMAS[name]
+    reply = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": entry.get("prompt", "Answer in JSON.")}],
+        max_tokens=200,
+        response_format={"type": "json_schema", "json_schema": {"name": name, "schema": entry["schema"]}},
+        **sampling,
+    )
+    assert reply.choices[0].finish_reason == "stop", reply
+    jsonschema.validate(json.loads(reply.choices[0].message.content), entry["schema"])
+
+
+def test_json_object_response_format_gives_a_json_object(client, model):
+    reply = client.chat.completions.create(
+        model=model, messages=QUESTION, max_tokens=200, temperature=0, response_format={"type": "json_object"}
+    )
+    assert reply.choices[0].finish_reason == "stop", reply
+    assert isinstance(json.loads(reply.choices[0].message.content), dict)
+
+
 def test_an_unknown_model_is_not_found(client):
     with pytest.raises(openai.NotFoundError) as caught:
         client.chat.completions.create(model="gpt-4o", messages=QUESTION)
@@ -184,7 +212,10 @@ CASES = [
     ("tool_choice", CHAT, chat(tool_choice="auto"), 400, "tool_choice"),
     ("audio output", CHAT, chat(modalities=["audio"]), 400, "modalities"),
     ("an unknown field", CHAT, chat(colour="red"), 400, "colour"),
-    ("json_schema response_format", CHAT, chat(response_format={"type": "json_schema"}), 400, "response_format"),
+    ("json_schema response_format without its schema", CHAT, chat(response_format={"type": "json_schema"}), 400,
+     "response_format.json_schema"),
+    ("a regex response_format (not an OpenAI type)", CHAT, chat(response_format={"type": "regex", "pattern": "a"}), 400,
+     "response_format"),
     ("max_tokens 0", CHAT, chat(max_tokens=0), 400, "max_tokens"),
     ("max_tokens and max_completion_tokens", CHAT, chat(max_tokens=5, max_completion_tokens=5), 400,
      "max_completion_tokens"),

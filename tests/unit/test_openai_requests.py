@@ -103,9 +103,15 @@ def test_unknown_fields_get_400_naming_them():
     assert (error.status, error.field, error.details["code"]) == (400, "temprature", "unknown_parameter")
 
 
-def test_response_format_text_is_the_default_and_others_are_refused():
+def test_response_format_text_is_no_constraint_and_json_maps_onto_structured_output():
     assert chat(response_format={"type": "text"}).instances == chat().instances
-    assert chat_refused(response_format={"type": "json_object"}).field == "response_format"
+    [instance] = chat(response_format={"type": "json_object"}).instances
+    assert instance.params.response_format.kind == "json_object"
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    [instance] = chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}).instances
+    assert instance.params.response_format.kind == "json_schema"
+    assert chat_refused(response_format={"type": "regex", "pattern": "a"}).field == "response_format"
+    assert chat_refused(response_format={"type": "json_schema"}).field.startswith("response_format")
 
 
 def test_errors_name_openai_fields_not_native_ones():
