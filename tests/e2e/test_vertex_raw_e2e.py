@@ -5,11 +5,11 @@ The SDK posts these to fixed HTTPS hosts through ``Endpoint.authorized_session``
 stand-in, which forwards the body unchanged to the container (the front in
 front of a real TorchServe serving SmolLM2, ``container_url``).
 
-The bodies are the native API's (``WIRE``): what goes in, which container path
-invoke targets, and how the text is read back; the reference is the same
-request through plain ``:predict``, greedy. An ``OPENAI`` wire (a chat body,
-``/v1/chat/completions``, SSE deltas) takes these tests over with one line,
-``WIRE = OPENAI``, once the container serves the OpenAI routes.
+Every test runs on two wires (``Wire``: what goes in, which container path
+invoke targets, how the text is read back): the native API, and the OpenAI
+chat API (a bare chat body on the predict route, ``/v1/chat/completions`` by
+invoke, SSE deltas when streamed). The reference is the same request through
+plain ``:predict``, greedy.
 """
 
 from __future__ import annotations
@@ -81,11 +81,38 @@ NATIVE = Wire(
     streamed=_native_streamed,
     bad=({"instances": [PROMPT], "parameters": {**GREEDY, "max_new_tokens": -1}}, "max_new_tokens"),
 )
-WIRE = NATIVE
+CHAT = [{"role": "user", "content": PROMPT}]
 
 
-def encoded(stream: bool) -> bytes:
-    return json.dumps(WIRE.body(stream)).encode()
+def _openai_streamed(lines: List[bytes]) -> Tuple[List[str], str]:
+    """SSE ``data:`` lines of chat.completion.chunk (the first one with the role), then ``[DONE]``."""
+    lines = [line for line in lines if line.strip()]
+    assert lines[-1] == b"data: [DONE]", lines[-3:]
+    events = [json.loads(line.removeprefix(b"data: ")) for line in lines[:-1]]
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(event["object"] == "chat.completion.chunk" for event in events)
+    pieces = [event["choices"][0]["delta"].get("content") or "" for event in events if event["choices"]]
+    return [piece for piece in pieces if piece], "".join(pieces)
+
+
+OPENAI = Wire(
+    instance={"messages": CHAT},
+    path="/v1/chat/completions",
+    body=lambda stream: {"model": APP, "messages": CHAT, "max_tokens": GREEDY["max_new_tokens"], "temperature": 0,
+                         **({"stream": True} if stream else {})},
+    text=lambda answer: answer["choices"][0]["message"]["content"],
+    streamed=_openai_streamed,
+    bad=({"model": APP, "messages": CHAT, "max_tokens": -1}, "max_tokens"),
+)
+
+
+@pytest.fixture(params=[NATIVE, OPENAI], ids=["native", "openai"])
+def wire(request) -> Wire:
+    return request.param
+
+
+def encoded(wire: Wire, stream: bool) -> bytes:
+    return json.dumps(wire.body(stream)).encode()
 
 
 @pytest.fixture
@@ -127,50 +154,50 @@ def invoke_endpoint(standin: StandIn, settings: Settings, container_url: str) ->
 
 
 @pytest.fixture
-def greedy_text(settings: Settings, raw_endpoint: aiplatform.Endpoint) -> str:
+def greedy_text(settings: Settings, raw_endpoint: aiplatform.Endpoint, wire: Wire) -> str:
     """The greedy answer through plain :predict, the reference every raw route must match."""
-    [prediction] = predict("raw", [WIRE.instance], GREEDY, settings=settings)
+    [prediction] = predict("raw", [wire.instance], GREEDY, settings=settings)
     assert prediction["generated_text"].strip()
     return prediction["generated_text"]
 
 
-def test_raw_predict_gives_the_predict_text(raw_endpoint, greedy_text, standin):
-    response = raw_endpoint.raw_predict(body=encoded(stream=False), headers=JSON)
+def test_raw_predict_gives_the_predict_text(raw_endpoint, greedy_text, standin, wire):
+    response = raw_endpoint.raw_predict(body=encoded(wire, stream=False), headers=JSON)
 
     assert response.status_code == 200, response.text
-    assert WIRE.text(response.json()) == greedy_text
-    assert standin.calls("raw_predict")[0].raw == encoded(stream=False)
+    assert wire.text(response.json()) == greedy_text
+    assert standin.calls("raw_predict")[0].raw == encoded(wire, stream=False)
 
 
-def test_stream_raw_predict_streams_the_same_text(raw_endpoint, greedy_text):
-    lines = list(raw_endpoint.stream_raw_predict(body=encoded(stream=True), headers=JSON))
+def test_stream_raw_predict_streams_the_same_text(raw_endpoint, greedy_text, wire):
+    lines = list(raw_endpoint.stream_raw_predict(body=encoded(wire, stream=True), headers=JSON))
 
-    pieces, final = WIRE.streamed(lines)
+    pieces, final = wire.streamed(lines)
     assert len(pieces) > 1
     assert "".join(pieces) == final == greedy_text
 
 
-def test_invoke_reaches_the_container_path(invoke_endpoint, greedy_text, standin):
+def test_invoke_reaches_the_container_path(invoke_endpoint, greedy_text, standin, wire):
     deployed_id = invoke_endpoint.gca_resource.deployed_models[0].id
-    response = invoke_endpoint.invoke(request_path=WIRE.path, body=encoded(stream=False), headers=JSON,
+    response = invoke_endpoint.invoke(request_path=wire.path, body=encoded(wire, stream=False), headers=JSON,
                                       deployed_model_id=deployed_id)
 
     assert response.status_code == 200, response.text
-    assert WIRE.text(response.json()) == greedy_text
-    assert standin.calls("invoke")[0].path.endswith(f"/deployedModels/{deployed_id}/invoke{WIRE.path}")
+    assert wire.text(response.json()) == greedy_text
+    assert standin.calls("invoke")[0].path.endswith(f"/deployedModels/{deployed_id}/invoke{wire.path}")
 
 
-def test_invoke_streams_the_same_text(invoke_endpoint, greedy_text):
-    lines = list(invoke_endpoint.invoke(request_path=WIRE.path, body=encoded(stream=True), headers=JSON,
+def test_invoke_streams_the_same_text(invoke_endpoint, greedy_text, wire):
+    lines = list(invoke_endpoint.invoke(request_path=wire.path, body=encoded(wire, stream=True), headers=JSON,
                                         stream=True))
 
-    pieces, final = WIRE.streamed(lines)
+    pieces, final = wire.streamed(lines)
     assert len(pieces) > 1
     assert "".join(pieces) == final == greedy_text
 
 
-def test_raw_predict_passes_a_client_error_through(raw_endpoint):
-    body, bad_field = WIRE.bad
+def test_raw_predict_passes_a_client_error_through(raw_endpoint, wire):
+    body, bad_field = wire.bad
     response = raw_endpoint.raw_predict(body=json.dumps(body).encode(), headers=JSON)
 
     assert 400 <= response.status_code < 500
