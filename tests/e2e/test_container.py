@@ -26,6 +26,7 @@ import socket
 import time
 import tomllib
 
+import openai
 import pytest
 
 from tests.e2e.container_tools import (
@@ -58,7 +59,7 @@ VERTEX_ENV = {
     "AIP_PREDICT_ROUTE": "/v1/endpoints/42/deployedModels/7:predict",
     "AIP_HEALTH_ROUTE": "/v1/endpoints/42/deployedModels/7/health",
 }
-OMELETTE = {"instances": ["How to prepare a spanish omelette:"]}
+OMELETTE = {"instances": ["How to prepare a spanish omelette:"], "parameters": {"temperature": 0}}
 # Same prompt, fewer tokens: for checks that need an answer, not a recipe (2 shared cores).
 SHORT = {**OMELETTE, "parameters": {"max_new_tokens": 8}}
 LOAD_TIMEOUT_S = 300
@@ -227,6 +228,20 @@ def test_a_stream_arrives_in_chunks(full):
             reader.readline()
     assert len(chunks) > 1
     assert "predictions" in chunks[-1].decode()
+
+
+def test_the_openai_sdk_talks_to_the_container(full):
+    container, _ = full
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{container.port}/v1", api_key="unused", max_retries=0, timeout=300)
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    reply = client.chat.completions.create(model=APP, messages=question, max_tokens=16, temperature=0)
+    assert reply.object == "chat.completion" and reply.model == APP
+    assert "Paris" in reply.choices[0].message.content
+    chunks = list(client.chat.completions.create(model=APP, messages=question, max_tokens=16, temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply.choices[0].message.content
+    assert [model.id for model in client.models.list()] == [APP]
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model=APP, messages=question, max_tokens=-1)
 
 
 def test_the_server_runs_as_non_root(full):
