@@ -18,11 +18,13 @@ and the layers are cached under .work/containers for the next run.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
 import shutil
 import socket
+import threading
 import time
 import tomllib
 
@@ -62,6 +64,7 @@ VERTEX_ENV = {
 OMELETTE = {"instances": ["How to prepare a spanish omelette:"], "parameters": {"temperature": 0}}
 # Same prompt, fewer tokens: for checks that need an answer, not a recipe (2 shared cores).
 SHORT = {**OMELETTE, "parameters": {"max_new_tokens": 8}}
+SHORT_GREEDY = {"instances": ["Name a colour:"], "parameters": {"max_new_tokens": 3, "temperature": 0}}
 LOAD_TIMEOUT_S = 300
 # Run inside the container: for each folder argument, "FOLDER writable" or "FOLDER <why not>".
 WRITE_PROBE = """
@@ -242,6 +245,71 @@ def test_the_openai_sdk_talks_to_the_container(full):
     assert [model.id for model in client.models.list()] == [APP]
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.chat.completions.create(model=APP, messages=question, max_tokens=-1)
+
+
+# Inside the image, with no ps or ss: the worker's pid, and the listening TCP sockets.
+WORKER_PIDS = """
+import os
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        command = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0")
+    except OSError:
+        continue
+    if any(part.endswith(b"model_service_worker.py") for part in command):
+        print(pid)
+"""
+LISTENING = """
+import ipaddress
+for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for line in open(table).read().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        if state == "0A":
+            address, port = local.split(":")
+            raw = bytes.fromhex(address)
+            host = ipaddress.ip_address(raw[::-1] if len(raw) == 4 else b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+            print(host, int(port, 16))
+"""
+HANG_GUARD_S = 300
+
+
+def test_only_the_front_listens_beyond_loopback(full):
+    container, _ = full
+    sockets = [line.split() for line in container.exec("python", "-c", LISTENING).stdout.splitlines()]
+    exposed = {(host, int(port)) for host, port in sockets if not ipaddress.ip_address(host).is_loopback}
+    assert exposed and {port for _, port in exposed} == {int(VERTEX_ENV["AIP_HTTP_PORT"])}, sockets
+
+
+def test_a_killed_worker_is_answered_and_healed_in_the_container(full, record_property):
+    """The shipped continuous path: what the dead worker held gets a 5xx JSON at once, every request
+    sent while it heals gets an answer (200, or 503 with Retry-After), and the app serves again."""
+    container, _ = full
+    route = VERTEX_ENV["AIP_PREDICT_ROUTE"]
+    held: list = []
+    long = {"instances": ["Count to a thousand:"], "parameters": {"max_new_tokens": 400, "min_new_tokens": 400}}
+    caller = threading.Thread(target=lambda: held.append(container.request("POST", route, long, timeout=HANG_GUARD_S)))
+    caller.start()
+    # Sent after the long one and answered: so the long one is in the worker too (the manager takes every request).
+    assert container.request("POST", route, SHORT_GREEDY, timeout=HANG_GUARD_S)[0] == 200
+    [worker] = container.exec("python", "-c", WORKER_PIDS).stdout.split()
+    container.exec("kill", "-9", worker)
+    killed = time.monotonic()
+    caller.join(HANG_GUARD_S)
+    assert not caller.is_alive(), "the request the dead worker held never got an answer"
+    [(status, _, body)] = held
+    assert 500 <= status < 600 and "retry" in json.loads(body)["error"], (status, body)
+    seen = []
+    while time.monotonic() - killed < HANG_GUARD_S:
+        status, headers, body = container.request("POST", route, SHORT_GREEDY, timeout=HANG_GUARD_S)
+        seen.append(status)
+        if status == 200:
+            break
+        assert status in (503, 507) and "retry-after" in headers, (status, body)
+        time.sleep(1)
+    assert seen[-1] == 200, seen
+    record_property("seconds_to_heal", round(time.monotonic() - killed, 1))
+    record_property("statuses_while_healing", seen)
+    new_workers = container.exec("python", "-c", WORKER_PIDS).stdout.split()
+    assert new_workers and worker not in new_workers
 
 
 def test_the_server_runs_as_non_root(full):
