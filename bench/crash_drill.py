@@ -28,7 +28,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import psutil
+from tests.support.torchserve import process_tree
 
 LONG = {"instances": ["Count to a thousand:"], "parameters": {"max_new_tokens": 400, "min_new_tokens": 400}}
 SMALL = {"instances": ["Hi"], "parameters": {"max_new_tokens": 1, "temperature": 0}}
@@ -49,25 +49,8 @@ def post(url: str, body: dict, timeout: float) -> dict:
             "body": text[:120].decode(errors="replace")}
 
 
-def tree(supervisor: int) -> dict[str, list[int]]:
-    """The supervisor's TorchServe processes by kind."""
-    kinds: dict[str, list[int]] = {"launcher": [], "java": [], "workers": []}
-    for child in psutil.Process(supervisor).children(recursive=True):
-        try:
-            command = " ".join(child.cmdline())
-        except psutil.Error:
-            continue
-        if "model_service_worker" in command:
-            kinds["workers"].append(child.pid)
-        elif "java" in Path(child.exe()).name:
-            kinds["java"].append(child.pid)
-        elif "torchserve" in command:
-            kinds["launcher"].append(child.pid)
-    return kinds
-
-
 def one_round(url: str, supervisor: int, timeout: float) -> dict:
-    workers = tree(supervisor)["workers"]
+    workers = process_tree(supervisor)["workers"]
     if len(workers) != 1:
         raise SystemExit(f"expected one worker, found {workers}")
     held: dict = {}
@@ -140,10 +123,10 @@ def own_tree(args: argparse.Namespace) -> int:
 
 def drill(base_url: str, app: str, supervisor: int, args: argparse.Namespace) -> int:
     url = f"{base_url}/predictions/{app}"
-    before = tree(supervisor)
+    before = process_tree(supervisor)
     rounds = [one_round(url, supervisor, args.timeout) for _ in range(args.kills)]
     time.sleep(5)  # let the last scale-down's leftovers exit
-    after = tree(supervisor)
+    after = process_tree(supervisor)
     report = {
         "path": args.start or "as served",
         "rounds": rounds,

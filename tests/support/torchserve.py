@@ -191,19 +191,7 @@ class TorchServe:
 
     def processes(self) -> dict[str, list[int]]:
         """The tree under the front, by kind: the torchserve launcher, Java, the model workers."""
-        kinds: dict[str, list[int]] = {"launcher": [], "java": [], "workers": []}
-        for child in psutil.Process(self.process.pid).children(recursive=True):
-            try:
-                command = " ".join(child.cmdline())
-            except psutil.Error:
-                continue
-            if "model_service_worker" in command:
-                kinds["workers"].append(child.pid)
-            elif command.split(" ", 1)[0].endswith("java"):
-                kinds["java"].append(child.pid)
-            elif "torchserve" in command:
-                kinds["launcher"].append(child.pid)
-        return kinds
+        return process_tree(self.process.pid)
 
     def log_tail(self, lines: int = 60) -> str:
         logs = self.workdir / "logs"
@@ -227,6 +215,23 @@ class TorchServe:
                     child.kill()
             self.process.kill()
             self.process.wait()
+
+
+def process_tree(root: int) -> dict[str, list[int]]:
+    """The TorchServe processes under `root` (the front), by kind: launcher, Java, model workers."""
+    kinds: dict[str, list[int]] = {"launcher": [], "java": [], "workers": []}
+    for child in psutil.Process(root).children(recursive=True):
+        try:
+            command = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if "model_service_worker" in command:
+            kinds["workers"].append(child.pid)
+        elif command.split(" ", 1)[0].endswith("java"):
+            kinds["java"].append(child.pid)
+        elif "torchserve" in command:
+            kinds["launcher"].append(child.pid)
+    return kinds
 
 
 def post(url: str, body: Any, timeout: float = 300, raw: bytes | None = None,
