@@ -30,6 +30,7 @@ from handler.compat import (
     add_processors,
     generated_ids,
     retype,
+    sample_with,
 )
 
 
@@ -98,10 +99,15 @@ class RepetitionPenaltyProcessor(ContinuousBatchingLogitsProcessor):
 
 
 class TopKWarper(ContinuousBatchingTopKLogitsWarper):
-    """Per-row top-k: one `topk` up to the largest k in use, over the rows whose k leaves anything out."""
+    """Per-row top-k: one `topk` up to the largest k in use, over the rows whose k leaves anything out.
+
+    It keeps this step's k of each row (`row_k`), from which `GreedySampler` tells the greedy rows."""
+
+    row_k: torch.Tensor | None = None
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
         top_k = tensor_arg[: scores.size(0)].to(torch.int64)
+        self.row_k = top_k
         rows = (top_k < scores.size(-1)).nonzero().squeeze(-1)
         if rows.numel() == 0:
             return scores
@@ -166,6 +172,31 @@ class SequenceProcessors(ContinuousBatchingLogitsProcessor):
         return scores
 
 
+class GreedySampler:
+    """The manager's sampling step, with its greedy rows (top_k 1, see `continuous.processor_kwargs`)
+    taking the argmax: only the sampled rows pay a softmax and a multinomial over the vocabulary.
+
+    The token is the one the manager's multinomial drew from a greedy row's single candidate,
+    so no text changes. Without this step's k per row (the warper did not run), it declines and
+    the manager samples as it does."""
+
+    def __init__(self, top_k: TopKWarper):
+        self.top_k = top_k
+
+    def __call__(self, scores: torch.Tensor, output_ids: torch.Tensor) -> bool:
+        row_k, self.top_k.row_k = self.top_k.row_k, None
+        rows = scores[0]
+        if row_k is None or row_k.numel() != rows.size(0):
+            return False
+        tokens = rows.argmax(dim=-1)
+        sampled = (row_k != 1).nonzero().squeeze(-1)
+        if sampled.numel():
+            probabilities = rows[sampled].softmax(dim=-1)
+            tokens[sampled] = torch.multinomial(probabilities, num_samples=1).squeeze(-1)
+        output_ids[0, : tokens.numel()].copy_(tokens)
+        return True
+
+
 OURS = {ContinuousBatchingTopKLogitsWarper: TopKWarper, ContinuousBatchingTopPLogitsWarper: TopPWarper}
 
 
@@ -181,7 +212,8 @@ def install(
     front_lists: Mapping[str, list[LogitsProcessor]],
     sequence_lists: Mapping[str, list[LogitsProcessor]],
 ) -> None:
-    """Our processors around the manager's, and our top-k and top-p warpers in place of its own.
+    """Our processors around the manager's, our top-k and top-p warpers in place of its own, and
+    our sampling step (greedy rows take the argmax) in place of its.
 
     Each sequence's `front_lists` entry runs first, on the raw logits; its `sequence_lists`
     entry runs last, after the manager's warpers."""
@@ -189,3 +221,6 @@ def install(
     processors[:] = [ours_for(processor) for processor in processors]
     front = [SequenceProcessors(front_lists), RepetitionPenaltyProcessor(), MinNewTokensProcessor(eos_token_ids)]
     add_processors(manager, front, [SequenceProcessors(sequence_lists)])
+    top_k = next((processor for processor in processors if isinstance(processor, TopKWarper)), None)
+    if top_k is not None:  # the manager's config always asks for top-k (`ContinuousScheduler._start_manager`)
+        sample_with(manager, GreedySampler(top_k))

@@ -1,8 +1,8 @@
 """Every use of transformers' private continuous batching internals, behind one door.
 
 transformers 5.23 gives no public way to drop a result handler, to read a re-queued
-request's generated tokens, to add processors to a running manager, or to swap one of its
-warpers for another class. The functions below do it with private attributes; nothing else
+request's generated tokens, to add processors to a running manager, to swap one of its
+warpers for another class, or to sample some rows its own way. The functions below do it with private attributes; nothing else
 in `handler/` touches them. `problems(manager)` lists what a transformers upgrade moved,
 and `tests/unit/test_compat.py` fails with that list.
 """
@@ -10,7 +10,9 @@ and `tests/unit/test_compat.py` fails with that list.
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Any
+from typing import Any, Callable
+
+import torch
 
 from transformers.generation.continuous_batching.cb_logits_processors import (
     ContinuousBatchingLogitsProcessor,
@@ -18,6 +20,7 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
     ContinuousBatchingTopKLogitsWarper,
     ContinuousBatchingTopPLogitsWarper,
 )
+from transformers.generation.continuous_batching.model_runner import ModelRunner
 from transformers.generation.continuous_batching.requests import (
     FutureRequestState,
     GenerationOutput,
@@ -39,6 +42,7 @@ __all__ = [
     "pending_result_handlers",
     "problems",
     "retype",
+    "sample_with",
 ]
 
 
@@ -71,6 +75,27 @@ def add_processors(manager, front: list, back: list) -> None:
     processors.tensors_required += len(front) + len(back)
     processors._retrieve_processors_kwargs()
     processors.do_processing = True
+
+
+def sample_with(manager, sampler: Callable[[torch.Tensor, torch.Tensor], bool]) -> None:
+    """The manager's sampling step asks `sampler(scores, output_ids)` first, and samples as it
+    does where that returns False (or where log probabilities are wanted).
+
+    The manager builds its `ModelRunner` on its own thread when its loop starts, so the step is
+    rerouted on the class, once, to whatever sampler the runner's processor list carries;
+    a runner whose list carries none samples as before."""
+    manager.logit_processor.sampler = sampler
+    if getattr(ModelRunner._sample, "asks_sampler", False):
+        return
+    manager_sample = ModelRunner._sample
+
+    def _sample(runner, scores: torch.Tensor, output_ids: torch.Tensor) -> None:
+        sampler = getattr(runner.logit_processor, "sampler", None)
+        if sampler is None or runner.return_logprobs or not sampler(scores, output_ids):
+            manager_sample(runner, scores, output_ids)
+
+    _sample.asks_sampler = True
+    ModelRunner._sample = _sample
 
 
 def retype(processor: Any, kind: type) -> Any:
@@ -107,6 +132,8 @@ def problems(manager) -> list[str]:
             found.append("ContinuousBatchingLogitsProcessorList._retrieve_processors_kwargs() is gone (add_processors)")
     if not {"state", "has_new_token"} <= set(getattr(FutureRequestState, "__slots__", ())):
         found.append("FutureRequestState lost its state or has_new_token slot (batch processors)")
+    if not callable(getattr(ModelRunner, "_sample", None)):
+        found.append("ModelRunner._sample is gone (sample_with)")
     for kind in (ContinuousBatchingTopKLogitsWarper, ContinuousBatchingTopPLogitsWarper):
         if kind.__dictoffset__ == 0:
             found.append(f"{kind.__name__} instances have no __dict__: retype's copy no longer works")

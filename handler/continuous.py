@@ -47,6 +47,7 @@ from handler.sampling import front_processors, sequence_processors
 from handler.scheduler import ChunkSink
 from handler.sequence import Completion, SequenceState
 from handler.settings import ContinuousBatchingSettings
+from handler.threads import run_on_passing_thread
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ class ContinuousScheduler:
         if not self.running:
             logger.error("the continuous batching manager stopped; starting a new one")
             self.manager.stop(block=True, timeout=60)
-            self.manager = self.turns.manager = self._start_manager()
+            self.manager = self.turns.manager = run_on_passing_thread(self._start_manager, name="manager-start")
         sequences = [
             [self._submit(prompt, index, n, sink) for n in range(prompt.params.num_return_sequences)]
             for index, prompt in enumerate(prompts)

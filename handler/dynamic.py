@@ -7,8 +7,9 @@ prompts are grouped by identical parameters; which of the two strategies serves 
 the same capability check the `Router` makes (`scheduler.assign`).
 
 On its own (dynamic batching) it generates on the caller's thread, as TorchServe's
-synchronous worker expects. Beside the continuous batcher it generates in a worker thread,
-one `generate` at a time, inside `guard` (the manager pauses around each forward pass), and
+synchronous worker expects. Beside the continuous batcher it generates in a thread of its
+own per call (`handler.threads`: a pooled thread's OpenMP pool would slow the manager's), one
+`generate` at a time, inside `guard` (the manager pauses around each forward pass), and
 its stream chunks reach the caller's loop in order.
 """
 
@@ -30,6 +31,7 @@ from handler.sampling import PerRowSampler, RowSampling, request_generator, row_
 from handler.scheduler import ChunkSink, assign
 from handler.sequence import Completion, SequenceState
 from handler.stopping import FinishReason, find_stop
+from handler.threads import on_passing_thread
 
 MAX_ROWS_PER_GENERATE = 64
 ROWS_HONOUR = frozenset(PARAMETER_NAMES) - {"num_beams"}
@@ -69,7 +71,7 @@ class DynamicScheduler:
                 return self.generate(prompts, on_loop if sink else None)
 
         async with lock:
-            return await asyncio.to_thread(generate)
+            return await on_passing_thread(generate, name="generate-beside")
 
     def warm_up(self) -> None:
         ids = tuple(self.loaded.tokenizer("Hello")["input_ids"])

@@ -27,6 +27,7 @@ from handler.requests import RequestShape, read_body
 from handler.responses import Answer, prediction_offsets
 from handler.scheduler import Router, Scheduler
 from handler.settings import HandlerSettings
+from handler.threads import run_on_passing_thread
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,12 @@ class Service:
 
     @classmethod
     def start(cls, settings: HandlerSettings, model_dir: Path, device: torch.device, model_name: str) -> "Service":
-        """Loads the model and starts the schedulers `handler.batching` asks for."""
+        """Loads the model and starts the schedulers `handler.batching` asks for, on a thread that
+        ends with the start, so that its OpenMP pool does not slow the manager's (`handler.threads`)."""
+        return run_on_passing_thread(lambda: cls._start(settings, model_dir, device, model_name), name="model-start")
+
+    @classmethod
+    def _start(cls, settings: HandlerSettings, model_dir: Path, device: torch.device, model_name: str) -> "Service":
         loaded = load_model(model_dir, settings, device)
         grammars = cls.grammars_for(loaded, settings)
         dynamic = DynamicScheduler(loaded, settings.deadline_seconds)

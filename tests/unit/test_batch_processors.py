@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from handler.batch_processors import SequenceProcessors, TopKWarper, TopPWarper, ours_for
+from handler.batch_processors import GreedySampler, SequenceProcessors, TopKWarper, TopPWarper, ours_for
 from handler.compat import (
     ContinuousBatchingTopKLogitsWarper,
     ContinuousBatchingTopPLogitsWarper,
@@ -75,3 +75,24 @@ def test_min_p_on_the_manager_filters_as_transformers_warper_does(seed):
         expected = MinPLogitsWarper(min_ps[rid])(None, scores[row : row + 1].clone()) if rid in min_ps else scores[row : row + 1]
         assert torch.equal(got[row : row + 1], expected)
     assert bool((got[2] == float("-inf")).any()) and not bool((got[1] == float("-inf")).any())
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_greedy_rows_take_the_argmax_and_sampled_rows_draw_among_their_candidates(seed):
+    """The manager's sampling step: a greedy row (k=1) gets the token the multinomial over its single
+    candidate would draw, a sampled row one of the candidates its top-k left, and the step's k is used once."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randn(5, VOCAB, generator=generator) * 3
+    ks = [1, 5, 1, VOCAB, 1]
+    warper = ours_for(ContinuousBatchingTopKLogitsWarper(TopKLogitsWarper(top_k=2)))
+    filtered = warper(scores.clone(), rows(ks, torch.int32))
+    sampler = GreedySampler(warper)
+    output_ids = torch.full((2, 8), -1, dtype=torch.int32)
+    torch.manual_seed(seed)
+    assert sampler(filtered.unsqueeze(0), output_ids)
+    drawn = output_ids[0, :5].tolist()
+    for row in (0, 2, 4):
+        assert drawn[row] == int(scores[row].argmax())
+    assert drawn[1] in torch.topk(scores[1], 5).indices.tolist()
+    assert 0 <= drawn[3] < VOCAB and output_ids[0, 5:].eq(-1).all()
+    assert not sampler(filtered.unsqueeze(0), output_ids), "a step's k serves one sampling step only"

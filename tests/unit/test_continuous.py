@@ -128,6 +128,29 @@ def test_manager_output_equals_the_classic_engine_for_the_parameters_it_serves(e
     assert handlers_left(continuous) == 0
 
 
+def test_greedy_rows_never_reach_the_multinomial(engine, continuous, monkeypatch):
+    """Greedy rows take the argmax in the manager (`batch_processors.GreedySampler`): with the
+    multinomial broken, greedy requests still give the classic engine's text, and a sampled
+    neighbour is the only one that needs it."""
+    drawn_rows = []
+    multinomial = torch.multinomial
+
+    def counting_multinomial(probabilities, *args, **kwargs):
+        drawn_rows.append(probabilities.size(0))
+        return multinomial(probabilities, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "multinomial", counting_multinomial)
+    greedy = [prompt(engine, text, max_new_tokens=10, temperature=0) for text in ("Hello there", "Tell me a story")]
+    classic = [engine.generate([p])[0][0].text for p in greedy]
+    drawn_rows.clear()
+    assert [s[0].text for s in complete_all(continuous, greedy)] == classic
+    assert drawn_rows == []
+    sampled = prompt(engine, "Once upon", max_new_tokens=10, temperature=0.9)
+    served = complete_all(continuous, [*greedy, sampled])
+    assert [s[0].text for s in served[:2]] == classic
+    assert drawn_rows and max(drawn_rows) == 1, "only the sampled row is drawn from"
+
+
 def test_min_p_of_one_makes_the_manager_sample_the_greedy_text(engine, continuous):
     """min_p=1 keeps only tokens as likely as the top one, so sampled rows give greedy text; the
     neighbour without min_p shows that the sequence's processors stay on its own row."""
