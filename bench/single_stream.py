@@ -35,7 +35,7 @@ from bench.targets.llama_cpp_server import NEUTRAL_SAMPLING, default_gguf
 from bench.workloads import PROMPTS
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_VARIANTS = "fp32,bf16,fp32+fp16-dynamic,fp32+int8-dynamic,fp32+int8-weight-only,llama.cpp"
+DEFAULT_VARIANTS = "fp32,bf16,fp32+fp16-dynamic,fp32+int8-dynamic,fp32+int8-weight-only,bf16+int4-weight-only,llama.cpp"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -17,6 +17,14 @@ SmolLM2-135M, batch 1, greedy; docs/bench.md has the tables):
   makes). Quality stays close to fp32, and weights take a quarter of fp32's memory. In eager mode
   it turns the int8 weight back into float at every matmul, so on CPU it is slower than fp32.
   Only `torch.compile` makes it fast, and that took minutes here.
+- `int4-weight-only`: torchao's `PrototypeInt4WeightOnlyConfig` (int4 weights in groups of
+  `INT4_GROUP_SIZE` input features, one bf16 scale and zero point per group, packed for the
+  CPU's int4 matmul kernel; activations stay bf16). It needs `handler.dtype: bfloat16`. It
+  reads a quarter of bf16's bytes per token, which is what one stream is bound by: measured
+  at about 2x bf16 for one stream on this machine (docs/bench.md), and no faster than bf16 at
+  16 rows, where the matmuls are compute-bound. A layer whose input size the group size does
+  not divide stays bf16; the log names each one (SmolLM2-135M has none: 576 and 1536 are
+  multiples of 64).
 
 `torch.ao.quantization` warns that it is deprecated in favour of torchao. But torchao's
 counterparts run 3-25x slower than fp32 in eager mode on CPU, so the two dynamic methods stay
@@ -37,7 +45,8 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("none", "int8-dynamic", "fp16-dynamic", "int8-weight-only")
+METHODS = ("none", "int8-dynamic", "fp16-dynamic", "int8-weight-only", "int4-weight-only")
+INT4_GROUP_SIZE = 64
 
 
 class QuantizationError(ValueError):
@@ -61,6 +70,8 @@ def quantize_for_cpu(model: nn.Module, method: str) -> nn.Module:
         raise QuantizationError(f"quantization {method!r} found no nn.Linear layer to quantize")
     if method == "int8-weight-only":
         model = _int8_weight_only(model)
+    elif method == "int4-weight-only":
+        linears = _int4_weight_only(model)
     else:
         model = _dynamic(model, method)
     logger.info("quantized %d linear layers with %s", linears, method)
@@ -94,3 +105,36 @@ def _int8_weight_only(model: nn.Module) -> nn.Module:
         ) from error
     quantize_(model, Int8WeightOnlyConfig())
     return model
+
+
+def _int4_weight_only(model: nn.Module) -> int:
+    """Quantizes every linear layer the group size fits and names the others; returns how many it quantized."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if dtypes != {torch.bfloat16}:
+        raise QuantizationError(
+            f"quantization 'int4-weight-only' needs a bfloat16 model (handler.dtype: bfloat16), got {sorted(map(str, dtypes))}"
+        )
+    try:
+        from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+        from torchao.quantization import quantize_
+    except ImportError as error:
+        raise QuantizationError(
+            "quantization 'int4-weight-only' needs torchao (pip install torchao==0.18.0)"
+        ) from error
+    linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    unfit = sorted(name for name, module in linears.items() if module.in_features % INT4_GROUP_SIZE)
+    if len(unfit) == len(linears):
+        raise QuantizationError(
+            f"quantization 'int4-weight-only' fits no linear layer: no input size is a multiple of {INT4_GROUP_SIZE}"
+        )
+    if unfit:
+        logger.warning(
+            "int4-weight-only keeps %d linear layers in bf16, their input size not a multiple of %d: %s",
+            len(unfit), INT4_GROUP_SIZE, ", ".join(unfit),
+        )  # fmt: skip
+    quantize_(
+        model,
+        PrototypeInt4WeightOnlyConfig(group_size=INT4_GROUP_SIZE),
+        filter_fn=lambda module, name: isinstance(module, nn.Linear) and module.in_features % INT4_GROUP_SIZE == 0,
+    )
+    return len(linears) - len(unfit)
