@@ -2,8 +2,8 @@
 
 transformers 5.23 gives no public way to drop a result handler, to read a re-queued
 request's generated tokens, to add processors to a running manager, to swap one of its
-warpers for another class, or to sample some rows its own way. The functions below do it with private attributes; nothing else
-in `handler/` touches them. `problems(manager)` lists what a transformers upgrade moved,
+warpers for another class, or to sample some rows its own way. The functions below do it
+with private attributes; nothing else in `handler/` touches them. `problems(manager)` lists what a transformers upgrade moved,
 and `tests/unit/test_compat.py` fails with that list.
 """
 

@@ -20,17 +20,17 @@ SmolLM2-135M, batch 1, greedy; docs/bench.md has the tables):
 - `int4-weight-only`: torchao's `PrototypeInt4WeightOnlyConfig` (int4 weights in groups of
   `INT4_GROUP_SIZE` input features, one bf16 scale and zero point per group, packed for the
   CPU's int4 matmul kernel; activations stay bf16). It needs `handler.dtype: bfloat16`. It
-  reads a quarter of bf16's bytes per token, which is what one stream is bound by: measured
-  at about 2x bf16 for one stream on this machine (docs/bench.md), and no faster than bf16 at
-  16 rows, where the matmuls are compute-bound. A layer whose input size the group size does
-  not divide stays bf16; the log names each one (SmolLM2-135M has none: 576 and 1536 are
-  multiples of 64).
+  reads a quarter of bf16's bytes per token, which is what one stream is bound by; at many
+  rows the matmuls are compute-bound and it gains nothing (`make bench-single-stream` has the
+  variant `bf16+int4-weight-only`). A layer whose input size the group size does not divide
+  stays bf16; the log names each one (SmolLM2-135M has none: 576, 1536 and 192 are multiples
+  of 64).
 
 `torch.ao.quantization` warns that it is deprecated in favour of torchao. But torchao's
 counterparts run 3-25x slower than fp32 in eager mode on CPU, so the two dynamic methods stay
 on torch until that changes.
 
-Every method replaces the `nn.Linear` layers, `lm_head` included. With tied embeddings, the
+Every method replaces the `nn.Linear` layers, `lm_head` included (int4: those it fits). With tied embeddings, the
 input embedding keeps its float copy. The result is for inference only: it cannot be saved
 with `save_pretrained` or trained.
 """
@@ -78,12 +78,17 @@ def quantize_for_cpu(model: nn.Module, method: str) -> nn.Module:
     return model
 
 
-def _dynamic(model: nn.Module, method: str) -> nn.Module:
+def _require_dtype(model: nn.Module, method: str, dtype: torch.dtype) -> None:
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    if dtypes != {torch.float32}:
+    if dtypes != {dtype}:
+        name = str(dtype).removeprefix("torch.")
         raise QuantizationError(
-            f"quantization {method!r} needs a float32 model (handler.dtype: float32), got {sorted(map(str, dtypes))}"
+            f"quantization {method!r} needs a {name} model (handler.dtype: {name}), got {sorted(map(str, dtypes))}"
         )
+
+
+def _dynamic(model: nn.Module, method: str) -> nn.Module:
+    _require_dtype(model, method, torch.float32)
     with warnings.catch_warnings():
         # torch.ao.quantization announces its move to torchao on every call; see the module docstring.
         for category in (DeprecationWarning, UserWarning):
@@ -109,11 +114,7 @@ def _int8_weight_only(model: nn.Module) -> nn.Module:
 
 def _int4_weight_only(model: nn.Module) -> int:
     """Quantizes every linear layer the group size fits and names the others; returns how many it quantized."""
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    if dtypes != {torch.bfloat16}:
-        raise QuantizationError(
-            f"quantization 'int4-weight-only' needs a bfloat16 model (handler.dtype: bfloat16), got {sorted(map(str, dtypes))}"
-        )
+    _require_dtype(model, "int4-weight-only", torch.bfloat16)
     try:
         from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
         from torchao.quantization import quantize_
