@@ -18,7 +18,7 @@ BENCH_SERVERS ?=
 BENCH_TARGETS ?= torchserve,transformers,llamacpp
 BENCH_CONCURRENCY ?= 1,4,16
 BENCH_WORKLOADS ?= uniform,mixed
-# Anything else `python -m bench --help` lists, e.g. --quick, --no-stream, --hf-dtype bfloat16.
+# Anything else `python -m bench --help` lists, e.g. --quick, --no-stream, --hf-dtype float32.
 BENCH_ARGS ?=
 # Comma list of DTYPE[+QUANTIZATION] and llama.cpp; empty: the benchmark's default list.
 SINGLE_STREAM_VARIANTS ?=
