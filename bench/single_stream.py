@@ -3,9 +3,10 @@
     python -m bench.single_stream
     python -m bench.single_stream --variants fp32,fp32+int8-dynamic --repeats 1 --prompts 2
 
-A variant is `DTYPE[+QUANTIZATION]` (`handler.quantization` methods) or `llama.cpp` (the
-Q4_1 GGUF in-process, as a reference). Each one decodes `--new-tokens` tokens greedily for
-every prompt, EOS blocked, batch 1. Speed is new tokens over the whole `generate` call
+A variant is `DTYPE[+QUANTIZATION][+compile]` (`handler.quantization` methods; `compile`:
+`torch.compile` of the decode step over a static KV cache, compiled in setup, whose time
+counts in `setup s`) or `llama.cpp` (the Q4_1 GGUF in-process, as a reference). Each one
+decodes `--new-tokens` tokens greedily for every prompt, EOS blocked, batch 1. Speed is new tokens over the whole `generate` call
 (prefill included; the prompts are short), the median over prompts x repeats. All variants
 are loaded first and their runs interleaved, so a change in the machine's load hits them alike.
 
@@ -35,7 +36,12 @@ from bench.targets.llama_cpp_server import NEUTRAL_SAMPLING, default_gguf
 from bench.workloads import PROMPTS
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_VARIANTS = "fp32,bf16,fp32+fp16-dynamic,fp32+int8-dynamic,fp32+int8-weight-only,bf16+int4-weight-only,llama.cpp"
+DEFAULT_VARIANTS = (
+    "fp32,bf16,fp32+fp16-dynamic,fp32+int8-dynamic,fp32+int8-weight-only,bf16+int4-weight-only,bf16+compile,llama.cpp"
+)
+COMPILE = "compile"
+# The static cache's length: every prompt plus its new tokens fits, so one decode graph serves them all.
+STATIC_CACHE_TOKENS = 512
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -82,26 +88,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_variant(model_dir: Path, name: str):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, CompileConfig
 
     from handler.quantization import quantize_for_cpu
 
-    dtype_name, _, method = name.partition("+")
-    if dtype_name not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype_name!r} in variant {name!r}; known: {sorted(DTYPES)}")
+    dtype_name, *options = name.split("+")
+    compiled = COMPILE in options
+    methods = [option for option in options if option != COMPILE]
+    if dtype_name not in DTYPES or len(methods) > 1:
+        raise ValueError(f"variant {name!r} is not DTYPE[+QUANTIZATION][+compile]; dtypes: {sorted(DTYPES)}")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype_name]).eval()
-    return quantize_for_cpu(model, method or "none")
+    model = quantize_for_cpu(model, methods[0] if methods else "none")
+    if compiled:
+        # generate compiles the decode step only on accelerators unless told to compile on every device.
+        compile_config = CompileConfig(mode="default")
+        compile_config._compile_all_devices = True  # a class attribute, not an argument, in transformers 5.23
+        model.generation_config.compile_config = compile_config
+    return model, compiled
 
 
-def greedy(model, ids: torch.Tensor, new_tokens: int) -> tuple[list[int], float]:
+def greedy(model, ids: torch.Tensor, new_tokens: int, static_cache: bool = False) -> tuple[list[int], float]:
+    from transformers import StaticCache
+
     with torch.inference_mode():
         start = time.perf_counter()
+        cache = StaticCache(config=model.config, max_cache_len=STATIC_CACHE_TOKENS) if static_cache else None
         output = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
             do_sample=False,
+            past_key_values=cache,
         )
         seconds = time.perf_counter() - start
     return output[0, ids.shape[1] :].tolist(), seconds
@@ -129,15 +147,17 @@ class TransformersVariant:
         self.encoded = [tokenizer(p, return_tensors="pt")["input_ids"] for p in prompts]
         self.tokens: list[list[int] | None] = [None] * len(prompts)
         self.model = None
+        self.compiled = False
 
     def setup(self) -> None:
         start = time.perf_counter()
-        self.model = load_variant(self.model_dir, self.result.name)
+        self.model, self.compiled = load_variant(self.model_dir, self.result.name)
+        # A compiled variant's warm-up is its compilation: part of its setup time.
+        greedy(self.model, self.encoded[0], 4, self.compiled)
         self.result.setup_s = time.perf_counter() - start
-        greedy(self.model, self.encoded[0], 4)  # warm-up
 
     def decode(self, index: int, new_tokens: int) -> None:
-        tokens, seconds = greedy(self.model, self.encoded[index], new_tokens)
+        tokens, seconds = greedy(self.model, self.encoded[index], new_tokens, self.compiled)
         self.result.rates.append(len(tokens) / seconds)
         if self.tokens[index] is None:
             self.tokens[index] = tokens
