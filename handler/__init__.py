@@ -26,7 +26,7 @@ Structured output
 Loading
     `loading`       device, threads, dtype, weight-format policy, model and tokenizer
     `quantization`  post-load CPU quantization (int8, fp16, int4 weight-only)
-    `dtype_probe`   `dtype: auto` on CPUs with native bf16: fp32 and bf16 timed, the faster kept
+    `dtype_probe`   `dtype: auto` on CPU: fp32, native bf16 and fp16 weights timed, the fastest kept
     `sources`       where weights come from (Hub, local, SmolLM2 GGUF; `weights_dir`)
     `storage`       Cloud Storage copies (`AIP_STORAGE_URI`)
     `threads`       torch work on threads that end, so that the manager's OpenMP pool is the only one

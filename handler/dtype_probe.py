@@ -1,9 +1,14 @@
-"""`dtype: auto` on CPU: time a few decode steps in fp32 and in bf16, keep the faster.
+"""`dtype: auto` on CPU: time a few decode steps of each candidate weight format, keep the fastest.
 
 No fixed rule is safe on CPU: on one AMX machine bf16 was 1.4-1.8x faster than fp32 at batch
-16 and, on another day, 0.84x at batch 1. So where the CPU computes bf16 natively (AVX512-BF16
-or AMX), the worker measures both at the batch the app serves and logs the two figures; where
-it does not, bf16 is emulated and fp32 is kept without a measurement.
+16 and, on another day, 0.84x at batch 1. So the worker measures every candidate this CPU can
+run at the batch the app serves, and logs the figures:
+- fp32, always;
+- bf16 where the CPU computes it natively (AVX512-BF16 or AMX; elsewhere it is emulated);
+- fp16 weights with fp32 activations (`handler.quantization: fp16-dynamic`, fbgemm's fp16
+  GEMM) where torch has fbgemm (x86). Its weights are closer to fp32's than bf16's (10 mantissa
+  bits against 7); SmolLM2's greedy text was fp32's exactly, and on a 2-core AMX host it decoded
+  one stream at 47 tok/s against bf16's 27 (raw `generate`).
 """
 
 from __future__ import annotations
@@ -17,9 +22,12 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
+from handler.quantization import quantize_for_cpu
+
 logger = logging.getLogger(__name__)
 
 PROMPT_TOKENS = 8
+FP16_WEIGHTS = "fp16-dynamic"
 
 
 def native_bf16_cpu() -> bool:
@@ -27,14 +35,38 @@ def native_bf16_cpu() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
+def fp16_weights_cpu() -> bool:
+    """Whether torch has fbgemm, whose fp16 GEMM `fp16-dynamic` runs on."""
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def candidate_names() -> list[str]:
+    """What `dtype: auto` times on this CPU; fp32 first, the reference the others are made from."""
+    return ["float32"] + (["bfloat16"] if native_bf16_cpu() else []) + ([FP16_WEIGHTS] if fp16_weights_cpu() else [])
+
+
 @dataclass(frozen=True)
 class DtypeChoice:
-    dtype: torch.dtype
-    step_seconds: dict[str, float]  # median seconds per decode step, by dtype name
+    name: str  # a candidate of `candidate_names`
+    step_seconds: dict[str, float]  # median seconds per decode step, by candidate
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the activations (and of the KV cache): fp32 under fp16 weights."""
+        return torch.float32 if self.name == FP16_WEIGHTS else getattr(torch, self.name)
 
     def describe(self) -> str:
         figures = ", ".join(f"{name} {seconds * 1000:.1f} ms" for name, seconds in self.step_seconds.items())
-        return f"{str(self.dtype).removeprefix('torch.')} (decode step: {figures})"
+        return f"{self.name} (decode step: {figures})"
+
+
+def _candidate(model, name: str):
+    """The fp32 model itself, or a copy of it in the candidate's format."""
+    if name == "float32":
+        return model
+    if name == FP16_WEIGHTS:
+        return quantize_for_cpu(copy.deepcopy(model), FP16_WEIGHTS)
+    return copy.deepcopy(model).to(getattr(torch, name))
 
 
 class _StepClock(StoppingCriteria):
@@ -66,16 +98,18 @@ def decode_step_seconds(model, batch: int, steps: int) -> float:
 
 
 def fastest_cpu_dtype(
-    model, batch: int, steps: int = 4, rounds: int = 2, budget_s: float = 15.0
+    model, batch: int, steps: int = 4, rounds: int = 2, budget_s: float = 15.0, names: list[str] | None = None
 ) -> tuple[torch.nn.Module, DtypeChoice]:
-    """The fp32 model or a bf16 copy of it, whichever decodes faster here; the loser is dropped.
+    """The fp32 model or a copy of it in another candidate format (`names`, default
+    `candidate_names()`), whichever decodes fastest here; the others are dropped.
 
-    Rounds alternate the two dtypes so that a change in the machine's load hits both; each
-    dtype runs once untimed first (allocator and kernel warm-up). On a big model or a busy
+    Rounds alternate the candidates so that a change in the machine's load hits them alike;
+    each runs once untimed first (allocator and kernel warm-up). On a big model or a busy
     host the rounds after the first stop once `budget_s` is spent, so a start stays short.
+    While it runs, the copies hold up to twice the fp32 model's memory.
     """
     started = time.perf_counter()
-    candidates = {"float32": model, "bfloat16": copy.deepcopy(model).to(torch.bfloat16)}
+    candidates = {name: _candidate(model, name) for name in (names or candidate_names())}
     for candidate in candidates.values():
         decode_step_seconds(candidate, batch, 1)
     timings: dict[str, list[float]] = {name: [] for name in candidates}
@@ -86,5 +120,4 @@ def fastest_cpu_dtype(
             timings[name].append(decode_step_seconds(candidate, batch, steps))
     medians = {name: statistics.median(values) for name, values in timings.items()}
     winner = min(medians, key=medians.get)
-    choice = DtypeChoice(getattr(torch, winner), medians)
-    return candidates[winner], choice
+    return candidates[winner], DtypeChoice(winner, medians)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from handler.dtype_probe import fastest_cpu_dtype, native_bf16_cpu
+from handler.dtype_probe import candidate_names, fastest_cpu_dtype
 from handler.prompts import TokenLimits
 from handler.quantization import quantize_for_cpu
 from handler.settings import HandlerSettings, SettingsError
@@ -69,7 +69,7 @@ def pick_threads(settings: HandlerSettings) -> int:
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The dtype to load in: fp32 on CPU (where `measures_dtype` may then pick bf16), bf16 on GPUs
+    """The dtype to load in: fp32 on CPU (where `measures_dtype` may then pick bf16 or fp16 weights), bf16 on GPUs
     that support it, else fp16, unless the app says otherwise."""
     if name != "auto":
         return getattr(torch, name)
@@ -79,14 +79,14 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def measures_dtype(settings: HandlerSettings, device: torch.device) -> bool:
-    """`dtype: auto` on a CPU with native bf16 is decided by timing both (handler.dtype_probe);
+    """`dtype: auto` on a CPU with a candidate besides fp32 is decided by timing them (handler.dtype_probe);
     a quantized or device-mapped model keeps fp32, as the quantizers and offloading expect."""
     return (
         settings.dtype == "auto"
         and device.type == "cpu"
         and settings.quantization == "none"
         and not settings.device_map
-        and native_bf16_cpu()
+        and len(candidate_names()) > 1
     )
 
 

@@ -67,7 +67,7 @@ class HandlerSettings:
     continuous: ContinuousBatchingSettings = field(default_factory=ContinuousBatchingSettings)
     structured_output: StructuredOutputSettings = field(default_factory=StructuredOutputSettings)
     torch_threads: int | str = "auto"
-    # Rows decoded together when `dtype: auto` times fp32 against bf16 on a CPU: by default the
+    # Rows decoded together when `dtype: auto` times its candidates on a CPU: by default the
     # dynamic path's batchSize, or CONTINUOUS_PROBE_ROWS users sharing the manager.
     dtype_probe_rows: int | None = None
     model_dir_override: str | None = None

@@ -1,11 +1,19 @@
-"""dtype auto on CPU: a measured choice between fp32 and bf16, the loser dropped."""
+"""dtype auto on CPU: a measured choice between fp32, bf16 and fp16 weights, the others dropped."""
 
 from __future__ import annotations
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from handler.dtype_probe import DtypeChoice, decode_step_seconds, fastest_cpu_dtype, native_bf16_cpu
+from handler.dtype_probe import (
+    FP16_WEIGHTS,
+    DtypeChoice,
+    candidate_names,
+    decode_step_seconds,
+    fastest_cpu_dtype,
+    fp16_weights_cpu,
+    native_bf16_cpu,
+)
 
 
 def test_a_decode_step_is_timed_after_the_prefill(tiny_model_dir):
@@ -13,19 +21,38 @@ def test_a_decode_step_is_timed_after_the_prefill(tiny_model_dir):
     assert decode_step_seconds(model, batch=2, steps=3) > 0
 
 
-def test_the_choice_keeps_one_model_in_the_chosen_dtype(tiny_model_dir):
+def test_the_choice_keeps_one_model_in_the_chosen_format(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    kept, choice = fastest_cpu_dtype(model, batch=2, steps=2, rounds=1)
-    assert choice.dtype in (torch.float32, torch.bfloat16)
+    kept, choice = fastest_cpu_dtype(model, batch=2, steps=2, rounds=1, names=["float32", "bfloat16"])
+    assert choice.name in ("float32", "bfloat16")
     assert next(kept.parameters()).dtype == choice.dtype
     assert set(choice.step_seconds) == {"float32", "bfloat16"}
-    assert choice.dtype == getattr(torch, min(choice.step_seconds, key=choice.step_seconds.get))
+    assert choice.name == min(choice.step_seconds, key=choice.step_seconds.get)
     assert next(model.parameters()).dtype == torch.float32  # the fp32 model was never converted in place
 
 
-def test_the_log_line_names_both_figures():
-    line = DtypeChoice(torch.bfloat16, {"float32": 0.02, "bfloat16": 0.01}).describe()
-    assert line == "bfloat16 (decode step: float32 20.0 ms, bfloat16 10.0 ms)"
+def test_fp16_weights_are_a_quantized_copy_with_fp32_activations(tiny_model_dir, monkeypatch):
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    # Make fp16 weights the fastest, whatever this machine's load, so that the kept model is that copy.
+    monkeypatch.setattr(
+        "handler.dtype_probe.decode_step_seconds",
+        lambda m, batch, steps: 0.001 if any(isinstance(x, DynamicLinear) for x in m.modules()) else 0.01,
+    )
+    kept, choice = fastest_cpu_dtype(model, batch=2, steps=2, rounds=1, names=["float32", FP16_WEIGHTS])
+    assert choice.name == FP16_WEIGHTS and choice.dtype == torch.float32
+    assert any(isinstance(module, DynamicLinear) for module in kept.modules())
+    assert not any(isinstance(module, DynamicLinear) for module in model.modules())  # fp32 left as it was
+    ids = torch.tensor([[1, 5, 9]])
+    with torch.inference_mode():
+        assert kept.generate(input_ids=ids, max_new_tokens=3, min_new_tokens=3, do_sample=False).shape == (1, 6)
+
+
+def test_the_log_line_names_every_figure():
+    line = DtypeChoice(FP16_WEIGHTS, {"float32": 0.02, "bfloat16": 0.015, FP16_WEIGHTS: 0.01}).describe()
+    assert line == "fp16-dynamic (decode step: float32 20.0 ms, bfloat16 15.0 ms, fp16-dynamic 10.0 ms)"
+    assert DtypeChoice("bfloat16", {}).dtype == torch.bfloat16
 
 
 def test_native_bf16_matches_the_cpu_flags():
@@ -33,12 +60,18 @@ def test_native_bf16_matches_the_cpu_flags():
     assert native_bf16_cpu() == ("avx512_bf16" in flags or "amx_tile" in flags)
 
 
+def test_the_candidates_follow_what_this_cpu_and_torch_offer():
+    expected = ["float32"] + (["bfloat16"] if native_bf16_cpu() else []) + ([FP16_WEIGHTS] if fp16_weights_cpu() else [])
+    assert candidate_names() == expected
+    assert fp16_weights_cpu() == ("fbgemm" in torch.backends.quantized.supported_engines)
+
+
 def test_a_spent_budget_ends_the_rounds_after_the_first(tiny_model_dir, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     calls = []
     monkeypatch.setattr("handler.dtype_probe.decode_step_seconds", lambda m, batch, steps: calls.append(steps) or 0.01)
-    fastest_cpu_dtype(model, batch=1, steps=3, rounds=5, budget_s=0.0)
-    assert calls == [1, 1, 3, 3]  # two warm-ups, then one timed round of each dtype
+    fastest_cpu_dtype(model, batch=1, steps=3, rounds=5, budget_s=0.0, names=["float32", "bfloat16"])
+    assert calls == [1, 1, 3, 3]  # two warm-ups, then one timed round of each candidate
 
 
 def test_auto_on_this_cpu_loads_the_timed_choice(tiny_model_dir, caplog):
@@ -50,7 +83,10 @@ def test_auto_on_this_cpu_loads_the_timed_choice(tiny_model_dir, caplog):
         loaded = load_model(tiny_model_dir, settings, torch.device("cpu"))
     dtype = next(loaded.model.parameters()).dtype
     if measures_dtype(settings, torch.device("cpu")):
-        assert f"dtype auto on this CPU: {str(dtype).removeprefix('torch.')} (decode step: float32" in caplog.text
+        assert "dtype auto on this CPU: " in caplog.text and "(decode step: float32" in caplog.text
+        chosen = caplog.text.split("dtype auto on this CPU: ")[1].split(" ")[0]
+        assert chosen in candidate_names()
+        assert dtype == DtypeChoice(chosen, {}).dtype
     else:
         assert dtype == torch.float32
 
