@@ -23,6 +23,18 @@ def settled_thread_count(expected: int, seconds: float = 10.0) -> int:
     return count
 
 
+def quiet_thread_count(quiet: float = 0.5, seconds: float = 10.0) -> int:
+    """The thread count once it has held for `quiet` seconds: threads that earlier tests left
+    ending (stopped managers, awaited passing threads) are gone, so they cannot shift a count."""
+    deadline = time.monotonic() + seconds
+    count, since = thread_count(), time.monotonic()
+    while time.monotonic() - since < quiet and time.monotonic() < deadline:
+        time.sleep(0.05)
+        if (now := thread_count()) != count:
+            count, since = now, time.monotonic()
+    return count
+
+
 def parallel_sum() -> float:
     """Large enough for torch to open an OpenMP parallel region on the calling thread."""
     return float(torch.ones(4_000_000).sum())
@@ -42,7 +54,7 @@ def test_the_threads_torch_started_for_the_work_end_with_it():
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # a pool of one extra thread even on one core
     try:
-        before = thread_count()
+        before = quiet_thread_count()
         during = run_on_passing_thread(lambda: (parallel_sum(), thread_count())[1])
         assert during > before + 1, "the work's thread and its OpenMP pool"
         assert settled_thread_count(before) == before
