@@ -6,9 +6,10 @@
 A variant is `DTYPE[+QUANTIZATION][+compile]` (`handler.quantization` methods; `compile`:
 `torch.compile` of the decode step over a static KV cache, compiled in setup, whose time
 counts in `setup s`) or `llama.cpp` (the Q4_1 GGUF in-process, as a reference). Each one
-decodes `--new-tokens` tokens greedily for every prompt, EOS blocked, batch 1. Speed is new tokens over the whole `generate` call
-(prefill included; the prompts are short), the median over prompts x repeats. All variants
-are loaded first and their runs interleaved, so a change in the machine's load hits them alike.
+decodes `--new-tokens` tokens greedily for every prompt, EOS blocked, batch 1. Speed is new
+tokens over the whole `generate` call (prefill included; the prompts are short), the median
+over prompts x repeats. All variants are loaded first and their runs interleaved, so a change
+in the machine's load hits them alike.
 
 Quality is measured against fp32 on the same prompts:
 - `first diff`: the mean position at which the greedy text first departs from fp32's.
