@@ -4,7 +4,7 @@
     python -m bench.single_stream --variants fp32,fp32+int8-dynamic --repeats 1 --prompts 2
 
 A variant is `DTYPE[+QUANTIZATION][+compile]` (`handler.quantization` methods; `compile`:
-`torch.compile` of the decode step over a static KV cache, compiled in setup, whose time
+`handler.compile`, the forward through `torch.compile` with dynamic shapes, compiled in setup, whose time
 counts in `setup s`) or `llama.cpp` (the Q4_1 GGUF in-process, as a reference). Each one
 decodes `--new-tokens` tokens greedily for every prompt, EOS blocked, batch 1. Speed is new
 tokens over the whole `generate` call (prefill included; the prompts are short), the median
@@ -38,11 +38,10 @@ from bench.workloads import PROMPTS
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_VARIANTS = (
-    "fp32,bf16,fp32+fp16-dynamic,fp32+int8-dynamic,fp32+int8-weight-only,bf16+int4-weight-only,bf16+compile,llama.cpp"
+    "fp32,bf16,fp32+fp16-dynamic,fp32+int8-dynamic,fp32+int8-weight-only,bf16+int4-weight-only,"
+    "bf16+compile,bf16+int4-weight-only+compile,llama.cpp"
 )
 COMPILE = "compile"
-# The static cache's length: every prompt plus its new tokens fits, so one decode graph serves them all.
-STATIC_CACHE_TOKENS = 512
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -89,8 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_variant(model_dir: Path, name: str):
-    from transformers import AutoModelForCausalLM, CompileConfig
+    from transformers import AutoModelForCausalLM
 
+    from handler.loading import compile_forward
     from handler.quantization import quantize_for_cpu
 
     dtype_name, *options = name.split("+")
@@ -101,26 +101,19 @@ def load_variant(model_dir: Path, name: str):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype_name]).eval()
     model = quantize_for_cpu(model, methods[0] if methods else "none")
     if compiled:
-        # generate compiles the decode step only on accelerators unless told to compile on every device.
-        compile_config = CompileConfig(mode="default")
-        compile_config._compile_all_devices = True  # a class attribute, not an argument, in transformers 5.23
-        model.generation_config.compile_config = compile_config
-    return model, compiled
+        compile_forward(model)
+    return model
 
 
-def greedy(model, ids: torch.Tensor, new_tokens: int, static_cache: bool = False) -> tuple[list[int], float]:
-    from transformers import StaticCache
-
+def greedy(model, ids: torch.Tensor, new_tokens: int) -> tuple[list[int], float]:
     with torch.inference_mode():
         start = time.perf_counter()
-        cache = StaticCache(config=model.config, max_cache_len=STATIC_CACHE_TOKENS) if static_cache else None
         output = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
             do_sample=False,
-            past_key_values=cache,
         )
         seconds = time.perf_counter() - start
     return output[0, ids.shape[1] :].tolist(), seconds
@@ -148,17 +141,16 @@ class TransformersVariant:
         self.encoded = [tokenizer(p, return_tensors="pt")["input_ids"] for p in prompts]
         self.tokens: list[list[int] | None] = [None] * len(prompts)
         self.model = None
-        self.compiled = False
 
     def setup(self) -> None:
         start = time.perf_counter()
-        self.model, self.compiled = load_variant(self.model_dir, self.result.name)
+        self.model = load_variant(self.model_dir, self.result.name)
         # A compiled variant's warm-up is its compilation: part of its setup time.
-        greedy(self.model, self.encoded[0], 4, self.compiled)
+        greedy(self.model, self.encoded[0], 4)
         self.result.setup_s = time.perf_counter() - start
 
     def decode(self, index: int, new_tokens: int) -> None:
-        tokens, seconds = greedy(self.model, self.encoded[index], new_tokens, self.compiled)
+        tokens, seconds = greedy(self.model, self.encoded[index], new_tokens)
         self.result.rates.append(len(tokens) / seconds)
         if self.tokens[index] is None:
             self.tokens[index] = tokens

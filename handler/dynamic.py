@@ -73,9 +73,13 @@ class DynamicScheduler:
         async with lock:
             return await on_passing_thread(generate, name="generate-beside")
 
-    def warm_up(self) -> None:
-        ids = tuple(self.loaded.tokenizer("Hello")["input_ids"])
-        self.generate([Prompt("Hello", ids, GenerationParams(max_new_tokens=2, temperature=0))])
+    def warm_up(self, rows: int = 1) -> None:
+        """Greedy runs of one prompt and, for `rows` > 1, of two of different lengths: a compiled
+        forward (`handler.compile`) compiles its graphs for one row and for several here."""
+        params = GenerationParams(max_new_tokens=2, temperature=0)
+        texts = ["Hello"], ["Hello", "Hello, how are you?"]
+        for batch in texts[: 1 if rows == 1 else 2]:
+            self.generate([Prompt(text, tuple(self.loaded.tokenizer(text)["input_ids"]), params) for text in batch])
 
     def generate(self, prompts: list[Prompt], sink: ChunkSink | None = None) -> list[list[Completion]]:
         """Completions for every prompt, `num_return_sequences` each, in prompt order, on this thread."""

@@ -121,6 +121,18 @@ def token_limits(model, tokenizer, settings: HandlerSettings) -> TokenLimits:
     )
 
 
+def compile_forward(model: torch.nn.Module) -> None:
+    """`handler.compile`: the model's forward through `torch.compile`, for one stream on CPU.
+
+    Shapes are dynamic and the cache is transformers' dynamic one: a static cache made every
+    step attend over its whole length, which cost more than compiling saved (SmolLM2 on 2 cores,
+    docs/bench.md). Inductor's freezing folds the weights in as constants, which inference allows.
+    The graphs compile on the first calls of each kind (prefill and decode, one row and several),
+    which the warm-up makes (`DynamicScheduler.warm_up`); that takes minutes, not seconds.
+    """
+    model.forward = torch.compile(model.forward, dynamic=True, options={"freezing": True})
+
+
 def eos_token_ids(model, tokenizer) -> list[int]:
     ids = model.generation_config.eos_token_id if model.generation_config is not None else None
     ids = [ids] if isinstance(ids, int) else list(ids or [])
@@ -156,6 +168,8 @@ def load_model(model_dir: Path, settings: HandlerSettings, device: torch.device)
         logger.info("dtype auto on this CPU: %s at %d rows", choice.describe(), rows)
     if settings.quantization != "none":
         model = quantize_for_cpu(model, settings.quantization)
+    if settings.compile:
+        compile_forward(model)
     logger.info("loaded %s on %s as %s, %d torch threads", model.config.model_type, device, dtype, torch.get_num_threads())
     return LoadedModel(
         model=model,

@@ -75,7 +75,7 @@ class Service:
         grammars = cls.grammars_for(loaded, settings)
         dynamic = DynamicScheduler(loaded, settings.deadline_seconds)
         if settings.warmup:
-            dynamic.warm_up()
+            dynamic.warm_up(settings.batch_size if settings.compile else 1)
             grammars.start()
         if settings.batching != "continuous":
             return cls(settings, loaded, dynamic, model_name=model_name, grammars=grammars)

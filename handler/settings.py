@@ -54,6 +54,7 @@ class HandlerSettings:
     trust_remote_code: bool = False
     allow_pickle_weights: bool = False
     quantization: str = "none"
+    compile: bool = False
     max_input_tokens: int | None = None
     max_total_tokens: int | None = None
     max_instances: int = 16
@@ -73,11 +74,12 @@ class HandlerSettings:
     model_dir_override: str | None = None
     storage_uri: str | None = None
     workers: int = 1
+    batch_size: int = 1
 
     @classmethod
     def from_config(cls, model_yaml_config: Mapping[str, Any] | None, environ: Mapping[str, str]) -> "HandlerSettings":
         section = dict((model_yaml_config or {}).get("handler") or {})
-        known = {f.name for f in fields(cls)} - {"model_dir_override", "storage_uri", "workers"}
+        known = {f.name for f in fields(cls)} - {"model_dir_override", "storage_uri", "workers", "batch_size"}
         unknown = sorted(set(section) - known)
         if unknown:
             raise SettingsError(f"unknown keys in handler config: {unknown}; known: {sorted(known)}")
@@ -101,10 +103,10 @@ class HandlerSettings:
             model_dir_override=environ.get("LLM_MODEL_DIR") or None,
             storage_uri=environ.get("AIP_STORAGE_URI") or None,
             workers=max(1, int((model_yaml_config or {}).get("maxWorkers") or 1)),
+            batch_size=max(1, int((model_yaml_config or {}).get("batchSize") or 1)),
         )
         if settings.dtype_probe_rows is None:
-            batch_size = int((model_yaml_config or {}).get("batchSize") or 1)
-            rows = CONTINUOUS_PROBE_ROWS if settings.batching == "continuous" else batch_size
+            rows = CONTINUOUS_PROBE_ROWS if settings.batching == "continuous" else settings.batch_size
             settings = replace(settings, dtype_probe_rows=rows)
         settings.verify()
         if settings.batching == "continuous" and not (model_yaml_config or {}).get("asyncCommunication"):
@@ -119,6 +121,14 @@ class HandlerSettings:
         _choice("quantization", self.quantization, QUANTIZATIONS)
         if self.device_map not in (None, "auto"):
             raise SettingsError(f"handler.device_map must be 'auto' or absent, got {self.device_map!r}")
+        if not isinstance(self.compile, bool):
+            raise SettingsError(f"handler.compile must be true or false, got {self.compile!r}")
+        if self.compile and self.batching != "dynamic":
+            raise SettingsError(
+                "handler.compile needs handler.batching: dynamic (the continuous manager's paged forward is not compiled)"
+            )
+        if self.compile and self.device_map:
+            raise SettingsError("handler.compile cannot be combined with handler.device_map (offloaded layers)")
         for name in ("max_input_tokens", "max_total_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

@@ -243,6 +243,20 @@ def test_the_app_can_serve_a_quantized_model(tiny_model_dir):
     assert completions[0].generated_tokens == 3
 
 
+def test_a_compiled_app_serves_the_text_of_the_plain_one_alone_and_in_a_batch(tiny_model_dir, engine):
+    """handler.compile: the warm-up compiles one row and several; answers stay the plain model's."""
+    settings = HandlerSettings(dtype="float32", max_total_tokens=128, compile=True, batch_size=4)
+    compiled = Engine.load(tiny_model_dir, settings)
+    assert hasattr(compiled.model.forward, "_torchdynamo_orig_callable")
+    compiled.warm_up(settings.batch_size)
+    batch = ["Hello", "The quick brown fox jumps", "Once upon a time"]
+    alone = compiled.generate([prompt(compiled, batch[0], max_new_tokens=6, temperature=0)])
+    together = compiled.generate([prompt(compiled, text, max_new_tokens=6, temperature=0) for text in batch])
+    plain = engine.generate([prompt(engine, text, max_new_tokens=6, temperature=0) for text in batch])
+    assert texts(alone[0]) == texts(plain[0])
+    assert [texts(c) for c in together] == [texts(c) for c in plain]
+
+
 def test_min_p_runs_transformers_warper_in_its_order_for_sampled_rows_only():
     sampled = row_processors(GenerationParams(temperature=0.8, top_p=0.9, min_p=0.2, typical_p=0.5), 4, [0], [])
     kinds = [type(p).__name__ for p in sampled]

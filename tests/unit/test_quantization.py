@@ -121,11 +121,12 @@ def test_a_rows_logits_do_not_depend_on_its_batch_neighbour(method):
     torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-5)
 
 
-def test_int4_weight_only_packs_every_fitting_linear_and_stays_close_to_bf16():
+def test_int4_weight_only_packs_every_fitting_projection_and_stays_close_to_bf16():
     reference = logits(tiny_llama(torch.bfloat16))
     model = quantize_for_cpu(tiny_llama(torch.bfloat16), "int4-weight-only")
-    kinds = {type(m.weight).__name__ for m in model.modules() if isinstance(m, nn.Linear)}
-    assert kinds == {"Int4OpaqueTensor"}, "lm_head and every projection (input sizes 64 and 128)"
+    kinds = {type(m.weight).__name__ for m in model.model.modules() if isinstance(m, nn.Linear)}
+    assert kinds == {"Int4OpaqueTensor"}, "every projection (input sizes 64 and 128)"
+    assert type(model.lm_head.weight) is nn.Parameter and model.lm_head.weight.dtype == torch.bfloat16
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16, "the tied input embedding keeps its copy"
     assert relative_error(logits(model), reference) < 0.2
     with torch.inference_mode():
@@ -139,7 +140,7 @@ def test_int4_weight_only_needs_bfloat16():
 
 
 def test_int4_weight_only_names_the_layers_the_group_size_does_not_fit(caplog):
-    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 8)).to(torch.bfloat16)
+    model = nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 8)).to(torch.bfloat16)
     with caplog.at_level("WARNING", logger="handler.quantization"):
         quantize_for_cpu(model, "int4-weight-only")
     assert type(model[1].weight) is nn.Parameter and model[1].weight.dtype == torch.bfloat16
@@ -148,5 +149,5 @@ def test_int4_weight_only_names_the_layers_the_group_size_does_not_fit(caplog):
 
 
 def test_int4_weight_only_refuses_a_model_it_fits_nowhere():
-    with pytest.raises(QuantizationError, match="multiple of 64"):
-        quantize_for_cpu(nn.Sequential(nn.Linear(32, 64)).to(torch.bfloat16), "int4-weight-only")
+    with pytest.raises(QuantizationError, match="multiple of 32"):
+        quantize_for_cpu(nn.Sequential(nn.Linear(48, 64)).to(torch.bfloat16), "int4-weight-only")

@@ -39,6 +39,10 @@ def test_defaults_and_limits_are_typed():
         ({"torch_threads": 0}, "torch_threads"),
         ({"torch_threads": "many"}, "torch_threads"),
         ({"workers": 4}, "unknown keys"),
+        ({"batch_size": 4}, "unknown keys"),
+        ({"compile": "yes"}, "handler.compile must be true or false"),
+        ({"compile": True, "batching": "continuous"}, "handler.compile needs handler.batching: dynamic"),
+        ({"compile": True, "device_map": "auto"}, "handler.compile cannot be combined with handler.device_map"),
     ],
 )
 def test_a_wrong_config_stops_the_worker_with_the_key(section, message):
