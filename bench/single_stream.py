@@ -99,7 +99,7 @@ def load_variant(model_dir: Path, name: str):
     if dtype_name not in DTYPES or len(methods) > 1:
         raise ValueError(f"variant {name!r} is not DTYPE[+QUANTIZATION][+compile]; dtypes: {sorted(DTYPES)}")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype_name]).eval()
-    model = quantize_for_cpu(model, methods[0] if methods else "none")
+    model = quantize_for_cpu(model, methods[0] if methods else "none", compiled=compiled)
     if compiled:
         compile_forward(model)
     return model

@@ -24,7 +24,7 @@ Structured output
     `grammar_worker`  that child: xgrammar's compiler, run as a script
 
 Loading
-    `loading`       device, threads, dtype, weight-format policy, model and tokenizer
+    `loading`       device, threads, dtype, weight-format policy, model and tokenizer, `compile`
     `quantization`  post-load CPU quantization (int8, fp16, int4 weight-only)
     `dtype_probe`   `dtype: auto` on CPU: fp32, native bf16 and fp16 weights timed, the fastest kept
     `sources`       where weights come from (Hub, local, SmolLM2 GGUF; `weights_dir`)

@@ -167,7 +167,7 @@ def load_model(model_dir: Path, settings: HandlerSettings, device: torch.device)
         dtype = choice.dtype
         logger.info("dtype auto on this CPU: %s at %d rows", choice.describe(), rows)
     if settings.quantization != "none":
-        model = quantize_for_cpu(model, settings.quantization)
+        model = quantize_for_cpu(model, settings.quantization, compiled=settings.compile)
     if settings.compile:
         compile_forward(model)
     logger.info("loaded %s on %s as %s, %d torch threads", model.config.model_type, device, dtype, torch.get_num_threads())

@@ -134,6 +134,15 @@ def test_int4_weight_only_packs_every_fitting_projection_and_stays_close_to_bf16
     assert out.shape == (1, INPUT.shape[1] + 4)
 
 
+def test_int4_weight_only_for_a_compiled_model_makes_the_output_projection_int8():
+    reference = logits(tiny_llama(torch.bfloat16))
+    model = quantize_for_cpu(tiny_llama(torch.bfloat16), "int4-weight-only", compiled=True)
+    assert type(model.lm_head.weight).__name__ == "Int8Tensor"
+    assert type(model.model.layers[0].mlp.up_proj.weight).__name__ == "Int4OpaqueTensor"
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16, "the tied input embedding keeps its copy"
+    assert relative_error(logits(model), reference) < 0.2
+
+
 def test_int4_weight_only_needs_bfloat16():
     with pytest.raises(QuantizationError, match="handler.dtype: bfloat16"):
         quantize_for_cpu(tiny_llama(torch.float32), "int4-weight-only")
