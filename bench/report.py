@@ -26,6 +26,25 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
+CPU_FLAGS = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512f", "avx2")
+
+
+def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model and the instruction sets the kernels pick by, e.g. `AMD EPYC (avx512_bf16, avx512f, avx2)`:
+    hosts that look alike can differ in them, and the figures with them."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return platform.processor() or "unknown"
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    present = [flag for flag in CPU_FLAGS if flag in flags]
+    return f"{fields.get('model name', 'unknown')} ({', '.join(present) or 'none of ' + ', '.join(CPU_FLAGS)})"
+
+
 def environment() -> dict:
     """What the figures depend on: the machine, its load, the library versions, the commit."""
     import importlib.metadata as metadata
@@ -45,6 +64,7 @@ def environment() -> dict:
     return {
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "cpu_count": os.cpu_count(),
+        "cpu": cpu_description(),
         "load_average": list(os.getloadavg()),
         "platform": platform.platform(),
         "python": platform.python_version(),

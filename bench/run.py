@@ -283,7 +283,7 @@ def render(workloads: list[Workload], runs: list[dict], skipped: dict[str, str],
     parts = [
         "## Serving benchmark",
         "",
-        f"{env['time_utc']}, {env['cpu_count']} CPUs, load average {', '.join(f'{x:.2f}' for x in env['load_average'])}, "
+        f"{env['time_utc']}, {env['cpu_count']} CPUs ({env['cpu']}), load average {', '.join(f'{x:.2f}' for x in env['load_average'])}, "
         f"commit {env['git_commit'] or '?'}, {args.repeats} repeat(s) in rotated target order. "
         "Times in seconds; TTFT and latency count from the request's send. Verdicts concern the path marked shipped.",
         "",

@@ -215,7 +215,7 @@ def render(results: list[VariantResult], prompts: list[str], args) -> str:
     parts = [
         "## Single-stream decode (batch 1, greedy, EOS blocked)",
         "",
-        f"{env['time_utc']}, {env['cpu_count']} CPUs, load average {', '.join(f'{x:.2f}' for x in env['load_average'])}, "
+        f"{env['time_utc']}, {env['cpu_count']} CPUs ({env['cpu']}), load average {', '.join(f'{x:.2f}' for x in env['load_average'])}, "
         f"torch threads {torch.get_num_threads()}, {args.new_tokens} new tokens, {len(prompts)} prompts x "
         f"{args.repeats} repeats, commit {env['git_commit'] or '?'}. Quality columns compare with fp32 "
         "(first diff: mean token position of the first difference; top-1 agree and KL: teacher-forced on fp32's text).",

@@ -75,9 +75,12 @@ class DynamicScheduler:
 
     def warm_up(self, rows: int = 1) -> None:
         """Greedy runs of one prompt and, for `rows` > 1, of two of different lengths: a compiled
-        forward (`handler.compile`) compiles its graphs for one row and for several here."""
-        params = GenerationParams(max_new_tokens=2, temperature=0)
-        texts = ["Hello"], ["Hello", "Hello, how are you?"]
+        forward (`handler.compile`) compiles its graphs for one row and for several here. Every
+        prompt is several tokens long: torch.compile specializes a size of 1, so a one-token
+        prompt would leave the first real one to compile its own prefill, and the first decode
+        step's graph is specialized to its cache, so a few steps compile the general one too."""
+        params = GenerationParams(max_new_tokens=4, temperature=0)
+        texts = ["Hello, how are you?"], ["Hello, how are you?", "Hi there"]
         for batch in texts[: 1 if rows == 1 else 2]:
             self.generate([Prompt(text, tuple(self.loaded.tokenizer(text)["input_ids"]), params) for text in batch])
 

@@ -22,23 +22,25 @@ SmolLM2-135M, batch 1, greedy; docs/bench.md has the tables):
   CPU's int4 matmul kernel; activations stay bf16). It needs `handler.dtype: bfloat16`. It
   reads a quarter of bf16's bytes per token, which is what one stream is bound by; at many
   rows the matmuls are compute-bound and it gains nothing (`make bench-single-stream` has the
-  variant `bf16+int4-weight-only`). Groups of 32, as llama.cpp's 4-bit formats use: on
-  SmolLM2-135M groups of 64 moved the next-token distribution from fp32's by a KL of 0.28,
-  groups of 32 by 0.05. The output projection stays bf16: every logit comes from it (llama.cpp
-  keeps it in 8 bits), and quantizing it cost most of what remained (KL 0.05 against 0.002,
-  bf16's own 0.001). Under `handler.compile` it is int8 weight-only instead (as
-  `int8-weight-only`, one scale per output channel): compiled, that reads half of bf16's bytes
-  at the same quality (KL 0.0022) and decoded about 10% faster; in eager mode it would be
-  slower than bf16. A layer whose input size the group size does not divide stays bf16; the
-  log names each one (SmolLM2-135M has none: 576, 1536 and 192 are multiples of 32).
+  variant `bf16+int4-weight-only`). In eager mode Python and dispatch take most of a step, so
+  it is fast only with `handler.compile` (60 against 37 tok/s). Groups of 32, as llama.cpp's
+  4-bit formats use: on SmolLM2-135M (one prompt, teacher-forced) groups of 64 moved the
+  next-token distribution from fp32's by a KL of 0.28, groups of 32 by 0.05. The output
+  projection stays bf16: every logit comes from it (llama.cpp keeps it in 8 bits), and
+  quantizing it cost most of what remained (KL 0.05 against 0.002, bf16's own 0.001). Under
+  `handler.compile` it is int8 weight-only instead (as `int8-weight-only`, one scale per output
+  channel): compiled, that reads half of bf16's bytes at the same quality (KL 0.0022) and
+  decoded about 10% faster; in eager mode it would be slower than bf16. A layer whose input
+  size the group size does not divide stays bf16; the log names each one (SmolLM2-135M has
+  none: 576, 1536 and 192 are multiples of 32).
 
 `torch.ao.quantization` warns that it is deprecated in favour of torchao. But torchao's
 counterparts run 3-25x slower than fp32 in eager mode on CPU, so the two dynamic methods stay
 on torch until that changes.
 
 Every method replaces the `nn.Linear` layers, `lm_head` included (int4: those it fits, less
-`lm_head`). With tied embeddings, the input embedding keeps its float copy. The result is for inference only: it cannot be saved
-with `save_pretrained` or trained.
+`lm_head`). With tied embeddings, the input embedding keeps its float copy. The result is for
+inference only: it cannot be saved with `save_pretrained` or trained.
 """
 
 from __future__ import annotations
