@@ -110,14 +110,15 @@ def _dynamic(model: nn.Module, method: str) -> nn.Module:
         return quantize_dynamic(model, {nn.Linear}, dtype=torch.float16, inplace=True)
 
 
-def _int8_weight_only(model: nn.Module) -> nn.Module:
+def _int8_weight_only(model: nn.Module, only: nn.Module | None = None) -> nn.Module:
+    """Every linear layer, or `only` that one."""
     try:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
     except ImportError as error:
         raise QuantizationError(
             "quantization 'int8-weight-only' needs torchao (pip install torchao==0.18.0)"
         ) from error
-    quantize_(model, Int8WeightOnlyConfig())
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=None if only is None else lambda module, name: module is only)
     return model
 
 
@@ -127,7 +128,7 @@ def _int4_weight_only(model: nn.Module, compiled: bool) -> int:
     _require_dtype(model, "int4-weight-only", torch.bfloat16)
     try:
         from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        from torchao.quantization import quantize_
     except ImportError as error:
         raise QuantizationError(
             "quantization 'int4-weight-only' needs torchao (pip install torchao==0.18.0)"
@@ -153,6 +154,6 @@ def _int4_weight_only(model: nn.Module, compiled: bool) -> int:
         filter_fn=lambda module, name: id(module) in fitting,
     )
     if compiled and isinstance(output, nn.Linear):
-        quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda module, name: module is output)
+        _int8_weight_only(model, only=output)
         return len(fitting) + 1
     return len(fitting)
