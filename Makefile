@@ -38,7 +38,7 @@ $(VENV)/.installed: pyproject.toml
 model: models/$(APP)/config.json ## prepare the model folder models/APP (Hub download, local copy, or the offline SmolLM2)
 
 models/%/config.json: apps/%/app.yaml | $(VENV)/.installed
-	$(PY) -m handler.sources prepare apps/$* models/$*
+	$(PY) -m handler.model.sources prepare apps/$* models/$*
 
 archive: $(ARCHIVE) ## build the TorchServe archive model-store/APP.mar
 

@@ -4,7 +4,7 @@
     python -m bench.structured --compile-only
     python -m bench.structured --server-url dynamic=http://127.0.0.1:7080/predictions/smollm2
 
-Compile: every schema of tests/support/structured_schemas.json through `handler.grammars`
+Compile: every schema of tests/support/structured_schemas.json through `handler.structured.grammars`
 (the child process, started beforehand, plus the transfer back), cold and then cached, and
 xgrammar's own compile in this process for comparison. Serving: the same chat prompts, greedy,
 sent `--requests` at a time with at most `concurrency` in flight, once with their schema as
@@ -47,7 +47,7 @@ def compile_figures(app: str, schemas: list[dict]) -> list[dict]:
     import xgrammar
     from transformers import AutoConfig, AutoTokenizer
 
-    from handler.grammars import Grammars, tokenizer_info
+    from handler.structured.grammars import Grammars, tokenizer_info
     from handler.response_format import parse_response_format
     from handler.settings import StructuredOutputSettings
 

@@ -20,4 +20,4 @@ if [ "$phase" = remote-only ] && [ "$kind" = local ]; then
   echo "prepare-model: $app comes from a local folder, prepared once the context is copied" >&2
   exit 0
 fi
-python -m handler.sources prepare "apps/$app" "models/$app"
+python -m handler.model.sources prepare "apps/$app" "models/$app"

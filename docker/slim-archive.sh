@@ -4,7 +4,7 @@
 # Usage: docker/slim-archive.sh MODEL_CONFIG OUT_DIR
 #
 # The handler loads the checkpoint from $LLM_MODEL_DIR or $AIP_STORAGE_URI at
-# start (handler.sources.weights_dir), so the archive needs none. It is a
+# start (handler.model.sources.weights_dir), so the archive needs none. It is a
 # no-archive folder named "llm": the supervisor registers it under $APP.
 set -eu
 config="$1"

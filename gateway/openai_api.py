@@ -1,6 +1,6 @@
 """The OpenAI API's routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``.
 
-Its semantics live in the handler (``handler/openai``), where they share validation,
+Its semantics live in the handler (``handler/api/openai``), where they share validation,
 limits and statuses with the native API. These routes only pick the app the body's
 ``model`` names (404 in OpenAI's shape for one not served; the default app when the body
 names none) and relay the body unchanged to TorchServe's ``/predictions/APP`` with

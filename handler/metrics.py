@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from handler.sequence import Completion
+from handler.decoding.sequence import Completion
 
 # name, unit, kind
 GENERATION_METRICS = (

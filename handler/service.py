@@ -11,23 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from handler.continuous import ContinuousScheduler
-from handler.dynamic import DynamicScheduler
+from handler.schedulers.continuous import ContinuousScheduler
+from handler.schedulers.dynamic import DynamicScheduler
 from handler.errors import RequestError
-from handler.grammars import Grammars, tokenizer_info
-from handler.loading import LoadedModel, load_model
-from handler.prompts import Prompt, encode
-from handler.protocols import Exchange, NativeExchange, named_exchange, sniffed_exchange
-from handler.requests import RequestShape, read_body
-from handler.responses import Answer, prediction_offsets
-from handler.scheduler import Router, Scheduler
+from handler.structured.grammars import Grammars, tokenizer_info
+from handler.model.loading import LoadedModel, load_model
+from handler.pipeline.prompts import Prompt, encode
+from handler.api.protocols import Exchange, NativeExchange, named_exchange, sniffed_exchange
+from handler.pipeline.shapes import RequestShape, read_body
+from handler.api.native import Answer, prediction_offsets
+from handler.schedulers.base import Router, Scheduler
 from handler.settings import HandlerSettings
-from handler.threads import run_on_passing_thread
+from handler.schedulers.threads import run_on_passing_thread
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class Service:
     @classmethod
     def start(cls, settings: HandlerSettings, model_dir: Path, device: torch.device, model_name: str) -> "Service":
         """Loads the model and starts the schedulers `handler.batching` asks for, on a thread that
-        ends with the start, so that its OpenMP pool does not slow the manager's (`handler.threads`)."""
+        ends with the start, so that its OpenMP pool does not slow the manager's (`handler.schedulers.threads`)."""
         return run_on_passing_thread(lambda: cls._start(settings, model_dir, device, model_name), name="model-start")
 
     @classmethod
@@ -120,12 +121,18 @@ class Service:
         if not needs_compiling(prepared):
             return prepared
         try:
-            return [self.grammars.attach(prompt) for prompt in prepared]
+            return [self.attach_format(prompt) for prompt in prepared]
         except RequestError as error:
             return exchange.rename(error)
         except Exception:  # a compiler fault answers its own request only
             logger.exception("could not compile a response format")
             return RequestError("could not compile the response format; see the server log", status=500)
+
+    def attach_format(self, prompt: Prompt) -> Prompt:
+        """`prompt` with its response format compiled onto it; raises the request's error."""
+        if prompt.params.response_format is None:
+            return prompt
+        return replace(prompt, grammar=self.grammars.compiled(prompt.params.response_format))
 
     def parse(self, item: Any, protocol: str | None = None) -> tuple[Exchange, Prepared]:
         """One request's exchange (its protocol: named by `protocol`, else by its body's shape) and

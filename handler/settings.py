@@ -12,9 +12,9 @@ from typing import Any, Mapping
 
 from handler.errors import RequestError
 from handler.params import GenerationParams, ParamLimits, resolve_params
-from handler.quantization import METHODS as QUANTIZATIONS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "int8-dynamic", "fp16-dynamic", "int8-weight-only", "int4-weight-only")
 BATCHING_MODES = ("dynamic", "continuous")
 CONTINUOUS_PROBE_ROWS = 16
 
@@ -34,8 +34,8 @@ class ContinuousBatchingSettings:
 
 @dataclass(frozen=True)
 class StructuredOutputSettings:
-    """Bounds on compiling `response_format`s (handler.grammars) and on following them
-    (`max_mask_ms`, CPU time per token, handler.constraint); the size limit on a format's
+    """Bounds on compiling `response_format`s (handler.structured.grammars) and on following them
+    (`max_mask_ms`, CPU time per token, handler.structured.constraint); the size limit on a format's
     source is `limits.max_response_format_bytes`, checked when the request is parsed."""
 
     compile_timeout_seconds: int = 5
@@ -84,7 +84,7 @@ class HandlerSettings:
         if unknown:
             raise SettingsError(f"unknown keys in handler config: {unknown}; known: {sorted(known)}")
         limits = _build(ParamLimits, section.pop("limits", {}), "handler.limits")
-        continuous = _build(ContinuousBatchingSettings, section.pop("continuous", {}), "handler.continuous")
+        continuous = _build(ContinuousBatchingSettings, section.pop("continuous", {}), "handler.schedulers.continuous")
         structured_output = _build(
             StructuredOutputSettings, section.pop("structured_output", {}), "handler.structured_output"
         )

@@ -23,13 +23,13 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from handler.errors import RequestError
-from handler.loading import pick_device
+from handler.model.loading import pick_device
 from handler.metrics import UNITS, GenerationStats, metric_values
-from handler.protocols import PROTOCOL_HEADER, Exchange
-from handler.responses import JSON, Answer
+from handler.api.protocols import PROTOCOL_HEADER, Exchange
+from handler.api.native import JSON, Answer
 from handler.service import Prepared, Service
 from handler.settings import HandlerSettings
-from handler.sources import weights_dir
+from handler.model.sources import weights_dir
 
 logger = logging.getLogger(__name__)
 METRIC_TYPES = {"counter": MetricTypes.COUNTER, "gauge": MetricTypes.GAUGE}

@@ -5,7 +5,7 @@
 #   make bench BENCH_ARGS=--quick    a short smoke run
 #   make bench BENCH_SERVERS="torchserve=http://127.0.0.1:7080/predictions/smollm2"
 #                                    an already running server (make serve) instead
-#   make bench-single-stream         one stream: fp32, bf16, the handler.quantization methods, llama.cpp
+#   make bench-single-stream         one stream: fp32, bf16, the handler.model.quantization methods, llama.cpp
 #
 # Results: bench/results/serving.md|json and bench/results/single-stream.md|json (earlier: history.md).
 

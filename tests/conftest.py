@@ -50,7 +50,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def smollm2_dir() -> Path:
     """The real SmolLM2 checkpoint, prepared from the offline GGUF package by `make model`."""
     if not (SMOLLM2_DIR / "config.json").exists():
-        from handler.sources import from_smollm2_package
+        from handler.model.sources import from_smollm2_package
 
         SMOLLM2_DIR.parent.mkdir(exist_ok=True)
         from_smollm2_package(SMOLLM2_DIR)

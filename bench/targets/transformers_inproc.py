@@ -68,7 +68,7 @@ class TransformersTarget:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=getattr(torch, self.dtype)).eval()
         if self.quantization != "none":
-            from handler.quantization import quantize_for_cpu
+            from handler.model.quantization import quantize_for_cpu
 
             model = quantize_for_cpu(model, self.quantization)
         self.model = model

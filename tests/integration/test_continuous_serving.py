@@ -16,10 +16,10 @@ from typing import Any, Iterator
 import pytest
 import torch
 
-from handler.dynamic import DynamicScheduler
-from handler.loading import load_model
-from handler.prompts import encode
-from handler.requests import RequestShape, parse_request
+from handler.schedulers.dynamic import DynamicScheduler
+from handler.model.loading import load_model
+from handler.pipeline.prompts import encode
+from handler.pipeline.shapes import RequestShape, parse_request
 from handler.settings import HandlerSettings
 from tests.integration.test_streaming import OMELETTE, assert_streamed_before_the_end, curl_lines, stream
 from tests.support.torchserve import TorchServe, app_model_config, start_app

@@ -16,7 +16,7 @@ import yaml
 from huggingface_hub.errors import GatedRepoError
 from safetensors.torch import load_file
 
-from handler.sources import from_hub
+from handler.model.sources import from_hub
 from tests.hub_standin import HubStandin
 from tests.support.torchserve import ROOT
 
@@ -171,7 +171,7 @@ def test_prepare_cli_downloads_from_hf_endpoint(hub, tiny_model_dir, tmp_path):
     dest = tmp_path / "models" / "tiny-hub"
 
     result = subprocess.run(
-        [sys.executable, "-m", "handler.sources", "prepare", str(app), str(dest)],
+        [sys.executable, "-m", "handler.model.sources", "prepare", str(app), str(dest)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
 

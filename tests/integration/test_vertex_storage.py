@@ -1,5 +1,5 @@
 """Weights in Cloud Storage: artifact_uri on the Model, AIP_STORAGE_URI in the replica,
-and handler.storage copying the folder, against gcp-storage-emulator."""
+and handler.model.storage copying the folder, against gcp-storage-emulator."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import pytest
 from google.cloud import aiplatform_v1
 
-from handler.storage import download_gcs_prefix, parse_gs_uri
+from handler.model.storage import download_gcs_prefix, parse_gs_uri
 from tests.vertex_fixtures import (  # noqa: F401 - fixtures
     BUCKET,
     fake_container,

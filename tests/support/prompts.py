@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from handler.loading import LoadedModel
+from handler.model.loading import LoadedModel
 from handler.params import ParamLimits, resolve_params
-from handler.prompts import Prompt, encode
-from handler.requests import Instance
+from handler.pipeline.prompts import Prompt, encode
+from handler.pipeline.shapes import Instance
 
 
 def make_prompt(loaded: LoadedModel, text: str, **params) -> Prompt:

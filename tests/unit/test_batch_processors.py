@@ -4,15 +4,15 @@ import pytest
 import torch
 from transformers import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from handler.batch_processors import GreedySampler, SequenceProcessors, TopKWarper, TopPWarper, ours_for
-from handler.compat import (
+from handler.schedulers.batch_processors import GreedySampler, SequenceProcessors, TopKWarper, TopPWarper, ours_for
+from handler.schedulers.compat import (
     ContinuousBatchingTopKLogitsWarper,
     ContinuousBatchingTopPLogitsWarper,
     FutureRequestState,
     RequestState,
 )
 from handler.params import GenerationParams
-from handler.sampling import sequence_processors
+from handler.decoding.sampling import sequence_processors
 
 VOCAB = 5000
 

@@ -1,4 +1,4 @@
-"""The contract with transformers' private internals (handler.compat), on a real manager.
+"""The contract with transformers' private internals (handler.schedulers.compat), on a real manager.
 
 When a transformers upgrade moves one of them, these fail with a message naming it.
 """
@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import ContinuousBatchingConfig, GenerationConfig, TopKLogitsWarper, TopPLogitsWarper
 
-from handler import compat
-from handler.batch_processors import TopKWarper, TopPWarper
-from handler.loading import load_model
+from handler.schedulers import compat
+from handler.schedulers.batch_processors import TopKWarper, TopPWarper
+from handler.model.loading import load_model
 from handler.settings import HandlerSettings
 
 
@@ -25,7 +25,7 @@ def manager(tiny_model_dir: Path):
 
 def test_every_private_internal_we_use_is_where_we_use_it(manager):
     found = compat.problems(manager)
-    assert not found, "transformers changed internals handler.compat relies on:\n" + "\n".join(found)
+    assert not found, "transformers changed internals handler.schedulers.compat relies on:\n" + "\n".join(found)
 
 
 def test_a_forgotten_result_handler_is_gone(manager):

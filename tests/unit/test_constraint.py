@@ -13,8 +13,8 @@ import torch
 import xgrammar
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
-from handler.constraint import GrammarConstraint
-from handler.grammars import Grammars, tokenizer_info
+from handler.structured.constraint import GrammarConstraint
+from handler.structured.grammars import Grammars, tokenizer_info
 from handler.response_format import parse_response_format
 from handler.settings import StructuredOutputSettings
 

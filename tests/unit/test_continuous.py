@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from handler.compat import pending_result_handlers
-from handler.continuous import ContinuousScheduler, processor_kwargs
-from handler.dynamic import DynamicScheduler
-from handler.loading import LoadedModel, load_model
+from handler.schedulers.compat import pending_result_handlers
+from handler.schedulers.continuous import ContinuousScheduler, processor_kwargs
+from handler.schedulers.dynamic import DynamicScheduler
+from handler.model.loading import LoadedModel, load_model
 from handler.params import GenerationParams
-from handler.prompts import Prompt
-from handler.scheduler import Router, unhonoured
+from handler.pipeline.prompts import Prompt
+from handler.schedulers.base import Router, unhonoured
 from handler.settings import ContinuousBatchingSettings, HandlerSettings, SettingsError
-from handler.stopping import FinishReason
+from handler.decoding.stopping import FinishReason
 from handler.torchserve_handler import LLMHandler
 from tests.support.context import make_context, run_async
 from tests.support.prompts import make_prompt

@@ -7,7 +7,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from handler.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
+from handler.decoding.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
 
 TEXTS = [
     "Plain English, with punctuation: done.",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from handler.dtype_probe import (
+from handler.model.dtype_probe import (
     FP16_WEIGHTS,
     DtypeChoice,
     candidate_names,
@@ -37,7 +37,7 @@ def test_fp16_weights_are_a_quantized_copy_with_fp32_activations(tiny_model_dir,
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     # Make fp16 weights the fastest, whatever this machine's load, so that the kept model is that copy.
     monkeypatch.setattr(
-        "handler.dtype_probe.decode_step_seconds",
+        "handler.model.dtype_probe.decode_step_seconds",
         lambda m, batch, steps: 0.001 if any(isinstance(x, DynamicLinear) for x in m.modules()) else 0.01,
     )
     kept, choice = fastest_cpu_dtype(model, batch=2, steps=2, rounds=1, names=["float32", FP16_WEIGHTS])
@@ -69,17 +69,17 @@ def test_the_candidates_follow_what_this_cpu_and_torch_offer():
 def test_a_spent_budget_ends_the_rounds_after_the_first(tiny_model_dir, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     calls = []
-    monkeypatch.setattr("handler.dtype_probe.decode_step_seconds", lambda m, batch, steps: calls.append(steps) or 0.01)
+    monkeypatch.setattr("handler.model.dtype_probe.decode_step_seconds", lambda m, batch, steps: calls.append(steps) or 0.01)
     fastest_cpu_dtype(model, batch=1, steps=3, rounds=5, budget_s=0.0, names=["float32", "bfloat16"])
     assert calls == [1, 1, 3, 3]  # two warm-ups, then one timed round of each candidate
 
 
 def test_auto_on_this_cpu_loads_the_timed_choice(tiny_model_dir, caplog):
-    from handler.loading import load_model, measures_dtype
+    from handler.model.loading import load_model, measures_dtype
     from handler.settings import HandlerSettings
 
     settings = HandlerSettings(warmup=False, dtype_probe_rows=2)
-    with caplog.at_level("INFO", logger="handler.loading"):
+    with caplog.at_level("INFO", logger="handler.model.loading"):
         loaded = load_model(tiny_model_dir, settings, torch.device("cpu"))
     dtype = next(loaded.model.parameters()).dtype
     if measures_dtype(settings, torch.device("cpu")):
@@ -92,7 +92,7 @@ def test_auto_on_this_cpu_loads_the_timed_choice(tiny_model_dir, caplog):
 
 
 def test_a_named_dtype_is_never_timed(tiny_model_dir):
-    from handler.loading import measures_dtype
+    from handler.model.loading import measures_dtype
     from handler.settings import HandlerSettings
 
     cpu = torch.device("cpu")

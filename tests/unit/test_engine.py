@@ -5,15 +5,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from handler.dynamic import DynamicScheduler
+from handler.schedulers.dynamic import DynamicScheduler
 from handler.errors import RequestError
-from handler.loading import check_weight_format, load_model
+from handler.model.loading import check_weight_format, load_model
 from handler.params import GenerationParams
-from handler.prompts import Prompt, TokenLimits, encode
-from handler.requests import Instance
-from handler.sampling import row_processors
+from handler.pipeline.prompts import Prompt, TokenLimits, encode
+from handler.pipeline.shapes import Instance
+from handler.decoding.sampling import row_processors
 from handler.settings import HandlerSettings, SettingsError
-from handler.stopping import FinishReason
+from handler.decoding.stopping import FinishReason
 from tests.support.prompts import make_prompt
 
 

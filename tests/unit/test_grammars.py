@@ -12,7 +12,7 @@ import xgrammar
 from transformers import AutoTokenizer
 
 from handler.errors import RequestError
-from handler.grammars import Grammars, tokenizer_info
+from handler.structured.grammars import Grammars, tokenizer_info
 from handler.response_format import ResponseFormat, parse_response_format
 from handler.settings import StructuredOutputSettings
 

@@ -1,45 +1,94 @@
-"""The package's layering: one module speaks to TorchServe, no import cycle, a quiet start."""
+"""The handler's rules, held as tests: the layer order, one module speaks to TorchServe, a quiet start.
+
+docs/architecture.md draws the layers; `LAYERS` is the same order. A unit is a top-level module
+or a subpackage; a unit may import its own layer's modules and those of earlier layers, never a
+later one, and there is no import cycle between modules either.
+"""
 
 import ast
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.support.context import ROOT
 
 HANDLER = ROOT / "handler"
 OPTIONAL = ("torchao", "google.cloud.storage")
 
+# Earliest first: the vocabulary every layer shares, then the layers in the order a request meets them
+# inside the worker, then the assembly that wires them to TorchServe.
+LAYERS = (
+    "errors",
+    "response_format",
+    "params",
+    "settings",
+    "structured",
+    "pipeline",
+    "decoding",
+    "model",
+    "schedulers",
+    "api",
+    "metrics",
+    "service",
+    "torchserve_handler",
+)
 
-def handler_imports(path: Path) -> tuple[set[str], set[str]]:
-    """The handler modules and the top-level packages a module imports, wherever in the module."""
+
+def module_name(path: Path) -> str:
+    """`handler/decoding/sequence.py` -> `decoding.sequence`; a package's `__init__` is the package."""
+    parts = path.relative_to(HANDLER).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> tuple[set[str], set[str]]:
+    """The handler modules (dotted, under `handler.`) and the other top-level packages a module imports,
+    anywhere in it (a function body or an `if TYPE_CHECKING:` block counts)."""
     ours, others = set(), set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if not isinstance(node, (ast.Import, ast.ImportFrom)):
-            continue
-        names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
-        for name in names:
-            if name == "handler" and isinstance(node, ast.ImportFrom):
-                ours.update(alias.name for alias in node.names)
-            elif name.startswith("handler."):
-                ours.add(name.split(".")[1])
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "handler" or node.module.startswith("handler."):
+                base = node.module.removeprefix("handler").lstrip(".")
+                for alias in node.names:
+                    candidate = f"{base}.{alias.name}".lstrip(".")
+                    ours.add(candidate if candidate in MODULE_NAMES else base)
             else:
-                others.add(name.split(".")[0])
+                others.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("handler."):
+                    ours.add(alias.name.removeprefix("handler."))
+                else:
+                    others.add(alias.name.split(".")[0])
+    ours.discard("")
     return ours, others
 
 
-def package_imports(package: Path) -> tuple[set[str], set[str]]:
-    """A subpackage counts as one module: what its files import from outside it."""
-    ours, others = set(), set()
-    for path in package.glob("*.py"):
-        mine, theirs = handler_imports(path)
-        ours |= mine - {package.name}
-        others |= theirs
-    return ours, others
+PATHS = {module_name(path): path for path in HANDLER.rglob("*.py") if module_name(path)}
+MODULE_NAMES = set(PATHS)
+MODULES = {name: imports_of(path) for name, path in PATHS.items()}
 
 
-MODULES = {path.stem: handler_imports(path) for path in HANDLER.glob("*.py") if path.stem != "__init__"}
-MODULES.update({path.parent.name: package_imports(path.parent) for path in HANDLER.glob("*/__init__.py")})
+def layer_of(module: str) -> int:
+    unit = module.split(".")[0]
+    assert unit in LAYERS, f"handler.{module} is in no layer: add {unit!r} to LAYERS and to docs/architecture.md"
+    return LAYERS.index(unit)
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_a_module_imports_only_its_own_and_earlier_layers(module):
+    later = sorted(name for name in MODULES[module][0] if layer_of(name) > layer_of(module))
+    assert not later, f"handler.{module} ({LAYERS[layer_of(module)]}) imports later layers: {later}"
+
+
+def test_the_layer_rule_catches_an_upward_import(tmp_path):
+    """The check above must see `from handler.X import Y` and `from handler.pkg import module` alike."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("from handler.service import Service\nfrom handler.schedulers import dynamic\n")
+    ours, _ = imports_of(probe)
+    assert ours == {"service", "schedulers.dynamic"}
+    assert max(layer_of(name) for name in ours) > layer_of("decoding")
 
 
 def test_only_the_adapter_imports_torchserve():
@@ -48,7 +97,7 @@ def test_only_the_adapter_imports_torchserve():
 
 def test_no_module_imports_one_that_imports_it_back():
     def reach(start: str, seen: set[str]) -> set[str]:
-        for name in MODULES[start][0] - seen:
+        for name in MODULES.get(start, (set(), set()))[0] - seen:
             seen.add(name)
             reach(name, seen)
         return seen
@@ -61,15 +110,27 @@ def test_nothing_imports_the_adapter():
     assert [name for name, (ours, _) in MODULES.items() if "torchserve_handler" in ours] == []
 
 
+def test_no_module_shadows_a_library():
+    """`handler/x/requests.py` reads as the `requests` library in a traceback and in an editor's imports."""
+    shadowing = sorted(name for name in MODULES if name.split(".")[-1] in sys.stdlib_module_names | {"requests"})
+    assert not shadowing, f"handler modules named like a library: {shadowing}"
+
+
 def test_the_package_map_names_every_module():
     import handler
 
-    missing = [name for name in MODULES if f"`{name}`" not in handler.__doc__]
+    missing = [name for name in MODULES if name and f"`{name}`" not in handler.__doc__]
     assert not missing, f"handler/__init__.py does not describe {missing}"
 
 
+def test_the_layers_are_the_documented_ones():
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    missing = [unit for unit in LAYERS if f"`{unit}" not in text]
+    assert not missing, f"docs/architecture.md does not name the layers {missing}"
+
+
 def test_optional_libraries_are_not_imported_with_the_package():
-    probe = "import sys, handler.torchserve_handler, handler.sources; print([m for m in %r if m in sys.modules])" % (OPTIONAL,)
+    probe = "import sys, handler.torchserve_handler, handler.model.sources; print([m for m in %r if m in sys.modules])" % (OPTIONAL,)
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
 
@@ -77,7 +138,7 @@ def test_optional_libraries_are_not_imported_with_the_package():
 def test_loading_a_model_prints_no_warnings_from_optional_backends(tiny_model_dir):
     """transformers imports torchao when it is installed; its CUDA-kernel and Triton warnings stay out of the way."""
     probe = (
-        "import torch; from pathlib import Path; from handler.loading import load_model; "
+        "import torch; from pathlib import Path; from handler.model.loading import load_model; "
         "from handler.settings import HandlerSettings; "
         f"load_model(Path({str(tiny_model_dir)!r}), HandlerSettings(warmup=False), torch.device('cpu'))"
     )

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from handler.logprobs import token_logprob
+from handler.decoding.logprobs import token_logprob
 
 
 def decode(token_id: int) -> str:

@@ -5,15 +5,15 @@ import json
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from handler.sequence import Completion
+from handler.decoding.sequence import Completion
 from handler.errors import RequestError, limit_error
-from handler.openai.exchange import JSON, OpenAIExchange, VertexChatExchange, is_vertex_chat
-from handler.openai.requests import CHAT, COMPLETIONS
-from handler.openai.responses import SSE
+from handler.api.openai.exchange import JSON, OpenAIExchange, VertexChatExchange, is_vertex_chat
+from handler.api.openai.parsing import CHAT, COMPLETIONS
+from handler.api.openai.rendering import SSE
 from handler.params import GenerationParams, ParamLimits
-from handler.prompts import Prompt
-from handler.requests import RequestShape
-from handler.stopping import FinishReason
+from handler.pipeline.prompts import Prompt
+from handler.pipeline.shapes import RequestShape
+from handler.decoding.stopping import FinishReason
 
 SHAPE = RequestShape(defaults=GenerationParams(), limits=ParamLimits(), max_instances=2, max_prompt_chars=100)
 USER = [{"role": "user", "content": "Hi"}]

@@ -16,7 +16,7 @@ import torch
 from openai.types import Completion as SDKCompletion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from handler.openai.responses import SSE
+from handler.api.openai.rendering import SSE
 from handler.torchserve_handler import LLMHandler
 from tests.support.context import make_context, run_raw
 

@@ -3,9 +3,9 @@
 import pytest
 
 from handler.errors import RequestError
-from handler.openai.requests import CHAT, COMPLETIONS, parse_openai
+from handler.api.openai.parsing import CHAT, COMPLETIONS, parse_openai
 from handler.params import GenerationParams, ParamLimits
-from handler.requests import RequestShape
+from handler.pipeline.shapes import RequestShape
 
 SHAPE = RequestShape(defaults=GenerationParams(max_new_tokens=32), limits=ParamLimits(), max_instances=4, max_prompt_chars=200)
 USER = [{"role": "user", "content": "Hi"}]
@@ -238,7 +238,7 @@ def test_a_prompt_over_max_prompt_chars_is_a_limit():
 
 def test_pipeline_errors_are_renamed_to_the_fields_the_client_sent():
     from handler.errors import limit_error
-    from handler.openai.requests import in_openai_terms
+    from handler.api.openai.parsing import in_openai_terms
 
     total = limit_error("input tokens + max_new_tokens must be <= 64: 10 input tokens + 60 max_new_tokens = 70", "max_new_tokens", 64, 70)
     renamed = in_openai_terms(total, chat(max_completion_tokens=60))

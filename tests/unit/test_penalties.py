@@ -3,7 +3,7 @@
 import torch
 
 from handler.params import GenerationParams
-from handler.penalties import (
+from handler.decoding.penalties import (
     LogitBiasProcessor,
     TokenPenaltyProcessor,
     add_bias,

@@ -11,8 +11,8 @@ from transformers import AutoTokenizer
 
 from handler.errors import RequestError
 from handler.params import GenerationParams
-from handler.prompts import TokenLimits, encode
-from handler.requests import Instance
+from handler.pipeline.prompts import TokenLimits, encode
+from handler.pipeline.shapes import Instance
 
 ALTERNATING = (
     "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"

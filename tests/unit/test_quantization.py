@@ -1,4 +1,4 @@
-"""handler.quantization on a tiny random Llama built here: what each method replaces, and that it still generates."""
+"""handler.model.quantization on a tiny random Llama built here: what each method replaces, and that it still generates."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from handler.quantization import METHODS, QuantizationError, quantize_for_cpu
+from handler.model.quantization import METHODS, QuantizationError, quantize_for_cpu
 
 
 def tiny_llama(dtype: torch.dtype = torch.float32):
@@ -150,7 +150,7 @@ def test_int4_weight_only_needs_bfloat16():
 
 def test_int4_weight_only_names_the_layers_the_group_size_does_not_fit(caplog):
     model = nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 8)).to(torch.bfloat16)
-    with caplog.at_level("WARNING", logger="handler.quantization"):
+    with caplog.at_level("WARNING", logger="handler.model.quantization"):
         quantize_for_cpu(model, "int4-weight-only")
     assert type(model[1].weight) is nn.Parameter and model[1].weight.dtype == torch.bfloat16
     assert type(model[0].weight).__name__ == "Int4OpaqueTensor"

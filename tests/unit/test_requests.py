@@ -6,7 +6,7 @@ import pytest
 
 from handler.errors import RequestError
 from handler.params import GenerationParams, ParamLimits
-from handler.requests import RequestShape, parse_request
+from handler.pipeline.shapes import RequestShape, parse_request
 
 APP_DEFAULTS = GenerationParams(max_new_tokens=32, temperature=0.7)
 SHAPE = RequestShape(defaults=APP_DEFAULTS, limits=ParamLimits(), max_instances=4, max_prompt_chars=100)

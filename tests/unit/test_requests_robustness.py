@@ -4,7 +4,7 @@ import pytest
 
 from handler.errors import RequestError
 from handler.params import GenerationParams, ParamLimits
-from handler.requests import RequestShape, parse_request
+from handler.pipeline.shapes import RequestShape, parse_request
 
 SHAPE = RequestShape(defaults=GenerationParams(), limits=ParamLimits(), max_instances=4, max_prompt_chars=1000)
 

@@ -5,10 +5,10 @@ import asyncio
 import pytest
 
 from handler.params import PARAMETER_NAMES, GenerationParams
-from handler.prompts import Prompt
-from handler.scheduler import Router, assign, unhonoured
-from handler.sequence import Completion
-from handler.stopping import FinishReason
+from handler.pipeline.prompts import Prompt
+from handler.schedulers.base import Router, assign, unhonoured
+from handler.decoding.sequence import Completion
+from handler.decoding.stopping import FinishReason
 
 EVERYTHING = frozenset(PARAMETER_NAMES)
 

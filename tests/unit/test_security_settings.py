@@ -19,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from handler.loading import check_weight_format, load_model
+from handler.model.loading import check_weight_format, load_model
 from handler.settings import HandlerSettings, SettingsError
 from tests.support.torchserve import ROOT
 

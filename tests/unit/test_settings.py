@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from handler.loading import cpu_budget, pick_threads
+from handler.model.loading import cpu_budget, pick_threads
 from handler.params import GenerationParams
 from handler.settings import HandlerSettings, SettingsError
 
@@ -64,7 +64,7 @@ def test_a_bad_dtype_from_the_environment_is_caught_too():
 
 
 def test_torch_threads_share_the_cpu_budget_between_workers(monkeypatch):
-    monkeypatch.setattr("handler.loading.cpu_budget", lambda: 8)
+    monkeypatch.setattr("handler.model.loading.cpu_budget", lambda: 8)
     assert pick_threads(HandlerSettings.from_config({"maxWorkers": 1}, {})) == 8
     assert pick_threads(HandlerSettings.from_config({"maxWorkers": 3}, {})) == 2
     assert pick_threads(HandlerSettings.from_config({"maxWorkers": 16}, {})) == 1

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from handler.sources import from_local, pickle_to_safetensors, prepare, weights_dir
+from handler.model.sources import from_local, pickle_to_safetensors, prepare, weights_dir
 
 
 def test_local_folder_is_copied(tiny_model_dir: Path, tmp_path: Path):

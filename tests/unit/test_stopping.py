@@ -1,6 +1,6 @@
 """Stop strings and the text a stream may release."""
 
-from handler.stopping import StopScan, find_stop, releasable_length
+from handler.decoding.stopping import StopScan, find_stop, releasable_length
 
 
 def test_find_stop_returns_the_earliest_of_several():

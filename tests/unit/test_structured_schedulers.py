@@ -13,17 +13,17 @@ import jsonschema
 import pytest
 import torch
 
-from handler.continuous import ContinuousScheduler
-from handler.dynamic import DynamicScheduler
+from handler.schedulers.continuous import ContinuousScheduler
+from handler.schedulers.dynamic import DynamicScheduler
 from handler.errors import RequestError
-from handler.loading import LoadedModel, load_model
+from handler.model.loading import LoadedModel, load_model
 from handler.params import ParamLimits, resolve_params
-from handler.prompts import Prompt
-from handler.protocols import NativeExchange
-from handler.scheduler import unhonoured
+from handler.pipeline.prompts import Prompt
+from handler.api.protocols import NativeExchange
+from handler.schedulers.base import unhonoured
 from handler.service import Service
 from handler.settings import ContinuousBatchingSettings, HandlerSettings, StructuredOutputSettings
-from handler.stopping import FinishReason
+from handler.decoding.stopping import FinishReason
 from tests.support.prompts import make_prompt
 
 CACHE = ContinuousBatchingSettings(num_blocks=48, page_size=16, max_batch_tokens=256)

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from handler.threads import on_passing_thread, run_on_passing_thread
+from handler.schedulers.threads import on_passing_thread, run_on_passing_thread
 
 
 def thread_count() -> int:

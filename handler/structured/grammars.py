@@ -25,9 +25,8 @@ from typing import Any
 
 import xgrammar
 
-from handler.constraint import CompiledFormat, GrammarConstraint
+from handler.structured.constraint import CompiledFormat, GrammarConstraint
 from handler.errors import LIMIT_EXCEEDED, RequestError
-from handler.prompts import Prompt
 from handler.response_format import ResponseFormat
 from handler.settings import StructuredOutputSettings
 
@@ -127,12 +126,6 @@ class Grammars:
 
     def constraint(self, spec: ResponseFormat, prompt_length: int) -> GrammarConstraint:
         return self.compiled(spec).constraint(prompt_length)
-
-    def attach(self, prompt: Prompt) -> Prompt:
-        """`prompt` with its response format compiled onto it; raises the request's error."""
-        if prompt.params.response_format is None:
-            return prompt
-        return replace(prompt, grammar=self.compiled(prompt.params.response_format))
 
     def start(self) -> None:
         """Starts the child now (it takes seconds to import xgrammar), so the first request need not wait."""

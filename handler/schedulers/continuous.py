@@ -38,16 +38,16 @@ from typing import Any
 
 from transformers import ContinuousBatchingConfig, GenerationConfig, LogitsProcessor
 
-from handler.batch_processors import install as install_processors
-from handler.compat import GenerationOutput, RequestStatus, forget_result_handler
-from handler.loading import LoadedModel
+from handler.schedulers.batch_processors import install as install_processors
+from handler.schedulers.compat import GenerationOutput, RequestStatus, forget_result_handler
+from handler.model.loading import LoadedModel
 from handler.params import PARAMETER_NAMES, GenerationParams
-from handler.prompts import Prompt
-from handler.sampling import front_processors, sequence_processors
-from handler.scheduler import ChunkSink
-from handler.sequence import Completion, SequenceState
+from handler.pipeline.prompts import Prompt
+from handler.decoding.sampling import front_processors, sequence_processors
+from handler.schedulers.base import ChunkSink
+from handler.decoding.sequence import Completion, SequenceState
 from handler.settings import ContinuousBatchingSettings
-from handler.threads import run_on_passing_thread
+from handler.schedulers.threads import run_on_passing_thread
 
 logger = logging.getLogger(__name__)
 

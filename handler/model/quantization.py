@@ -1,4 +1,4 @@
-"""Post-load quantization for CPU serving (`handler.quantization` in model-config.yaml).
+"""Post-load quantization for CPU serving (`handler.model.quantization` in model-config.yaml).
 
 Decoding one stream on CPU reads every weight once per token, so memory bandwidth bounds
 it, and fewer bytes per weight is what speeds it up. Measured on torch 2.13 CPU (AVX2, 2 cores,
@@ -51,9 +51,10 @@ import warnings
 import torch
 from torch import nn
 
+from handler.settings import QUANTIZATIONS as METHODS
+
 logger = logging.getLogger(__name__)
 
-METHODS = ("none", "int8-dynamic", "fp16-dynamic", "int8-weight-only", "int4-weight-only")
 INT4_GROUP_SIZE = 32
 
 

@@ -5,7 +5,7 @@ No fixed rule is safe on CPU: on one AMX machine bf16 was 1.4-1.8x faster than f
 run at the batch the app serves, and logs the figures:
 - fp32, always;
 - bf16 where the CPU computes it natively (AVX512-BF16 or AMX; elsewhere it is emulated);
-- fp16 weights with fp32 activations (`handler.quantization: fp16-dynamic`, fbgemm's fp16
+- fp16 weights with fp32 activations (`handler.model.quantization: fp16-dynamic`, fbgemm's fp16
   GEMM) where torch has fbgemm (x86). Its weights are closer to fp32's than bf16's (10 mantissa
   bits against 7); SmolLM2's greedy text was fp32's exactly, and on a 2-core AMX host it decoded
   one stream at 47 tok/s against bf16's 27 (raw `generate`).
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from handler.quantization import quantize_for_cpu
+from handler.model.quantization import quantize_for_cpu
 
 logger = logging.getLogger(__name__)
 

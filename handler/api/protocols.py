@@ -12,13 +12,12 @@ from __future__ import annotations
 
 from typing import Any, Protocol, Sequence
 
-from handler import responses
 from handler.errors import RequestError
-from handler.openai.exchange import OpenAIExchange, VertexChatExchange, is_vertex_chat
-from handler.openai.requests import CHAT, COMPLETIONS
-from handler.prompts import Prompt
-from handler.requests import Instance, RequestShape, parse_body
-from handler.responses import JSON, Answer
+from handler.api.openai.exchange import OpenAIExchange, VertexChatExchange, is_vertex_chat
+from handler.api.openai.parsing import CHAT, COMPLETIONS
+from handler.pipeline.prompts import Prompt
+from handler.pipeline.shapes import Instance, RequestShape, parse_body
+from handler.api.native import Answer, NativeExchange
 
 PROTOCOL_HEADER = "X-LLM-Protocol"
 PROTOCOLS = {"openai-chat": CHAT, "openai-completions": COMPLETIONS}
@@ -43,31 +42,6 @@ class Exchange(Protocol):
     def begin(self, prompts: Sequence[Prompt]) -> None: ...
 
     def body(self, answer: Answer) -> str: ...
-
-
-class NativeExchange:
-    """The Vertex, TGI and plain-text shapes; a stream is JSON lines ending with the usual body."""
-
-    stream = False
-    content_type = JSON
-
-    def parse(self, body: Any, shape: RequestShape) -> tuple[Instance, ...]:
-        return parse_body(body, shape)
-
-    def rename(self, error: RequestError) -> RequestError:
-        return error
-
-    def error_body(self, error: RequestError) -> str:
-        return error.json()
-
-    def begin(self, prompts: Sequence[Prompt]) -> None:
-        """Nothing to open: the pieces are self-contained JSON lines."""
-
-    def piece(self, index: int, text: str) -> str:
-        return responses.chunk(index, text)
-
-    def body(self, answer: Answer) -> str:
-        return responses.body(answer)
 
 
 def named_exchange(protocol: str | None, model: str) -> Exchange:

@@ -8,7 +8,7 @@ the same capability check the `Router` makes (`scheduler.assign`).
 
 On its own (dynamic batching) it generates on the caller's thread, as TorchServe's
 synchronous worker expects. Beside the continuous batcher it generates in a thread of its
-own per call (`handler.threads`: a pooled thread's OpenMP pool would slow the manager's), one
+own per call (`handler.schedulers.threads`: a pooled thread's OpenMP pool would slow the manager's), one
 `generate` at a time, inside `guard` (the manager pauses around each forward pass), and
 its stream chunks reach the caller's loop in order.
 """
@@ -24,14 +24,14 @@ from typing import Callable, ContextManager
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from handler.loading import LoadedModel
+from handler.model.loading import LoadedModel
 from handler.params import PARAMETER_NAMES, GenerationParams
-from handler.prompts import Prompt
-from handler.sampling import PerRowSampler, RowSampling, request_generator, row_processors
-from handler.scheduler import ChunkSink, assign
-from handler.sequence import Completion, SequenceState
-from handler.stopping import FinishReason, find_stop
-from handler.threads import on_passing_thread
+from handler.pipeline.prompts import Prompt
+from handler.decoding.sampling import PerRowSampler, RowSampling, request_generator, row_processors
+from handler.schedulers.base import ChunkSink, assign
+from handler.decoding.sequence import Completion, SequenceState
+from handler.decoding.stopping import FinishReason, find_stop
+from handler.schedulers.threads import on_passing_thread
 
 MAX_ROWS_PER_GENERATE = 64
 ROWS_HONOUR = frozenset(PARAMETER_NAMES) - {"num_beams"}

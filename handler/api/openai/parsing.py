@@ -15,7 +15,7 @@ from typing import Any
 
 from handler.errors import RequestError
 from handler.params import resolve_params
-from handler.requests import Instance, RequestShape, chat_messages, check_count, prompt_text
+from handler.pipeline.shapes import Instance, RequestShape, chat_messages, check_count, prompt_text
 
 CHAT = "chat.completions"
 COMPLETIONS = "completions"

@@ -1,16 +1,18 @@
 """The answer's shape: Vertex-style `{"predictions": [...]}` bodies and the stream's JSON lines.
 
-The OpenAI API renders the same completions with its own package beside this one (`handler.openai`).
+The OpenAI API renders the same completions with its own package beside this one (`handler.api.openai`).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Sequence
 
-from handler.logprobs import TokenLogprob
-from handler.prompts import Prompt
-from handler.sequence import Completion
+from handler.decoding.logprobs import TokenLogprob
+from handler.errors import RequestError
+from handler.pipeline.shapes import Instance, RequestShape, parse_body
+from handler.pipeline.prompts import Prompt
+from handler.decoding.sequence import Completion
 
 JSON = "application/json"
 # One request's answer: each prompt with its completions, in order.
@@ -52,3 +54,28 @@ def prediction_offsets(prompts: list[Prompt]) -> list[int]:
         offsets.append(total)
         total += prompt.params.num_return_sequences
     return offsets
+
+
+class NativeExchange:
+    """The Vertex, TGI and plain-text shapes; a stream is JSON lines ending with the usual body."""
+
+    stream = False
+    content_type = JSON
+
+    def parse(self, body: Any, shape: RequestShape) -> tuple[Instance, ...]:
+        return parse_body(body, shape)
+
+    def rename(self, error: RequestError) -> RequestError:
+        return error
+
+    def error_body(self, error: RequestError) -> str:
+        return error.json()
+
+    def begin(self, prompts: Sequence[Prompt]) -> None:
+        """Nothing to open: the pieces are self-contained JSON lines."""
+
+    def piece(self, index: int, text: str) -> str:
+        return chunk(index, text)
+
+    def body(self, answer: Answer) -> str:
+        return body(answer)

@@ -15,12 +15,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from handler.constraint import GrammarConstraint
-from handler.detokenizer import IncrementalDetokenizer
+from handler.structured.constraint import GrammarConstraint
+from handler.decoding.detokenizer import IncrementalDetokenizer
 from handler.errors import RequestError
-from handler.logprobs import TokenLogprob, token_logprob
-from handler.prompts import Prompt
-from handler.stopping import FinishReason, StopScan, releasable_length
+from handler.decoding.logprobs import TokenLogprob, token_logprob
+from handler.pipeline.prompts import Prompt
+from handler.decoding.stopping import FinishReason, StopScan, releasable_length
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,10 @@ import json
 from typing import Any, Sequence
 
 from handler.errors import RequestError
-from handler.openai.requests import CHAT, OpenAIRequest, in_openai_terms, parse_openai, renamed
-from handler.openai.responses import SSE, Answer, Reply, StreamRenderer, error_json, response
-from handler.prompts import Prompt
-from handler.requests import Instance, RequestShape, check_count
+from handler.api.openai.parsing import CHAT, OpenAIRequest, in_openai_terms, parse_openai, renamed
+from handler.api.openai.rendering import SSE, Answer, Reply, StreamRenderer, error_json, response
+from handler.pipeline.prompts import Prompt
+from handler.pipeline.shapes import Instance, RequestShape, check_count
 
 JSON = "application/json"
 REQUEST_FORMAT = "@requestFormat"

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 from handler.errors import RequestError
-from handler.openai.requests import CHAT
-from handler.prompts import Prompt
-from handler.stopping import FinishReason
+from handler.api.openai.parsing import CHAT
+from handler.pipeline.prompts import Prompt
+from handler.decoding.stopping import FinishReason
 
 if TYPE_CHECKING:
-    from handler.sequence import Completion
-    from handler.logprobs import TokenLogprob
+    from handler.decoding.sequence import Completion
+    from handler.decoding.logprobs import TokenLogprob
 
 SSE = "text/event-stream"
 DONE = "data: [DONE]\n\n"

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from handler.dtype_probe import candidate_names, fastest_cpu_dtype
-from handler.prompts import TokenLimits
-from handler.quantization import quantize_for_cpu
+from handler.model.dtype_probe import candidate_names, fastest_cpu_dtype
+from handler.pipeline.prompts import TokenLimits
+from handler.model.quantization import quantize_for_cpu
 from handler.settings import HandlerSettings, SettingsError
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def measures_dtype(settings: HandlerSettings, device: torch.device) -> bool:
-    """`dtype: auto` on a CPU with a candidate besides fp32 is decided by timing them (handler.dtype_probe);
+    """`dtype: auto` on a CPU with a candidate besides fp32 is decided by timing them (handler.model.dtype_probe);
     a quantized or device-mapped model keeps fp32, as the quantizers and offloading expect."""
     return (
         settings.dtype == "auto"

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from handler.loading import quiet_optional_backends
+from handler.model.loading import quiet_optional_backends
 
 logger = logging.getLogger(__name__)
 
@@ -139,14 +139,14 @@ def weights_dir(archive_dir: Path, model_dir_override: str | None, storage_uri: 
     if model_dir_override:
         return Path(model_dir_override)
     if storage_uri:
-        from handler.storage import download_gcs_prefix
+        from handler.model.storage import download_gcs_prefix
 
         return download_gcs_prefix(storage_uri, Path(tempfile.gettempdir()) / "llm-weights")
     return archive_dir
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m handler.sources")
+    parser = argparse.ArgumentParser(prog="python -m handler.model.sources")
     commands = parser.add_subparsers(dest="command", required=True)
     prep = commands.add_parser("prepare", help="write an app's model as an HF checkpoint folder")
     prep.add_argument("app_dir", type=Path)

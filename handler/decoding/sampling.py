@@ -33,7 +33,7 @@ from transformers.generation.logits_process import (
 )
 
 from handler.params import GenerationParams
-from handler.penalties import penalty_processors
+from handler.decoding.penalties import penalty_processors
 
 
 @dataclass

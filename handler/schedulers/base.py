@@ -16,8 +16,8 @@ from dataclasses import fields
 from typing import Callable, Protocol, Sequence
 
 from handler.params import GenerationParams
-from handler.prompts import Prompt
-from handler.sequence import Completion
+from handler.pipeline.prompts import Prompt
+from handler.decoding.sequence import Completion
 
 # (prompt index, sequence index, new text) for the prompts that stream.
 ChunkSink = Callable[[int, int, str], None]

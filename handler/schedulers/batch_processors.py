@@ -22,7 +22,7 @@ from typing import Mapping
 import torch
 from transformers import LogitsProcessor
 
-from handler.compat import (
+from handler.schedulers.compat import (
     ContinuousBatchingLogitsProcessor,
     ContinuousBatchingTopKLogitsWarper,
     ContinuousBatchingTopPLogitsWarper,

@@ -9,10 +9,10 @@ from jinja2 import TemplateError
 
 from handler.errors import RequestError, limit_error
 from handler.params import GenerationParams
-from handler.requests import Instance
+from handler.pipeline.shapes import Instance
 
 if TYPE_CHECKING:
-    from handler.constraint import CompiledFormat
+    from handler.structured.constraint import CompiledFormat
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""One sequence's decoding, the same on both schedulers: logits processors, sampling, stopping, detokenization."""

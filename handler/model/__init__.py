@@ -1,0 +1,1 @@
+"""Loading: where weights come from, the device, dtype and quantization, the model and tokenizer."""
