@@ -8,8 +8,11 @@ worker dies.
 
 Modules: ``settings`` (env contract, read once), ``torchserve`` (the TorchServe child:
 ports, temp folder, process group), ``health`` (what the management API says),
-``healer`` (notice a dead worker, answer what it held, bring the app back), ``relay``
-(one prediction to TorchServe and back), ``routes`` (every route, one table),
+``management`` (the client of TorchServe's management and metrics APIs), ``apps`` (the app
+registry: each app's state and the predictions it holds), ``healer`` (the heal policy: notice
+a dead worker, answer what it held, bring the app back), ``held_request`` (one relayed
+prediction's hold, gauge, histograms and release), ``relay`` (one prediction to TorchServe
+and back), ``routes`` (every route, one table),
 ``metrics`` (Prometheus histograms), ``server`` (uvicorn servers and the front's state),
 ``supervisor`` (all of it as one process tree).
 """

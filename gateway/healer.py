@@ -1,4 +1,4 @@
-"""Notice a dead model worker, answer what it held, and bring the app back.
+"""The heal policy: when an app is unwell, and how it is brought back.
 
 TorchServe 0.12's async mode (the continuous batching path) never answers the requests a
 worker held when it died, and its restarted worker thread can fail forever with "Received
@@ -24,15 +24,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Protocol
+from typing import Awaitable, Callable
 
 import httpx2
 
 from gateway import health
+from gateway.apps import AppRegistry, AppState
+from gateway.management import HealFailed, ManagementClient
 from gateway.metrics import FrontMetrics
 from gateway.torchserve import pid_alive
 
@@ -42,96 +42,39 @@ CHECK_S = 0.2
 DESCRIBE_S = 1.0
 # TorchServe retries a dead worker after a backoff of 1 s, growing with each failure in a row.
 RETRY_WAIT_S = 10.0
-# A one-token answer; the first probe after a restart can also be lost (see _until_retried).
-PROBE_TIMEOUT_S = 30.0
-PROBE = json.dumps({"instances": ["Hello"], "parameters": {"max_new_tokens": 1, "temperature": 0}}).encode()
-
-
-class HealFailed(RuntimeError):
-    """The management API could not bring the app back in time."""
-
-
-@dataclass(eq=False)
-class Held:
-    """One prediction being relayed; ``cut`` is set when the worker it was on died."""
-
-    cut: asyncio.Event = field(default_factory=asyncio.Event)
-    released: bool = False
-
-
-@dataclass(eq=False)
-class AppState:
-    name: str
-    # TorchServe's async mode (asyncCommunication): a dead worker's requests are never answered.
-    async_mode: bool
-    ready: bool = False
-    healing: bool = False
-    detail: str = "starting"
-    pids: frozenset[int] = frozenset()
-    workers: tuple[str, ...] = ()
-    held: set[Held] = field(default_factory=set)
-
-    def readiness(self) -> health.Readiness:
-        if self.ready:
-            return health.Readiness(True, "ready", self.name, self.workers)
-        return health.Readiness(False, "healing" if self.healing else "starting", self.name, self.workers, self.detail)
-
-
-class Upstream(Protocol):
-    """Where TorchServe answers now; a restart gives it new ports, so this is read per call."""
-
-    inference_url: str
-    management_url: str
-    metrics_url: str
 
 
 class Healer:
+    """Watches the apps of ``apps`` through ``management`` and heals them; ``restart`` is the last resort."""
+
     def __init__(
         self,
-        apps: dict[str, bool],
-        upstream: Upstream,
+        apps: AppRegistry,
+        management: ManagementClient,
         metrics: FrontMetrics,
         restart: Callable[[str], Awaitable[None]],
         heal_timeout_s: float,
         startup_timeout_s: float,
     ) -> None:
-        self.apps = {name: AppState(name, async_mode) for name, async_mode in apps.items()}
-        self.upstream = upstream
+        self.apps = apps
+        self.management = management
         self.metrics = metrics
         self.restart = restart
         self.heal_timeout_s = heal_timeout_s
         self.startup_timeout_s = startup_timeout_s
-        self.client = httpx2.AsyncClient(timeout=httpx2.Timeout(10.0, read=120.0))
         self._restarting: asyncio.Future | None = None
         # Set, with the reason, when even a restart of TorchServe did not bring the apps back.
         self.gave_up = asyncio.Event()
         self.failure = ""
         self._tasks: set[asyncio.Task] = set()
 
-    # --- what the front asks --------------------------------------------------------
-
-    def state(self, app: str) -> AppState | None:
-        return self.apps.get(app)
-
-    def hold(self, app: str) -> Held:
-        held = Held()
-        self.apps[app].held.add(held)
-        return held
-
-    def release(self, app: str, held: Held) -> None:
-        self.apps[app].held.discard(held)
-
-    async def describe(self, app: str) -> tuple[int, bytes]:
-        response = await self.client.get(f"{self.upstream.management_url}/models/{app}", timeout=5.0)
-        return response.status_code, response.content
-
     # --- start and watch ------------------------------------------------------------
 
     async def wait_started(self) -> None:
         """Every app READY and answering, within the startup timeout; HealFailed if not."""
-        await asyncio.gather(*(self._until_answers(state, self.startup_timeout_s) for state in self.apps.values()))
-        for state in self.apps.values():
-            state.ready, state.detail = True, ""
+        await asyncio.gather(*(self._until_answers(state, self.startup_timeout_s) for state in self.apps))
+        for state in self.apps:
+            self.apps.mark_started(state)
             await self._refresh(state)
             log.info("%s is ready: workers %s", state.name, sorted(state.pids))
 
@@ -140,13 +83,13 @@ class Healer:
         last_describe = 0.0
         while True:
             await asyncio.sleep(CHECK_S)
-            for state in self.apps.values():
+            for state in self.apps:
                 if state.ready and state.pids and not all(pid_alive(pid) for pid in state.pids):
                     gone = sorted(pid for pid in state.pids if not pid_alive(pid))
                     self._start_heal(state, f"worker {','.join(map(str, gone))} died")
             if time.monotonic() - last_describe >= DESCRIBE_S:
                 last_describe = time.monotonic()
-                for state in self.apps.values():
+                for state in self.apps:
                     if state.ready:
                         before = state.pids
                         await self._refresh(state)
@@ -155,7 +98,7 @@ class Healer:
 
     async def _refresh(self, state: AppState) -> None:
         try:
-            status, body = await self.describe(state.name)
+            status, body = await self.management.describe(state.name)
             workers = health.workers_of(body) if status == 200 else None
         except (httpx2.HTTPError, ValueError):
             return
@@ -168,23 +111,20 @@ class Healer:
     def _start_heal(self, state: AppState, cause: str) -> None:
         if state.healing:
             return
-        state.ready, state.healing, state.detail = False, True, cause
-        self.metrics.healing.labels(state.name).set(1)
+        self.apps.mark_healing(state, cause)
         log.warning("%s: %s; healing", state.name, cause)
-        self.fail_held(state)
+        self._fail_held(state)
         task = asyncio.get_running_loop().create_task(self._heal(state, cause, time.monotonic()))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def fail_held(self, state: AppState) -> None:
+    def _fail_held(self, state: AppState) -> None:
         """On the async path nobody else will ever answer what the dead worker held."""
         if not state.async_mode:
             return
         if state.held:
             log.warning("%s: answering %d prediction(s) the dead worker held", state.name, len(state.held))
-        for held in list(state.held):
-            held.cut.set()
-        state.held.clear()
+        self.apps.cut_held(state)
 
     async def _heal(self, state: AppState, cause: str, started: float) -> None:
         dead = state.pids
@@ -209,7 +149,7 @@ class Healer:
             if not await self._restart_or_give_up(f"{state.name}: {cause}"):
                 return
         took = time.monotonic() - started
-        self._healed(state)
+        self.apps.mark_ready(state)
         self.metrics.heals.labels(state.name, _cause_kind(cause), method).inc()
         self.metrics.heal_seconds.labels(state.name, method).observe(took)
         log.warning("%s healed in %.1f s by %s (cause: %s)", state.name, took, method, cause)
@@ -224,53 +164,28 @@ class Healer:
         """
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx2.HTTPError, ValueError):
-                status, body = await self.describe(state.name)
+                status, body = await self.management.describe(state.name)
                 if status == 200 and health.worker_pids(health.workers_of(body)) - dead:
                     return
             await asyncio.sleep(0.2)
 
-    def _healed(self, state: AppState) -> None:
-        state.ready, state.healing, state.detail = True, False, ""
-        self.metrics.healing.labels(state.name).set(0)
-
     async def _scale_back(self, state: AppState, deadline: float) -> None:
         """Workers to 0 and back: a fresh worker thread and aggregator, then READY and answering."""
-        status, body = await self.describe(state.name)
+        status, body = await self.management.describe(state.name)
         low, high = health.worker_counts(body) if status == 200 else (1, 1)
-        await self._scale(state.name, 0, 0, deadline)
-        await self._scale(state.name, low, high, deadline)
+        await self.management.scale(state.name, 0, 0, deadline)
+        await self.management.scale(state.name, low, high, deadline)
         await self._until_answers(state, deadline - time.monotonic())
-
-    async def _scale(self, app: str, low: int, high: int, deadline: float) -> None:
-        url = f"{self.upstream.management_url}/models/{app}"
-        params = {"min_worker": low, "max_worker": high, "synchronous": "true"}
-        left = max(1.0, deadline - time.monotonic())
-        response = await self.client.put(url, params=params, timeout=httpx2.Timeout(left))
-        if response.status_code >= 300:
-            raise HealFailed(f"scaling {app} to {low} answered {response.status_code}: {response.text[:200]}")
 
     async def _until_answers(self, state: AppState, timeout_s: float) -> None:
         """A READY worker and a one-token prediction answered 200, within ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            try:
-                status, body = await self.describe(state.name)
-                if health.readiness_from_description(state.name, status, body).ready and await self._probe(state.name):
+            with contextlib.suppress(httpx2.HTTPError):
+                if await self.management.answers(state.name):
                     return
-            except httpx2.HTTPError:
-                pass
             await asyncio.sleep(0.5)
         raise HealFailed(f"{state.name} had no READY worker that answers within {timeout_s:.0f} s")
-
-    async def _probe(self, app: str) -> bool:
-        try:
-            response = await self.client.post(
-                f"{self.upstream.inference_url}/predictions/{app}", content=PROBE,
-                headers={"Content-Type": "application/json"}, timeout=PROBE_TIMEOUT_S,
-            )
-        except httpx2.TimeoutException:
-            return False
-        return response.status_code == 200
 
     async def restart_torchserve(self, cause: str) -> None:
         """Restart TorchServe once for everyone who asks at the same time; every app heals with it."""
@@ -279,11 +194,11 @@ class Healer:
             return
         self._restarting = asyncio.get_running_loop().create_future()
         try:
-            for state in self.apps.values():
+            for state in self.apps:
                 if not state.healing:
-                    state.ready, state.healing, state.detail = False, True, cause
-                    self.metrics.healing.labels(state.name).set(1)
-                self.fail_held_all(state)
+                    self.apps.mark_healing(state, cause)
+                # TorchServe itself goes away: every prediction in flight is lost, on both paths.
+                self.apps.cut_held(state)
             await self.restart(cause)
             await self.wait_started()
             self._restarting.set_result(None)
@@ -303,12 +218,6 @@ class Healer:
             return False
         return True
 
-    def fail_held_all(self, state: AppState) -> None:
-        """TorchServe itself goes away: every prediction in flight is lost, on both paths."""
-        for held in list(state.held):
-            held.cut.set()
-        state.held.clear()
-
     async def torchserve_exited(self, code: int) -> None:
         """TorchServe died by itself: restart it, and count a heal for each app it served."""
         started = time.monotonic()
@@ -317,8 +226,8 @@ class Healer:
         if not await self._restart_or_give_up(cause):
             return
         took = time.monotonic() - started
-        for state in self.apps.values():
-            self._healed(state)
+        for state in self.apps:
+            self.apps.mark_ready(state)
             self.metrics.heals.labels(state.name, "torchserve-exited", "restart").inc()
             self.metrics.heal_seconds.labels(state.name, "restart").observe(took)
         log.warning("TorchServe restarted in %.1f s (cause: %s)", took, cause)
@@ -332,10 +241,6 @@ class Healer:
         """Stop healing (the server is stopping)."""
         for task in list(self._tasks):
             task.cancel()
-
-    async def aclose(self) -> None:
-        self.cancel()
-        await self.client.aclose()
 
 
 def _cause_kind(cause: str) -> str:

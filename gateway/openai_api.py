@@ -63,7 +63,7 @@ async def _relay(request: Request, protocol: Dialect) -> Response:
     except ClientDisconnect:
         return Response(status_code=499)
     app = _model(body, front.settings.app)
-    if app not in front.healer.apps:
+    if app not in front.apps:
         return _unknown(front, app)
     return await relay(request, app, f"/predictions/{app}", protocol, body)
 
@@ -79,7 +79,7 @@ def _model(body: bytes, default: str) -> str:
 
 
 def _unknown(front, model: str) -> JSONResponse:
-    served = ", ".join(sorted(front.healer.apps))
+    served = ", ".join(front.apps.names())
     return openai_error(404, f"the model {model[:100]!r} does not exist; served: {served}", field="model")
 
 
@@ -89,13 +89,13 @@ def _card(name: str) -> dict:
 
 async def models(request: Request) -> Response:
     front = request.app.state.front
-    return JSONResponse({"object": "list", "data": [_card(name) for name in sorted(front.healer.apps)]})
+    return JSONResponse({"object": "list", "data": [_card(name) for name in front.apps.names()]})
 
 
 async def model(request: Request) -> Response:
     front = request.app.state.front
     name = request.path_params["model"]
-    return JSONResponse(_card(name)) if name in front.healer.apps else _unknown(front, name)
+    return JSONResponse(_card(name)) if name in front.apps else _unknown(front, name)
 
 
 ROUTES = {"/v1/chat/completions": "POST", "/v1/completions": "POST", "/v1/models": "GET"}

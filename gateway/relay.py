@@ -5,7 +5,7 @@ Content-Length anyway); the answer is streamed: its bytes go to the client as To
 sends them, so a streaming generation reaches the client token by token. Three things can
 end a relay early:
 
-- the worker died (the healer sets ``Held.cut``): 507 JSON saying to retry, or, once a
+- the worker died (the healer cuts the ``HeldRequest``): 507 JSON saying to retry, or, once a
   stream has started, a last JSON line saying so;
 - the client went away: the upstream request is closed. TorchServe 0.12 does not tell
   the handler (its frontend drops the channel, the job goes on), so the generation runs on
@@ -28,7 +28,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from gateway.healer import Held
+from gateway.held_request import HeldRequest
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +113,9 @@ async def relay(request: Request, app: str, path: str, dialect: Dialect = NATIVE
     """Forward ``request`` (its ``body`` when the caller has read it already) to TorchServe's ``path`` for
     ``app``; the answer streams back."""
     front = request.app.state.front
-    state = front.healer.state(app)
+    state = front.apps.get(app)
     if state is None:
-        return dialect.error(404, f"no app named {app!r}; served: {sorted(front.healer.apps)}", field="app")
+        return dialect.error(404, f"no app named {app!r}; served: {front.apps.names()}", field="app")
     if not state.ready:
         return unavailable(front, app, "being restarted after a worker crash" if state.healing else "still loading", dialect)
     arrived = time.monotonic()
@@ -127,38 +127,18 @@ async def relay(request: Request, app: str, path: str, dialect: Dialect = NATIVE
         except ClientDisconnect:
             front.metrics.disconnects.labels(app).inc()
             return Response(status_code=499)
-    held = front.healer.hold(app)
-    front.metrics.in_flight.labels(app).inc()
-    try:
-        return await _forward(front, request, app, path, body, held, arrived, dialect)
-    except BaseException:
-        _finished(front, app, held)
-        raise
+    with HeldRequest(front.apps, front.metrics, app, arrived) as held:
+        return held.answered(await _forward(front, request, path, body, held, dialect))
 
 
-def _finished(front, app: str, held: Held) -> None:
-    """Once per request, whichever of the stream's end or the response's background task comes first."""
-    if held.released:
-        return
-    held.released = True
-    front.healer.release(app, held)
-    front.metrics.in_flight.labels(app).dec()
-
-
-async def _forward(front, request: Request, app: str, path: str, body: bytes, held: Held, arrived: float,
-                   dialect: Dialect) -> Response:
-    sent: list[float] = []
-
-    async def trace(event: str, info: dict) -> None:
-        if event == "http11.send_request_headers.started" and not sent:
-            sent.append(time.monotonic())
-
+async def _forward(front, request: Request, path: str, body: bytes, held: HeldRequest, dialect: Dialect) -> Response:
+    """TorchServe's answer, or the front's own when the worker died, the client left or TorchServe failed."""
     headers = forwardable(request.headers) + list(dialect.headers)
     headers.append(("X-Forwarded-For", request.client.host if request.client else ""))
     query = request.url.query
     upstream = front.client.build_request(
         request.method, f"{front.upstream.inference_url}{path}" + (f"?{query}" if query else ""),
-        headers=headers, content=body, extensions={"trace": trace},
+        headers=headers, content=body, extensions={"trace": held.trace},
     )
     sending = asyncio.ensure_future(front.client.send(upstream, stream=True))
     cut = asyncio.ensure_future(held.cut.wait())
@@ -171,22 +151,22 @@ async def _forward(front, request: Request, app: str, path: str, body: bytes, he
         sending.cancel()
         cut.cancel()
         if held.cut.is_set():
-            return _done(front, app, held, arrived, sent, _worker_died(front, dialect))
-        front.metrics.disconnects.labels(app).inc()
-        return _done(front, app, held, arrived, sent, Response(status_code=499))
+            return _worker_died(front, dialect)
+        held.client_left()
+        return Response(status_code=499)
     try:
         response = sending.result()
     except httpx2.HTTPError as exc:
         cut.cancel()
         if held.cut.is_set():
-            return _done(front, app, held, arrived, sent, _worker_died(front, dialect))
+            return _worker_died(front, dialect)
         log.warning("TorchServe failed for %s %s: %s", request.method, path, exc)
-        return _done(front, app, held, arrived, sent, dialect.error(502, "TorchServe is not answering; retry it"))
+        return dialect.error(502, "TorchServe is not answering; retry it")
     if held.cut.is_set():
         cut.cancel()
         await response.aclose()
-        return _done(front, app, held, arrived, sent, _worker_died(front, dialect))
-    _observe_wait(front, app, response.status_code, arrived, sent)
+        return _worker_died(front, dialect)
+    held.waited(response.status_code)
     streaming = "chunked" in response.headers.get("transfer-encoding", "").lower()
     reword = dialect.rewords_upstream and response.status_code >= 400
     if (response.status_code in (500, 507) or reword) and not streaming:
@@ -200,11 +180,11 @@ async def _forward(front, request: Request, app: str, path: str, body: bytes, he
             cut.cancel()
             await response.aclose()
         if b"Worker died" in text:
-            return _done(front, app, held, arrived, [], _worker_died(front, dialect))
+            return _worker_died(front, dialect)
         if reword and not _in_shape(text):
-            return _done(front, app, held, arrived, [], dialect.error(response.status_code, _upstream_message(text)))
+            return dialect.error(response.status_code, _upstream_message(text))
         headers = {k: v for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP}
-        return _done(front, app, held, arrived, [], Response(text, response.status_code, headers))
+        return Response(text, response.status_code, headers)
     answer_headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in HOP_BY_HOP]
     if response.status_code == 503 and "retry-after" not in response.headers:
         # TorchServe's "queue full" (its message says "no worker"): it means retry later.
@@ -214,10 +194,10 @@ async def _forward(front, request: Request, app: str, path: str, body: bytes, he
         # Runs even when the client left before the first byte, when the generator never started.
         cut.cancel()
         await response.aclose()
-        _finished(front, app, held)
+        held.release()
 
     return StreamingResponse(
-        _pieces(front, app, held, response, cut, arrived, streaming, dialect),
+        _pieces(held, response, cut, streaming, dialect),
         status_code=response.status_code,
         headers=_header_dict(answer_headers, response),
         background=BackgroundTask(cleanup),
@@ -234,8 +214,8 @@ def _header_dict(items: list[tuple[str, str]], response: httpx2.Response) -> dic
     return joined
 
 
-async def _pieces(front, app: str, held: Held, response: httpx2.Response, cut: asyncio.Future, arrived: float,
-                  streaming: bool, dialect: Dialect) -> AsyncIterator[bytes]:
+async def _pieces(held: HeldRequest, response: httpx2.Response, cut: asyncio.Future, streaming: bool,
+                  dialect: Dialect) -> AsyncIterator[bytes]:
     """The answer's bytes as they arrive; a dead worker ends the stream with a JSON line saying so."""
     status = response.status_code
     first = True
@@ -253,22 +233,21 @@ async def _pieces(front, app: str, held: Held, response: httpx2.Response, cut: a
             except StopAsyncIteration:
                 return
             except httpx2.HTTPError as exc:
-                log.warning("TorchServe's answer to %s broke off: %s", app, exc)
+                log.warning("TorchServe's answer to %s broke off: %s", held.app, exc)
                 if streaming:
                     yield dialect.broken_stream("TorchServe broke off the answer; retry it", 502)
                 return
             if first and streaming:
-                front.metrics.ttft.labels(app, str(status)).observe(time.monotonic() - arrived)
+                held.first_byte(status)
             first = False
             yield data
     except asyncio.CancelledError:
-        front.metrics.disconnects.labels(app).inc()
+        held.client_left()
         raise
     finally:
         cut.cancel()
         await response.aclose()
-        front.metrics.latency.labels(app, str(status)).observe(time.monotonic() - arrived)
-        _finished(front, app, held)
+        held.finished(status)
 
 
 def _worker_died(front, dialect: Dialect) -> JSONResponse:
@@ -292,18 +271,6 @@ def _upstream_message(text: bytes) -> str:
     except ValueError:
         return text.decode(errors="replace")[:500] or "TorchServe refused the request"
     return str(body.get("message", body)) if isinstance(body, dict) else str(body)
-
-
-def _observe_wait(front, app: str, status: int, arrived: float, sent: list[float]) -> None:
-    if sent:
-        front.metrics.queue_wait.labels(app, str(status)).observe(sent[0] - arrived)
-
-
-def _done(front, app: str, held: Held, arrived: float, sent: list[float], response: Response) -> Response:
-    _observe_wait(front, app, response.status_code, arrived, sent)
-    front.metrics.latency.labels(app, str(response.status_code)).observe(time.monotonic() - arrived)
-    _finished(front, app, held)
-    return response
 
 
 async def _disconnected(request: Request) -> None:

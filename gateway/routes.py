@@ -19,7 +19,7 @@ async def health(request: Request) -> Response:
     """200 only while every served app has a READY worker that answered, and is not healing."""
     front = request.app.state.front
     apps = []
-    for state in front.healer.apps.values():
+    for state in front.apps:
         readiness = state.readiness()
         if readiness.ready:
             readiness = await front.live_readiness(state.name)

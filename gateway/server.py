@@ -19,7 +19,8 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from gateway import health
-from gateway.healer import Healer, Upstream
+from gateway.apps import AppRegistry
+from gateway.management import ManagementClient, Upstream
 from gateway.metrics import FrontMetrics
 from gateway.routes import build_app, build_metrics_app
 from gateway.settings import FrontSettings
@@ -28,11 +29,13 @@ log = logging.getLogger(__name__)
 
 
 class Front:
-    """What every route needs: settings, the healer, the upstream client, the metrics."""
+    """What every route needs: settings, the apps, TorchServe's APIs and the upstream client, the metrics."""
 
-    def __init__(self, settings: FrontSettings, healer: Healer, upstream: Upstream, metrics: FrontMetrics) -> None:
+    def __init__(self, settings: FrontSettings, apps: AppRegistry, management: ManagementClient, upstream: Upstream,
+                 metrics: FrontMetrics) -> None:
         self.settings = settings
-        self.healer = healer
+        self.apps = apps
+        self.management = management
         self.upstream = upstream
         self.metrics = metrics
         self.client = httpx2.AsyncClient(
@@ -43,20 +46,14 @@ class Front:
     async def live_readiness(self, app: str) -> health.Readiness:
         """Ask the management API now; unreachable means "not ready", never an error."""
         try:
-            status, body = await self.healer.describe(app)
+            status, body = await self.management.describe(app)
         except httpx2.HTTPError as exc:
             return health.Readiness(False, "unavailable", app, detail=f"management API unreachable: {exc.__class__.__name__}")
         return health.readiness_from_description(app, status, body)
 
     async def metrics_text(self) -> bytes:
         """Ours, then TorchServe's own (``ts_*`` and the handler's), so one scrape gets both."""
-        ours = self.metrics.render()
-        try:
-            response = await self.healer.client.get(f"{self.upstream.metrics_url}/metrics", timeout=5.0)
-            theirs = response.content if response.status_code == 200 else b""
-        except httpx2.HTTPError:
-            theirs = b""
-        return ours + theirs
+        return self.metrics.render() + await self.management.metrics_text()
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -26,7 +26,9 @@ import time
 from pathlib import Path
 from typing import IO
 
-from gateway.healer import HealFailed, Healer
+from gateway.apps import AppRegistry
+from gateway.healer import Healer
+from gateway.management import HealFailed, ManagementClient
 from gateway.metrics import FrontMetrics
 from gateway.server import Front, bind, servers, stop
 from gateway.settings import SupervisorSettings
@@ -79,10 +81,13 @@ class Supervisor:
             s.ts_config, s.model_store, s.models, s.torchserve_env, run_dir, self.executable,
             s.exposed_management_port, s.properties, self.output,
         )
-        apps = {name: bool(archive_config(s.model_store, archive).get("asyncCommunication")) for name, archive in s.models.items()}
+        async_modes = {name: bool(archive_config(s.model_store, archive).get("asyncCommunication"))
+                       for name, archive in s.models.items()}
         metrics = FrontMetrics()
-        healer = Healer(apps, self.torchserve, metrics, self._restart, s.heal_timeout_s, s.startup_timeout_s)
-        self.front = Front(s.front, healer, self.torchserve, metrics)
+        apps = AppRegistry(async_modes, metrics)
+        management = ManagementClient(self.torchserve)
+        healer = Healer(apps, management, metrics, self._restart, s.heal_timeout_s, s.startup_timeout_s)
+        self.front = Front(s.front, apps, management, self.torchserve, metrics)
         drain_s = max(1.0, s.stop_grace_s - TORCHSERVE_SHARE_S)
         public, metrics_server = servers(self.front, drain_s)
         loop = asyncio.get_running_loop()
@@ -94,7 +99,7 @@ class Supervisor:
             metrics_task = asyncio.create_task(metrics_server.serve(sockets=[metrics_sock]))
             log.info("front on %s:%d (predict %s, health %s), metrics on %s:%d, apps %s",
                      s.front.bind_host, self.ports["front"], s.front.predict_route, s.front.health_route,
-                     s.front.metrics_host, self.ports["metrics"], sorted(apps))
+                     s.front.metrics_host, self.ports["metrics"], apps.names())
             self.torchserve.start()
             code = await self._serve(healer, public_task, tasks)
             for task in tasks:
@@ -111,8 +116,9 @@ class Supervisor:
                 task.cancel()
             if self.torchserve.poll() is None:
                 await asyncio.to_thread(self.torchserve.stop, 1.0)
+            healer.cancel()
             await self.front.aclose()
-            await healer.aclose()
+            await management.aclose()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
             if own_run_dir:
