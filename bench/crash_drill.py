@@ -28,7 +28,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.support.torchserve import process_tree
+from bench.launcher import process_tree
+from gateway.contract import JSON, LOCAL_URL, predict_route
 
 LONG = {"instances": ["Count to a thousand:"], "parameters": {"max_new_tokens": 400, "min_new_tokens": 400}}
 SMALL = {"instances": ["Hi"], "parameters": {"max_new_tokens": 1, "temperature": 0}}
@@ -36,7 +37,7 @@ GIVE_UP_S = 600.0  # one round's bound: a heal slower than this is reported as n
 
 
 def post(url: str, body: dict, timeout: float) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": JSON})
     started = time.monotonic()
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -96,7 +97,7 @@ def one_round(url: str, supervisor: int, timeout: float) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default="http://127.0.0.1:7080")
+    parser.add_argument("--url", default=LOCAL_URL)
     parser.add_argument("--app", default="smollm2")
     parser.add_argument("--pid-file", type=Path, default=Path("run/front.pid"))
     parser.add_argument("--kills", type=int, default=1)
@@ -110,7 +111,7 @@ def main() -> int:
 
 
 def own_tree(args: argparse.Namespace) -> int:
-    from tests.support.torchserve import continuous_model_config, dynamic_model_config, start_app
+    from bench.launcher import continuous_model_config, dynamic_model_config, start_app
 
     config = dynamic_model_config("smollm2") if args.start == "dynamic" else continuous_model_config("smollm2")
     with tempfile.TemporaryDirectory(prefix="crash-drill-") as folder:
@@ -122,7 +123,7 @@ def own_tree(args: argparse.Namespace) -> int:
 
 
 def drill(base_url: str, app: str, supervisor: int, args: argparse.Namespace) -> int:
-    url = f"{base_url}/predictions/{app}"
+    url = f"{base_url}{predict_route(app)}"
     before = process_tree(supervisor)
     rounds = [one_round(url, supervisor, args.timeout) for _ in range(args.kills)]
     time.sleep(5)  # let the last scale-down's leftovers exit

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
+from gateway.contract import JSON
+
 TEXT_KEYS = ("token_text", "text", "delta", "content", "generated_text")
 
 
@@ -46,7 +48,7 @@ def post_stream(
     body = json.dumps(payload).encode()
     try:
         connection.request(
-            "POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})}
+            "POST", path, body=body, headers={"Content-Type": JSON, **(headers or {})}
         )
         response = connection.getresponse()
         if not 200 <= response.status < 300:

@@ -27,6 +27,7 @@ from bench.report import environment, markdown_table, write_results
 from bench.stats import summarize
 from bench.targets import Target, TargetUnavailable
 from bench.workloads import Workload, mixed, uniform
+from gateway.contract import LOCAL_URL, predict_route
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_KINDS = ("torchserve", "transformers", "llamacpp")
@@ -98,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def parse_server_urls(values: list[str] | None, app: str) -> list[tuple[str, str]]:
     """`[LABEL=]URL` items into (label, url); labels default to torchserve, torchserve-2, ..."""
-    values = values or [f"torchserve=http://127.0.0.1:7080/predictions/{app}"]
+    values = values or [f"torchserve={LOCAL_URL}{predict_route(app)}"]
     servers = []
     for number, value in enumerate(values, start=1):
         label, sep, url = value.partition("=")
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         return benchmark(args)
     if args.server_url:
         raise SystemExit("--serve-paths starts its own server: leave out --server-url")
-    from tests.support.torchserve import serving_both_paths
+    from bench.launcher import serving_both_paths
 
     workdir = args.results_dir / "tmp" / "torchserve"
     log(f"starting TorchServe with {args.app} on both paths (logs in {workdir / 'logs'}) ...")
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def shipped_path(app: str) -> str:
     """The batching path the app ships with: the verdicts are about that one."""
-    from tests.support.torchserve import app_model_config
+    from bench.launcher import app_model_config
 
     return app_model_config(app).get("handler", {}).get("batching", "dynamic")
 

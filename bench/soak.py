@@ -28,6 +28,8 @@ from pathlib import Path
 
 import psutil
 
+from gateway.contract import JSON, LOCAL_URL, predict_route
+
 PROMPTS = ["Tell me about the sea:", "How to prepare a spanish omelette:", "The capital of France is", "Write a haiku:"]
 CALIBRATION_CLIENTS = 4
 MIB = 1024 * 1024
@@ -40,7 +42,7 @@ def body(rng: random.Random) -> dict:
 
 def send(url: str, payload: dict, timeout: float) -> tuple[int, bool, float]:
     """Status, whether a 503 carried Retry-After, seconds."""
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": JSON})
     started = time.monotonic()
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -89,7 +91,7 @@ def calibrate(url: str, seconds: float, timeout: float, rng: random.Random) -> f
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default="http://127.0.0.1:7080")
+    parser.add_argument("--url", default=LOCAL_URL)
     parser.add_argument("--app", default="smollm2")
     parser.add_argument("--pid-file", type=Path, default=Path("run/front.pid"))
     parser.add_argument("--minutes", type=float, default=10.0)
@@ -99,7 +101,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    url = f"{args.url}/predictions/{args.app}"
+    url = f"{args.url}{predict_route(args.app)}"
     rng = random.Random(args.seed)
     pids = tree_pids(int(args.pid_file.read_text()))
     sustained = calibrate(url, args.calibrate_s, args.timeout, rng)

@@ -88,7 +88,7 @@ def body(entry: dict, max_new_tokens: int, constrained: bool) -> dict:
 
 
 def serve_figures(urls: dict[str, str], schemas: list[dict], args: argparse.Namespace) -> list[dict]:
-    from tests.support.torchserve import post
+    from bench.launcher import post
 
     rows = []
     entries = [schemas[i % len(schemas)] for i in range(args.requests)]
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             urls = dict(item.split("=", 1) for item in args.server_url)
             serving = serve_figures(urls, schemas, args)
         else:
-            from tests.support.torchserve import serving_both_paths
+            from bench.launcher import serving_both_paths
 
             with tempfile.TemporaryDirectory(prefix="bench-structured-") as workdir:
                 with serving_both_paths(args.app, Path(workdir), batch_size=16) as labelled:

@@ -5,18 +5,14 @@ A restart of TorchServe gives it new ports, so every call reads the ``Upstream``
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Protocol
 
 import httpx2
 
 from gateway import health
+from gateway.contract import JSON, PROBE, predict_route
 
-JSON = "application/json"
-# A one-token prediction: proof that a worker answers, not only that it is listed READY.
-PROBE_BODY = {"instances": ["Hello"], "parameters": {"max_new_tokens": 1, "temperature": 0}}
-PROBE = json.dumps(PROBE_BODY).encode()
 # The first probe after a restart can also be lost (see gateway.healer's _until_retried).
 PROBE_TIMEOUT_S = 30.0
 DESCRIBE_TIMEOUT_S = 5.0
@@ -61,7 +57,7 @@ class ManagementClient:
     async def probe(self, app: str) -> bool:
         try:
             response = await self.client.post(
-                f"{self.upstream.inference_url}/predictions/{app}", content=PROBE,
+                f"{self.upstream.inference_url}{predict_route(app)}", content=PROBE,
                 headers={"Content-Type": JSON}, timeout=PROBE_TIMEOUT_S,
             )
         except httpx2.TimeoutException:

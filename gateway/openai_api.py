@@ -18,6 +18,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.contract import predict_route
 from gateway.relay import BodyError, Dialect, read_body, relay
 
 PROTOCOL_HEADER = "X-LLM-Protocol"
@@ -65,7 +66,7 @@ async def _relay(request: Request, protocol: Dialect) -> Response:
     app = _model(body, front.settings.app)
     if app not in front.apps:
         return _unknown(front, app)
-    return await relay(request, app, f"/predictions/{app}", protocol, body)
+    return await relay(request, app, predict_route(app), protocol, body)
 
 
 def _model(body: bytes, default: str) -> str:

@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.contract import HEALTH_ROUTE, predict_route
 from gateway.openai_api import openai_routes
 from gateway.relay import error, relay
 
@@ -40,7 +41,7 @@ async def ping(request: Request) -> Response:
 
 async def vertex_predict(request: Request) -> Response:
     front = request.app.state.front
-    return await relay(request, front.settings.app, f"/predictions/{front.settings.app}")
+    return await relay(request, front.settings.app, predict_route(front.settings.app))
 
 
 async def predictions(request: Request) -> Response:
@@ -49,7 +50,7 @@ async def predictions(request: Request) -> Response:
 
 
 async def not_found(request: Request, exc: Exception) -> Response:
-    return error(404, f"no route {request.url.path}; predictions go to /predictions/APP, health to /health")
+    return error(404, f"no route {request.url.path}; predictions go to {predict_route('APP')}, health to {HEALTH_ROUTE}")
 
 
 async def wrong_method(request: Request, exc: Exception) -> Response:
@@ -63,8 +64,8 @@ async def metrics(request: Request) -> Response:
 
 def front_routes(settings) -> list[Route]:
     routes = [Route(settings.health_route, health, methods=["GET"])]
-    if settings.health_route != "/health":
-        routes.append(Route("/health", health, methods=["GET"]))
+    if settings.health_route != HEALTH_ROUTE:
+        routes.append(Route(HEALTH_ROUTE, health, methods=["GET"]))
     routes += [
         Route(settings.predict_route, vertex_predict, methods=["POST"]),
         Route("/predictions/{app}", predictions, methods=["POST", "PUT"]),

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
-DEFAULT_HTTP_PORT = 7080
+from gateway.contract import DEFAULT_HTTP_PORT, HEALTH_ROUTE, predict_route
+
 # With LLM_EXPOSE_ADMIN, TorchServe's management API gets this fixed port on 0.0.0.0.
 EXPOSED_MANAGEMENT_PORT = 7081
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
@@ -59,17 +60,17 @@ class FrontSettings:
         if not app:
             raise SettingsError("APP is not set: it names the model registered in TorchServe")
         port = _port(env, "AIP_HTTP_PORT", DEFAULT_HTTP_PORT)
-        predict_route = _route(env, "AIP_PREDICT_ROUTE", f"/predictions/{app}")
-        health_route = _route(env, "AIP_HEALTH_ROUTE", "/health")
-        if predict_route == health_route:
-            raise SettingsError(f"AIP_PREDICT_ROUTE and AIP_HEALTH_ROUTE are both {predict_route!r}")
+        predict = _route(env, "AIP_PREDICT_ROUTE", predict_route(app))
+        health_route = _route(env, "AIP_HEALTH_ROUTE", HEALTH_ROUTE)
+        if predict == health_route:
+            raise SettingsError(f"AIP_PREDICT_ROUTE and AIP_HEALTH_ROUTE are both {predict!r}")
         metrics_port = _port(env, "LLM_METRICS_PORT", port + 2 if port + 2 < 65536 else 0, allow_zero=True)
         if metrics_port == port:
             raise SettingsError(f"LLM_METRICS_PORT={metrics_port} is the front's own port (AIP_HTTP_PORT)")
         return cls(
             apps=(app,),
             port=port,
-            predict_route=predict_route,
+            predict_route=predict,
             health_route=health_route,
             metrics_port=metrics_port,
             bind_host=env.get("LLM_GATEWAY_BIND", "0.0.0.0"),

@@ -62,6 +62,10 @@ def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
             sock.close()
 
 
+def free_port(host: str = LOOPBACK) -> int:
+    return free_ports(1, host)[0]
+
+
 def pick_ports(management: int | None = None) -> Ports:
     found = free_ports(7)
     return Ports(

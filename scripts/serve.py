@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -28,9 +27,12 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
+# Run as a script, only scripts/ is on the path; the front's wire constants live in the checkout's gateway.
+sys.path.insert(0, str(ROOT))
+from gateway.contract import DEFAULT_HTTP_PORT, HEALTH_ROUTE, JSON, PROBE, predict_route  # noqa: E402
+
 PID_FILE = ROOT / "run" / "front.pid"
 LOG = ROOT / "logs" / "front.log"
-PROBE = json.dumps({"instances": ["Hello"], "parameters": {"max_new_tokens": 1, "temperature": 0}}).encode()
 # The supervisor's own stop takes at most its stop grace (8 s); this only guards against a hang.
 STOP_WAIT_S = 30
 
@@ -51,10 +53,10 @@ def ours() -> int | None:
 def answers(port: int, app: str) -> bool:
     base = f"http://127.0.0.1:{port}"
     try:
-        with urllib.request.urlopen(f"{base}/health", timeout=5) as response:
+        with urllib.request.urlopen(f"{base}{HEALTH_ROUTE}", timeout=5) as response:
             if response.status != 200:
                 return False
-        request = urllib.request.Request(f"{base}/predictions/{app}", data=PROBE, headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(f"{base}{predict_route(app)}", data=PROBE, headers={"Content-Type": JSON})
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status == 200
     except (urllib.error.URLError, OSError):
@@ -99,7 +101,7 @@ def wait(pid: int, app: str, port: int, timeout: float) -> int:
             PID_FILE.unlink(missing_ok=True)
             return 1
         if answers(port, app):
-            sys.stdout.write(f"{app} answers on http://127.0.0.1:{port}/predictions/{app} (pid {pid}; make stop)\n")
+            sys.stdout.write(f"{app} answers on http://127.0.0.1:{port}{predict_route(app)} (pid {pid}; make stop)\n")
             return 0
         time.sleep(1)
     sys.stderr.write(f"{app} did not answer within {timeout:.0f} s; it keeps starting in the background (make stop)\n")
@@ -140,7 +142,7 @@ def main() -> int:
     starting = commands.add_parser("start")
     starting.add_argument("app")
     starting.add_argument("archive")
-    starting.add_argument("--port", type=int, default=7080)
+    starting.add_argument("--port", type=int, default=DEFAULT_HTTP_PORT)
     starting.add_argument("--timeout", type=float, default=900)
     commands.add_parser("stop")
     args = parser.parse_args()

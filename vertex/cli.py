@@ -14,11 +14,11 @@ import logging
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
+from gateway.contract import DEFAULT_HTTP_PORT
+from handler.settings import DTYPES
 from vertex.container import (
     DEFAULT_DEPLOYMENT_TIMEOUT_S,
-    DEFAULT_PORT,
     DEFAULT_SHARED_MEMORY_MB,
-    VALID_DTYPES,
     ServingContainer,
 )
 from vertex.errors import DeployError, PredictionError, VertexConfigError
@@ -78,8 +78,8 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--artifact-uri", help="gs:// folder with the HF checkpoint (slim image)")
     group.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                        help="extra container env; secrets are refused")
-    group.add_argument("--dtype", choices=VALID_DTYPES, help="override the machine's dtype")
-    group.add_argument("--port", type=int, default=DEFAULT_PORT)
+    group.add_argument("--dtype", choices=DTYPES, help="override the machine's dtype")
+    group.add_argument("--port", type=int, default=DEFAULT_HTTP_PORT)
     group.add_argument("--shared-memory-mb", type=int, default=DEFAULT_SHARED_MEMORY_MB)
     group.add_argument("--deployment-timeout", type=int, default=DEFAULT_DEPLOYMENT_TIMEOUT_S,
                        help="seconds Vertex waits for the container to become healthy")

@@ -11,10 +11,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional
 
+from gateway.contract import DEFAULT_HTTP_PORT, HEALTH_ROUTE, predict_route
+from handler.settings import DTYPES
 from vertex.errors import SecretInEnvError, VertexConfigError
 
-DEFAULT_PORT = 7080
-HEALTH_ROUTE = "/health"
 # PyTorch (and NCCL on multi-GPU machines) put tensors in /dev/shm, and a
 # container's default (64 MiB, like Docker's) is far too small. Vertex reserves
 # this much of the VM's memory, so stay well under n1-standard-8's 30 GB, which
@@ -23,7 +23,6 @@ DEFAULT_SHARED_MEMORY_MB = 8 * 1024
 # Loading several GiB of weights from Cloud Storage can take many minutes.
 DEFAULT_DEPLOYMENT_TIMEOUT_S = 30 * 60
 MAX_DEPLOYMENT_TIMEOUT_S = 2 * 60 * 60  # Vertex's limit
-VALID_DTYPES = ("float32", "bfloat16", "float16", "auto")
 # Vertex's only invoke prefix: every non-root container path, through .../invoke/<path>.
 INVOKE_ROUTE_PREFIXES = ("/*",)
 
@@ -35,11 +34,6 @@ _SECRET_WORDS = frozenset(
 )
 _SECRET_PAIRS = frozenset({("API", "KEY"), ("ACCESS", "KEY"), ("PRIVATE", "KEY"), ("SECRET", "KEY")})
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-def predict_route(app: str) -> str:
-    """TorchServe's inference route for one registered model."""
-    return f"/predictions/{app}"
 
 
 def looks_like_secret(key: str) -> bool:
@@ -82,7 +76,7 @@ class ServingContainer:
     image_uri: str
     app: str
     dtype: str
-    port: int = DEFAULT_PORT
+    port: int = DEFAULT_HTTP_PORT
     artifact_uri: Optional[str] = None
     extra_env: Mapping[str, str] = field(default_factory=dict)
     shared_memory_mb: int = DEFAULT_SHARED_MEMORY_MB
@@ -94,9 +88,9 @@ class ServingContainer:
             raise VertexConfigError("no serving image: pass --image")
         if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", self.app):
             raise VertexConfigError(f"invalid app name {self.app!r}")
-        if self.dtype not in VALID_DTYPES:
+        if self.dtype not in DTYPES:
             raise VertexConfigError(
-                f"invalid dtype {self.dtype!r}; choose one of {', '.join(VALID_DTYPES)}"
+                f"invalid dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}"
             )
         if not 0 < self.port < 65536:
             raise VertexConfigError(f"invalid port {self.port}")

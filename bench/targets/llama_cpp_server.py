@@ -9,7 +9,6 @@ only queues requests there.
 from __future__ import annotations
 
 import importlib.util
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from bench.http_stream import JsonStream, chunk_text, get_status, post_stream
 from bench.stats import RequestResult
 from bench.targets import TargetUnavailable
 from bench.workloads import BenchRequest, Workload
+from gateway.torchserve import free_port
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -45,12 +45,6 @@ def default_gguf() -> Path | None:
         return None
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     return path if path.exists() else None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class LlamaCppServerTarget:

@@ -16,7 +16,6 @@ import os
 import secrets
 import shlex
 import shutil
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -169,12 +168,6 @@ class Container:
 
     def remove(self) -> None:
         self.podman.remove(self.name)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _tail(path: Path, lines: int = 40) -> str:

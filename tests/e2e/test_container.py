@@ -31,12 +31,12 @@ import tomllib
 import openai
 import pytest
 
+from gateway.torchserve import free_port
 from tests.e2e.container_tools import (
     ROOT,
     SESSION,
     Container,
     Podman,
-    free_port,
     missing_tools,
     running_as_root,
     session_name,

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.torchserve import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 
 FAKE_TORCHSERVE = r'''
@@ -78,12 +80,6 @@ while True:
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Container:
     """One `python -m gateway` process with its own ports, store and fake TorchServe."""
 
@@ -97,7 +93,7 @@ class Container:
         store.mkdir()
         (store / "m.mar").write_bytes(b"")
         self.state = tmp_path / "state.json"
-        self.port = _free_port()
+        self.port = free_port()
         self.env = {
             "PATH": f"{bin_dir}:{os.environ['PATH']}",
             "PYTHONPATH": str(ROOT),
@@ -108,7 +104,7 @@ class Container:
             "LLM_GATEWAY_BIND": "127.0.0.1",
             "LLM_MODEL_STORE": str(store),
             "LLM_STOP_GRACE_S": "4",
-            "LLM_METRICS_PORT": str(_free_port()),
+            "LLM_METRICS_PORT": str(free_port()),
             "TS_CONFIG_FILE": str(self._base_config(tmp_path)),
             # Would move TorchServe off our free loopback ports: the supervisor must drop it.
             "TS_INFERENCE_ADDRESS": "http://0.0.0.0:7080",

@@ -1,0 +1,23 @@
+"""What the front promises on the wire, in one copy for the front and for every tool that talks to it.
+
+The port and routes are Vertex's defaults for the container (``AIP_*`` may move them; see
+``gateway.settings``); the probe is the one-token prediction that "ready" means: an app is
+ready only once a worker has answered it.
+"""
+
+from __future__ import annotations
+
+import json
+
+DEFAULT_HTTP_PORT = 7080
+HEALTH_ROUTE = "/health"
+# Where ``make serve`` answers on this host, with the default port.
+LOCAL_URL = f"http://127.0.0.1:{DEFAULT_HTTP_PORT}"
+JSON = "application/json"
+PROBE_BODY = {"instances": ["Hello"], "parameters": {"max_new_tokens": 1, "temperature": 0}}
+PROBE = json.dumps(PROBE_BODY).encode()
+
+
+def predict_route(app: str) -> str:
+    """TorchServe's inference route for one registered model; the front serves it under the same path."""
+    return f"/predictions/{app}"
