@@ -28,6 +28,7 @@ from bench.stats import summarize
 from bench.targets import Target, TargetUnavailable
 from bench.workloads import Workload, mixed, uniform
 from gateway.contract import LOCAL_URL, predict_route
+from handler.settings import unknown_names
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_KINDS = ("torchserve", "transformers", "llamacpp")
@@ -134,17 +135,17 @@ def build_workloads(args: argparse.Namespace) -> list[Workload]:
         ),  # fmt: skip
     }
     names = [n.strip() for n in args.workloads.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(makers))
-    if unknown:
-        raise SystemExit(f"unknown workloads {unknown}; known: {sorted(makers)}")
+    problem = unknown_names(names, sorted(makers), "workloads in --workloads")
+    if problem:
+        raise SystemExit(problem)
     return [makers[name]() for name in names]
 
 
 def build_targets(args: argparse.Namespace) -> list[Target]:
     kinds = [k.strip() for k in args.targets.split(",") if k.strip()]
-    unknown = sorted(set(kinds) - set(TARGET_KINDS))
-    if unknown:
-        raise SystemExit(f"unknown targets {unknown}; known: {TARGET_KINDS}")
+    problem = unknown_names(kinds, TARGET_KINDS, "targets in --targets")
+    if problem:
+        raise SystemExit(problem)
     targets: list[Target] = []
     if "torchserve" in kinds:
         from bench.targets.torchserve import TorchServeTarget
@@ -156,9 +157,11 @@ def build_targets(args: argparse.Namespace) -> list[Target]:
         from bench.targets.transformers_inproc import TransformersTarget
 
         model_dir = args.model_dir or ROOT / "models" / args.app
-        for dtype in [d.strip() for d in args.hf_dtype.split(",") if d.strip()]:
-            if dtype not in HF_DTYPES:
-                raise SystemExit(f"unknown --hf-dtype {dtype!r}; known: {HF_DTYPES}")
+        dtypes = [d.strip() for d in args.hf_dtype.split(",") if d.strip()]
+        problem = unknown_names(dtypes, HF_DTYPES, "dtypes in --hf-dtype")
+        if problem:
+            raise SystemExit(problem)
+        for dtype in dtypes:
             label = f"transformers-{dtype}" + ("" if args.hf_quantization == "none" else f"-{args.hf_quantization}")
             targets.append(TransformersTarget(label, model_dir, dtype, args.hf_quantization))
     if "llamacpp" in kinds:

@@ -8,7 +8,7 @@ container contract (`LLM_DTYPE`, `LLM_MODEL_DIR`, `AIP_STORAGE_URI`), read here 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from handler.errors import RequestError
 from handler.params import GenerationParams, ParamLimits, resolve_params
@@ -21,6 +21,19 @@ CONTINUOUS_PROBE_ROWS = 16
 
 class SettingsError(ValueError):
     """The app's config is wrong: the worker must not start."""
+
+
+def unknown_names(given: Iterable[str], known: Iterable[str], what: str) -> str | None:
+    """The one check of names against an allow-list (config keys, CLI choices), and its one wording:
+    ``unknown keys in handler.limits: foo; known: a, b``; None when every name is known.
+
+    This module is torch-free, so the Vertex tools, the bench and the scripts use it too.
+    """
+    known = list(known)
+    unknown = sorted(set(given) - set(known))
+    if not unknown:
+        return None
+    return f"unknown {what}: {', '.join(map(str, unknown))}; known: {', '.join(map(str, known))}"
 
 
 @dataclass(frozen=True)
@@ -80,11 +93,11 @@ class HandlerSettings:
     def from_config(cls, model_yaml_config: Mapping[str, Any] | None, environ: Mapping[str, str]) -> "HandlerSettings":
         section = dict((model_yaml_config or {}).get("handler") or {})
         known = {f.name for f in fields(cls)} - {"model_dir_override", "storage_uri", "workers", "batch_size"}
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise SettingsError(f"unknown keys in handler config: {unknown}; known: {sorted(known)}")
+        problem = unknown_names(section, sorted(known), "keys in handler config")
+        if problem:
+            raise SettingsError(problem)
         limits = _build(ParamLimits, section.pop("limits", {}), "handler.limits")
-        continuous = _build(ContinuousBatchingSettings, section.pop("continuous", {}), "handler.schedulers.continuous")
+        continuous = _build(ContinuousBatchingSettings, section.pop("continuous", {}), "handler.continuous")
         structured_output = _build(
             StructuredOutputSettings, section.pop("structured_output", {}), "handler.structured_output"
         )
@@ -156,10 +169,9 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 def _build(kind: type, values: Mapping[str, Any] | None, where: str):
     values = dict(values or {})
-    known = {f.name for f in fields(kind)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise SettingsError(f"unknown keys in {where}: {unknown}; known: {sorted(known)}")
+    problem = unknown_names(values, sorted(f.name for f in fields(kind)), f"keys in {where}")
+    if problem:
+        raise SettingsError(problem)
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SettingsError(f"{where}.{name} must be a positive integer, got {value!r}")

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
+from handler.settings import unknown_names
 from vertex.errors import VertexConfigError
 
 T4 = "NVIDIA_TESLA_T4"
@@ -152,12 +153,10 @@ def resolve_machine(
             "pass either --machine PRESET or --machine-type/--accelerator-*, not both"
         )
     if preset:
-        try:
-            return PRESETS[preset]
-        except KeyError:
-            raise VertexConfigError(
-                f"unknown machine preset {preset!r}; choose one of {', '.join(PRESETS)}"
-            ) from None
+        problem = unknown_names([preset], PRESETS, "machine preset")
+        if problem:
+            raise VertexConfigError(problem)
+        return PRESETS[preset]
     if not machine_type:
         raise VertexConfigError(
             "no machine: pass --machine (one of " + ", ".join(PRESETS) + ") or --machine-type"
