@@ -23,7 +23,8 @@ from handler.errors import RequestError
 from handler.structured.grammars import Grammars, tokenizer_info
 from handler.model.loading import LoadedModel, load_model
 from handler.pipeline.prompts import Prompt, encode
-from handler.api.protocols import Exchange, NativeExchange, named_exchange, sniffed_exchange
+from handler.api.native import NativeExchange
+from handler.api.protocols import Exchange, named_exchange, sniffed_exchange
 from handler.pipeline.shapes import RequestShape, read_body
 from handler.api.native import Answer, prediction_offsets
 from handler.schedulers.base import Router, Scheduler
@@ -107,23 +108,23 @@ class Service:
         """One request's exchange and its prompts, formats compiled, or the error that rejects it;
         never raises for bad input."""
         exchange, prepared = self.parse(item, protocol)
-        return exchange, self.compile_formats(exchange, prepared)
+        return exchange, self.compile_formats(prepared)
 
     async def prepare_async(self, item: Any, protocol: str | None = None) -> tuple[Exchange, Prepared]:
         """`prepare` for an event loop: a compile (up to its time limit) runs in a thread."""
         exchange, prepared = self.parse(item, protocol)
         if not needs_compiling(prepared):
             return exchange, prepared
-        return exchange, await asyncio.to_thread(self.compile_formats, exchange, prepared)
+        return exchange, await asyncio.to_thread(self.compile_formats, prepared)
 
-    def compile_formats(self, exchange: Exchange, prepared: Prepared) -> Prepared:
+    def compile_formats(self, prepared: Prepared) -> Prepared:
         """Each prompt's response format compiled onto it, or the request's own compile error."""
         if not needs_compiling(prepared):
             return prepared
         try:
             return [self.attach_format(prompt) for prompt in prepared]
         except RequestError as error:
-            return exchange.rename(error)
+            return error
         except Exception:  # a compiler fault answers its own request only
             logger.exception("could not compile a response format")
             return RequestError("could not compile the response format; see the server log", status=500)
@@ -145,11 +146,11 @@ class Service:
                 exchange = sniffed_exchange(body, self.model_name)
             instances = exchange.parse(body, self.shape)
             tokenizer, template, limits = self.loaded.tokenizer, self.settings.prompt_template, self.loaded.limits
-            prompts = [encode(instance, tokenizer, template, limits, f"instances[{i}]") for i, instance in enumerate(instances)]
+            prompts = [encode(instance, tokenizer, template, limits) for instance in instances]
             exchange.begin(prompts)
             return exchange, prompts
         except RequestError as error:
-            return exchange, exchange.rename(error)
+            return exchange, error
         except Exception:  # a bug on one request's path must not fail the rest of its batch
             logger.exception("could not prepare a request")
             return exchange, RequestError("could not prepare this request; see the server log", status=500)

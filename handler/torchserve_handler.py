@@ -105,7 +105,7 @@ class LLMHandler(BaseHandler):
 
         An error after an SSE stream began is an event of that stream: its status line has gone."""
         if isinstance(answer, RequestError):
-            if streamed and exchange.stream:
+            if streamed:
                 return exchange.stream_error(answer)
             context.set_response_content_type(index, JSON)
             context.set_response_status(answer.status, answer.message, index)

@@ -65,9 +65,6 @@ class NativeExchange:
     def parse(self, body: Any, shape: RequestShape) -> tuple[Instance, ...]:
         return parse_body(body, shape)
 
-    def rename(self, error: RequestError) -> RequestError:
-        return error
-
     def error_body(self, error: RequestError) -> str:
         return error.json()
 
@@ -79,3 +76,7 @@ class NativeExchange:
 
     def body(self, answer: Answer) -> str:
         return body(answer)
+
+    def stream_error(self, error: RequestError) -> str:
+        """The error as the stream's last line, in the shape of every native error body."""
+        return error.json()

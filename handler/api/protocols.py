@@ -2,7 +2,7 @@
 
 The front names the protocol in a header (`X-LLM-Protocol: openai-chat` or
 `openai-completions`, for its `/v1/...` routes); without one, the body's own shape decides,
-as Vertex's predict route carries several: the native shapes (`requests`), a bare OpenAI
+as Vertex's predict route carries several: the native shapes (`pipeline.shapes`), a bare OpenAI
 chat body (top-level `messages`) or completions body (`model` and `prompt`), and Model
 Garden's `@requestFormat: chatCompletions` instances. Every exchange has the same methods,
 so the service and the adapter never ask which one they hold.
@@ -10,38 +10,46 @@ so the service and the adapter never ask which one they hold.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 from handler.errors import RequestError
 from handler.api.openai.exchange import OpenAIExchange, VertexChatExchange, is_vertex_chat
 from handler.api.openai.parsing import CHAT, COMPLETIONS
 from handler.pipeline.prompts import Prompt
-from handler.pipeline.shapes import Instance, RequestShape, parse_body
+from handler.pipeline.shapes import Instance, RequestShape
 from handler.api.native import Answer, NativeExchange
 
 PROTOCOL_HEADER = "X-LLM-Protocol"
 PROTOCOLS = {"openai-chat": CHAT, "openai-completions": COMPLETIONS}
 
 
+@runtime_checkable
 class Exchange(Protocol):
     """One request in its protocol: `parse`, then `begin` with its prompts, then pieces and a body.
 
-    `piece` is called only for prompts that stream; `stream_error` only when `stream` is true:
-    the pieces are then the protocol's own stream (SSE), so an error after the first is an
-    event of it rather than a status."""
+    `parse` gives each instance the fields' names the protocol uses (`pipeline.shapes.Fields`),
+    so the pipeline's later errors already name what the client sent. `piece` is called only
+    for prompts that stream; `stream_error` only once a piece has gone, when the status line
+    has gone with it, so an error is the last part of the stream in the protocol's own form.
+    `tests/unit/test_layout.py` checks every exchange against this protocol."""
 
-    stream: bool
-    content_type: str
+    @property
+    def stream(self) -> bool: ...
+
+    @property
+    def content_type(self) -> str: ...
 
     def parse(self, body: Any, shape: RequestShape) -> tuple[Instance, ...]: ...
-
-    def rename(self, error: RequestError) -> RequestError: ...
 
     def error_body(self, error: RequestError) -> str: ...
 
     def begin(self, prompts: Sequence[Prompt]) -> None: ...
 
+    def piece(self, index: int, text: str) -> str: ...
+
     def body(self, answer: Answer) -> str: ...
+
+    def stream_error(self, error: RequestError) -> str: ...
 
 
 def named_exchange(protocol: str | None, model: str) -> Exchange:

@@ -33,15 +33,16 @@ class Prompt:
     grammar: CompiledFormat | None = field(default=None, compare=False)
 
 
-def render(instance: Instance, tokenizer, prompt_template: str | None, where: str) -> tuple[str, tuple[int, ...]]:
+def render(instance: Instance, tokenizer, prompt_template: str | None) -> tuple[str, tuple[int, ...]]:
     """Chat messages go through the tokenizer's chat template; plain text through the app's template."""
+    where = instance.fields.prompt
     if instance.messages is not None:
         if not getattr(tokenizer, "chat_template", None):
-            raise RequestError("this model has no chat template: send 'prompt' instead of 'messages'", f"{where}.messages")
+            raise RequestError(f"this model has no chat template: send a prompt instead of {where}", where)
         try:
             text = tokenizer.apply_chat_template(list(instance.messages), tokenize=False, add_generation_prompt=True)
         except TemplateError as error:  # templates reject what they cannot render ("roles must alternate")
-            raise RequestError(f"the chat template refused these messages: {error}", f"{where}.messages") from error
+            raise RequestError(f"the chat template refused {where}: {error}", where) from error
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
         text = prompt_template.replace("{prompt}", instance.text) if prompt_template else instance.text
@@ -49,8 +50,10 @@ def render(instance: Instance, tokenizer, prompt_template: str | None, where: st
     return text, tuple(ids)
 
 
-def encode(instance: Instance, tokenizer, prompt_template: str | None, limits: TokenLimits, where: str) -> Prompt:
-    text, ids = render(instance, tokenizer, prompt_template, where)
+def encode(instance: Instance, tokenizer, prompt_template: str | None, limits: TokenLimits) -> Prompt:
+    """The instance rendered and checked; errors name the fields as the instance's protocol does."""
+    text, ids = render(instance, tokenizer, prompt_template)
+    where, fields = instance.fields.prompt, instance.fields
     if not ids:
         raise RequestError(f"{where} encodes to no tokens", where)
     if len(ids) > limits.max_input_tokens:
@@ -63,15 +66,16 @@ def encode(instance: Instance, tokenizer, prompt_template: str | None, limits: T
     biased, vocabulary = instance.params.logit_bias, len(tokenizer)
     if biased and biased[-1][0] >= vocabulary:
         raise RequestError(
-            f"logit_bias names token {biased[-1][0]}, but the vocabulary has {vocabulary} tokens (ids 0 to {vocabulary - 1})",
-            "logit_bias",
+            f"{fields.parameter('logit_bias')} names token {biased[-1][0]}, but the vocabulary has {vocabulary} tokens "
+            f"(ids 0 to {vocabulary - 1})",
+            fields.parameter("logit_bias"),
         )
-    total = len(ids) + instance.params.max_new_tokens
+    total, length = len(ids) + instance.params.max_new_tokens, fields.parameter("max_new_tokens")
     if total > limits.max_total_tokens:
         raise limit_error(
-            f"input tokens + max_new_tokens must be <= {limits.max_total_tokens}: "
-            f"{len(ids)} input tokens + {instance.params.max_new_tokens} max_new_tokens = {total}",
-            "max_new_tokens",
+            f"input tokens + {length} must be <= {limits.max_total_tokens}: "
+            f"{len(ids)} input tokens + {instance.params.max_new_tokens} {length} = {total}",
+            length,
             limits.max_total_tokens,
             total,
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any
 
 from handler.errors import RequestError, limit_error
@@ -29,10 +30,25 @@ FORM_BODY_HINT = (
 
 
 @dataclass(frozen=True)
+class Fields:
+    """What the client's protocol calls one prompt's fields, for the errors found after parsing (token
+    limits, the chat template, a response format's compile): the prompt as sent (`instances[0]`,
+    `messages`, `prompt[1]`) and each parameter the protocol names otherwise (OpenAI's `max_tokens`
+    for `max_new_tokens`). The protocol that parsed the prompt sets them; nothing renames an error later."""
+
+    prompt: str
+    renamed: tuple[tuple[str, str], ...] = ()
+
+    def parameter(self, name: str) -> str:
+        return dict(self.renamed).get(name, name)
+
+
+@dataclass(frozen=True)
 class Instance:
-    """One prompt to complete: plain text or chat messages, with its resolved parameters."""
+    """One prompt to complete: plain text or chat messages, with its resolved parameters and its fields' names."""
 
     params: GenerationParams
+    fields: Fields = dataclass_field(compare=False)
     text: str | None = None
     messages: tuple[dict[str, str], ...] | None = None
 
@@ -67,7 +83,8 @@ def parse_request(item: Any, shape: RequestShape) -> tuple[Instance, ...]:
 def parse_body(body: Any, shape: RequestShape) -> tuple[Instance, ...]:
     """A decoded body in one of the native shapes."""
     if isinstance(body, str):
-        return (Instance(params=resolve_params([], shape.limits, shape.defaults), text=prompt_text(body, "body", shape)),)
+        params = resolve_params([], shape.limits, shape.defaults)
+        return (Instance(params, Fields("body"), text=prompt_text(body, "body", shape)),)
     if not isinstance(body, dict):
         kind = "null" if body is None else type(body).__name__
         raise RequestError(
@@ -126,13 +143,13 @@ def _tgi_instances(body: dict[str, Any], shape: RequestShape) -> tuple[Instance,
         raise RequestError(f"{key} must be a string or a non-empty list of strings", key)
     check_count(len(prompts), key, shape.max_instances)
     params = resolve_params([("parameters.", body.get("parameters") or {})], shape.limits, shape.defaults)
-    return tuple(Instance(params=params, text=prompt_text(p, f"{key}[{i}]", shape)) for i, p in enumerate(prompts))
+    return tuple(Instance(params, Fields(f"{key}[{i}]"), text=prompt_text(p, f"{key}[{i}]", shape)) for i, p in enumerate(prompts))
 
 
 def _instance(value: Any, where: str, request_layer: tuple[str, Any], shape: RequestShape) -> Instance:
     if isinstance(value, str):
         params = resolve_params([request_layer], shape.limits, shape.defaults)
-        return Instance(params=params, text=prompt_text(value, where, shape))
+        return Instance(params, Fields(where), text=prompt_text(value, where, shape))
     if not isinstance(value, dict):
         raise RequestError(f"{where} must be a string or an object with 'prompt', 'inputs' or 'messages'", where)
     present = [key for key in PROMPT_KEYS if key in value]
@@ -142,8 +159,8 @@ def _instance(value: Any, where: str, request_layer: tuple[str, Any], shape: Req
     overrides = {name: v for name, v in value.items() if name != key}
     params = resolve_params([request_layer, (f"{where}.", overrides)], shape.limits, shape.defaults)
     if key == "messages":
-        return Instance(params=params, messages=chat_messages(value[key], f"{where}.messages", shape))
-    return Instance(params=params, text=prompt_text(value[key], f"{where}.{key}", shape))
+        return Instance(params, Fields(f"{where}.messages"), messages=chat_messages(value[key], f"{where}.messages", shape))
+    return Instance(params, Fields(where), text=prompt_text(value[key], f"{where}.{key}", shape))
 
 
 def prompt_text(value: Any, where: str, shape: RequestShape) -> str:

@@ -52,7 +52,7 @@ def classic(smollm2_dir: Path):
 
     def complete(body: dict[str, Any]) -> list[str]:
         prompts = [
-            encode(instance, loaded.tokenizer, settings.prompt_template, loaded.limits, "instances[0]")
+            encode(instance, loaded.tokenizer, settings.prompt_template, loaded.limits)
             for instance in parse_request({"body": body}, shape)
         ]
         return [c.text for sequences in engine.generate(prompts) for c in sequences]

@@ -10,7 +10,7 @@ from handler.errors import RequestError
 from handler.model.loading import check_weight_format, load_model
 from handler.params import GenerationParams
 from handler.pipeline.prompts import Prompt, TokenLimits, encode
-from handler.pipeline.shapes import Instance
+from handler.pipeline.shapes import Fields, Instance
 from handler.decoding.sampling import row_processors
 from handler.settings import HandlerSettings, SettingsError
 from handler.decoding.stopping import FinishReason
@@ -188,7 +188,7 @@ def test_only_streaming_requests_stream(engine):
 def test_prompt_over_max_input_tokens_is_refused(engine):
     limits = TokenLimits(max_input_tokens=4, max_total_tokens=128)
     with pytest.raises(RequestError) as caught:
-        encode(Instance(GenerationParams(), text="one two three four five six"), engine.tokenizer, None, limits, "instances[0]")
+        encode(Instance(GenerationParams(), Fields("instances[0]"), text="one two three four five six"), engine.tokenizer, None, limits)
     assert caught.value.status == 422 and caught.value.details["limit"] == 4
 
 
@@ -209,15 +209,15 @@ def test_limits_default_to_the_context_length(tiny_model_dir):
 
 
 def test_chat_messages_use_the_chat_template(engine):
-    instance = Instance(GenerationParams(), messages=({"role": "user", "content": "Hi!"},))
-    rendered = encode(instance, engine.tokenizer, None, engine.limits, "instances[0]")
+    instance = Instance(GenerationParams(), Fields("instances[0].messages"), messages=({"role": "user", "content": "Hi!"},))
+    rendered = encode(instance, engine.tokenizer, None, engine.limits)
     assert "<|im_start|>user\nHi!<|im_end|>" in rendered.text
     assert rendered.text.endswith("<|im_start|>assistant\n")
 
 
 def test_prompt_template_wraps_plain_prompts(engine):
-    instance = Instance(GenerationParams(), text="Make tea")
-    rendered = encode(instance, engine.tokenizer, "### Instruction:\n{prompt}\n### Response:\n", engine.limits, "x")
+    instance = Instance(GenerationParams(), Fields("instances[0]"), text="Make tea")
+    rendered = encode(instance, engine.tokenizer, "### Instruction:\n{prompt}\n### Response:\n", engine.limits)
     assert rendered.text == "### Instruction:\nMake tea\n### Response:\n"
 
 

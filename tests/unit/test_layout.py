@@ -144,3 +144,44 @@ def test_loading_a_model_prints_no_warnings_from_optional_backends(tiny_model_di
     )
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert "torchao" not in result.stderr and "triton" not in result.stderr.lower(), result.stderr
+
+
+def exchange_classes() -> list[type]:
+    """Every class in `handler.api` whose name ends in `Exchange`, the protocol itself aside."""
+    import importlib
+
+    found = []
+    for name in sorted(MODULES):
+        if name.startswith("api."):
+            module = importlib.import_module(f"handler.{name}")
+            found += [c for n, c in vars(module).items() if n.endswith("Exchange") and isinstance(c, type) and c.__module__ == module.__name__]
+    return [c for c in found if c.__name__ != "Exchange"]
+
+
+def protocol_members(protocol: type) -> dict[str, object]:
+    return {name: value for name, value in vars(protocol).items() if not name.startswith("_")}
+
+
+def test_there_are_exchanges_to_check():
+    assert {"NativeExchange", "OpenAIExchange", "VertexChatExchange"} <= {c.__name__ for c in exchange_classes()}
+
+
+@pytest.mark.parametrize("exchange", exchange_classes(), ids=lambda c: c.__name__)
+def test_every_exchange_implements_the_whole_protocol(exchange):
+    """The adapter calls each of these on any exchange; one missing fails a request at run time, not here."""
+    import inspect
+
+    from handler.api.protocols import Exchange
+
+    for name, member in protocol_members(Exchange).items():
+        assert hasattr(exchange, name), f"{exchange.__name__} lacks {name}"
+        if inspect.isfunction(member):
+            wanted = list(inspect.signature(member).parameters)
+            got = list(inspect.signature(getattr(exchange, name)).parameters)
+            assert got == wanted, f"{exchange.__name__}.{name}{got} does not match Exchange.{name}{wanted}"
+
+
+def test_the_protocol_check_sees_a_missing_method():
+    from handler.api.protocols import Exchange
+
+    assert {"piece", "stream_error", "parse", "body", "stream", "content_type"} <= set(protocol_members(Exchange))

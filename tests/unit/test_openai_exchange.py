@@ -56,16 +56,21 @@ def test_a_streaming_exchange_sends_sse_pieces_then_its_end():
     assert json.loads(error.split("\n\n")[0][6:])["error"]["type"] == "server_error"
 
 
-def test_later_pipeline_errors_name_openai_fields():
+def test_later_pipeline_errors_name_openai_fields(smollm2_dir):
+    """The token limits are checked after parsing, by the pipeline, in the names the exchange gave it."""
+    from transformers import AutoTokenizer
+
+    from handler.pipeline.prompts import TokenLimits, encode
+
     exchange = OpenAIExchange(CHAT, "smollm2")
-    exchange.parse({"messages": USER, "max_tokens": 10}, SHAPE)
-    error = exchange.rename(limit_error("input tokens + max_new_tokens must be <= 8", "max_new_tokens", 8, 12))
-    assert error.field == "max_tokens" and json.loads(exchange.error_body(error))["error"]["param"] == "max_tokens"
+    (instance,) = exchange.parse({"messages": USER, "max_tokens": 10}, SHAPE)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    with pytest.raises(RequestError) as caught:
+        encode(instance, tokenizer, None, TokenLimits(max_input_tokens=100, max_total_tokens=12))
+    error = caught.value
+    assert error.field == "max_tokens" and "10 max_tokens" in error.message
+    assert json.loads(exchange.error_body(error))["error"]["param"] == "max_tokens"
 
-
-def test_an_error_before_parsing_keeps_its_field():
-    error = RequestError("malformed JSON", "body")
-    assert OpenAIExchange(CHAT, "m").rename(error) is error
 
 
 def vertex(*instances, **extra):
@@ -117,8 +122,9 @@ def test_bad_vertex_chat_instances_name_the_instance(body, field):
     assert caught.value.field == field
 
 
-def test_later_errors_name_the_vertex_instance():
+def test_vertex_instances_name_their_fields_with_the_instance():
     exchange = VertexChatExchange("m")
-    exchange.parse(vertex({"messages": USER}, {"messages": USER}), SHAPE)
-    error = exchange.rename(RequestError("instances[1] has 900 tokens, at most max_input_tokens=100 allowed", "instances[1]"))
-    assert error.field == "instances[1].messages" and error.message.startswith("instances[1].messages has")
+    instances = exchange.parse(vertex({"messages": USER}, {"messages": USER, "max_completion_tokens": 3}), SHAPE)
+    assert [i.fields.prompt for i in instances] == ["instances[0].messages", "instances[1].messages"]
+    assert instances[1].fields.parameter("max_new_tokens") == "instances[1].max_completion_tokens"
+    assert instances[0].fields.parameter("max_new_tokens") == "instances[0].max_tokens"

@@ -33,7 +33,7 @@ def test_a_chat_body_becomes_one_chat_instance():
     request = chat()
     (instance,) = request.instances
     assert instance.messages == ({"role": "user", "content": "Hi"},)
-    assert (request.endpoint, request.model, request.fields, request.stream) == (CHAT, "smollm2", ("messages",), False)
+    assert (request.endpoint, request.model, instance.fields.prompt, request.stream) == (CHAT, "smollm2", "messages", False)
 
 
 def test_the_app_defaults_apply_when_the_body_leaves_a_parameter_out():
@@ -191,7 +191,7 @@ def test_model_and_user_must_be_strings(name, value):
 def test_a_completions_body_is_one_instance_per_prompt():
     request = completions(prompt=["a", "b"], n=2, temperature=1.0)
     assert [i.text for i in request.instances] == ["a", "b"]
-    assert request.fields == ("prompt[0]", "prompt[1]")
+    assert [i.fields.prompt for i in request.instances] == ["prompt[0]", "prompt[1]"]
     assert all(i.params.num_return_sequences == 2 for i in request.instances)
 
 
@@ -236,17 +236,11 @@ def test_a_prompt_over_max_prompt_chars_is_a_limit():
     assert refused(COMPLETIONS, {"prompt": "x" * 201}).status == 422
 
 
-def test_pipeline_errors_are_renamed_to_the_fields_the_client_sent():
-    from handler.errors import limit_error
-    from handler.api.openai.parsing import in_openai_terms
-
-    total = limit_error("input tokens + max_new_tokens must be <= 64: 10 input tokens + 60 max_new_tokens = 70", "max_new_tokens", 64, 70)
-    renamed = in_openai_terms(total, chat(max_completion_tokens=60))
-    assert renamed.field == "max_completion_tokens" and "10 input tokens + 60 max_completion_tokens" in renamed.message
-    assert (renamed.status, renamed.details) == (422, {"limit": 64, "value": 70})
-    template = RequestError("the chat template refused these messages: roles must alternate", "instances[0].messages")
-    assert in_openai_terms(template, chat()).field == "messages"
-    long = RequestError("instances[1] has 300 tokens, at most max_input_tokens=100 allowed", "instances[1]")
-    renamed = in_openai_terms(long, completions(prompt=["a", "b"]))
-    assert renamed.field == "prompt[1]" and renamed.message.startswith("prompt[1] has 300 tokens")
-    assert in_openai_terms(RequestError("x", "logit_bias"), chat()).field == "logit_bias"
+def test_parsed_instances_name_their_fields_as_openai_does():
+    """The pipeline's later errors (token limits, the chat template) use these names: nothing renames them."""
+    (instance,) = chat(max_completion_tokens=60).instances
+    assert instance.fields.prompt == "messages"
+    assert instance.fields.parameter("max_new_tokens") == "max_completion_tokens"
+    assert instance.fields.parameter("logit_bias") == "logit_bias"
+    assert [i.fields.prompt for i in completions(prompt=["a", "b"]).instances] == ["prompt[0]", "prompt[1]"]
+    assert completions(prompt=["a"], max_tokens=3).instances[0].fields.parameter("max_new_tokens") == "max_tokens"

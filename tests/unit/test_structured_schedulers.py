@@ -60,7 +60,7 @@ def continuous(loaded: LoadedModel):
 
 
 def prompts(service: Service, *cases: tuple[str, dict]) -> list[Prompt]:
-    prepared = service.compile_formats(NativeExchange(), [make_prompt(service.loaded, text, **params) for text, params in cases])
+    prepared = service.compile_formats([make_prompt(service.loaded, text, **params) for text, params in cases])
     assert not isinstance(prepared, RequestError), prepared
     return prepared
 
@@ -126,7 +126,7 @@ def test_sampled_constrained_answers_validate(service):
 
 
 def test_a_compile_failure_is_its_own_requests_error(service):
-    bad = service.compile_formats(NativeExchange(), [make_prompt(service.loaded, "x", response_format={"type": "regex", "pattern": "(x"})])
+    bad = service.compile_formats([make_prompt(service.loaded, "x", response_format={"type": "regex", "pattern": "(x"})])
     assert isinstance(bad, RequestError) and bad.status == 400 and bad.field == "parameters.response_format.pattern"
 
 
@@ -137,10 +137,10 @@ def test_a_failing_constraint_fails_its_request_only(loaded):
     try:
         ambiguous = {"type": "regex", "pattern": "((a+)+)+b"}
         slow = ("a", {"max_new_tokens": 150, "temperature": 0, "response_format": ambiguous})
-        first = tight.compile_formats(NativeExchange(), [make_prompt(loaded, slow[0], **slow[1])])
-        second = tight.compile_formats(NativeExchange(), [make_prompt(loaded, PLAIN[0][0], **PLAIN[0][1])])
+        first = tight.compile_formats([make_prompt(loaded, slow[0], **slow[1])])
+        second = tight.compile_formats([make_prompt(loaded, PLAIN[0][0], **PLAIN[0][1])])
         answers = asyncio.run(tight.answer([first, second]))
-        alone = asyncio.run(tight.answer([tight.compile_formats(NativeExchange(), [make_prompt(loaded, PLAIN[0][0], **PLAIN[0][1])])]))
+        alone = asyncio.run(tight.answer([tight.compile_formats([make_prompt(loaded, PLAIN[0][0], **PLAIN[0][1])])]))
     finally:
         tight.stop()
     assert isinstance(answers[0], RequestError) and answers[0].status == 422, answers[0]

@@ -1,8 +1,9 @@
 """One OpenAI request's way through the pipeline: parsed at the edge, answered in OpenAI's shapes.
 
 An exchange is made per request, once its protocol is known (a header from the front, or
-the body's own shape on Vertex's predict route). It parses the body into instances, renames
-the pipeline's later errors into OpenAI's field names, and renders the answer: a JSON
+the body's own shape on Vertex's predict route). It parses the body into instances, each
+naming its fields as OpenAI does (`messages`, `max_tokens`) for the pipeline's later errors,
+and renders the answer: a JSON
 object, or, when streaming, SSE events piece by piece and then the end of the stream.
 `VertexChatExchange` serves Model Garden's `{"instances": [{"@requestFormat":
 "chatCompletions", ...}]}`: each instance a chat body, each prediction a `chat.completion`.
@@ -14,7 +15,7 @@ import json
 from typing import Any, Sequence
 
 from handler.errors import RequestError
-from handler.api.openai.parsing import CHAT, OpenAIRequest, in_openai_terms, parse_openai, renamed
+from handler.api.openai.parsing import CHAT, OpenAIRequest, parse_openai
 from handler.api.openai.rendering import SSE, Answer, Reply, StreamRenderer, error_json, response
 from handler.pipeline.prompts import Prompt
 from handler.pipeline.shapes import Instance, RequestShape, check_count
@@ -42,9 +43,6 @@ class OpenAIExchange:
     def parse(self, body: Any, shape: RequestShape) -> tuple[Instance, ...]:
         self.request = parse_openai(self.endpoint, body, shape)
         return self.request.instances
-
-    def rename(self, error: RequestError) -> RequestError:
-        return error if self.request is None else in_openai_terms(error, self.request)
 
     def error_body(self, error: RequestError) -> str:
         return error_json(error)
@@ -93,29 +91,24 @@ class VertexChatExchange:
         for i, instance in enumerate(instances):
             where = f"instances[{i}]"
             chat = {key: value for key, value in instance.items() if key != REQUEST_FORMAT}
-            try:
-                request = parse_openai(CHAT, chat, shape)
-            except RequestError as error:
-                raise _prefixed(error, where) from error
+            request = parse_openai(CHAT, chat, shape, f"{where}.")
             if request.stream:
                 message = f"{where}.stream is not available through predict; use streamRawPredict"
                 raise RequestError(message, f"{where}.stream")
             self.requests.append(request)
         return tuple(request.instances[0] for request in self.requests)
 
-    def rename(self, error: RequestError) -> RequestError:
-        renames = {"max_new_tokens": "max_tokens"}
-        for i, request in enumerate(self.requests):
-            renames[f"instances[{i}]"] = renames[f"instances[{i}].messages"] = f"instances[{i}].messages"
-            if error.field == "max_new_tokens":
-                renames["max_new_tokens"] = request.length_field
-        return renamed(error, renames)
-
     def error_body(self, error: RequestError) -> str:
         return error_json(error)
 
     def begin(self, prompts: Sequence[Prompt]) -> None:
         """Never streamed: nothing to open."""
+
+    def piece(self, index: int, text: str) -> str:
+        raise RuntimeError("Model Garden chat instances never stream: parse refuses `stream`")
+
+    def stream_error(self, error: RequestError) -> str:
+        raise RuntimeError("Model Garden chat instances never stream: parse refuses `stream`")
 
     def body(self, answer: Answer) -> str:
         predictions = [
@@ -143,8 +136,4 @@ def is_vertex_chat(body: Any) -> bool:
             raise RequestError(message, f"instances[{n}].{REQUEST_FORMAT}")
     return all(tagged)
 
-
-def _prefixed(error: RequestError, where: str) -> RequestError:
-    field = where if error.field in (None, "body") else f"{where}.{error.field}"
-    return RequestError(f"{where}: {error.message}", field, error.status, error.details)
 

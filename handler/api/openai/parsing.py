@@ -10,12 +10,12 @@ defaults, then the library's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from handler.errors import RequestError
-from handler.params import resolve_params
-from handler.pipeline.shapes import Instance, RequestShape, chat_messages, check_count, prompt_text
+from handler.params import PARAMETER_NAMES, resolve_params
+from handler.pipeline.shapes import Fields, Instance, RequestShape, chat_messages, check_count, prompt_text
 
 CHAT = "chat.completions"
 COMPLETIONS = "completions"
@@ -71,14 +71,12 @@ NOT_SERVED = "unsupported_parameter"
 
 @dataclass(frozen=True)
 class OpenAIRequest:
-    """An OpenAI request as the pipeline sees it; `fields` says which body field each instance came from."""
+    """An OpenAI request as the pipeline sees it."""
 
     endpoint: str
     model: str | None
     instances: tuple[Instance, ...]
-    fields: tuple[str, ...]
     include_usage: bool = False
-    length_field: str = "max_tokens"
 
     @property
     def stream(self) -> bool:
@@ -89,52 +87,37 @@ def unsupported(message: str, field: str) -> RequestError:
     return RequestError(message, field, details={"code": NOT_SERVED})
 
 
-def parse_openai(endpoint: str, body: Any, shape: RequestShape) -> OpenAIRequest:
-    """A `chat/completions` (CHAT) or `completions` body, already decoded from JSON."""
+def parse_openai(endpoint: str, body: Any, shape: RequestShape, prefix: str = "") -> OpenAIRequest:
+    """A `chat/completions` (CHAT) or `completions` body, already decoded from JSON.
+
+    `prefix` places the body inside a larger one (`instances[1].` for Model Garden's chat
+    instances): every field an error names, now or later in the pipeline, carries it."""
     if not isinstance(body, dict):
         kind = "null" if body is None else type(body).__name__
-        raise RequestError(f"request body must be a JSON object, got {kind}", "body")
+        where = prefix.rstrip(".") or "body"
+        raise RequestError(f"{where} must be a JSON object, got {kind}", where)
     body = {key: value for key, value in body.items() if value is not None}
-    _check_fields(body, FIELDS[endpoint], UNSUPPORTED[endpoint], "")
+    _check_fields(body, FIELDS[endpoint], UNSUPPORTED[endpoint], prefix)
     for name in ("model", "user"):
         if name in body and not isinstance(body[name], str):
-            raise RequestError(f"{name} must be a string, got {type(body[name]).__name__}", name)
-    layer, names = _parameters(endpoint, body)
-    params = resolve_params([("", layer)], shape.limits, shape.defaults, names)
+            raise RequestError(f"{prefix}{name} must be a string, got {type(body[name]).__name__}", f"{prefix}{name}")
+    layer, names = _parameters(endpoint, body, prefix)
+    params = resolve_params([(prefix, layer)], shape.limits, shape.defaults, names)
     if params.return_full_text and params.logprobs:
-        raise unsupported("echo with logprobs needs the prompt's logprobs, which this server does not compute", "echo")
-    include_usage = _include_usage(body, params.stream)
-    length_field = names.get("max_new_tokens", "max_tokens")
+        message = "echo with logprobs needs the prompt's logprobs, which this server does not compute"
+        raise unsupported(message, f"{prefix}echo")
+    include_usage = _include_usage(body, params.stream, prefix)
+    renamed = tuple((name, f"{prefix}{names.get(name, name)}") for name in PARAMETER_NAMES if prefix or name in names)
     if endpoint == CHAT:
         if "messages" not in body:
-            raise RequestError("messages is required", "messages")
-        messages = chat_messages(_messages(body["messages"]), "messages", shape)
-        instance = Instance(params, messages=messages)
-        return OpenAIRequest(endpoint, body.get("model"), (instance,), ("messages",), include_usage, length_field)
-    prompts, fields = _prompts(body.get("prompt"), shape)
-    instances = tuple(Instance(params, text=prompt_text(p, f, shape)) for p, f in zip(prompts, fields))
-    return OpenAIRequest(endpoint, body.get("model"), instances, fields, include_usage, length_field)
-
-
-def in_openai_terms(error: RequestError, request: OpenAIRequest) -> RequestError:
-    """A pipeline error raised after parsing (token limits, chat template), naming OpenAI's fields.
-
-    The pipeline names a prompt `instances[i]` and the length `max_new_tokens`; the client
-    sent `messages` or `prompt[i]`, and `max_tokens` or `max_completion_tokens`.
-    """
-    renames = {"max_new_tokens": request.length_field}
-    for i, field in enumerate(request.fields):
-        renames[f"instances[{i}].messages"] = field
-        renames[f"instances[{i}]"] = field
-    return renamed(error, renames)
-
-
-def renamed(error: RequestError, renames: dict[str, str]) -> RequestError:
-    """The error under its field's new name, in its message too."""
-    new = renames.get(error.field) if error.field is not None else None
-    if new is None:
-        return error
-    return replace(error, message=error.message.replace(error.field, new), field=new)
+            raise RequestError(f"{prefix}messages is required", f"{prefix}messages")
+        where = f"{prefix}messages"
+        messages = chat_messages(_messages(body["messages"], where), where, shape)
+        instance = Instance(params, Fields(where, renamed), messages=messages)
+        return OpenAIRequest(endpoint, body.get("model"), (instance,), include_usage)
+    prompts, fields = _prompts(body.get("prompt"), shape, prefix)
+    instances = tuple(Instance(params, Fields(f, renamed), text=prompt_text(p, f, shape)) for p, f in zip(prompts, fields))
+    return OpenAIRequest(endpoint, body.get("model"), instances, include_usage)
 
 
 def _check_fields(body: dict[str, Any], known: tuple[str, ...], not_served: tuple[str, ...], prefix: str) -> None:
@@ -146,13 +129,13 @@ def _check_fields(body: dict[str, Any], known: tuple[str, ...], not_served: tupl
             raise RequestError(message, f"{prefix}{key}", details={"code": UNKNOWN})
 
 
-def _parameters(endpoint: str, body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+def _parameters(endpoint: str, body: dict[str, Any], prefix: str) -> tuple[dict[str, Any], dict[str, str]]:
     """The native parameter layer, and OpenAI's name for each parameter it renames."""
     layer = {name: body[name] for name in SAME_NAMES if name in body}
     layer["stream"] = body.get("stream", False)
-    names: dict[str, str] = {}
+    names = {"max_new_tokens": "max_tokens", "num_return_sequences": "n"}  # OpenAI's names, even when not sent
     if "max_tokens" in body and "max_completion_tokens" in body:
-        raise RequestError("give max_tokens or max_completion_tokens, not both", "max_completion_tokens")
+        raise RequestError("give max_tokens or max_completion_tokens, not both", f"{prefix}max_completion_tokens")
     for name in ("max_tokens", "max_completion_tokens"):
         if name in body:
             layer["max_new_tokens"] = body[name]
@@ -163,7 +146,7 @@ def _parameters(endpoint: str, body: dict[str, Any]) -> tuple[dict[str, Any], di
     if endpoint == CHAT:
         layer.update({name: body[name] for name in ("logprobs", "top_logprobs") if name in body})
         layer["return_full_text"] = False
-        response_format = _response_format(body.get("response_format"))
+        response_format = _response_format(body.get("response_format"), f"{prefix}response_format")
         if response_format is not None:
             layer["response_format"] = response_format
     else:
@@ -176,7 +159,7 @@ def _parameters(endpoint: str, body: dict[str, Any]) -> tuple[dict[str, Any], di
     return layer, names
 
 
-def _response_format(value: Any) -> Any:
+def _response_format(value: Any, where: str) -> Any:
     """OpenAI's `text`, `json_object` and `json_schema`: the last two are the native structured
     output's own shapes (validated there); `text` means no constraint."""
     if value is None or value == {"type": "text"}:
@@ -186,32 +169,32 @@ def _response_format(value: Any) -> Any:
     raise unsupported(
         "response_format must be {'type': 'text'}, {'type': 'json_object'} or {'type': 'json_schema', "
         "'json_schema': {...}}",
-        "response_format",
+        where,
     )
 
 
-def _include_usage(body: dict[str, Any], stream: bool) -> bool:
-    options = body.get("stream_options")
+def _include_usage(body: dict[str, Any], stream: bool, prefix: str) -> bool:
+    options, where = body.get("stream_options"), f"{prefix}stream_options"
     if options is None:
         return False
     if not stream:
-        raise RequestError("stream_options is only allowed with stream: true", "stream_options")
+        raise RequestError(f"{where} is only allowed with stream: true", where)
     if not isinstance(options, dict):
-        raise RequestError("stream_options must be an object", "stream_options")
-    _check_fields(options, ("include_usage",), (), "stream_options.")
+        raise RequestError(f"{where} must be an object", where)
+    _check_fields(options, ("include_usage",), (), f"{where}.")
     include = options.get("include_usage", False)
     if not isinstance(include, bool):
-        raise RequestError("stream_options.include_usage must be true or false", "stream_options.include_usage")
+        raise RequestError(f"{where}.include_usage must be true or false", f"{where}.include_usage")
     return include
 
 
-def _messages(value: Any) -> list[dict[str, Any]]:
+def _messages(value: Any, field: str) -> list[dict[str, Any]]:
     """OpenAI's message forms reduced to the native `{"role", "content"}` with text content."""
     if not isinstance(value, list) or not value:
-        raise RequestError("messages must be a non-empty list of message objects", "messages")
+        raise RequestError(f"{field} must be a non-empty list of message objects", field)
     messages = []
     for i, message in enumerate(value):
-        where = f"messages[{i}]"
+        where = f"{field}[{i}]"
         if not isinstance(message, dict):
             raise RequestError(f"{where} must be an object with 'role' and 'content'", where)
         message = {key: item for key, item in message.items() if item is not None}
@@ -249,17 +232,18 @@ def _content(value: Any, where: str) -> Any:
     return "\n".join(texts)
 
 
-def _prompts(value: Any, shape: RequestShape) -> tuple[list[Any], tuple[str, ...]]:
+def _prompts(value: Any, shape: RequestShape, prefix: str) -> tuple[list[Any], tuple[str, ...]]:
+    field = f"{prefix}prompt"
     if value is None:
-        raise RequestError("prompt is required", "prompt")
+        raise RequestError(f"{field} is required", field)
     if isinstance(value, str):
-        return [value], ("prompt",)
+        return [value], (field,)
     if isinstance(value, list) and value and all(isinstance(p, int) and not isinstance(p, bool) for p in value):
-        raise unsupported("prompt as token ids is not supported by this server; send text", "prompt")
+        raise unsupported(f"{field} as token ids is not supported by this server; send text", field)
     if isinstance(value, list) and value and all(isinstance(p, list) for p in value):
-        raise unsupported("prompt as token ids is not supported by this server; send text", "prompt")
+        raise unsupported(f"{field} as token ids is not supported by this server; send text", field)
     if not isinstance(value, list) or not value:
-        raise RequestError("prompt must be a string or a non-empty list of strings", "prompt")
-    check_count(len(value), "prompt", shape.max_instances)
-    return value, tuple(f"prompt[{i}]" for i in range(len(value)))
+        raise RequestError(f"{field} must be a string or a non-empty list of strings", field)
+    check_count(len(value), field, shape.max_instances)
+    return value, tuple(f"{field}[{i}]" for i in range(len(value)))
 
