@@ -6,7 +6,8 @@ picked free at every start. The front owns the public port, serves Vertex's rout
 truthful health route, relays predictions as they stream, and brings an app back when its
 worker dies.
 
-Modules: ``settings`` (env contract, read once), ``torchserve`` (the TorchServe child:
+Modules: ``contract`` (the default port, routes, content type and probe, one copy for the front
+and the tools that talk to it), ``settings`` (env contract, read once), ``torchserve`` (the TorchServe child:
 ports, temp folder, process group), ``health`` (what the management API says),
 ``management`` (the client of TorchServe's management and metrics APIs), ``apps`` (the app
 registry: each app's state and the predictions it holds), ``healer`` (the heal policy: notice

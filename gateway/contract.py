@@ -11,6 +11,10 @@ import json
 
 DEFAULT_HTTP_PORT = 7080
 HEALTH_ROUTE = "/health"
+# The OpenAI API's routes (gateway.openai_api).
+CHAT_COMPLETIONS_ROUTE = "/v1/chat/completions"
+COMPLETIONS_ROUTE = "/v1/completions"
+MODELS_ROUTE = "/v1/models"
 # Where ``make serve`` answers on this host, with the default port.
 LOCAL_URL = f"http://127.0.0.1:{DEFAULT_HTTP_PORT}"
 JSON = "application/json"

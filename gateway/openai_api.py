@@ -18,7 +18,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.contract import predict_route
+from gateway.contract import CHAT_COMPLETIONS_ROUTE, COMPLETIONS_ROUTE, MODELS_ROUTE, predict_route
 from gateway.relay import BodyError, Dialect, read_body, relay
 
 PROTOCOL_HEADER = "X-LLM-Protocol"
@@ -99,7 +99,7 @@ async def model(request: Request) -> Response:
     return JSONResponse(_card(name)) if name in front.apps else _unknown(front, name)
 
 
-ROUTES = {"/v1/chat/completions": "POST", "/v1/completions": "POST", "/v1/models": "GET"}
+ROUTES = {CHAT_COMPLETIONS_ROUTE: "POST", COMPLETIONS_ROUTE: "POST", MODELS_ROUTE: "GET"}
 
 
 async def no_route(request: Request) -> Response:
@@ -113,9 +113,9 @@ async def no_route(request: Request) -> Response:
 
 def openai_routes() -> list[Route]:
     return [
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/v1/models/{model:path}", model, methods=["GET"]),
+        Route(CHAT_COMPLETIONS_ROUTE, chat_completions, methods=["POST"]),
+        Route(COMPLETIONS_ROUTE, completions, methods=["POST"]),
+        Route(MODELS_ROUTE, models, methods=["GET"]),
+        Route(MODELS_ROUTE + "/{model:path}", model, methods=["GET"]),
         Route("/v1/{rest:path}", no_route, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
     ]

@@ -15,6 +15,8 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
+from gateway.contract import CHAT_COMPLETIONS_ROUTE, JSON
+from vertex.container import INVOKE_ROUTE_PREFIXES
 from vertex.endpoints import open_endpoint
 from vertex.errors import PredictionError, VertexConfigError
 from vertex.predict import DEFAULT_TIMEOUT_S
@@ -25,10 +27,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CHAT_PATH = "/v1/chat/completions"
-INVOKE_ROUTE_PREFIX = "/*"
 ROLES = ("system", "user", "assistant")
-JSON = {"Content-Type": "application/json"}
+JSON_HEADERS = {"Content-Type": JSON}
 # Past google-auth's default timeout the SDK mounts requests-toolbelt's keep-alive
 # adapter for dedicated endpoints, a package this project does not install.
 MAX_TIMEOUT_S = 120.0
@@ -78,7 +78,7 @@ def serving_model(endpoint: "Endpoint") -> Tuple[str, bool]:
     deployed_id = max(split, key=split.get)
     deployed = next(d for d in endpoint.gca_resource.deployed_models if d.id == deployed_id)
     model = aiplatform.Model(deployed.model, version=deployed.model_version_id or None)
-    return deployed_id, model.gca_resource.container_spec.invoke_route_prefix == INVOKE_ROUTE_PREFIX
+    return deployed_id, model.gca_resource.container_spec.invoke_route_prefix in INVOKE_ROUTE_PREFIXES
 
 
 def answer_text(response: Any) -> str:
@@ -136,12 +136,12 @@ def chat(
     endpoint = open_endpoint(endpoint_name, settings)
     deployed_id, invoke = serving_model(endpoint)
     body = request.body(stream)
-    log.info("chat via %s on %s", "invoke " + CHAT_PATH if invoke else
+    log.info("chat via %s on %s", "invoke " + CHAT_COMPLETIONS_ROUTE if invoke else
              ("streamRawPredict" if stream else "rawPredict"), endpoint.resource_name)
     if invoke:
-        answer = endpoint.invoke(request_path=CHAT_PATH, body=body, headers=JSON,
+        answer = endpoint.invoke(request_path=CHAT_COMPLETIONS_ROUTE, body=body, headers=JSON_HEADERS,
                                  deployed_model_id=deployed_id, stream=stream, timeout=timeout_s)
         return stream_text(answer) if stream else iter([answer_text(answer)])
     if stream:
-        return stream_text(endpoint.stream_raw_predict(body=body, headers=JSON, timeout=timeout_s))
-    return iter([answer_text(endpoint.raw_predict(body=body, headers=JSON, timeout=timeout_s))])
+        return stream_text(endpoint.stream_raw_predict(body=body, headers=JSON_HEADERS, timeout=timeout_s))
+    return iter([answer_text(endpoint.raw_predict(body=body, headers=JSON_HEADERS, timeout=timeout_s))])
