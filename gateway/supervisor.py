@@ -131,12 +131,9 @@ class Supervisor:
         stopping = asyncio.create_task(self._stop.wait())
         tasks += [starting, exited, stopping]
         done, _ = await asyncio.wait({starting, exited, stopping, public_task}, return_when=asyncio.FIRST_COMPLETED)
-        if stopping in done:
-            log.info("stop requested before the apps were ready")
-            return 0
-        if public_task in done:
-            log.error("the front stopped serving: stopping TorchServe")
-            return 1
+        code = _stopped_or_front_gone(done, stopping, public_task, "stop requested before the apps were ready")
+        if code is not None:
+            return code
         if exited in done:
             _, code = exited.result()
             log.error("TorchServe exited with status %s before it was ready: stopping", code)
@@ -156,12 +153,9 @@ class Supervisor:
             tasks.append(exited)
             done, _ = await asyncio.wait({exited, stopping, public_task, gave_up, watching},
                                          return_when=asyncio.FIRST_COMPLETED)
-            if stopping in done:
-                log.info("stop requested: draining the requests in flight")
-                return 0
-            if public_task in done:
-                log.error("the front stopped serving: stopping TorchServe")
-                return 1
+            code = _stopped_or_front_gone(done, stopping, public_task, "stop requested: draining the requests in flight")
+            if code is not None:
+                return code
             if gave_up in done:
                 log.error("%s: stopping", healer.failure)
                 return 1
@@ -186,3 +180,15 @@ class Supervisor:
         log.warning("restarting TorchServe (%s)", cause)
         await asyncio.to_thread(self.torchserve.stop, self.settings.stop_grace_s)
         self.torchserve.start()
+
+
+def _stopped_or_front_gone(done: set[asyncio.Task], stopping: asyncio.Task, public_task: asyncio.Task,
+                           stop_message: str) -> int | None:
+    """The exit status when a stop was asked (0) or the front stopped serving (1), in either phase; None to go on."""
+    if stopping in done:
+        log.info("%s", stop_message)
+        return 0
+    if public_task in done:
+        log.error("the front stopped serving: stopping TorchServe")
+        return 1
+    return None

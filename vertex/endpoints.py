@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, List, Optional
 
+from gateway.contract import HEALTH_ROUTE
 from vertex.errors import DeployError, VertexConfigError
 from vertex.machines import MachineSpec
 from vertex.models import display_name_filter
@@ -140,7 +141,7 @@ def deploy_model(model: "Model", endpoint: "Endpoint", deployment: Deployment) -
             f"deploying {model.resource_name} to {endpoint.resource_name} on "
             f"{machine.describe()} failed: {err.message or err}. Vertex waits "
             f"{f'{timeout:.0f} s' if timeout else 'its default time'} for the container "
-            f"to answer 200 on {spec.health_route or '/health'} (port "
+            f"to answer 200 on {spec.health_route or HEALTH_ROUTE} (port "
             f"{spec.ports[0].container_port if spec.ports else '?'}); read the replica's "
             "logs in Cloud Logging (resource aiplatform.googleapis.com/Endpoint) for the "
             "cause: weights not reachable, out of GPU memory, or a dtype the GPU lacks. "
