@@ -1,14 +1,20 @@
-"""The front's pure logic: env contract, readiness rule, TorchServe's config and ports, process groups."""
+"""The front's pure logic: env contract, readiness rule, the app registry and a held request's bookkeeping,
+TorchServe's config and ports, process groups."""
 
 from __future__ import annotations
 
 import json
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
+from starlette.responses import Response, StreamingResponse
 
 from gateway import health
+from gateway.apps import AppRegistry
+from gateway.held_request import HeldRequest
+from gateway.metrics import FrontMetrics
 from gateway.settings import FrontSettings, SettingsError, SupervisorSettings
 from gateway.torchserve import TorchServeProcess, archive_config, free_ports, group_alive, pick_ports
 
@@ -139,6 +145,56 @@ def test_anything_else_is_not_ready(status, body, word):
     state = health.readiness_from_description("m", status, body)
     assert (state.http_status, state.status) == (503, word)
     assert state.payload()["status"] == word
+
+
+# --- the app registry and a held request ----------------------------------------
+
+
+def _registry() -> tuple[AppRegistry, FrontMetrics]:
+    metrics = FrontMetrics()
+    return AppRegistry({"m": True}, metrics), metrics
+
+
+def _value(metrics: FrontMetrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+def test_the_healing_gauge_moves_with_the_state():
+    apps, metrics = _registry()
+    state = apps.get("m")
+    apps.mark_healing(state, "worker 7 died")
+    assert state.readiness().status == "healing" and _value(metrics, "llm_front_healing", app="m") == 1
+    apps.mark_ready(state)
+    assert state.readiness().ready and _value(metrics, "llm_front_healing", app="m") == 0
+
+
+def test_a_held_request_is_counted_and_released_once():
+    apps, metrics = _registry()
+    with HeldRequest(apps, metrics, "m", time.monotonic()) as held:
+        assert apps.get("m").held == {held.cut}
+        assert _value(metrics, "llm_front_requests_in_flight", app="m") == 1
+        held.answered(Response(status_code=499))
+        held.release()
+    assert not apps.get("m").held and _value(metrics, "llm_front_requests_in_flight", app="m") == 0
+    assert _value(metrics, "llm_front_request_seconds_count", app="m", status="499") == 1
+
+
+def test_an_error_releases_the_hold_and_a_cut_reaches_it():
+    apps, metrics = _registry()
+    with pytest.raises(RuntimeError), HeldRequest(apps, metrics, "m", time.monotonic()) as held:
+        assert apps.cut_held(apps.get("m")) == 1 and held.cut.is_set()
+        raise RuntimeError
+    assert _value(metrics, "llm_front_requests_in_flight", app="m") == 0
+
+
+def test_a_stream_is_counted_when_it_ends():
+    apps, metrics = _registry()
+    with HeldRequest(apps, metrics, "m", time.monotonic()) as held:
+        held.answered(StreamingResponse(iter([b"{}"])))
+    assert _value(metrics, "llm_front_requests_in_flight", app="m") == 1
+    held.finished(200)
+    assert _value(metrics, "llm_front_requests_in_flight", app="m") == 0
+    assert _value(metrics, "llm_front_request_seconds_count", app="m", status="200") == 1
 
 
 # --- TorchServe's config and ports ---------------------------------------------------

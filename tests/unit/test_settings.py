@@ -6,7 +6,7 @@ import pytest
 
 from handler.model.loading import cpu_budget, pick_threads
 from handler.params import GenerationParams
-from handler.settings import HandlerSettings, SettingsError
+from handler.settings import HandlerSettings, SettingsError, unknown_names
 
 
 def test_empty_config_gives_the_defaults():
@@ -82,3 +82,8 @@ def test_the_dtype_probe_decodes_as_many_rows_as_the_app_batches():
     assert HandlerSettings.from_config({"handler": {"dtype_probe_rows": 3}}, {}).dtype_probe_rows == 3
     with pytest.raises(SettingsError, match="dtype_probe_rows"):
         HandlerSettings.from_config({"handler": {"dtype_probe_rows": 0}}, {})
+
+
+def test_names_outside_an_allow_list_are_named_beside_the_known_ones():
+    assert unknown_names(["a"], ["a", "b"], "keys in x") is None
+    assert unknown_names(["d", "c", "a"], ["b", "a"], "keys in x") == "unknown keys in x: c, d; known: b, a"
