@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=None,
         metavar="[LABEL=]URL",
-        help="a TorchServe predictions URL; repeat to compare several (default: torchserve=http://127.0.0.1:7080/predictions/APP)",
+        help=f"a TorchServe predictions URL; repeat to compare several (default: torchserve={LOCAL_URL}{predict_route('APP')})",
     )
     parser.add_argument(
         "--serve-paths", action="store_true",
