@@ -8,6 +8,7 @@ relay's exits only choose the answer.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from types import TracebackType
 
@@ -22,6 +23,9 @@ SENDING = "http11.send_request_headers.started"
 
 class HeldRequest:
     """``with HeldRequest(...) as held: return held.answered(await forward(held))``."""
+
+    # Set when the worker the request was on died; the app's hold, taken on entering.
+    cut: asyncio.Event
 
     def __init__(self, apps: AppRegistry, metrics: FrontMetrics, app: str, arrived: float) -> None:
         self.apps = apps
