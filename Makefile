@@ -18,10 +18,10 @@ ARCHIVE := $(if $(filter no-archive,$(FORMAT)),model-store/$(APP)/MAR-INF/MANIFE
 MODEL_NAME := $(if $(filter no-archive,$(FORMAT)),$(APP),$(APP).mar)
 OMELETTE := {"instances": ["How to prepare a spanish omelette:"]}
 
-.PHONY: help install model archive serve stop test check container-tools health lint clean
+.PHONY: help install model archive serve stop test check unit integration e2e container-tools health lint format clean
 
 help: ## list the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sort | awk -F':.*## ' '{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sort | awk -F':.*## ' '{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 	@echo "  variables: APP=$(APP) (apps: $$(ls apps | tr '\n' ' ')) PORT=$(PORT)"
 
 install: $(VENV)/.installed ## create the venv (torch==2.13.0 pinned) and install the project
@@ -61,11 +61,29 @@ test: ## POST the omelette request to /predictions/APP (against make serve or ma
 check: install models/smollm2/config.json ## run the whole test suite, as CI does (container tests need buildah and podman: make container-tools)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
+unit: install models/smollm2/config.json ## the unit tier: tiny models built locally, no server (docs/development.md)
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+integration: install models/smollm2/config.json ## the integration tier: real TorchServe, the front, stand-ins and emulators
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+e2e: install models/smollm2/config.json ## the e2e tier: containers (buildah, podman) and the Vertex SDK end to end
+	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
 container-tools: install ## install buildah, podman, runc, debootstrap (Debian, root) and hadolint for the container tests
 	PY=$(PY) bash .ci/install-container-tools.sh
 
-lint: ## hadolint the Dockerfile
-	$(VENV)/bin/hadolint Dockerfile
+LINTED := handler gateway vertex
+
+lint: install ## ruff (lint and format check) and mypy over $(LINTED), hadolint on the Dockerfile when installed
+	$(VENV)/bin/ruff check $(LINTED) bench scripts tests
+	$(VENV)/bin/ruff format --check $(LINTED) bench scripts tests
+	$(VENV)/bin/mypy $(LINTED)
+	@if [ -x $(VENV)/bin/hadolint ]; then $(VENV)/bin/hadolint Dockerfile; else echo "hadolint: not installed (make container-tools)"; fi
+
+format: install ## apply ruff's fixes and formatting
+	$(VENV)/bin/ruff check --fix $(LINTED) bench scripts tests
+	$(VENV)/bin/ruff format $(LINTED) bench scripts tests
 
 clean: stop ## remove built models, archives and logs (keeps the venv)
 	rm -rf models build logs run model-store/*.mar model-store/*/

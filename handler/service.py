@@ -119,7 +119,7 @@ class Service:
 
     def compile_formats(self, prepared: Prepared) -> Prepared:
         """Each prompt's response format compiled onto it, or the request's own compile error."""
-        if not needs_compiling(prepared):
+        if isinstance(prepared, RequestError) or not needs_compiling(prepared):
             return prepared
         try:
             return [self.attach_format(prompt) for prompt in prepared]
@@ -159,11 +159,12 @@ class Service:
         """Every valid request's prompts in one scheduler call; a failed call answers each of them with a 500."""
         owners = [(index, prompt) for index, entry in enumerate(requests) if not isinstance(entry, RequestError) for prompt in entry]
         if not owners:
-            return list(requests)
+            return [entry for entry in requests if isinstance(entry, RequestError)]
         offsets = [o for entry in requests if not isinstance(entry, RequestError) for o in prediction_offsets(entry)]
 
         def on_chunk(prompt_index: int, sequence: int, text: str) -> None:
-            sink(owners[prompt_index][0], offsets[prompt_index] + sequence, text)
+            if sink is not None:
+                sink(owners[prompt_index][0], offsets[prompt_index] + sequence, text)
 
         prompts = [prompt for _, prompt in owners]
         try:
@@ -174,9 +175,11 @@ class Service:
             return [entry if isinstance(entry, RequestError) else failure for entry in requests]
         answers: list[Answer | RequestError] = [entry if isinstance(entry, RequestError) else [] for entry in requests]
         for (index, prompt), sequences in zip(owners, completions):
-            failure = next((c.error for c in sequences if c.error is not None), None)
-            if failure is not None:
-                answers[index] = failure
-            elif not isinstance(answers[index], RequestError):
-                answers[index].append((prompt, sequences))
+            error = next((c.error for c in sequences if c.error is not None), None)
+            answer = answers[index]
+            if error is not None:
+                answers[index] = error
+                continue
+            elif not isinstance(answer, RequestError):
+                answer.append((prompt, sequences))
         return answers

@@ -75,7 +75,7 @@ def serving_model(endpoint: "Endpoint") -> Tuple[str, bool]:
     split = dict(endpoint.gca_resource.traffic_split)
     if not split:
         raise VertexConfigError(f"{endpoint.resource_name} has no model taking traffic: run `make deploy`")
-    deployed_id = max(split, key=split.get)
+    deployed_id = max(split, key=lambda deployed: split[deployed])
     deployed = next(d for d in endpoint.gca_resource.deployed_models if d.id == deployed_id)
     model = aiplatform.Model(deployed.model, version=deployed.model_version_id or None)
     return deployed_id, model.gca_resource.container_spec.invoke_route_prefix in INVOKE_ROUTE_PREFIXES

@@ -79,7 +79,7 @@ def open_endpoint(name: str, settings: Optional[Settings] = None) -> "Endpoint":
     if not endpoints:
         raise VertexConfigError(f"no endpoint named {name!r}: run `make deploy` first")
     endpoint = endpoints[0]
-    if settings is not None and settings.is_loopback_rest:
+    if settings is not None and settings.api_endpoint and settings.is_loopback_rest:
         from vertex.transport import route_to
 
         route_to(endpoint, settings.api_endpoint)

@@ -34,7 +34,7 @@ class Settings:
         The SDK would otherwise use gRPC over TLS with Application Default
         Credentials; neither exists there.
         """
-        return bool(self.api_endpoint) and self.api_endpoint.startswith("http://")
+        return (self.api_endpoint or "").startswith("http://")
 
     @property
     def parent(self) -> str:
@@ -67,7 +67,7 @@ def connect(settings: Settings, staging_bucket: Optional[str] = None) -> None:
     """
     from google.cloud import aiplatform
 
-    kwargs = {
+    kwargs: dict[str, object] = {
         "project": settings.project,
         "location": settings.region,
         "staging_bucket": staging_bucket,

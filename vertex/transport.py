@@ -52,8 +52,8 @@ def route_to(endpoint: "Endpoint", base_url: str) -> None:
     """
     from google.auth.transport.requests import AuthorizedSession
 
-    if endpoint.authorized_session is None:
-        endpoint.authorized_session = AuthorizedSession(endpoint.credentials)
+    session: Any = endpoint.authorized_session or AuthorizedSession(endpoint.credentials)
+    endpoint.authorized_session = session
     adapter = ForwardTo(base_url)
     for host in sdk_hosts(endpoint):
-        endpoint.authorized_session.mount(f"https://{host}/", adapter)
+        session.mount(f"https://{host}/", adapter)

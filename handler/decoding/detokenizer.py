@@ -19,6 +19,9 @@ REPLACEMENT_CHAR = "\ufffd"
 class IncrementalDetokenizer:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        self._reset()
+
+    def _reset(self) -> None:
         self.ids: list[int] = []
         self.text = ""
         self.prefix_offset = 0  # where both windows start
@@ -28,7 +31,7 @@ class IncrementalDetokenizer:
         """The text of `ids`, all the generated tokens so far; `final` also releases a trailing U+FFFD."""
         ids = list(ids)
         if ids[: self.read_offset] != self.ids[: self.read_offset]:
-            self.__init__(self.tokenizer)  # not a continuation: start again from the first token
+            self._reset()  # not a continuation: start again from the first token
         self.ids = ids
         released = self._decode(ids[self.prefix_offset : self.read_offset])
         window = self._decode(ids[self.prefix_offset :])

@@ -119,5 +119,5 @@ def fastest_cpu_dtype(
         for name, candidate in candidates.items():
             timings[name].append(decode_step_seconds(candidate, batch, steps))
     medians = {name: statistics.median(values) for name, values in timings.items()}
-    winner = min(medians, key=medians.get)
+    winner = min(medians, key=lambda name: medians[name])
     return candidates[winner], DtypeChoice(winner, medians)

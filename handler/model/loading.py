@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import Any
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -36,7 +38,7 @@ class LoadedModel:
     """The model, its tokenizer and what both schedulers need to know about them."""
 
     model: torch.nn.Module
-    tokenizer: object
+    tokenizer: Any  # a transformers tokenizer: slow, fast or a tokenizers-backed one
     device: torch.device
     limits: TokenLimits
     eos_token_ids: list[int]
@@ -63,7 +65,7 @@ def cpu_budget() -> int:
 
 def pick_threads(settings: HandlerSettings) -> int:
     """torch's intra-op threads: as configured, or an even share of the CPU budget per worker."""
-    if settings.torch_threads != "auto":
+    if isinstance(settings.torch_threads, int):
         return settings.torch_threads
     return max(1, cpu_budget() // settings.workers)
 

@@ -38,7 +38,7 @@ def download_gcs_prefix(uri: str, dest: Path) -> Path:
     is written under a temporary name and renamed, so a restart after a crash
     never mistakes a truncated shard for a complete one.
     """
-    from google.cloud import storage
+    from google.cloud import storage  # type: ignore[attr-defined]
 
     bucket_name, prefix = parse_gs_uri(uri)
     root = Path(dest).resolve()

@@ -45,7 +45,8 @@ def render(instance: Instance, tokenizer, prompt_template: str | None) -> tuple[
             raise RequestError(f"the chat template refused {where}: {error}", where) from error
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
-        text = prompt_template.replace("{prompt}", instance.text) if prompt_template else instance.text
+        text = instance.text or ""
+        text = prompt_template.replace("{prompt}", text) if prompt_template else text
         ids = tokenizer(text)["input_ids"]
     return text, tuple(ids)
 

@@ -94,14 +94,14 @@ def sample_with(manager, sampler: Callable[[torch.Tensor, torch.Tensor], bool]) 
         if sampler is None or runner.return_logprobs or not sampler(scores, output_ids):
             manager_sample(runner, scores, output_ids)
 
-    _sample.asks_sampler = True
+    _sample.asks_sampler = True  # type: ignore[attr-defined]
     ModelRunner._sample = _sample
 
 
 def retype(processor: Any, kind: type) -> Any:
     """`processor`'s settings in an instance of `kind`, a subclass with another `__call__`; its
     constructor takes a regular warper, which the manager no longer holds."""
-    replacement = kind.__new__(kind)
+    replacement: Any = object.__new__(kind)
     replacement.__dict__.update(vars(processor))
     return replacement
 

@@ -157,9 +157,10 @@ class Grammars:
                 _, dropped = self._cache.popitem(last=False)
                 self._cache_bytes -= _size(dropped)
 
-    def _start(self) -> None:
+    def _start(self) -> CompilerProcess:
         if self._process is None:
             self._process = CompilerProcess(self._info_json, self.settings)
+        return self._process
 
     def _restart(self) -> None:
         try:
@@ -170,9 +171,9 @@ class Grammars:
             logger.exception("the grammar compiler process did not restart; the next compile tries again")
 
     def _compile(self, spec: ResponseFormat) -> xgrammar.CompiledGrammar | Refusal:
-        self._start()
+        process = self._start()
         timeout = self.settings.compile_timeout_seconds
-        reply = self._process.ask(json.dumps({"kind": spec.kind, "source": spec.source}), timeout)
+        reply = process.ask(json.dumps({"kind": spec.kind, "source": spec.source}), timeout)
         self.compiles += 1
         if reply is None or "died" in reply or "out_of_memory" in reply:
             return self._stopped(spec, reply)
@@ -182,7 +183,8 @@ class Grammars:
 
     def _stopped(self, spec: ResponseFormat, reply: dict | None) -> Refusal:
         """The child overran, ran out of memory or died: a fresh one starts while this request is refused."""
-        self._process.stop()
+        if self._process is not None:
+            self._process.stop()
         self._process = None
         threading.Thread(target=self._restart, name="grammar-compiler-restart", daemon=True).start()
         if reply is None:
