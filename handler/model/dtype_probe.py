@@ -1,14 +1,13 @@
 """`dtype: auto` on CPU: time a few decode steps of each candidate weight format, keep the fastest.
 
-No fixed rule is safe on CPU: on one AMX machine bf16 was 1.4-1.8x faster than fp32 at batch
-16 and, on another day, 0.84x at batch 1. So the worker measures every candidate this CPU can
-run at the batch the app serves, and logs the figures:
+No fixed rule is safe on CPU: which format is fastest changes with the CPU, the batch and
+the day (docs/bench.md, "Measurements behind the code's choices"). So the worker measures
+every candidate this CPU can run at the batch the app serves, and logs the figures:
 - fp32, always;
 - bf16 where the CPU computes it natively (AVX512-BF16 or AMX; elsewhere it is emulated);
-- fp16 weights with fp32 activations (`handler.model.quantization: fp16-dynamic`, fbgemm's fp16
+- fp16 weights with fp32 activations (`handler.quantization: fp16-dynamic`, fbgemm's fp16
   GEMM) where torch has fbgemm (x86). Its weights are closer to fp32's than bf16's (10 mantissa
-  bits against 7); SmolLM2's greedy text was fp32's exactly, and on a 2-core AMX host it decoded
-  one stream at 47 tok/s against bf16's 27 (raw `generate`).
+  bits against 7).
 """
 
 from __future__ import annotations

@@ -1,42 +1,37 @@
-"""Post-load quantization for CPU serving (`handler.model.quantization` in model-config.yaml).
+"""Post-load quantization for CPU serving (`handler.quantization` in model-config.yaml).
 
 Decoding one stream on CPU reads every weight once per token, so memory bandwidth bounds
-it, and fewer bytes per weight is what speeds it up. Measured on torch 2.13 CPU (AVX2, 2 cores,
-SmolLM2-135M, batch 1, greedy; docs/bench.md has the tables):
+it, and fewer bytes per weight is what speeds it up. docs/bench.md ("The quantized CPU path")
+has each method's speed and quality, measured.
 
 - `fp16-dynamic`: torch's dynamic quantization to float16 weights (fbgemm's fp16 GEMM,
-  activations stay fp32). About 1.7x fp32, and its greedy text equalled fp32's.
+  activations stay fp32); its greedy text equals fp32's.
 - `int8-dynamic`: torch's dynamic quantization to int8 weights (one scale per output channel).
   Activations are quantized per call, per tensor, to 7 bits (fbgemm's `reduce_range` on AVX2).
-  This is the fastest, about 1.8x fp32, but also the lossiest: the top-1 token agreed with fp32
-  on only about 2 positions in 3. Worse for serving, the activation scale is taken over the whole
-  batch, so a request's greedy text changes with its batch neighbours (and with padding): it
-  differed from the first token on between alone and batched. Use it for experiments, not for
-  serving.
+  The fastest and the lossiest. Worse for serving, the activation scale is taken over the whole
+  batch, so a request's greedy text changes with its batch neighbours (and with padding). Use it
+  for experiments, not for serving.
 - `int8-weight-only`: torchao's `Int8WeightOnlyConfig` (the tensors transformers' `TorchAoConfig`
   makes). Quality stays close to fp32, and weights take a quarter of fp32's memory. In eager mode
   it turns the int8 weight back into float at every matmul, so on CPU it is slower than fp32.
-  Only `torch.compile` makes it fast, and that took minutes here.
+  Only `torch.compile` makes it fast, and compiling takes minutes.
 - `int4-weight-only`: torchao's `PrototypeInt4WeightOnlyConfig` (int4 weights in groups of
   `INT4_GROUP_SIZE` input features, one bf16 scale and zero point per group, packed for the
   CPU's int4 matmul kernel; activations stay bf16). It needs `handler.dtype: bfloat16`. It
   reads a quarter of bf16's bytes per token, which is what one stream is bound by; at many
   rows the matmuls are compute-bound and it gains nothing (`make bench-single-stream` has the
   variant `bf16+int4-weight-only`). In eager mode Python and dispatch take most of a step, so
-  it is fast only with `handler.compile` (60 against 37 tok/s). Groups of 32, as llama.cpp's
-  4-bit formats use: on SmolLM2-135M (one prompt, teacher-forced) groups of 64 moved the
-  next-token distribution from fp32's by a KL of 0.28, groups of 32 by 0.05. The output
+  it is fast only with `handler.compile`. Groups of 32, as llama.cpp's 4-bit formats use:
+  groups of 64 moved the next-token distribution much further from fp32's. The output
   projection stays bf16: every logit comes from it (llama.cpp keeps it in 8 bits), and
-  quantizing it cost most of what remained (KL 0.05 against 0.002, bf16's own 0.001). Under
-  `handler.compile` it is int8 weight-only instead (as `int8-weight-only`, one scale per output
-  channel): compiled, that reads half of bf16's bytes at the same quality (KL 0.0022) and
-  decoded about 10% faster; in eager mode it would be slower than bf16. A layer whose input
-  size the group size does not divide stays bf16; the log names each one (SmolLM2-135M has
-  none: 576, 1536 and 192 are multiples of 32).
+  quantizing it cost most of the quality that remained. Under `handler.compile` it is int8
+  weight-only instead (as `int8-weight-only`, one scale per output channel): compiled, that
+  reads half of bf16's bytes at the same quality; in eager mode it would be slower than bf16.
+  A layer whose input size the group size does not divide stays bf16; the log names each one.
 
 `torch.ao.quantization` warns that it is deprecated in favour of torchao. But torchao's
-counterparts run 3-25x slower than fp32 in eager mode on CPU, so the two dynamic methods stay
-on torch until that changes.
+counterparts are several times slower than fp32 in eager mode on CPU, so the two dynamic
+methods stay on torch until that changes.
 
 Every method replaces the `nn.Linear` layers, `lm_head` included (int4: those it fits, less
 `lm_head`). With tied embeddings, the input embedding keeps its float copy. The result is for

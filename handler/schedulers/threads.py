@@ -5,9 +5,8 @@ region a pool of worker threads of its own, kept until that thread ends. Once th
 together hold more threads than the process has CPUs, every pool stops spinning between two
 parallel regions and sleeps on a futex instead, and each of the thousands of small regions of
 a decode step then waits for a wake-up. On 2 cores, with the model loaded and warmed up on
-the worker's main thread and then driven by the manager's thread, that halved the manager's
-speed (in process, SmolLM2 bf16: 12 against 17-20 tok/s for one request, 73 against 168 for
-16). So the model is loaded, probed and warmed up on a thread that ends when it is done
+the worker's main thread and then driven by the manager's thread, that about halved the
+manager's speed (docs/bench.md, "Measurements behind the code's choices"). So the model is loaded, probed and warmed up on a thread that ends when it is done
 (`run_on_passing_thread`), and a `generate` beside the manager runs on a thread of its own
 per call (`on_passing_thread`), never on a pooled thread that outlives it.
 """

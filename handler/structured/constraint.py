@@ -11,9 +11,9 @@ after them, a greedy row's only candidate may be one the grammar forbids. It nev
 a failure sets `failure`, the error its request gets, and the row is then given only EOS,
 so it ends at once while its batch neighbours go on. Failures: a token the grammar refuses
 (a bug, or a processor that left the row nothing allowed), and a grammar too ambiguous to
-follow: xgrammar's matcher slows down with every token on some (`(a*)*b` takes 75 ms a
-token after 300 tokens, and more after), and each step of the whole batch waits for it, so
-a step over `max_mask_ms` of CPU time ends its request with a 422.
+follow: xgrammar's matcher slows down with every token on some (`(a*)*b`; docs/structured-output.md
+has the figures), and each step of the whole batch waits for it, so a step over `max_mask_ms`
+of CPU time ends its request with a 422.
 """
 
 from __future__ import annotations
