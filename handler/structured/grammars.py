@@ -190,23 +190,20 @@ class Grammars:
         if reply is None:
             timeout = self.settings.compile_timeout_seconds
             logger.warning("a %s compile overran %d s and was stopped", spec.kind, timeout)
-            return Refusal(
-                f"took longer than the {timeout} s compile limit",
-                LIMIT_EXCEEDED,
-                {"limit": timeout, "limit_name": "structured_output.compile_timeout_seconds"},
-            )
+            return over_limit(f"took longer than the {timeout} s compile limit", timeout, "compile_timeout_seconds")
         code = reply.get("died")
         if code is None or code in (-signal.SIGABRT, -signal.SIGKILL):
             memory = self.settings.compile_memory_mb
             logger.warning("a %s compile ran out of its %d MiB and was stopped", spec.kind, memory)
-            return Refusal(
-                f"needs more than the {memory} MiB compile memory limit",
-                LIMIT_EXCEEDED,
-                {"limit": memory, "limit_name": "structured_output.compile_memory_mb"},
-            )
+            return over_limit(f"needs more than the {memory} MiB compile memory limit", memory, "compile_memory_mb")
         logger.error("the grammar compiler died (exit %s) compiling a %s", code, spec.kind)
         return Refusal("made the grammar compiler fail; it was restarted")
 
 
 def _size(value: xgrammar.CompiledGrammar | Refusal) -> int:
     return value.memory_size_bytes if isinstance(value, xgrammar.CompiledGrammar) else 0
+
+
+def over_limit(message: str, limit: int | float, setting: str) -> Refusal:
+    """A compile stopped at one of `structured_output`'s limits: a 422 naming the setting."""
+    return Refusal(message, LIMIT_EXCEEDED, {"limit": limit, "limit_name": f"structured_output.{setting}"})

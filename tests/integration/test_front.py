@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 from tests.support.torchserve import TorchServe, build_archive
+from tests.support.waiting import wait_for
 
 APP = "smollm2"
 PREDICT_ROUTE = "/v1/endpoints/123/deployedModels/456:predict"
@@ -141,8 +142,7 @@ def test_connections_are_bounded(front):
     finally:
         for sock in idle:
             sock.close()
-    time.sleep(0.5)
-    assert request(front, "GET", "/health")[0] == 200
+    wait_for(lambda: request(front, "GET", "/health")[0] == 200, "health to recover once the idle connections closed")
 
 
 def test_histograms_per_app_and_status(front):

@@ -43,11 +43,13 @@ for line in open(sys.argv[sys.argv.index("--ts-config") + 1]).read().splitlines(
 ready_at = time.monotonic() + float(os.environ.get("FAKE_TS_READY_AFTER", "1"))
 state = os.environ["FAKE_TS_STATE"]
 frontend = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-with open(state, "w") as f:
-    json.dump({"argv": sys.argv[1:], "pid": os.getpid(), "frontend_pid": frontend.pid, "config": config,
-               "env": {k: v for k, v in os.environ.items() if k.startswith("TS_") or k in ("TEMP", "TMPDIR")}}, f)
 if mode == "stubborn":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+# The state file appears whole (renamed into place) and only once the fake is set up, signals included.
+with open(state + ".tmp", "w") as f:
+    json.dump({"argv": sys.argv[1:], "pid": os.getpid(), "frontend_pid": frontend.pid, "config": config,
+               "env": {k: v for k, v in os.environ.items() if k.startswith("TS_") or k in ("TEMP", "TMPDIR")}}, f)
+os.replace(state + ".tmp", state)
 
 class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
@@ -225,8 +227,7 @@ def test_the_container_exits_when_torchserve_dies_before_it_was_ready(container)
 
 def test_torchserve_that_ignores_sigterm_is_killed_within_the_grace(container):
     c = container("stubborn", LLM_STOP_GRACE_S="1.5")
-    state = c.wait_state()
-    time.sleep(0.3)  # let the fake install its SIGTERM handler
+    state = c.wait_state()  # written once the fake ignores SIGTERM
     c.process.send_signal(signal.SIGTERM)
     code, took, log = c.wait_exit(10)
     assert code == 137, log

@@ -29,6 +29,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from tests.support.waiting import wait_for
 from tests.support.torchserve import TorchServe, continuous_model_config, dynamic_model_config, post, start_app
 
 MODEL = "smollm2"
@@ -83,14 +84,6 @@ def post_with_headers(url: str, body: Any) -> tuple[int, dict[str, str], Any]:
 def describe(server: TorchServe) -> dict[str, Any]:
     with urllib.request.urlopen(f"{server.management}/models/{MODEL}", timeout=10) as response:
         return json.load(response)[0]
-
-
-def wait_for(condition, what: str) -> None:
-    """Poll until `condition()`; the limit only turns a hang into a failure."""
-    deadline = time.monotonic() + HANG_GUARD_S
-    while not condition():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.05)
 
 
 def heals(server: TorchServe) -> dict[str, float]:
