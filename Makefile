@@ -58,8 +58,12 @@ test: ## POST the omelette request to /predictions/APP (against make serve or ma
 	@curl -sS --fail-with-body -X POST -H 'Content-Type: application/json' \
 		-d '$(OMELETTE)' http://127.0.0.1:$(PORT)/predictions/$(APP) | $(PYTHON) -m json.tool --no-ensure-ascii
 
-check: install models/smollm2/config.json ## run the whole test suite, as CI does (container tests need buildah and podman: make container-tools)
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+check: install models/smollm2/config.json ## the whole suite, as CI runs it: the three tiers one after another, each timed (container tests need buildah and podman: make container-tools)
+	@for tier in unit integration e2e; do \
+		started=$$(date +%s); \
+		$(PY) -m pytest tests/$$tier $(PYTEST_ARGS) || exit $$?; \
+		echo "make check: $$tier took $$(( $$(date +%s) - started )) s"; \
+	done
 
 unit: install models/smollm2/config.json ## the unit tier: tiny models built locally, no server (docs/development.md)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
