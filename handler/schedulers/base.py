@@ -7,6 +7,15 @@ caller's event loop. A scheduler declares in `honours` the parameters it serves 
 parameter left at its default needs no honouring. `Router` hands each prompt to the first of
 its schedulers that honours every parameter the prompt sets, so a parameter one scheduler
 cannot serve is served by another, never dropped.
+
+Each scheduler class also names its strategies in `capabilities` (strategy name: the
+allow-list of `GenerationParams` fields that strategy serves), and `honours` is their union.
+The lists name their fields one by one, never "every parameter minus ...": a new field is
+honoured nowhere until someone writes the code and decides where it goes. `REFUSED` holds
+the fields `params.verify_params` refuses whenever they are set, so no scheduler sees them.
+tests/unit/test_capabilities.py holds this: every field is claimed by a strategy or refused,
+and every claim has a test marked `@pytest.mark.honours(strategy, field, ...)` that shows
+its effect on that strategy.
 """
 
 from __future__ import annotations
@@ -15,13 +24,15 @@ import asyncio
 from dataclasses import fields
 from typing import Callable, Protocol, Sequence
 
+from handler.decoding.sequence import Completion
 from handler.params import GenerationParams
 from handler.pipeline.prompts import Prompt
-from handler.decoding.sequence import Completion
 
 # (prompt index, sequence index, new text) for the prompts that stream.
 ChunkSink = Callable[[int, int, str], None]
 DEFAULTS = GenerationParams()
+# contrastive search left transformers 5 for Hub code, which this server does not run
+REFUSED = frozenset({"penalty_alpha"})
 
 
 class Scheduler(Protocol):

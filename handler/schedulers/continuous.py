@@ -13,13 +13,15 @@ processors in `batch_processors`), response_format (each sequence's `GrammarCons
 before every other processor; greedy's top_k=1 then takes the best token the grammar allows,
 as the dynamic scheduler's argmax does), presence_penalty, frequency_penalty and logit_bias
 (`sampling.front_processors`, on the raw logits), temperature, top_k, top_p (the manager's
-per-request warpers; greedy is top_k=1), min_p and whatever else
-`sampling.sequence_processors` gives a sequence, do_sample, stop strings, details,
-return_full_text, stream and num_return_sequences. Not a `seed` (the manager samples from one
-generator shared by all its requests), beam search, `typical_p`, `bad_words` or `logprobs`
-(the manager hands its processors the logits, but not back which token each row then drew
-with them): the `Router` sends those prompts to the dynamic scheduler, which runs inside
-`exclusive()` (see `ModelTurns`).
+per-request warpers; greedy is top_k=1), min_p (`sampling.sequence_processors`), do_sample,
+stop strings, details, return_full_text, stream and num_return_sequences. The allow-list
+`honours` names each of these; a warper added to `sequence_processors` runs here too, but its
+field counts as honoured only once it is listed there, beside a test that shows its effect.
+Not a `seed` (the manager samples from one generator shared by all its requests), beam search,
+`typical_p`, `bad_words`, `logprobs` or `top_logprobs` (the manager hands its processors the
+logits, but not back which token each row then drew with them), nor any field added to
+`GenerationParams` before someone writes its code here and lists it: the `Router` sends those
+prompts to the dynamic scheduler, which runs inside `exclusive()` (see `ModelTurns`).
 
 The manager runs without async double-buffering and without CUDA graphs: the per-request
 processors read each request's tokens on the host at every step, which needs the state of
@@ -38,16 +40,16 @@ from typing import Any
 
 from transformers import ContinuousBatchingConfig, GenerationConfig, LogitsProcessor
 
+from handler.decoding.sampling import front_processors, sequence_processors
+from handler.decoding.sequence import Completion, SequenceState
+from handler.model.loading import LoadedModel
+from handler.params import GenerationParams
+from handler.pipeline.prompts import Prompt
+from handler.schedulers.base import ChunkSink
 from handler.schedulers.batch_processors import install as install_processors
 from handler.schedulers.compat import GenerationOutput, RequestStatus, forget_result_handler
-from handler.model.loading import LoadedModel
-from handler.params import PARAMETER_NAMES, GenerationParams
-from handler.pipeline.prompts import Prompt
-from handler.decoding.sampling import front_processors, sequence_processors
-from handler.schedulers.base import ChunkSink
-from handler.decoding.sequence import Completion, SequenceState
-from handler.settings import ContinuousBatchingSettings
 from handler.schedulers.threads import run_on_passing_thread
+from handler.settings import ContinuousBatchingSettings
 
 logger = logging.getLogger(__name__)
 
@@ -123,9 +125,12 @@ class _Sequence:
 
 
 class ContinuousScheduler:
-    honours = frozenset(PARAMETER_NAMES) - {
-        "seed", "num_beams", "typical_p", "bad_words", "penalty_alpha", "logprobs", "top_logprobs"
-    }
+    honours = frozenset({
+        "max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "min_p",
+        "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "do_sample",
+        "num_return_sequences", "stop", "return_full_text", "details", "stream", "response_format",
+    })  # fmt: skip
+    capabilities = {"continuous": honours}
 
     def __init__(self, loaded: LoadedModel, settings: ContinuousBatchingSettings, deadline_seconds: float | None = None):
         self.loaded = loaded

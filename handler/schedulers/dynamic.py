@@ -3,8 +3,9 @@
 Sampled and greedy prompts share one `generate`, each row with its own processors, stops
 and length (`sampling`, `sequence`); a constrained prompt's rows each get their own
 `GrammarConstraint` in front of their processors. Beam search takes one parameter set per call, so beam
-prompts are grouped by identical parameters; which of the two strategies serves a prompt is
-the same capability check the `Router` makes (`scheduler.assign`).
+prompts are grouped by identical parameters; which of the two strategies ("dynamic" rows,
+"dynamic-beams") serves a prompt is the same capability check the `Router` makes
+(`scheduler.assign`), against each strategy's allow-list in `capabilities`.
 
 On its own (dynamic batching) it generates on the caller's thread, as TorchServe's
 synchronous worker expects. Beside the continuous batcher it generates in a thread of its
@@ -24,24 +25,34 @@ from typing import Callable, ContextManager
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from handler.model.loading import LoadedModel
-from handler.params import PARAMETER_NAMES, GenerationParams
-from handler.pipeline.prompts import Prompt
 from handler.decoding.sampling import PerRowSampler, RowSampling, request_generator, row_processors
-from handler.schedulers.base import ChunkSink, assign
 from handler.decoding.sequence import Completion, SequenceState
 from handler.decoding.stopping import FinishReason, find_stop
+from handler.model.loading import LoadedModel
+from handler.params import GenerationParams
+from handler.pipeline.prompts import Prompt
+from handler.schedulers.base import ChunkSink, assign
 from handler.schedulers.threads import on_passing_thread
 
 MAX_ROWS_PER_GENERATE = 64
-ROWS_HONOUR = frozenset(PARAMETER_NAMES) - {"num_beams"}
-# verify_params refuses these with beam search
-BEAMS_HONOUR = frozenset(PARAMETER_NAMES) - {
-    "stream", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "response_format",
-}  # fmt: skip
+# Per-row processors (`sampling.row_processors`), per-row stops and state (`SequenceState`).
+ROWS_HONOUR = frozenset({
+    "max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "min_p", "typical_p",
+    "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "do_sample",
+    "num_return_sequences", "seed", "stop", "bad_words", "return_full_text", "details",
+    "logprobs", "top_logprobs", "stream", "response_format",
+})  # fmt: skip
+# transformers' own beam search, one GenerationConfig per call; `verify_params` refuses stream,
+# the OpenAI penalties, logit_bias, logprobs (so top_logprobs) and response_format with beams.
+BEAMS_HONOUR = frozenset({
+    "max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "min_p", "typical_p",
+    "repetition_penalty", "do_sample", "num_beams", "num_return_sequences", "seed", "stop",
+    "bad_words", "return_full_text", "details",
+})  # fmt: skip
 
 
 class DynamicScheduler:
+    capabilities = {"dynamic": ROWS_HONOUR, "dynamic-beams": BEAMS_HONOUR}
     honours = ROWS_HONOUR | BEAMS_HONOUR
 
     def __init__(
@@ -161,10 +172,7 @@ class DynamicScheduler:
         seconds = time.perf_counter() - started
         sequences = output[:, prompt_length:].tolist()
         n = params.num_return_sequences
-        return [
-            [self._finish_beam(prompt, sequences[i * n + j], seconds) for j in range(n)]
-            for i, prompt in enumerate(prompts)
-        ]
+        return [[self._finish_beam(prompt, sequences[i * n + j], seconds) for j in range(n)] for i, prompt in enumerate(prompts)]
 
     def _finish_beam(self, prompt: Prompt, ids: list[int], seconds: float) -> Completion:
         tokenizer, eos = self.loaded.tokenizer, self.loaded.eos_token_ids
@@ -247,4 +255,3 @@ def _beam_groups(indices: list[int], prompts: list[Prompt]) -> list[list[int]]:
     for index in indices:
         groups.setdefault(prompts[index].params, []).append(index)
     return list(groups.values())
-

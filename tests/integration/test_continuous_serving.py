@@ -90,6 +90,7 @@ def test_greedy_text_equals_the_classic_engine(server: TorchServe, classic):
         assert texts(answer) == classic(body), body
 
 
+@pytest.mark.honours("continuous", "stop", "details", "return_full_text", "num_return_sequences")
 def test_concurrent_requests_each_keep_their_own_parameters(server: TorchServe, classic):
     greedy = {"instances": [OMELETTE], "parameters": {"temperature": 0, "max_new_tokens": 30}}
     reference = classic(greedy)[0]

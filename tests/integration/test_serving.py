@@ -4,6 +4,8 @@ import re
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from tests.support.torchserve import TorchServe
 
 APP = "smollm2"
@@ -70,6 +72,7 @@ def test_a_chat_message_instance(smollm2_server: TorchServe):
     assert "paris" in body["predictions"][0]["generated_text"].lower()
 
 
+@pytest.mark.honours("continuous", "stop", "details")
 def test_a_stop_sequence_is_honoured(smollm2_server: TorchServe):
     request = {"instances": ["Count from one to ten in words: one, two,"], "parameters": {"max_new_tokens": 30, "temperature": 0}}
     status, body = smollm2_server.post(APP, request)

@@ -125,6 +125,7 @@ def test_curl_no_buffer_prints_lines_as_they_come(dynamic_server: TorchServe):
     assert "".join(c["text"] for c in chunks) == final["predictions"][0]["generated_text"]
 
 
+@pytest.mark.honours("dynamic", "stop", "stream", "details")
 def test_a_stream_never_shows_its_stop_string(dynamic_server: TorchServe):
     plain = dynamic_server.post(NAME, {"instances": [OMELETTE], "parameters": {"max_new_tokens": 30, "temperature": 0}})[1]
     text = plain["predictions"][0]["generated_text"]

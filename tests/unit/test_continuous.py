@@ -111,6 +111,7 @@ def test_continuous_batching_needs_the_async_worker():
 # The manager against the classic engine
 
 
+@pytest.mark.honours("continuous", "temperature", "top_k", "repetition_penalty")
 def test_manager_output_equals_the_classic_engine_for_the_parameters_it_serves(engine, continuous):
     cases = [
         dict(max_new_tokens=12, temperature=0),
@@ -128,6 +129,7 @@ def test_manager_output_equals_the_classic_engine_for_the_parameters_it_serves(e
     assert handlers_left(continuous) == 0
 
 
+@pytest.mark.honours("continuous", "temperature")
 def test_greedy_rows_never_reach_the_multinomial(engine, continuous, monkeypatch):
     """Greedy rows take the argmax in the manager (`batch_processors.GreedySampler`): with the
     multinomial broken, greedy requests still give the classic engine's text, and a sampled
@@ -151,6 +153,7 @@ def test_greedy_rows_never_reach_the_multinomial(engine, continuous, monkeypatch
     assert drawn_rows and max(drawn_rows) == 1, "only the sampled row is drawn from"
 
 
+@pytest.mark.honours("continuous", "min_p")
 def test_min_p_of_one_makes_the_manager_sample_the_greedy_text(engine, continuous):
     """min_p=1 keeps only tokens as likely as the top one, so sampled rows give greedy text; the
     neighbour without min_p shows that the sequence's processors stay on its own row."""
@@ -166,6 +169,7 @@ def test_min_p_of_one_makes_the_manager_sample_the_greedy_text(engine, continuou
     assert continuous.processor_lists == {}
 
 
+@pytest.mark.honours("continuous", "repetition_penalty")
 def test_the_repetition_penalty_changes_what_the_manager_generates(engine, continuous):
     plain, penalised = complete_all(
         continuous,
@@ -177,6 +181,42 @@ def test_the_repetition_penalty_changes_what_the_manager_generates(engine, conti
     assert plain[0].text != penalised[0].text
 
 
+@pytest.mark.honours("continuous", "temperature", "top_k", "top_p", "do_sample")
+@pytest.mark.parametrize("tightest", [dict(temperature=1e-3), dict(top_k=1), dict(top_p=1e-6), dict(do_sample=False)], ids=str)
+def test_a_sampling_knob_at_its_tightest_makes_the_manager_sample_the_greedy_text(engine, continuous, tightest):
+    greedy = engine.generate([prompt(engine, "Tell me a story", max_new_tokens=12, temperature=0)])[0][0].text
+    free, tight = complete_all(
+        continuous,
+        [
+            prompt(engine, "Tell me a story", max_new_tokens=12, temperature=1.5),
+            prompt(engine, "Tell me a story", **{"max_new_tokens": 12, "temperature": 1.5, **tightest}),
+        ],
+    )
+    assert free[0].text != greedy
+    assert tight[0].text == greedy
+
+
+@pytest.mark.honours("continuous", "min_new_tokens")
+def test_min_new_tokens_holds_off_eos_in_the_manager(engine, continuous):
+    eos = engine.loaded.tokenizer.eos_token_id
+    with torch.no_grad():
+        engine.loaded.model.lm_head.weight[eos] += 100.0
+    try:
+        early, held = complete_all(
+            continuous,
+            [
+                prompt(engine, "Hello", max_new_tokens=10, temperature=0),
+                prompt(engine, "Hello", max_new_tokens=10, min_new_tokens=4, temperature=0),
+            ],
+        )
+    finally:
+        with torch.no_grad():
+            engine.loaded.model.lm_head.weight[eos] -= 100.0
+    assert (early[0].generated_tokens, early[0].finish_reason) == (1, FinishReason.EOS)
+    assert (held[0].generated_tokens, held[0].finish_reason) == (5, FinishReason.EOS)
+
+
+@pytest.mark.honours("continuous", "max_new_tokens")
 def test_each_request_keeps_its_own_length(engine, continuous):
     lengths = [3, 17, 8, 1]
     results = complete_all(continuous, [prompt(engine, "Count with me", max_new_tokens=n, temperature=1.2) for n in lengths])
@@ -184,12 +224,14 @@ def test_each_request_keeps_its_own_length(engine, continuous):
     assert {r[0].finish_reason for r in results} == {FinishReason.LENGTH}
 
 
+@pytest.mark.honours("continuous", "num_return_sequences")
 def test_num_return_sequences_gives_that_many_sampled_completions(engine, continuous):
     [completions] = complete_all(continuous, [prompt(engine, "Pick a word", max_new_tokens=6, temperature=1.5, num_return_sequences=3)])
     assert len(completions) == 3
     assert all(c.generated_tokens == 6 for c in completions)
 
 
+@pytest.mark.honours("continuous", "stop", "stream")
 def test_a_stop_string_ends_the_sequence_and_cancels_it_in_the_manager(engine, continuous):
     greedy = engine.generate([prompt(engine, "Hello there", max_new_tokens=30, temperature=0)])[0][0].text
     stop = greedy[len(greedy) // 2 : len(greedy) // 2 + 3]
@@ -208,6 +250,7 @@ def test_a_stop_string_ends_the_sequence_and_cancels_it_in_the_manager(engine, c
     assert handlers_left(continuous) == 0
 
 
+@pytest.mark.honours("continuous", "stream")
 def test_streamed_pieces_add_up_to_the_text_and_come_token_by_token(engine, continuous):
     pieces: list[tuple[int, str]] = []
     [[completion]] = complete_all(
@@ -220,6 +263,7 @@ def test_streamed_pieces_add_up_to_the_text_and_come_token_by_token(engine, cont
     assert "".join(text for _, text in pieces) == completion.text
 
 
+@pytest.mark.honours("continuous", "stream")
 def test_a_prompt_that_does_not_stream_sends_nothing(engine, continuous):
     pieces: list[str] = []
     complete_all(continuous, [prompt(engine, "Quiet", max_new_tokens=5)], lambda _, index, text: pieces.append(text))
@@ -237,6 +281,7 @@ def test_the_deadline_ends_a_generation_with_finish_reason_length(engine):
         hurried.stop()
 
 
+@pytest.mark.honours("dynamic", "seed")
 def test_the_classic_engine_serves_a_seeded_prompt_like_it_does_alone(engine, continuous, beside):
     seeded = prompt(engine, "Tell me a story", max_new_tokens=10, temperature=1.0, seed=1234)
     alone = engine.generate([seeded])[0][0].text
@@ -282,6 +327,7 @@ def run_handler(handler_and_context, bodies: list) -> tuple[list[tuple[int, dict
     return run_async(served, context, bodies)
 
 
+@pytest.mark.honours("continuous", "details")
 def test_handle_answers_each_request_of_a_message_on_its_own(handler):
     results, _ = run_handler(
         handler,
@@ -302,6 +348,7 @@ def test_handle_answers_each_request_of_a_message_on_its_own(handler):
     assert results[3][1]["field"] == "max_new_tokens"
 
 
+@pytest.mark.honours("continuous", "stream")
 def test_handle_streams_json_lines_that_add_up_to_the_prediction(handler):
     results, chunks = run_handler(
         handler, [{"instances": ["Stream me"], "parameters": {"max_new_tokens": 12, "temperature": 0, "stream": True}}]
@@ -314,6 +361,7 @@ def test_handle_streams_json_lines_that_add_up_to_the_prediction(handler):
     assert "".join(line["text"] for line in lines) == body["predictions"][0]["generated_text"]
 
 
+@pytest.mark.honours("dynamic", "stream")
 def test_handle_streams_a_classic_routed_prompt_too(handler):
     results, chunks = run_handler(
         handler, [{"instances": ["Seeded"], "parameters": {"max_new_tokens": 8, "seed": 5, "stream": True}}]
@@ -340,6 +388,7 @@ def test_each_stream_chunk_names_the_prediction_it_belongs_to(handler):
         assert "".join(line["text"] for line in lines if line["index"] == index) == text
 
 
+@pytest.mark.honours("continuous", "return_full_text")
 def test_return_full_text_prepends_the_prompt(handler):
     [(status, body)], _ = run_handler(
         handler, [{"instances": ["Prefix here"], "parameters": {"max_new_tokens": 3, "return_full_text": True}}]

@@ -53,6 +53,7 @@ def test_greedy_is_the_same_alone_and_beside_other_prompts(engine):
     assert texts(alone[0]) == texts(batched[1])
 
 
+@pytest.mark.honours("dynamic", "seed")
 def test_a_seeded_request_gives_the_same_text_alone_and_in_a_batch(engine):
     seeded = dict(max_new_tokens=12, temperature=1.0, top_k=50, seed=1234)
     alone = engine.generate([prompt(engine, "Tell me a story", **seeded)])
@@ -67,12 +68,14 @@ def test_a_seeded_request_gives_the_same_text_alone_and_in_a_batch(engine):
     assert alone[0][0].generated_tokens == 12
 
 
+@pytest.mark.honours("dynamic", "seed")
 def test_different_seeds_give_different_text(engine):
     first = engine.generate([prompt(engine, "Tell me a story", max_new_tokens=12, temperature=1.0, seed=1)])
     second = engine.generate([prompt(engine, "Tell me a story", max_new_tokens=12, temperature=1.0, seed=2)])
     assert texts(first[0]) != texts(second[0])
 
 
+@pytest.mark.honours("dynamic", "max_new_tokens")
 def test_heterogeneous_parameters_in_one_batch_each_hold(engine):
     results = engine.generate(
         [
@@ -87,12 +90,14 @@ def test_heterogeneous_parameters_in_one_batch_each_hold(engine):
     assert texts(alone[0]) == texts(results[2])
 
 
+@pytest.mark.honours("dynamic", "repetition_penalty")
 def test_repetition_penalty_changes_greedy_output(engine):
     plain = engine.generate([prompt(engine, "three", max_new_tokens=16, temperature=0)])
     penalised = engine.generate([prompt(engine, "three", max_new_tokens=16, temperature=0, repetition_penalty=5.0)])
     assert texts(plain[0]) != texts(penalised[0])
 
 
+@pytest.mark.honours("dynamic", "num_return_sequences")
 def test_num_return_sequences_gives_that_many_completions(engine):
     (completions,) = engine.generate([prompt(engine, "hi", max_new_tokens=6, temperature=1.0, num_return_sequences=3, seed=5)])
     assert len(completions) == 3
@@ -106,6 +111,7 @@ def test_beam_search_returns_its_sequences(engine):
     assert len(completions) == 2 and all(c.generated_tokens <= 5 for c in completions)
 
 
+@pytest.mark.honours("dynamic", "stop")
 def test_stop_string_is_trimmed_and_reported(engine):
     (reference,) = engine.generate([prompt(engine, "Hello", max_new_tokens=20, temperature=0)])
     text = reference[0].text
@@ -117,6 +123,7 @@ def test_stop_string_is_trimmed_and_reported(engine):
     assert stop not in stopped[0].text
 
 
+@pytest.mark.honours("dynamic", "bad_words")
 def test_bad_words_never_appear(engine):
     (reference,) = engine.generate([prompt(engine, "Hello", max_new_tokens=10, temperature=0)])
     token = engine.tokenizer(reference[0].text, add_special_tokens=False)["input_ids"][0]
@@ -140,6 +147,7 @@ def test_eos_is_reported_when_the_model_ends(engine):
     assert eos_text not in completions[0].text
 
 
+@pytest.mark.honours("dynamic", "min_new_tokens")
 def test_min_new_tokens_holds_off_eos(engine):
     eos = engine.tokenizer.eos_token_id
     with torch.no_grad():
@@ -153,6 +161,7 @@ def test_min_new_tokens_holds_off_eos(engine):
     assert completions[0].finish_reason == FinishReason.EOS
 
 
+@pytest.mark.honours("dynamic", "stream")
 def test_streaming_sends_pieces_that_add_up_to_the_text(engine):
     pieces: list[tuple[int, int, str]] = []
     (completions,) = engine.generate(
@@ -164,6 +173,7 @@ def test_streaming_sends_pieces_that_add_up_to_the_text(engine):
     assert {(p[0], p[1]) for p in pieces} == {(0, 0)}
 
 
+@pytest.mark.honours("dynamic", "stop", "stream")
 def test_streaming_never_leaks_a_stop_string(engine):
     (reference,) = engine.generate([prompt(engine, "Hello", max_new_tokens=20, temperature=0)])
     text = reference[0].text
@@ -176,6 +186,7 @@ def test_streaming_never_leaks_a_stop_string(engine):
     assert "".join(pieces) == text[: text.find(stop)]
 
 
+@pytest.mark.honours("dynamic", "stream")
 def test_only_streaming_requests_stream(engine):
     pieces: list[int] = []
     engine.generate(
@@ -264,6 +275,7 @@ def test_min_p_runs_transformers_warper_in_its_order_for_sampled_rows_only():
     assert not row_processors(GenerationParams(temperature=0, min_p=0.2), 4, [0], [])
 
 
+@pytest.mark.honours("dynamic", "min_p")
 def test_min_p_of_one_leaves_only_the_most_likely_token(engine):
     """min_p=1 keeps only tokens as likely as the top one: sampling at any temperature gives the greedy text."""
     greedy = engine.generate([prompt(engine, "Tell me a story", max_new_tokens=12, temperature=0)])
@@ -276,3 +288,108 @@ def test_min_p_of_one_leaves_only_the_most_likely_token(engine):
 def test_min_p_in_beam_search_reaches_generate(engine):
     (completions,) = engine.generate([prompt(engine, "hi", max_new_tokens=4, temperature=1.0, min_p=0.5, num_beams=2, seed=3)])
     assert len(completions) == 1 and completions[0].generated_tokens <= 4
+
+
+# Each parameter's effect on the rows and on beam search (tests/unit/test_capabilities.py reads the marks)
+
+
+@pytest.mark.honours("dynamic", "temperature", "top_k", "top_p", "do_sample")
+@pytest.mark.parametrize("tightest", [dict(temperature=1e-3), dict(top_k=1), dict(top_p=1e-6), dict(do_sample=False)], ids=str)
+def test_a_sampling_knob_at_its_tightest_makes_a_sampled_row_greedy(engine, tightest):
+    story = dict(max_new_tokens=12, temperature=1.5, seed=1)
+    greedy = engine.generate([prompt(engine, "Tell me a story", max_new_tokens=12, temperature=0)])
+    free = engine.generate([prompt(engine, "Tell me a story", **story)])
+    tight = engine.generate([prompt(engine, "Tell me a story", **{**story, **tightest})])
+    assert texts(free[0]) != texts(greedy[0])
+    assert texts(tight[0]) == texts(greedy[0])
+
+
+@pytest.mark.honours("dynamic", "typical_p")
+def test_typical_p_at_its_tightest_leaves_each_row_one_candidate(engine):
+    story = dict(max_new_tokens=12, temperature=1.5, seed=1, num_return_sequences=2)
+    free = engine.generate([prompt(engine, "Tell me a story", **story)])
+    tight = engine.generate([prompt(engine, "Tell me a story", typical_p=1e-6, **story)])
+    assert len(set(texts(free[0]))) == 2
+    assert len(set(texts(tight[0]))) == 1
+
+
+BEAMS = dict(max_new_tokens=6, num_beams=2)
+
+
+def beams(engine: Engine, text: str = "Tell me a story", **params) -> list[str]:
+    (completions,) = engine.generate([prompt(engine, text, **{**BEAMS, **params})])
+    return texts(completions)
+
+
+@pytest.mark.honours("dynamic-beams", "num_beams", "num_return_sequences")
+def test_beam_search_returns_that_many_distinct_beams(engine):
+    assert len(set(beams(engine, temperature=0, num_beams=3, num_return_sequences=3))) == 3
+    assert len(beams(engine, temperature=0, num_beams=3, num_return_sequences=2)) == 2
+
+
+@pytest.mark.honours("dynamic-beams", "seed")
+def test_a_seeded_beam_search_repeats_and_another_seed_does_not(engine):
+    sampled = dict(temperature=1.5, num_return_sequences=2)
+    assert beams(engine, seed=3, **sampled) == beams(engine, seed=3, **sampled)
+    assert beams(engine, seed=3, **sampled) != beams(engine, seed=4, **sampled)
+
+
+@pytest.mark.honours("dynamic-beams", "temperature", "top_k", "top_p", "min_p", "typical_p", "do_sample")
+@pytest.mark.parametrize(
+    "change",
+    [dict(temperature=0.2), dict(top_k=2), dict(top_p=0.05), dict(min_p=1.0), dict(typical_p=0.05), dict(do_sample=False)],
+    ids=str,
+)
+def test_each_sampling_parameter_changes_a_seeded_beam_search(engine, change):
+    sampled = dict(temperature=1.5, seed=3)
+    assert beams(engine, **{**sampled, **change}) != beams(engine, **sampled)
+
+
+@pytest.mark.honours("dynamic-beams", "do_sample")
+def test_do_sample_false_makes_beam_search_deterministic(engine):
+    assert beams(engine, temperature=1.5, do_sample=False) == beams(engine, temperature=0)
+
+
+@pytest.mark.honours("dynamic-beams", "repetition_penalty")
+def test_the_repetition_penalty_changes_beam_search(engine):
+    plain = beams(engine, "one two one two one two", max_new_tokens=12, temperature=0)
+    assert beams(engine, "one two one two one two", max_new_tokens=12, temperature=0, repetition_penalty=5.0) != plain
+
+
+@pytest.mark.honours("dynamic-beams", "max_new_tokens")
+def test_each_beam_search_keeps_its_length(engine):
+    for length in (2, 7):
+        (completions,) = engine.generate([prompt(engine, "Hello", max_new_tokens=length, temperature=0, num_beams=2)])
+        assert completions[0].generated_tokens == length and completions[0].finish_reason == FinishReason.LENGTH
+
+
+@pytest.mark.honours("dynamic-beams", "min_new_tokens")
+def test_min_new_tokens_holds_off_eos_in_beam_search(engine):
+    eos = engine.tokenizer.eos_token_id
+    with torch.no_grad():
+        engine.model.lm_head.weight[eos] += 100.0
+    try:
+        (early,) = engine.generate([prompt(engine, "Hello", max_new_tokens=10, temperature=0, num_beams=2)])
+        (held,) = engine.generate([prompt(engine, "Hello", max_new_tokens=10, min_new_tokens=4, temperature=0, num_beams=2)])
+    finally:
+        with torch.no_grad():
+            engine.model.lm_head.weight[eos] -= 100.0
+    assert (early[0].generated_tokens, early[0].finish_reason) == (0, FinishReason.EOS)
+    assert (held[0].generated_tokens, held[0].finish_reason) == (4, FinishReason.EOS)
+
+
+@pytest.mark.honours("dynamic-beams", "stop")
+def test_a_stop_string_trims_a_beam(engine):
+    text = beams(engine, "Hello", max_new_tokens=20, temperature=0)[0]
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    assert stop.strip(), "the tiny model's beam text must hold a usable stop string"
+    (stopped,) = engine.generate([prompt(engine, "Hello", max_new_tokens=20, temperature=0, num_beams=2, stop=[stop])])
+    assert stopped[0].text == text[: text.find(stop)] and stopped[0].finish_reason == FinishReason.STOP
+
+
+@pytest.mark.honours("dynamic-beams", "bad_words")
+def test_bad_words_never_start_a_beam(engine):
+    text = beams(engine, "Hello", max_new_tokens=10, temperature=0)[0]
+    word = engine.tokenizer.decode([engine.tokenizer(text, add_special_tokens=False)["input_ids"][0]]).strip()
+    assert word
+    assert not beams(engine, "Hello", max_new_tokens=10, temperature=0, bad_words=[word])[0].lstrip().startswith(word)

@@ -67,6 +67,7 @@ def test_status_does_not_leak_into_the_next_batch(smollm2_handler):
     assert status == 200
 
 
+@pytest.mark.honours("dynamic", "return_full_text")
 def test_return_full_text_prepends_the_prompt(smollm2_handler):
     handler, context = smollm2_handler
     [(status, body)] = run_batch(

@@ -96,6 +96,7 @@ def test_completions_answer_text_completions(served):
     assert reply.choices[1].text == reference(served, tokenizer("Twice")["input_ids"], 3)
 
 
+@pytest.mark.honours("dynamic", "seed")
 def test_n_with_a_seed_gives_the_same_choices_again(served):
     body = {"prompt": "Once", "model": "tiny", "max_tokens": 6, "n": 2, "seed": 11, "temperature": 1.0}
     first = SDKCompletion.model_validate_json(one(served, body, COMPLETIONS)[1])
@@ -103,6 +104,8 @@ def test_n_with_a_seed_gives_the_same_choices_again(served):
     assert [c.text for c in first.choices] == [c.text for c in again.choices] and len(first.choices) == 2
 
 
+@pytest.mark.honours("dynamic", "stream")
+@pytest.mark.honours("continuous", "stream")
 def test_a_streamed_chat_is_sse_whose_deltas_make_the_greedy_text(served):
     body = {"messages": USER, "max_tokens": 8, "temperature": 0}
     whole = ChatCompletion.model_validate_json(one(served, body, CHAT)[1]).choices[0].message.content
@@ -121,6 +124,8 @@ def test_a_streamed_chat_is_sse_whose_deltas_make_the_greedy_text(served):
     "penalties",
     [{"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"presence_penalty": -1.0, "frequency_penalty": 0.5}],
 )
+@pytest.mark.honours("dynamic", "presence_penalty", "frequency_penalty")
+@pytest.mark.honours("continuous", "presence_penalty", "frequency_penalty")
 def test_penalties_apply_as_openai_defines_them_beside_a_neighbour_without(served, penalties):
     ids = chat_ids(served)
     bodies = [{"messages": USER, "max_tokens": 12, "temperature": 0, **penalties}, {"messages": USER, "max_tokens": 12, "temperature": 0}]
@@ -131,6 +136,8 @@ def test_penalties_apply_as_openai_defines_them_beside_a_neighbour_without(serve
     assert texts[1] == reference(served, ids, 12)
 
 
+@pytest.mark.honours("dynamic", "logit_bias")
+@pytest.mark.honours("continuous", "logit_bias")
 def test_logit_bias_applies_per_row(served):
     tokenizer = served[0].service.loaded.tokenizer
     token = tokenizer(" omelette", add_special_tokens=False)["input_ids"][0]
@@ -140,6 +147,7 @@ def test_logit_bias_applies_per_row(served):
     assert status == 200 and text == reference(served, chat_ids(served), 4, bias=bias) == tokenizer.decode([token] * 4)
 
 
+@pytest.mark.honours("dynamic", "logprobs", "top_logprobs")
 def test_logprobs_are_the_models_log_softmax_on_either_path(served):
     body = {"messages": USER, "max_tokens": 4, "temperature": 0, "logprobs": True, "top_logprobs": 3}
     reply = ChatCompletion.model_validate_json(one(served, body, CHAT)[1])
@@ -197,6 +205,7 @@ def test_native_requests_are_answered_as_before(served):
     assert (status, content_type) == (200, "application/json") and "generated_text" in json.loads(out)["predictions"][0]
 
 
+@pytest.mark.honours("dynamic", "frequency_penalty", "logprobs")
 def test_native_requests_get_penalties_and_logprobs_too(served):
     parameters = {"max_new_tokens": 3, "temperature": 0, "frequency_penalty": 1.5, "logprobs": True}
     status, out, _, _ = one(served, {"inputs": "Once", "parameters": parameters}, {})
@@ -204,6 +213,23 @@ def test_native_requests_get_penalties_and_logprobs_too(served):
     tokenizer = served[0].service.loaded.tokenizer
     assert status == 200 and prediction["generated_text"] == reference(served, tokenizer("Once")["input_ids"], 3, frequency=1.5)
     assert len(prediction["logprobs"]) == 3
+
+
+@pytest.mark.honours("dynamic", "details", "return_full_text")
+@pytest.mark.honours("dynamic-beams", "details", "return_full_text")
+@pytest.mark.honours("continuous", "details", "return_full_text")
+def test_details_and_full_text_shape_the_predictions_of_rows_and_beams(served):
+    """On the continuous app, "Once" runs in the manager and the beam prompt beside it."""
+    instances = ["Once", {"prompt": "Twice", "num_beams": 2}]
+    plain = {"instances": instances, "parameters": {"max_new_tokens": 3, "temperature": 0}}
+    shaped = {"instances": instances, "parameters": {**plain["parameters"], "details": True, "return_full_text": True}}
+    results, _ = call(served, [plain, shaped], [{}, {}])
+    [bare, full] = [json.loads(out)["predictions"] for _, out, _ in results]
+    assert [status for status, _, _ in results] == [200, 200]
+    assert [set(p) for p in bare] == [{"generated_text"}] * 2
+    for prompt, short, long in zip(["Once", "Twice"], bare, full):
+        assert long["generated_text"] == prompt + short["generated_text"]
+        assert (long["finish_reason"], long["generated_tokens"]) == ("length", 3) and long["prompt_tokens"] > 0
 
 
 def test_the_penalty_cases_above_change_the_greedy_text(served):

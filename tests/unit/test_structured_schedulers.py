@@ -83,6 +83,7 @@ def test_both_schedulers_honour_response_format():
     assert unhonoured(params, DynamicScheduler.honours) is None
 
 
+@pytest.mark.honours("dynamic", "response_format")
 def test_a_constrained_greedy_answer_validates_and_stops(service):
     completions = complete(service.scheduler, prompts(service, *CONSTRAINED))
     for completion in completions[:2]:
@@ -92,6 +93,7 @@ def test_a_constrained_greedy_answer_validates_and_stops(service):
     assert all(c.error is None for c in completions)
 
 
+@pytest.mark.honours("continuous", "response_format")
 def test_the_manager_writes_the_dynamic_schedulers_tokens_beside_an_unconstrained_neighbour(service, continuous):
     batch = prompts(service, *CONSTRAINED, *PLAIN)
     dynamic = complete(service.scheduler, batch)
@@ -110,6 +112,8 @@ def test_an_unconstrained_neighbour_writes_what_it_writes_alone(service, continu
 
 
 @pytest.mark.parametrize("path", ["dynamic", "continuous"])
+@pytest.mark.honours("dynamic", "max_new_tokens")
+@pytest.mark.honours("continuous", "max_new_tokens")
 def test_max_new_tokens_cuts_a_constrained_answer_as_length(service, continuous, path):
     scheduler = service.scheduler if path == "dynamic" else continuous
     cut = ("Answer:", {"max_new_tokens": 3, "temperature": 0, "response_format": FORMAT})
