@@ -109,7 +109,11 @@ COPY docker/entrypoint.sh /usr/local/bin/entrypoint.sh
 # read-only root (docs/docker.md, "Read-only root").
 RUN mkdir -p /home/model-server/model-store /home/model-server/tmp /home/model-server/logs \
     && chown model-server /home/model-server/model-store /home/model-server/tmp /home/model-server/logs
-ENV PATH="/opt/venv/bin:$PATH" \
+# GKE-style GPU nodes (Vertex AI's among them) mount the driver's nvidia-smi and libraries at
+# /usr/local/nvidia: TorchServe counts GPUs by running nvidia-smi, and without it on PATH
+# assigns none. On a host without them the two entries name nothing and change nothing.
+ENV PATH="/opt/venv/bin:$PATH:/usr/local/nvidia/bin" \
+    LD_LIBRARY_PATH="/usr/local/nvidia/lib64" \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     TEMP=/home/model-server/tmp \
