@@ -1,6 +1,7 @@
 """TorchServe's system-metrics command, with its GPU metrics read through NVML (nvidia-ml-py).
 
-TorchServe runs `system_metrics_cmd --gpu N` every minute. Its own collector reads GPU
+TorchServe runs `python <system_metrics_cmd>` every minute (its own collector gets `--gpu N`;
+a configured command gets nothing more, so this one counts the GPUs through NVML itself). Its own collector reads GPU
 metrics through `nvgpu`, which parses `nvidia-smi`'s text output at fixed lines and calls
 `.decode()` on names that nvidia-ml-py now returns as `str`; where `nvgpu` is missing or
 breaks, every collection logs a traceback and no GPU metric is reported. This command runs
@@ -9,7 +10,7 @@ TorchServe's collector for everything else and reads the same three GPU metrics
 the config it writes (`gateway.torchserve`); nvidia-ml-py is installed in the GPU image only,
 and with no GPU (`--gpu 0`) it is never imported.
 
-    python -m gateway.system_metrics --gpu N
+    python -m gateway.system_metrics [--gpu N]
 """
 
 from __future__ import annotations
@@ -51,6 +52,22 @@ def gpu_utilization(num_of_gpu: int) -> None:
         pynvml.nvmlShutdown()
 
 
+def gpu_count() -> int:
+    """The GPUs NVML sees; none where nvidia-ml-py or the driver's library is missing."""
+    try:
+        import pynvml
+    except ImportError:
+        return 0
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return 0
+    try:
+        return pynvml.nvmlDeviceGetCount()
+    finally:
+        pynvml.nvmlShutdown()
+
+
 def collect(num_of_gpu: int) -> None:
     """TorchServe's collector (`collect_all` calls every function of its module) with our GPU part."""
     system_metrics.gpu_utilization = gpu_utilization
@@ -59,10 +76,10 @@ def collect(num_of_gpu: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gpu", type=int, default=0, help="number of GPUs TorchServe counted")
+    parser.add_argument("--gpu", type=int, help="number of GPUs (default: as many as NVML sees)")
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stdout, format="%(message)s", level=logging.INFO)
-    collect(args.gpu)
+    collect(gpu_count() if args.gpu is None else args.gpu)
     check_process_mem_usage(sys.stdin)
     return 0
 

@@ -192,8 +192,8 @@ class TorchServeProcess:
             "initial_distribution_port": str(ports.distribution),
             "model_store": str(self.model_store),
             # GPU metrics through NVML instead of TorchServe's nvgpu (gateway.system_metrics);
-            # TorchServe appends `--gpu N` and splits the command on spaces.
-            "system_metrics_cmd": f"{sys.executable} -m gateway.system_metrics",
+            # TorchServe runs its own python with these arguments, split on spaces.
+            "system_metrics_cmd": "-m gateway.system_metrics",
             **self.properties,
         }
         base = self.ts_config.read_text()

@@ -46,9 +46,10 @@ def pick_device(gpu_id: int | None) -> torch.device:
     """
     if torch.cuda.is_available():
         if gpu_id is None:
+            nvidia_smi = shutil.which("nvidia-smi")
             logger.warning(
                 "TorchServe assigned no GPU (nvidia-smi %s), but torch sees %d: serving on cuda:0",
-                "at " + shutil.which("nvidia-smi") if shutil.which("nvidia-smi") else "not on PATH",
+                f"at {nvidia_smi}" if nvidia_smi else "not on PATH",
                 torch.cuda.device_count(),
             )
             return torch.device("cuda", 0)
@@ -84,6 +85,7 @@ def check_device_settings(settings: HandlerSettings, device: torch.device) -> No
     behind a healthy health check. A half dtype in the app's own config is a CPU choice
     that app made (it pairs with CPU quantization), and stays allowed. `handler.compile` on
     CUDA needs inductor's Triton kernels, which compile with a C compiler the image lacks.
+    `handler.quantization` is post-load quantization for CPU kernels (`handler.model.quantization`).
     """
     if device.type == "cpu" and settings.dtype in HALF_DTYPES and settings.dtype_source == "LLM_DTYPE":
         raise SettingsError(
@@ -96,6 +98,11 @@ def check_device_settings(settings: HandlerSettings, device: torch.device) -> No
         raise SettingsError(
             "handler.compile is for CPUs: on CUDA, inductor's kernels need a C compiler the image does not have; "
             "set handler.compile: false"
+        )
+    if device.type == "cuda" and settings.quantization != "none":
+        raise SettingsError(
+            f"handler.quantization: {settings.quantization} quantizes for CPU kernels; on CUDA serve "
+            "bfloat16 or float16 weights (handler.quantization: none)"
         )
 
 

@@ -147,6 +147,12 @@ def test_compile_is_refused_on_cuda_and_kept_on_cpu():
     check_device_settings(settings, torch.device("cpu"))
 
 
+def test_cpu_quantization_is_refused_on_cuda():
+    with pytest.raises(SettingsError, match="handler.quantization: int8-dynamic quantizes for CPU kernels"):
+        check_device_settings(HandlerSettings(quantization="int8-dynamic"), torch.device("cuda", 0))
+    check_device_settings(HandlerSettings(quantization="int8-dynamic"), torch.device("cpu"))
+
+
 def test_load_refuses_a_gpu_dtype_on_cpu_before_reading_weights(tmp_path):
     settings = HandlerSettings.from_config({"handler": {}}, {"LLM_DTYPE": "float16"})
     with pytest.raises(SettingsError, match="LLM_DTYPE=float16"):

@@ -10,7 +10,7 @@ import pynvml
 import pytest
 from ts.metrics import system_metrics
 
-from gateway.system_metrics import collect
+from gateway.system_metrics import collect, gpu_count
 
 GIB = 2**30
 
@@ -21,6 +21,7 @@ def two_gpus(monkeypatch):
     calls = []
     monkeypatch.setattr(pynvml, "nvmlInit", lambda: calls.append("init"))
     monkeypatch.setattr(pynvml, "nvmlShutdown", lambda: calls.append("shutdown"))
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", lambda: 2)
     monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByIndex", lambda index: index)
     monkeypatch.setattr(pynvml, "nvmlDeviceGetMemoryInfo", lambda h: SimpleNamespace(used=(20, 60)[h] * GIB, total=80 * GIB))
 
@@ -53,7 +54,20 @@ def test_with_no_gpu_nvml_is_never_touched(two_gpus, caplog):
     assert two_gpus == [] and "GPU" not in caplog.text and "CPUUtilization" in caplog.text
 
 
+def test_the_gpus_are_counted_through_nvml(two_gpus):
+    assert gpu_count() == 2 and two_gpus == ["init", "shutdown"]
+
+
+def test_without_a_driver_no_gpu_is_counted(monkeypatch):
+    def no_library():
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+
+    monkeypatch.setattr(pynvml, "nvmlInit", no_library)
+    assert gpu_count() == 0
+
+
 def test_the_command_torchserve_runs_prints_its_metrics_and_exits_cleanly():
-    done = subprocess.run([sys.executable, "-m", "gateway.system_metrics", "--gpu", "0"], input="", capture_output=True, text=True, timeout=60)
+    """As TorchServe runs it: its python, then `system_metrics_cmd` split on spaces, nothing more."""
+    done = subprocess.run([sys.executable, "-m", "gateway.system_metrics"], input="", capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "CPUUtilization.Percent" in done.stdout and "Traceback" not in done.stderr
