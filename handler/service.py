@@ -21,6 +21,7 @@ from handler.schedulers.continuous import ContinuousScheduler
 from handler.schedulers.dynamic import DynamicScheduler
 from handler.errors import RequestError
 from handler.response_format import ResponseFormat
+from handler.structured.constraint import CompiledFormat
 from handler.structured.grammars import Grammars, tokenizer_info
 from handler.model.device import is_sticky_device_error
 from handler.model.loading import LoadedModel, load_model
@@ -85,12 +86,22 @@ class Service:
         dynamic = DynamicScheduler(loaded, settings.deadline_seconds)
         if settings.warmup:
             grammars.start()
-            dynamic.warm_up(settings.batch_size if settings.compile else 1, grammars.compiled(WARM_UP_FORMAT))
+            dynamic.warm_up(settings.batch_size if settings.compile else 1, cls.warm_up_format(grammars))
         if settings.batching != "continuous":
             return cls(settings, loaded, dynamic, model_name=model_name, grammars=grammars)
         continuous = ContinuousScheduler(loaded, settings.continuous, settings.deadline_seconds)
         beside = DynamicScheduler(loaded, settings.deadline_seconds, threaded=True, guard=continuous.exclusive)
         return cls(settings, loaded, Router([continuous, beside]), continuous, model_name, grammars)
+
+    @staticmethod
+    def warm_up_format(grammars: Grammars) -> CompiledFormat | None:
+        """The warm-up's constrained format; a compile that fails is logged, and the worker
+        starts: unconstrained requests do not need it."""
+        try:
+            return grammars.compiled(WARM_UP_FORMAT)
+        except RequestError as error:
+            logger.error("the constrained warm-up is skipped: %s", error.message)
+            return None
 
     @staticmethod
     def grammars_for(loaded: LoadedModel, settings: HandlerSettings) -> Grammars:
