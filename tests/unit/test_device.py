@@ -33,7 +33,7 @@ from handler.schedulers.continuous import ContinuousScheduler
 from handler.schedulers.threads import on_passing_thread, run_on_passing_thread
 from handler.service import Service
 from handler.settings import CPU_NUM_BLOCKS, ContinuousBatchingSettings, HandlerSettings, SettingsError
-from tests.support.context import make_context, run_batch
+from tests.support.context import make_context, run_async, run_batch
 from tests.support.prompts import make_prompt
 
 GiB = 2**30
@@ -333,3 +333,24 @@ def test_the_warm_up_runs_one_constrained_request(tiny_model_dir, caplog):
         assert "serving on cpu" in caplog.text
     finally:
         service.stop()
+
+
+def test_a_sticky_cuda_error_on_the_continuous_path_ends_the_worker_too(monkeypatch, tiny_model_dir):
+    """The manager's thread meets the error; its requests fail with its text, then the worker ends."""
+    context = make_context("tiny", tiny_model_dir, {
+        "asyncCommunication": True,
+        "handler": {"batching": "continuous", "warmup": False, "dtype": "float32", "max_total_tokens": 200,
+                    "continuous": {"num_blocks": 48, "page_size": 16, "max_batch_tokens": 256},
+                    "defaults": {"max_new_tokens": 3, "temperature": 0}},
+    })
+    llm = adapter.LLMHandler()
+    llm.initialize(context)
+    codes, ended = exits(monkeypatch)
+    hook = fail_forward(llm, torch.AcceleratorError(ILLEGAL_ADDRESS))
+    try:
+        results, _ = run_async(llm, context, [{"instances": ["Hello"]}])
+    finally:
+        hook.remove()
+        llm.service.stop()
+    assert [status for status, _ in results] == [500]
+    assert ended.wait(5) and codes == [adapter.BROKEN_EXIT_CODE]
