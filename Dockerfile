@@ -6,8 +6,8 @@
 #   docker build --build-arg APP=gpt2 -t llm-gpt2 .      weights inside (default target)
 #   docker build --target slim -t llm-slim .              no weights: the container loads
 #                                                         $LLM_MODEL_DIR or $AIP_STORAGE_URI
-#   GPU: --build-arg TORCH_INDEX_URL=                     PyPI's torch, the CUDA build: its pip
-#                                                         packages bring the CUDA runtime
+#   GPU: --build-arg TORCH_INDEX_URL= \                   PyPI's torch, the CUDA build: its pip
+#        --build-arg REQUIREMENTS=requirements-gpu.txt    packages bring the CUDA runtime
 #
 # Stages: deps (a Python 3.11 venv with the pinned runtime deps) -> wheel (our
 # packages), tools -> build (prepare the checkpoint, make the archive) and
@@ -36,8 +36,11 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 # pinned because the two bundle different ones.
 RUN python3.11 -m venv /opt/venv && /opt/venv/bin/pip install "pip==${PIP_VERSION}"
 ENV PATH="/opt/venv/bin:$PATH"
-COPY docker/requirements-runtime.txt /tmp/requirements-runtime.txt
-RUN pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -r /tmp/requirements-runtime.txt
+# requirements-runtime.txt for the CPU image; requirements-gpu.txt (the same plus PyPI's CUDA
+# torch's pins and nvidia-ml-py) for the GPU image, with TORCH_INDEX_URL empty.
+ARG REQUIREMENTS=requirements-runtime.txt
+COPY docker/requirements-runtime.txt docker/requirements-gpu.txt /tmp/
+RUN pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -r "/tmp/${REQUIREMENTS}"
 
 # wheel: our own packages (handler, gateway, vertex), installed last in the
 # server stage so that a code change does not recopy the big venv layer.
@@ -109,7 +112,11 @@ COPY docker/entrypoint.sh /usr/local/bin/entrypoint.sh
 # read-only root (docs/docker.md, "Read-only root").
 RUN mkdir -p /home/model-server/model-store /home/model-server/tmp /home/model-server/logs \
     && chown model-server /home/model-server/model-store /home/model-server/tmp /home/model-server/logs
-ENV PATH="/opt/venv/bin:$PATH" \
+# GKE-style GPU nodes (Vertex AI's among them) mount the driver's nvidia-smi and libraries at
+# /usr/local/nvidia: TorchServe counts GPUs by running nvidia-smi, and without it on PATH
+# assigns none. On a host without them the two entries name nothing and change nothing.
+ENV PATH="/opt/venv/bin:$PATH:/usr/local/nvidia/bin" \
+    LD_LIBRARY_PATH="/usr/local/nvidia/lib64" \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     TEMP=/home/model-server/tmp \

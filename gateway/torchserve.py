@@ -195,6 +195,9 @@ class TorchServeProcess:
             "initial_worker_port": str(ports.worker),
             "initial_distribution_port": str(ports.distribution),
             "model_store": str(self.model_store),
+            # GPU metrics through NVML instead of TorchServe's nvgpu (gateway.system_metrics);
+            # TorchServe runs its own python with these arguments, split on spaces.
+            "system_metrics_cmd": "-m gateway.system_metrics",
             **self.properties,
         }
         base = self.ts_config.read_text()

@@ -20,7 +20,10 @@ import torch
 from handler.schedulers.continuous import ContinuousScheduler
 from handler.schedulers.dynamic import DynamicScheduler
 from handler.errors import RequestError
+from handler.response_format import ResponseFormat
+from handler.structured.constraint import CompiledFormat
 from handler.structured.grammars import Grammars, tokenizer_info
+from handler.model.device import is_sticky_device_error
 from handler.model.loading import LoadedModel, load_model
 from handler.pipeline.prompts import Prompt, encode
 from handler.api.native import NativeExchange
@@ -36,6 +39,8 @@ logger = logging.getLogger(__name__)
 # (request index, prediction index, new text): a stream chunk for one request of a batch.
 RequestSink = Callable[[int, int, str], None]
 Prepared = list[Prompt] | RequestError
+# The warm-up's one constrained request: the simplest format, which every tokenizer can follow.
+WARM_UP_FORMAT = ResponseFormat("json_object")
 
 
 def needs_compiling(prepared: Prepared) -> bool:
@@ -58,6 +63,8 @@ class Service:
         self.scheduler = scheduler
         self.continuous = continuous
         self._grammars = grammars
+        # A CUDA error that broke this process's context for good; the adapter ends the worker.
+        self.broken: BaseException | None = None
         self.shape = RequestShape(
             defaults=settings.defaults,
             limits=settings.limits,
@@ -69,7 +76,9 @@ class Service:
     def start(cls, settings: HandlerSettings, model_dir: Path, device: torch.device, model_name: str) -> "Service":
         """Loads the model and starts the schedulers `handler.batching` asks for, on a thread that
         ends with the start, so that its OpenMP pool does not slow the manager's (`handler.schedulers.threads`)."""
-        return run_on_passing_thread(lambda: cls._start(settings, model_dir, device, model_name), name="model-start")
+        return run_on_passing_thread(
+            lambda: cls._start(settings, model_dir, device, model_name), name="model-start", device=device
+        )
 
     @classmethod
     def _start(cls, settings: HandlerSettings, model_dir: Path, device: torch.device, model_name: str) -> "Service":
@@ -77,13 +86,23 @@ class Service:
         grammars = cls.grammars_for(loaded, settings)
         dynamic = DynamicScheduler(loaded, settings.deadline_seconds)
         if settings.warmup:
-            dynamic.warm_up(settings.batch_size if settings.compile else 1)
             grammars.start()
+            dynamic.warm_up(settings.batch_size if settings.compile else 1, cls.warm_up_format(grammars))
         if settings.batching != "continuous":
             return cls(settings, loaded, dynamic, model_name=model_name, grammars=grammars)
         continuous = ContinuousScheduler(loaded, settings.continuous, settings.deadline_seconds)
         beside = DynamicScheduler(loaded, settings.deadline_seconds, threaded=True, guard=continuous.exclusive)
         return cls(settings, loaded, Router([continuous, beside]), continuous, model_name, grammars)
+
+    @staticmethod
+    def warm_up_format(grammars: Grammars) -> CompiledFormat | None:
+        """The warm-up's constrained format; a compile that fails is logged, and the worker
+        starts: unconstrained requests do not need it."""
+        try:
+            return grammars.compiled(WARM_UP_FORMAT)
+        except RequestError as error:
+            logger.error("the constrained warm-up is skipped: %s", error.message)
+            return None
 
     @staticmethod
     def grammars_for(loaded: LoadedModel, settings: HandlerSettings) -> Grammars:
@@ -169,8 +188,10 @@ class Service:
         prompts = [prompt for _, prompt in owners]
         try:
             completions = await self.scheduler.complete(prompts, on_chunk if sink else None)
-        except Exception:  # a failed generation must still answer every request in it
+        except Exception as error:  # a failed generation must still answer every request in it
             logger.exception("generation failed for %d prompts", len(prompts))
+            if is_sticky_device_error(error):
+                self.broken = error
             failure = RequestError("generation failed; see the server log", status=500)
             return [entry if isinstance(entry, RequestError) else failure for entry in requests]
         answers: list[Answer | RequestError] = [entry if isinstance(entry, RequestError) else [] for entry in requests]

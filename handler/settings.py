@@ -17,6 +17,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "int8-dynamic", "fp16-dynamic", "int8-weight-only", "int4-weight-only")
 BATCHING_MODES = ("dynamic", "continuous")
 CONTINUOUS_PROBE_ROWS = 16
+# `continuous.num_blocks: auto` on a CPU: 8,192 tokens of 64, which keeps the cache's share
+# of a small host's RAM small (on a GPU, auto sizes it from free memory: handler.model.device).
+CPU_NUM_BLOCKS = 128
 
 
 class SettingsError(ValueError):
@@ -38,9 +41,10 @@ def unknown_names(given: Iterable[str], known: Iterable[str], what: str) -> str 
 
 @dataclass(frozen=True)
 class ContinuousBatchingSettings:
-    """Cache sizing for transformers' continuous batching; its defaults take most of the RAM on CPU."""
+    """Cache sizing for transformers' continuous batching; its defaults take most of the RAM on CPU.
+    `num_blocks: auto` is CPU_NUM_BLOCKS on a CPU and what free memory holds on a GPU."""
 
-    num_blocks: int = 128
+    num_blocks: int | str = "auto"
     page_size: int = 64
     max_batch_tokens: int = 1024
 
@@ -62,6 +66,8 @@ class StructuredOutputSettings:
 @dataclass(frozen=True)
 class HandlerSettings:
     dtype: str = "auto"
+    # Where `dtype` came from: "config" (handler.dtype) or "LLM_DTYPE", a deploy's choice for its machine.
+    dtype_source: str = "config"
     device_map: str | None = None
     offload_folder: str | None = None
     trust_remote_code: bool = False
@@ -92,7 +98,7 @@ class HandlerSettings:
     @classmethod
     def from_config(cls, model_yaml_config: Mapping[str, Any] | None, environ: Mapping[str, str]) -> "HandlerSettings":
         section = dict((model_yaml_config or {}).get("handler") or {})
-        known = {f.name for f in fields(cls)} - {"model_dir_override", "storage_uri", "workers", "batch_size"}
+        known = {f.name for f in fields(cls)} - {"model_dir_override", "storage_uri", "workers", "batch_size", "dtype_source"}
         problem = unknown_names(section, sorted(known), "keys in handler config")
         if problem:
             raise SettingsError(problem)
@@ -107,6 +113,7 @@ class HandlerSettings:
             raise SettingsError(f"invalid handler.defaults: {error}") from error
         if environ.get("LLM_DTYPE"):
             section["dtype"] = environ["LLM_DTYPE"]
+            section["dtype_source"] = "LLM_DTYPE"
         settings = cls(
             **section,
             limits=limits,
@@ -173,6 +180,8 @@ def _build(kind: type, values: Mapping[str, Any] | None, where: str):
     if problem:
         raise SettingsError(problem)
     for name, value in values.items():
+        if value == "auto" and getattr(kind(), name) == "auto":
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise SettingsError(f"{where}.{name} must be a positive integer, got {value!r}")
+            raise SettingsError(f"{where}.{name} must be a positive integer{' or auto' if getattr(kind(), name) == 'auto' else ''}, got {value!r}")
     return kind(**values)

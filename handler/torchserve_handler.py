@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from handler.errors import RequestError
-from handler.model.loading import pick_device
+from handler.model.device import pick_device
 from handler.metrics import UNITS, GenerationStats, metric_values
 from handler.api.protocols import PROTOCOL_HEADER, Exchange
 from handler.api.native import JSON, Answer
@@ -33,6 +34,10 @@ from handler.model.sources import weights_dir
 
 logger = logging.getLogger(__name__)
 METRIC_TYPES = {"counter": MetricTypes.COUNTER, "gauge": MetricTypes.GAUGE}
+# After a CUDA error that broke the context, the worker ends this long after it answered, so
+# that TorchServe has sent the answers; it then starts a new worker, with a new context.
+BROKEN_EXIT_DELAY_S = 2.0
+BROKEN_EXIT_CODE = 70
 # A request's exchange, its answer (or error), and whether pieces of it were already sent.
 Answered = tuple[Exchange, Answer | RequestError, bool]
 
@@ -81,7 +86,22 @@ class LLMHandler(BaseHandler):
         return [(exchange, answer, index in streamed) for index, (exchange, answer) in enumerate(zip(exchanges, answers))]
 
     def postprocess(self, answered: list[Answered]) -> list[str]:
-        return [self._body(self.context, index, *entry) for index, entry in enumerate(answered)]
+        bodies = [self._body(self.context, index, *entry) for index, entry in enumerate(answered)]
+        self._end_if_broken()
+        return bodies
+
+    def _end_if_broken(self) -> None:
+        """A sticky CUDA error leaves every later request failing while the worker stays READY:
+        the process ends (`os._exit`, as no clean-up can run on a broken context) once its
+        answers are out, and TorchServe's restart gives the next worker a working GPU."""
+        error = self.service.broken
+        if error is None or getattr(self, "_ending", False):
+            return
+        self._ending = True
+        logger.critical("the GPU context is broken (%s): this worker exits in %.0f s to be restarted", error, BROKEN_EXIT_DELAY_S)
+        timer = threading.Timer(BROKEN_EXIT_DELAY_S, os._exit, args=(BROKEN_EXIT_CODE,))
+        timer.daemon = True
+        timer.start()
 
     async def _handle_each(self, data: list[Any], context) -> list[str]:
         """The coroutine TorchServe's async worker awaits: each request completed and answered on its own."""
@@ -98,7 +118,9 @@ class LLMHandler(BaseHandler):
             [answer] = await self.service.answer([prepared], sink)
             return self._body(context, index, exchange, answer, streamed)
 
-        return list(await asyncio.gather(*(one(index, item) for index, item in enumerate(data))))
+        bodies = list(await asyncio.gather(*(one(index, item) for index, item in enumerate(data))))
+        self._end_if_broken()
+        return bodies
 
     def _body(self, context, index: int, exchange: Exchange, answer: Answer | RequestError, streamed: bool) -> str:
         """The last part of a response: the whole body, the end of a stream, or an error in the exchange's shape.

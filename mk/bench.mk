@@ -33,3 +33,18 @@ bench: model ## serving benchmark: our server on both batching paths, raw transf
 bench-single-stream: model ## one-stream decode speed and quality per dtype/quantization -> bench/results/
 	$(PY) -m bench.single_stream --model-dir models/$(APP) \
 		$(if $(SINGLE_STREAM_VARIANTS),--variants $(SINGLE_STREAM_VARIANTS)) $(SINGLE_STREAM_ARGS)
+
+# The GPU check (bench/gpu_check.py, docs/gpu.md): the CUDA path end to end on one GPU, about 5
+# minutes; GPU_CHECK_DEVICE=cpu is its dry mode. The report goes to $(OUT), else bench/results/.
+GPU_CHECK_DEVICE ?= cuda
+GPU_CHECK_TOKENIZER_DIR ?= models/smollm2-tokenizer
+
+.PHONY: gpu-check gpu-check-tokenizer
+
+gpu-check: ## the CUDA path on GPU 0 in ~5 min (GPU_CHECK_DEVICE=cpu: dry mode) -> $OUT or bench/results/
+	GPU_CHECK_DEVICE=$(GPU_CHECK_DEVICE) PYTHON=$(PY) scripts/gpu_check.sh
+
+gpu-check-tokenizer: models/smollm2/config.json ## SmolLM2's tokenizer files alone (a few MB), to carry to a GPU host
+	mkdir -p $(GPU_CHECK_TOKENIZER_DIR)
+	cp models/smollm2/tokenizer.json models/smollm2/tokenizer_config.json $(GPU_CHECK_TOKENIZER_DIR)/
+	if [ -f models/smollm2/chat_template.jinja ]; then cp models/smollm2/chat_template.jinja $(GPU_CHECK_TOKENIZER_DIR)/; fi

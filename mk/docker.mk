@@ -3,6 +3,7 @@
 #
 #   make build-dev APP=gpt2      CPU image torchserve-llm:gpt2, weights inside
 #   make build-gpu APP=gpt2      GPU image torchserve-llm-gpu:gpt2
+#   make image-gpu APP=gpt2      the same with buildah (no Docker engine); make gpu-requirements resolves its pins
 #   make build-slim              torchserve-llm-slim:latest, no weights
 #   make run APP=gpt2            start it on 127.0.0.1:$(PORT); returns once it is healthy
 #   make test APP=gpt2           (core) the omelette request, against the container
@@ -59,8 +60,9 @@ GPU_REMOTE_IMAGE = $(REGION)-docker.pkg.dev/$(GCP_PROJECT)/$(REPO)/$(IMAGE_gpu)
 # make scan: the image to scan (in the project's podman storage) and where the report goes.
 SCAN_IMAGE ?= $(LOCAL_IMAGE)
 SCAN_OUT ?= docs/scan
+GPU_RESOLVE_REPORT ?= bench/results/gpu-requirements.json
 
-.PHONY: build-dev build-gpu build-slim run stop-container push scan
+.PHONY: build-dev build-gpu image-gpu gpu-requirements build-slim run stop-container push scan
 
 build-dev: ## CPU image torchserve-llm:APP with APP's weights inside
 	$(DOCKER) build $(DOCKER_BUILD_FLAGS) $(BASE_ARG) \
@@ -68,7 +70,24 @@ build-dev: ## CPU image torchserve-llm:APP with APP's weights inside
 
 build-gpu: ## GPU image torchserve-llm-gpu:APP (same base, PyPI's CUDA torch)
 	$(DOCKER) build $(DOCKER_BUILD_FLAGS) $(BASE_ARG) \
-		--build-arg TORCH_INDEX_URL=$(GPU_TORCH_INDEX_URL) --build-arg APP=$(APP) -t $(IMAGE_gpu) .
+		--build-arg TORCH_INDEX_URL=$(GPU_TORCH_INDEX_URL) --build-arg REQUIREMENTS=requirements-gpu.txt \
+		--build-arg APP=$(APP) -t $(IMAGE_gpu) .
+
+# make image-gpu: the GPU image with buildah, on a machine with no Docker engine (docs/docker.md,
+# /work/shared/docs/container-builds.md): chroot isolation, the host's CA bundle and pip.conf
+# mounted for HTTPS to PyPI (BUILDAH_PIP_DIR), the project's podman storage.
+BUILDAH ?= buildah
+BUILDAH_PIP_DIR ?=
+IMAGE_GPU_FLAGS ?= --isolation chroot --layers $(if $(BUILDAH_PIP_DIR),--volume $(abspath $(BUILDAH_PIP_DIR)):/etc/xdg/pip:ro)
+
+image-gpu: ## GPU image torchserve-llm-gpu:APP built by buildah (no Docker engine; see docs/docker.md)
+	$(BUILDAH) bud $(IMAGE_GPU_FLAGS) $(DOCKER_BUILD_FLAGS) $(BASE_ARG) \
+		--build-arg TORCH_INDEX_URL=$(GPU_TORCH_INDEX_URL) --build-arg REQUIREMENTS=requirements-gpu.txt \
+		--build-arg APP=$(APP) -t $(IMAGE_gpu) .
+
+# What the GPU image's pip would install, resolved against PyPI without downloading torch's wheel.
+gpu-requirements: ## resolve docker/requirements-gpu.txt against PyPI (dry run), report in GPU_RESOLVE_REPORT
+	$(PY) scripts/resolve_gpu_requirements.py --report $(GPU_RESOLVE_REPORT)
 
 build-slim: ## image with no weights (torchserve-llm-slim): loads LLM_MODEL_DIR or AIP_STORAGE_URI at start
 	$(DOCKER) build $(DOCKER_BUILD_FLAGS) $(BASE_ARG) \

@@ -8,8 +8,9 @@ GCP_REGION ?= us-central1
 VERTEX_REPO ?= llm
 # The name `make push VARIANT=gpu` gives the image built by `make build-gpu`.
 VERTEX_IMAGE ?= $(GCP_REGION)-docker.pkg.dev/$(GCP_PROJECT)/$(VERTEX_REPO)/torchserve-llm-gpu:$(APP)
-# t4 (n1-standard-8 + T4, float16), l4 (g2-standard-8 + L4), a100, h100 (bfloat16).
-VERTEX_MACHINE ?= t4
+# t4 (n1-standard-8 + T4, float16), l4 (g2-standard-8 + L4), a100, a100-80gb, h100, h200 (bfloat16).
+# Empty: the cheapest one-GPU preset that holds models/$(APP)'s weights (vertex.machines.preset_for_weights).
+VERTEX_MACHINE ?=
 VERTEX_ENDPOINT ?= $(APP)
 # Extra `python -m vertex deploy` flags, e.g. --max-replicas 3 --duty-cycle-target 60 --spot
 VERTEX_DEPLOY_ARGS ?=
@@ -39,7 +40,7 @@ vertex-check:
 	@test -n "$(GCP_PROJECT)" || { echo "set GCP_PROJECT (and GCP_REGION, default us-central1)" >&2; exit 2; }
 
 deploy: vertex-check ## Upload VERTEX_IMAGE as a Model (new version if it exists) and deploy it on VERTEX_MACHINE (VERTEX_INVOKE=1: invoke prefix, dedicated endpoint)
-	$(PY) -m vertex deploy --app $(APP) --image $(VERTEX_IMAGE) --machine $(VERTEX_MACHINE) \
+	$(PY) -m vertex deploy --app $(APP) --image $(VERTEX_IMAGE) $(if $(VERTEX_MACHINE),--machine $(VERTEX_MACHINE)) \
 		--endpoint $(VERTEX_ENDPOINT) $(VERTEX_ROUTES) $(VERTEX_CONNECT) $(VERTEX_DEPLOY_ARGS)
 
 predict: vertex-check ## Ask the Vertex endpoint VERTEX_PROMPT (VERTEX_MAX_NEW_TOKENS tokens)

@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from gateway.contract import DEFAULT_HTTP_PORT
@@ -22,7 +23,7 @@ from vertex.container import (
     ServingContainer,
 )
 from vertex.errors import DeployError, PredictionError, VertexConfigError
-from vertex.machines import PRESETS, MachineSpec, resolve_machine
+from vertex.machines import PRESETS, MachineSpec, preset_for_weights, resolve_machine, weights_size
 from vertex.predict import DEFAULT_TIMEOUT_S
 from vertex.settings import Settings, connect, resolve_settings
 
@@ -68,6 +69,10 @@ def _add_machine(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--machine-type", help="e.g. g2-standard-12")
     group.add_argument("--accelerator-type", help="e.g. NVIDIA_L4")
     group.add_argument("--accelerator-count", type=int)
+    group.add_argument("--weights-gb", type=float,
+                       help="deploy with no machine named: size the GPU preset for this many GB of weights")
+    group.add_argument("--weights-dir", type=Path,
+                       help="deploy with no machine named: size it from this checkpoint (default models/APP)")
 
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
@@ -147,8 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _machine_from(args: argparse.Namespace, required: bool) -> Optional[MachineSpec]:
-    if not required and not (args.machine or args.machine_type or args.accelerator_type):
-        return None
+    """The named machine; for a deploy that names none, the cheapest GPU preset that holds the weights."""
+    if not (args.machine or args.machine_type or args.accelerator_type or args.accelerator_count):
+        if not required:
+            return None
+        if args.weights_gb is not None:
+            weight_bytes = int(args.weights_gb * 10**9)
+        else:
+            weight_bytes = weights_size(args.weights_dir or Path("models") / args.app)
+        preset = preset_for_weights(weight_bytes)
+        log.info("no machine named: %s (%s) for %.2f GB of weights", preset, PRESETS[preset].describe(),
+                 weight_bytes / 10**9)
+        return PRESETS[preset]
     return resolve_machine(args.machine, args.machine_type, args.accelerator_type,
                            args.accelerator_count)
 

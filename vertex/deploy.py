@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Tuple
 from vertex.container import ServingContainer
 from vertex.endpoints import Deployment, deploy_model, get_or_create_endpoint
 from vertex.errors import VertexConfigError
-from vertex.machines import T4
+from vertex.machines import NO_BF16
 from vertex.models import upload_model
 
 if TYPE_CHECKING:
@@ -26,11 +26,11 @@ def deploy_app(
 ) -> Tuple["Model", "Endpoint"]:
     """Upload then deploy; refuse what Vertex would refuse late, before anything is created.
 
-    Turing GPUs have no bfloat16 units, so that pairing fails (or crawls) only
+    GPUs before Ampere have no bfloat16 units, so that pairing fails (or crawls) only
     once the replica is up and billing; Vertex refuses an invoke-prefix Model on
     a shared endpoint only at deploy time, after the upload.
     """
-    if container.dtype == "bfloat16" and deployment.machine.accelerator_type == T4:
+    if container.dtype == "bfloat16" and deployment.machine.accelerator_type in NO_BF16:
         raise VertexConfigError(
             f"{deployment.machine.describe()} has no bfloat16 support: use float16"
         )

@@ -9,16 +9,32 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple
 
 from handler.settings import unknown_names
 from vertex.errors import VertexConfigError
 
 T4 = "NVIDIA_TESLA_T4"
+P4 = "NVIDIA_TESLA_P4"
+P100 = "NVIDIA_TESLA_P100"
+V100 = "NVIDIA_TESLA_V100"
 L4 = "NVIDIA_L4"
 A100 = "NVIDIA_TESLA_A100"
 A100_80GB = "NVIDIA_A100_80GB"
 H100_80GB = "NVIDIA_H100_80GB"
+H100_MEGA_80GB = "NVIDIA_H100_MEGA_80GB"
+H200_141GB = "NVIDIA_H200_141GB"
+B200 = "NVIDIA_B200"
+
+# GPUs before compute capability 8.0 (Pascal, Volta, Turing): no bfloat16 units, so they
+# serve float16 (the handler's `dtype: auto` decides the same on the GPU itself).
+NO_BF16 = frozenset({T4, P4, P100, V100})
+# Each GPU's memory in GB, which `preset_for_weights` sizes a model against.
+GPU_MEMORY_GB = {
+    T4: 16, P4: 8, P100: 16, V100: 16, L4: 24, A100: 40, A100_80GB: 80,
+    H100_80GB: 80, H100_MEGA_80GB: 80, H200_141GB: 141, B200: 180,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -31,10 +47,10 @@ class MachineSpec:
 
     @property
     def dtype(self) -> str:
-        """T4 (Turing) has no bfloat16 units; every newer GPU here does; CPUs get float32."""
+        """GPUs older than Ampere have no bfloat16 units; every newer GPU does; CPUs get float32."""
         if self.accelerator_type is None:
             return "float32"
-        if self.accelerator_type == T4:
+        if self.accelerator_type in NO_BF16:
             return "float16"
         return "bfloat16"
 
@@ -44,40 +60,63 @@ class MachineSpec:
         return f"{self.machine_type} + {self.accelerator_count} x {self.accelerator_type}"
 
 
+# One GPU each, cheapest first: `preset_for_weights` takes the first that holds a model.
 PRESETS: Dict[str, MachineSpec] = {
     "t4": MachineSpec("n1-standard-8", T4, 1),
     "l4": MachineSpec("g2-standard-8", L4, 1),
     "a100": MachineSpec("a2-highgpu-1g", A100, 1),
+    "a100-80gb": MachineSpec("a2-ultragpu-1g", A100_80GB, 1),
     "h100": MachineSpec("a3-highgpu-1g", H100_80GB, 1),
+    "h200": MachineSpec("a3-ultragpu-8g", H200_141GB, 1),
 }
+# A preset fits a model whose weights take at most this share of its GPU's memory: the rest
+# holds the KV cache (`num_blocks: auto` takes what is free), activations and CUDA's context.
+WEIGHT_SHARE = 0.6
 
 
 @dataclass(frozen=True)
 class _Family:
-    """A machine family: its name pattern, its only accelerator, and its GPU counts."""
+    """A machine family: its name pattern, the accelerators it takes, and its GPU counts.
+
+    `attached` is the number of GPUs a machine of the family carries, read from its name
+    (None: the N1 family, where GPUs are chosen and attached); a deployment may use 1 to
+    that many, and Vertex co-schedules replicas that use fewer on one machine."""
 
     pattern: "re.Pattern[str]"
     label: str
-    accelerator: str
-    gpus_attached: bool
+    accelerators: Tuple[str, ...]
+    attached: Optional[Callable[[str], int]]
 
 
-_FAMILIES: Tuple[_Family, ...] = (
-    _Family(re.compile(r"^n1-(?:standard|highmem|highcpu)-\d+$"), "n1-*", T4, False),
-    _Family(re.compile(r"^g2-standard-\d+$"), "g2-*", L4, True),
-    _Family(re.compile(r"^a2-highgpu-(\d+)g$"), "a2-highgpu-*", A100, True),
-    _Family(re.compile(r"^a2-ultragpu-(\d+)g$"), "a2-ultragpu-*", A100_80GB, True),
-    _Family(re.compile(r"^a3-highgpu-(\d+)g$"), "a3-highgpu-*", H100_80GB, True),
-)
+def _from_name(machine_type: str) -> int:
+    return int(re.search(r"-(\d+)g$", machine_type).group(1))
+
+
+def _g2_gpus(machine_type: str) -> int:
+    return _G2_GPUS[int(machine_type.rsplit("-", 1)[1])]
+
 
 # g2 machines carry a fixed number of L4s that the name does not spell out.
 _G2_GPUS = {4: 1, 8: 1, 12: 1, 16: 1, 32: 1, 24: 2, 48: 4, 96: 8}
-_N1_T4_COUNTS = (1, 2, 4)
+# GPUs an N1 machine can have attached, by model.
+_N1_COUNTS = {T4: (1, 2, 4), P4: (1, 2, 4), P100: (1, 2, 4), V100: (1, 2, 4, 8)}
+
+_FAMILIES: Tuple[_Family, ...] = (
+    _Family(re.compile(r"^n1-(?:standard|highmem|highcpu)-\d+$"), "n1-*", (T4, P4, P100, V100), None),
+    _Family(re.compile(r"^g2-standard-(?:4|8|12|16|24|32|48|96)$"), "g2-standard-*", (L4,), _g2_gpus),
+    _Family(re.compile(r"^a2-highgpu-(?:1|2|4|8)g$"), "a2-highgpu-{1,2,4,8}g", (A100,), _from_name),
+    _Family(re.compile(r"^a2-megagpu-16g$"), "a2-megagpu-16g", (A100,), _from_name),
+    _Family(re.compile(r"^a2-ultragpu-(?:1|2|4|8)g$"), "a2-ultragpu-{1,2,4,8}g", (A100_80GB,), _from_name),
+    _Family(re.compile(r"^a3-highgpu-(?:1|2|4|8)g$"), "a3-highgpu-{1,2,4,8}g", (H100_80GB,), _from_name),
+    _Family(re.compile(r"^a3-megagpu-8g$"), "a3-megagpu-8g", (H100_MEGA_80GB,), _from_name),
+    _Family(re.compile(r"^a3-ultragpu-8g$"), "a3-ultragpu-8g", (H200_141GB,), _from_name),
+    _Family(re.compile(r"^a4-highgpu-8g$"), "a4-highgpu-8g", (B200,), _from_name),
+)
 
 
 def pairing_table() -> str:
     """The accepted pairings as one line, for error messages."""
-    return ", ".join(f"{f.label} -> {f.accelerator}" for f in _FAMILIES)
+    return ", ".join(f"{f.label} -> {'/'.join(f.accelerators)}" for f in _FAMILIES)
 
 
 def _family_of(machine_type: str) -> Optional[_Family]:
@@ -87,15 +126,14 @@ def _family_of(machine_type: str) -> Optional[_Family]:
     return None
 
 
-def _required_count(family: _Family, machine_type: str) -> Optional[int]:
-    """GPU-bearing families fix the count; ``None`` means the user chooses."""
-    if family.accelerator == L4:
-        vcpus = int(machine_type.rsplit("-", 1)[1])
-        return _G2_GPUS.get(vcpus)
-    match = family.pattern.match(machine_type)
-    if match and match.groups():
-        return int(match.group(1))
-    return None
+def allowed_counts(machine_type: str, accelerator: str) -> Tuple[int, ...]:
+    """The GPU counts a deployment of `machine_type` may ask for with `accelerator`."""
+    family = _family_of(machine_type)
+    if family is None or accelerator not in family.accelerators:
+        return ()
+    if family.attached is None:
+        return _N1_COUNTS[accelerator]
+    return tuple(range(1, family.attached(machine_type) + 1))
 
 
 def validate_machine(
@@ -103,7 +141,8 @@ def validate_machine(
     accelerator_type: Optional[str] = None,
     accelerator_count: Optional[int] = None,
 ) -> MachineSpec:
-    """Check an explicit machine against the family table and fill in the count."""
+    """Check an explicit machine against the family table and fill in the count: all the GPUs
+    an accelerator-optimized machine carries, one on N1."""
     accelerator = accelerator_type or None
     family = _family_of(machine_type)
     if accelerator is None:
@@ -111,10 +150,10 @@ def validate_machine(
             raise VertexConfigError(
                 f"--accelerator-count {accelerator_count} given without --accelerator-type"
             )
-        if family is not None and family.gpus_attached:
+        if family is not None and family.attached is not None:
             raise VertexConfigError(
                 f"{machine_type} comes with GPUs attached: pass --accelerator-type "
-                f"{family.accelerator}"
+                f"{family.accelerators[0]}"
             )
         return MachineSpec(machine_type)
     if family is None:
@@ -122,22 +161,41 @@ def validate_machine(
             f"no known GPU pairing for machine type {machine_type!r} with {accelerator}; "
             f"accepted pairings: {pairing_table()}"
         )
-    if accelerator != family.accelerator:
+    if accelerator not in family.accelerators:
         raise VertexConfigError(
             f"{machine_type} cannot carry {accelerator}: {family.label} machines take "
-            f"{family.accelerator} (accepted pairings: {pairing_table()})"
+            f"{' or '.join(family.accelerators)} (accepted pairings: {pairing_table()})"
         )
-    required = _required_count(family, machine_type)
-    count = accelerator_count if accelerator_count is not None else (required or 1)
-    if required is not None and count != required:
+    counts = allowed_counts(machine_type, accelerator)
+    count = accelerator_count if accelerator_count is not None else (counts[-1] if family.attached else 1)
+    if count not in counts:
         raise VertexConfigError(
-            f"{machine_type} has exactly {required} x {accelerator}, not {count}"
-        )
-    if family.accelerator == T4 and count not in _N1_T4_COUNTS:
-        raise VertexConfigError(
-            f"n1 machines take 1, 2 or 4 x {T4}, not {count}"
+            f"{machine_type} takes {', '.join(map(str, counts))} x {accelerator}, not {count}"
         )
     return MachineSpec(machine_type, accelerator, count)
+
+
+def preset_for_weights(weight_bytes: int) -> str:
+    """The cheapest one-GPU preset whose memory holds the weights with room to serve
+    (WEIGHT_SHARE); refused past the largest, which would need several GPUs."""
+    for name, spec in PRESETS.items():
+        if weight_bytes <= GPU_MEMORY_GB[spec.accelerator_type] * 10**9 * WEIGHT_SHARE:
+            return name
+    largest = max(GPU_MEMORY_GB[spec.accelerator_type] for spec in PRESETS.values())
+    raise VertexConfigError(
+        f"the weights take {weight_bytes / 10**9:.1f} GB, more than {WEIGHT_SHARE:.0%} of the largest "
+        f"one-GPU preset's {largest} GB: name a machine with --machine-type and --accelerator-*"
+    )
+
+
+def weights_size(model_dir: Path) -> int:
+    """Bytes of a checkpoint's weight files (safetensors, else pickle) in `model_dir`."""
+    files = list(model_dir.glob("*.safetensors")) or list(model_dir.glob("*.bin"))
+    if not files:
+        raise VertexConfigError(
+            f"no weights in {model_dir} to size a GPU from: pass --machine, or --weights-gb"
+        )
+    return sum(f.stat().st_size for f in files)
 
 
 def resolve_machine(

@@ -1,4 +1,6 @@
-"""Loading: host resources (device, threads, dtype), the weight-format policy, the model and tokenizer.
+"""Loading: host resources (threads, dtype), the weight-format policy, the model and tokenizer.
+
+The device's own facts (which one, its dtype rule, its memory) are `handler.model.device`'s.
 
 Nothing here generates; the schedulers share the `LoadedModel` this returns.
 """
@@ -15,6 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from handler.model.device import bind_device, check_device_settings, describe_device, pick_dtype
 from handler.model.dtype_probe import candidate_names, fastest_cpu_dtype
 from handler.pipeline.prompts import TokenLimits
 from handler.model.quantization import quantize_for_cpu
@@ -44,12 +47,6 @@ class LoadedModel:
     eos_token_ids: list[int]
 
 
-def pick_device(gpu_id: int | None) -> torch.device:
-    if gpu_id is not None and torch.cuda.is_available():
-        return torch.device(f"cuda:{gpu_id}")
-    return torch.device("cpu")
-
-
 def cpu_budget() -> int:
     """CPUs this process may use: its affinity mask, capped by a cgroup v2 quota (`docker --cpus`,
     Kubernetes limits), which torch's own default ignores and so oversubscribes."""
@@ -68,16 +65,6 @@ def pick_threads(settings: HandlerSettings) -> int:
     if isinstance(settings.torch_threads, int):
         return settings.torch_threads
     return max(1, cpu_budget() // settings.workers)
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The dtype to load in: fp32 on CPU (where `measures_dtype` may then pick bf16 or fp16 weights), bf16 on GPUs
-    that support it, else fp16, unless the app says otherwise."""
-    if name != "auto":
-        return getattr(torch, name)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
 
 
 def measures_dtype(settings: HandlerSettings, device: torch.device) -> bool:
@@ -144,7 +131,10 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 
 def load_model(model_dir: Path, settings: HandlerSettings, device: torch.device) -> LoadedModel:
+    check_device_settings(settings, device)
     check_weight_format(model_dir, settings.allow_pickle_weights)
+    bind_device(device)
+    logger.info("serving on %s", describe_device(device))
     quiet_optional_backends()
     torch.set_num_threads(pick_threads(settings))
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=settings.trust_remote_code)

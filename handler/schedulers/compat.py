@@ -37,6 +37,7 @@ __all__ = [
     "RequestState",
     "RequestStatus",
     "add_processors",
+    "bind_loop_device",
     "forget_result_handler",
     "generated_ids",
     "pending_result_handlers",
@@ -75,6 +76,19 @@ def add_processors(manager, front: list, back: list) -> None:
     processors.tensors_required += len(front) + len(back)
     processors._retrieve_processors_kwargs()
     processors.do_processing = True
+
+
+def bind_loop_device(manager, bind: Callable[[], None]) -> None:
+    """Runs `bind()` first on the manager's generation thread, which `start()` creates with the
+    bound method `_run_generation_loop` as its target: the thread then uses the model's GPU
+    as its current device from its first allocation on."""
+    loop = manager._run_generation_loop
+
+    def run_generation_loop() -> None:
+        bind()
+        loop()
+
+    manager._run_generation_loop = run_generation_loop
 
 
 def sample_with(manager, sampler: Callable[[torch.Tensor, torch.Tensor], bool]) -> None:
@@ -132,6 +146,8 @@ def problems(manager) -> list[str]:
             found.append("ContinuousBatchingLogitsProcessorList._retrieve_processors_kwargs() is gone (add_processors)")
     if not {"state", "has_new_token"} <= set(getattr(FutureRequestState, "__slots__", ())):
         found.append("FutureRequestState lost its state or has_new_token slot (batch processors)")
+    if not callable(getattr(manager, "_run_generation_loop", None)):
+        found.append("the manager has no _run_generation_loop (bind_loop_device)")
     if not callable(getattr(ModelRunner, "_sample", None)):
         found.append("ModelRunner._sample is gone (sample_with)")
     for kind in (ContinuousBatchingTopKLogitsWarper, ContinuousBatchingTopPLogitsWarper):

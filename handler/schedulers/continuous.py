@@ -47,7 +47,8 @@ from handler.params import GenerationParams
 from handler.pipeline.prompts import Prompt
 from handler.schedulers.base import ChunkSink
 from handler.schedulers.batch_processors import install as install_processors
-from handler.schedulers.compat import GenerationOutput, RequestStatus, forget_result_handler
+from handler.schedulers.compat import GenerationOutput, RequestStatus, bind_loop_device, forget_result_handler
+from handler.model.device import bind_device, cache_blocks
 from handler.schedulers.threads import run_on_passing_thread
 from handler.settings import ContinuousBatchingSettings
 
@@ -140,6 +141,7 @@ class ContinuousScheduler:
         self.front_lists: dict[str, list[LogitsProcessor]] = {}
         self.processor_lists: dict[str, list[LogitsProcessor]] = {}
         self._ids = itertools.count()
+        self.num_blocks = cache_blocks(loaded.model, loaded.device, settings, loaded.limits.max_total_tokens)
         self.manager = self._start_manager()
         self.turns = ModelTurns(loaded.model, self.manager)
 
@@ -160,7 +162,9 @@ class ContinuousScheduler:
         if not self.running:
             logger.error("the continuous batching manager stopped; starting a new one")
             self.manager.stop(block=True, timeout=60)
-            self.manager = self.turns.manager = run_on_passing_thread(self._start_manager, name="manager-start")
+            self.manager = self.turns.manager = run_on_passing_thread(
+                self._start_manager, name="manager-start", device=self.loaded.device
+            )
         sequences = [
             [self._submit(prompt, index, n, sink) for n in range(prompt.params.num_return_sequences)]
             for index, prompt in enumerate(prompts)
@@ -187,7 +191,7 @@ class ContinuousScheduler:
             pad_token_id=loaded.tokenizer.pad_token_id,
         )
         config = ContinuousBatchingConfig(
-            num_blocks=self.settings.num_blocks,
+            num_blocks=self.num_blocks,
             page_size=self.settings.page_size,
             max_batch_tokens=self.settings.max_batch_tokens,
             per_request_processors=True,
@@ -196,6 +200,7 @@ class ContinuousScheduler:
         )
         manager = loaded.model.init_continuous_batching(generation_config=generation_config, continuous_batching_config=config)
         install_processors(manager, loaded.eos_token_ids, self.front_lists, self.processor_lists)
+        bind_loop_device(manager, lambda: bind_device(loaded.device))
         manager.start()
         return manager
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import weakref
 from typing import Callable, ContextManager
@@ -33,6 +34,9 @@ from handler.params import GenerationParams
 from handler.pipeline.prompts import Prompt
 from handler.schedulers.base import ChunkSink, assign
 from handler.schedulers.threads import on_passing_thread
+from handler.structured.constraint import CompiledFormat
+
+logger = logging.getLogger(__name__)
 
 MAX_ROWS_PER_GENERATE = 64
 # Per-row processors (`sampling.row_processors`), per-row stops and state (`SequenceState`).
@@ -82,18 +86,27 @@ class DynamicScheduler:
                 return self.generate(prompts, on_loop if sink else None)
 
         async with lock:
-            return await on_passing_thread(generate, name="generate-beside")
+            return await on_passing_thread(generate, name="generate-beside", device=self.loaded.device)
 
-    def warm_up(self, rows: int = 1) -> None:
+    def warm_up(self, rows: int = 1, grammar: CompiledFormat | None = None) -> None:
         """Greedy runs of one prompt and, for `rows` > 1, of two of different lengths: a compiled
         forward (`handler.compile`) compiles its graphs for one row and for several here. Every
         prompt is several tokens long: torch.compile specializes a size of 1, so a one-token
         prompt would leave the first real one to compile its own prefill, and the first decode
-        step's graph is specialized to its cache, so a few steps compile the general one too."""
+        step's graph is specialized to its cache, so a few steps compile the general one too.
+
+        With `grammar`, one constrained run as well: the grammar's mask on this device is then
+        applied once before a client's request needs it, and a mask that cannot be applied
+        here (a missing kernel, a device fault) is in the log at start, not first seen by a user."""
         params = GenerationParams(max_new_tokens=4, temperature=0)
         texts = ["Hello, how are you?"], ["Hello, how are you?", "Hi there"]
         for batch in texts[: 1 if rows == 1 else 2]:
             self.generate([Prompt(text, tuple(self.loaded.tokenizer(text)["input_ids"]), params) for text in batch])
+        if grammar is not None:
+            text = texts[0][0]
+            [[completion]] = self.generate([Prompt(text, tuple(self.loaded.tokenizer(text)["input_ids"]), params, grammar)])
+            if completion.error is not None:
+                logger.error("the constrained warm-up failed: %s", completion.error.message)
 
     def generate(self, prompts: list[Prompt], sink: ChunkSink | None = None) -> list[list[Completion]]:
         """Completions for every prompt, `num_return_sequences` each, in prompt order, on this thread."""

@@ -9,6 +9,9 @@ the worker's main thread and then driven by the manager's thread, that about hal
 manager's speed (docs/bench.md, "Measurements behind the code's choices"). So the model is loaded, probed and warmed up on a thread that ends when it is done
 (`run_on_passing_thread`), and a `generate` beside the manager runs on a thread of its own
 per call (`on_passing_thread`), never on a pooled thread that outlives it.
+
+Each such thread first makes the model's GPU its current CUDA device (`device`): the current
+device is per thread, and a new thread's is GPU 0, whichever GPU the worker was given.
 """
 
 from __future__ import annotations
@@ -17,15 +20,21 @@ import asyncio
 import threading
 from typing import Callable, TypeVar
 
+import torch
+
+from handler.model.device import bind_device
+
 T = TypeVar("T")
 
 
-def run_on_passing_thread(work: Callable[[], T], name: str = "torch-passing") -> T:
+def run_on_passing_thread(work: Callable[[], T], name: str = "torch-passing", device: torch.device | None = None) -> T:
     """`work()` on a new thread, joined: its result returned, its exception raised here."""
     outcome: dict[str, object] = {}
 
     def run() -> None:
         try:
+            if device is not None:
+                bind_device(device)
             outcome["result"] = work()
         except BaseException as error:  # noqa: BLE001 - handed back to the caller as it is
             outcome["error"] = error
@@ -38,7 +47,7 @@ def run_on_passing_thread(work: Callable[[], T], name: str = "torch-passing") ->
     return outcome["result"]  # type: ignore[return-value]
 
 
-async def on_passing_thread(work: Callable[[], T], name: str = "torch-passing") -> T:
+async def on_passing_thread(work: Callable[[], T], name: str = "torch-passing", device: torch.device | None = None) -> T:
     """`work()` on a new thread that ends with it, awaited without blocking the loop."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
@@ -53,6 +62,8 @@ async def on_passing_thread(work: Callable[[], T], name: str = "torch-passing") 
 
     def run() -> None:
         try:
+            if device is not None:
+                bind_device(device)
             result = work()
         except BaseException as error:  # noqa: BLE001 - handed back to the awaiting coroutine
             loop.call_soon_threadsafe(settle, None, error)

@@ -13,7 +13,13 @@ so it ends at once while its batch neighbours go on. Failures: a token the gramm
 (a bug, or a processor that left the row nothing allowed), and a grammar too ambiguous to
 follow: xgrammar's matcher slows down with every token on some (`(a*)*b`; docs/structured-output.md
 has the figures), and each step of the whole batch waits for it, so a step over `max_mask_ms`
-of CPU time ends its request with a 422.
+of CPU time ends its request with a 422. Applying the mask can fail
+too (a device fault, a kernel that cannot launch); that also ends only its own row.
+
+On CUDA the mask is applied by xgrammar's `torch_native` backend, plain torch operations.
+Its default there is a Triton kernel, which compiles a C stub at its first launch: that needs
+a C compiler, which the runtime image does not have, and a writable `~/.triton` cache, which
+a read-only root does not give.
 """
 
 from __future__ import annotations
@@ -28,6 +34,12 @@ import xgrammar
 from handler.errors import LIMIT_EXCEEDED, RequestError
 
 logger = logging.getLogger(__name__)
+
+
+def mask_backend(device: torch.device) -> str:
+    """xgrammar's backend for logits on `device`: torch operations on a GPU, which need no compiler
+    at run time (see the module's docstring), and xgrammar's own C++ kernel on the CPU."""
+    return "torch_native" if device.type == "cuda" else "cpu"
 
 
 @dataclass(frozen=True)
@@ -87,8 +99,11 @@ class GrammarConstraint:
                     )
                 )
             if self.failure is None and not self.terminated:
-                self._mask(scores)
-                return scores
+                try:
+                    self._mask(scores)
+                    return scores
+                except (RuntimeError, ValueError) as error:
+                    self._fail(RequestError(f"applying the grammar's mask failed: {error}", self.where, 500))
         if self.failure is not None:
             scores.fill_(float("-inf"))
             scores[..., self.eos_token_id] = 0.0
@@ -109,11 +124,12 @@ class GrammarConstraint:
 
     def _mask(self, scores: torch.FloatTensor) -> None:
         bitmask = self.bitmask.to(scores.device, non_blocking=True)
+        backend = mask_backend(scores.device)
         if scores.device.type == "cpu" and scores.dtype != torch.float32:
             widened = scores.float()
-            xgrammar.apply_token_bitmask_inplace(widened, bitmask, vocab_size=self.vocab_size)
+            xgrammar.apply_token_bitmask_inplace(widened, bitmask, vocab_size=self.vocab_size, backend=backend)
             scores.copy_(widened)
         else:
-            xgrammar.apply_token_bitmask_inplace(scores, bitmask, vocab_size=self.vocab_size)
+            xgrammar.apply_token_bitmask_inplace(scores, bitmask, vocab_size=self.vocab_size, backend=backend)
         if scores.shape[-1] > self.vocab_size:
             scores[..., self.vocab_size :] = float("-inf")

@@ -13,7 +13,7 @@ import torch
 import xgrammar
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
-from handler.structured.constraint import GrammarConstraint
+from handler.structured.constraint import GrammarConstraint, mask_backend
 from handler.structured.grammars import Grammars, tokenizer_info
 from handler.response_format import parse_response_format
 from handler.settings import StructuredOutputSettings
@@ -227,3 +227,31 @@ def test_half_precision_logits_on_cpu_are_masked_alike(grammars):
     grammars.constraint(spec, 0)(torch.tensor([[]], dtype=torch.long), wide)
     grammars.constraint(spec, 0)(torch.tensor([[]], dtype=torch.long), half)
     assert torch.equal(torch.isfinite(wide), torch.isfinite(half.float()))
+
+
+def test_cuda_logits_are_masked_by_torch_operations_and_cpu_logits_by_the_cpu_kernel():
+    assert mask_backend(torch.device("cuda", 1)) == "torch_native"
+    assert mask_backend(torch.device("cpu")) == "cpu"
+
+
+def test_the_torch_native_backend_masks_exactly_what_the_cpu_kernel_masks(grammars, tokenizer):
+    """The backend CUDA logits get, run here on CPU tensors: the same tokens stay possible."""
+    constraint = grammars.constraint(fmt({"type": "json_schema", "json_schema": {"schema": BOUNDED}}), 0)
+    constraint.matcher.fill_next_token_bitmask(constraint.bitmask)
+    masked = {}
+    for backend in ("cpu", "torch_native"):
+        scores = torch.zeros(1, 49152)
+        xgrammar.apply_token_bitmask_inplace(scores, constraint.bitmask, vocab_size=constraint.vocab_size, backend=backend)
+        masked[backend] = torch.isfinite(scores[0]).nonzero().flatten().tolist()
+    assert masked["cpu"] and masked["torch_native"] == masked["cpu"]
+
+
+def test_a_mask_that_cannot_be_applied_fails_only_its_row(grammars):
+    """Logits narrower than the grammar's bitmask make xgrammar's kernel raise: the row gets its
+    own 500 and only EOS, instead of an exception that would fail its whole batch."""
+    constraint = grammars.constraint(fmt({"type": "regex", "pattern": "[0-9]+"}), 0)
+    scores = torch.zeros(1, 16)
+    constraint(torch.tensor([[]], dtype=torch.long), scores)
+    assert constraint.failure is not None and constraint.failure.status == 500
+    assert "mask" in constraint.failure.message
+    assert torch.isfinite(scores[0]).nonzero().flatten().tolist() == [EOS]

@@ -224,6 +224,7 @@ def test_the_config_puts_every_address_on_loopback_and_overrides_the_base(tmp_pa
     assert last["grpc_inference_address"] == last["grpc_management_address"] == "127.0.0.1"
     assert last["initial_worker_port"] == str(ports.worker)
     assert last["max_request_size"] == "1048576"
+    assert last["system_metrics_cmd"] == "-m gateway.system_metrics"
     exposed = TorchServeProcess(base, tmp_path, {"m": "m.mar"}, {}, tmp_path / "run", exposed_management_port=7081)
     assert "management_address=http://0.0.0.0:7081" in exposed.config_text(pick_ports(7081), tmp_path)
 

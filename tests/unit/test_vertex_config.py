@@ -10,7 +10,7 @@ from vertex.chat import ChatRequest, stream_text
 from vertex.container import ServingContainer, looks_like_secret
 from vertex.endpoints import Deployment
 from vertex.errors import PredictionError, SecretInEnvError, VertexConfigError
-from vertex.machines import PRESETS, resolve_machine, validate_machine
+from vertex.machines import PRESETS, preset_for_weights, resolve_machine, validate_machine, weights_size
 from vertex.settings import resolve_settings
 
 
@@ -28,6 +28,16 @@ def test_preset_dtype(preset, dtype):
     ("a2-highgpu-4g", "NVIDIA_TESLA_A100", 4),
     ("a2-ultragpu-1g", "NVIDIA_A100_80GB", 1),
     ("a3-highgpu-8g", "NVIDIA_H100_80GB", 8),
+    ("n1-standard-16", "NVIDIA_TESLA_V100", 8),
+    ("n1-standard-8", "NVIDIA_TESLA_P4", 2),
+    ("n1-highmem-8", "NVIDIA_TESLA_P100", 4),
+    ("a2-megagpu-16g", "NVIDIA_TESLA_A100", 16),
+    ("a3-megagpu-8g", "NVIDIA_H100_MEGA_80GB", 8),
+    ("a3-ultragpu-8g", "NVIDIA_H200_141GB", 1),
+    ("a4-highgpu-8g", "NVIDIA_B200", 8),
+    ("a3-highgpu-8g", "NVIDIA_H100_80GB", 2),
+    ("a2-ultragpu-8g", "NVIDIA_A100_80GB", 3),
+    ("g2-standard-96", "NVIDIA_L4", 2),
 ])
 def test_good_pairings(machine, accelerator, count):
     spec = validate_machine(machine, accelerator, count)
@@ -48,6 +58,14 @@ def test_cpu_machine_serves_float32():
     ("n1-standard-8", "NVIDIA_TESLA_T4", 3),
     ("e2-standard-8", "NVIDIA_TESLA_T4", 1),
     ("g2-standard-8", "NVIDIA_L4", 2),
+    ("n1-standard-8", "NVIDIA_TESLA_P4", 8),
+    ("a3-highgpu-2g", "NVIDIA_H100_80GB", 4),
+    ("a3-megagpu-8g", "NVIDIA_H100_80GB", 8),
+    ("a3-ultragpu-8g", "NVIDIA_H100_80GB", 1),
+    ("a4-highgpu-8g", "NVIDIA_H200_141GB", 8),
+    ("a2-highgpu-3g", "NVIDIA_TESLA_A100", 3),
+    ("a2-megagpu-16g", "NVIDIA_A100_80GB", 16),
+    ("g2-standard-10", "NVIDIA_L4", 1),
 ])
 def test_bad_pairings(machine, accelerator, count):
     with pytest.raises(VertexConfigError):
@@ -55,8 +73,8 @@ def test_bad_pairings(machine, accelerator, count):
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(VertexConfigError, match="t4, l4, a100, h100"):
-        resolve_machine("v100")
+    with pytest.raises(VertexConfigError, match="t4, l4, a100, a100-80gb, h100, h200"):
+        resolve_machine("k80")
 
 
 @pytest.mark.parametrize("key", ["HF_TOKEN", "hf_token", "OPENAI_API_KEY", "AWS_SECRET_ACCESS_KEY",
@@ -167,3 +185,65 @@ def test_stream_text_raises_an_error_event_and_a_cut_stream():
         list(stream_text([b'data: {"error": {"message": "out of memory"}}']))
     with pytest.raises(PredictionError, match="without \\[DONE\\].*Bad Request"):
         list(stream_text([b'{"error": "Bad Request"}']))
+
+
+def test_the_whole_machines_gpus_are_the_default_count():
+    assert validate_machine("a4-highgpu-8g", "NVIDIA_B200").accelerator_count == 8
+    assert validate_machine("g2-standard-48", "NVIDIA_L4").accelerator_count == 4
+    assert validate_machine("n1-standard-8", "NVIDIA_TESLA_V100").accelerator_count == 1
+
+
+@pytest.mark.parametrize(("accelerator", "dtype"), [
+    ("NVIDIA_TESLA_T4", "float16"), ("NVIDIA_TESLA_V100", "float16"), ("NVIDIA_TESLA_P100", "float16"),
+    ("NVIDIA_TESLA_P4", "float16"), ("NVIDIA_L4", "bfloat16"), ("NVIDIA_H200_141GB", "bfloat16"),
+    ("NVIDIA_B200", "bfloat16"),
+])
+def test_the_dtype_follows_the_gpus_bf16_units(accelerator, dtype):
+    assert validate_machine("n1-standard-8" if "TESLA" in accelerator else {
+        "NVIDIA_L4": "g2-standard-8", "NVIDIA_H200_141GB": "a3-ultragpu-8g", "NVIDIA_B200": "a4-highgpu-8g",
+    }[accelerator], accelerator, 1).dtype == dtype
+
+
+@pytest.mark.parametrize(("gb", "preset"), [
+    (0.27, "t4"),           # SmolLM2-135M
+    (9.6, "t4"),            # 60% of a T4's 16 GB
+    (9.7, "l4"),
+    (14.4, "l4"),           # 60% of 24 GB
+    (16.1, "a100"),         # an 8B model in bf16
+    (24.0, "a100"),
+    (24.1, "a100-80gb"),
+    (48.0, "a100-80gb"),
+    (48.1, "h200"),
+    (84.6, "h200"),
+])
+def test_a_deploy_with_no_machine_takes_the_cheapest_gpu_that_holds_the_weights(gb, preset):
+    assert preset_for_weights(int(gb * 10**9)) == preset
+
+
+def test_weights_past_the_largest_gpu_are_refused():
+    with pytest.raises(VertexConfigError, match="141 GB: name a machine"):
+        preset_for_weights(int(140 * 10**9))
+
+
+def test_the_weights_are_sized_from_the_checkpoints_files(tmp_path):
+    (tmp_path / "model-00001.safetensors").write_bytes(b"0" * 3000)
+    (tmp_path / "model-00002.safetensors").write_bytes(b"0" * 1000)
+    (tmp_path / "config.json").write_text("{}")
+    assert weights_size(tmp_path) == 4000
+    with pytest.raises(VertexConfigError, match="--weights-gb"):
+        weights_size(tmp_path / "missing")
+
+
+def test_vertex_deploy_with_no_machine_sizes_one_from_the_weights(tmp_path):
+    from vertex.cli import _machine_from, build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["deploy", "--image", "img", "--weights-gb", "20"])
+    assert _machine_from(args, required=True) == PRESETS["a100"]
+    (tmp_path / "model.safetensors").write_bytes(b"0" * 1000)
+    args = parser.parse_args(["deploy", "--image", "img", "--weights-dir", str(tmp_path)])
+    assert _machine_from(args, required=True) == PRESETS["t4"]
+    args = parser.parse_args(["upload", "--image", "img"])
+    assert _machine_from(args, required=False) is None
+    args = parser.parse_args(["deploy", "--image", "img", "--machine", "l4", "--weights-gb", "20"])
+    assert _machine_from(args, required=True) == PRESETS["l4"]
