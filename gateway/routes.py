@@ -1,4 +1,5 @@
-"""Every route of the front, in one table; the OpenAI API's, under ``/v1``, come from ``openai_api``.
+"""Every route of the front, in one table; under ``/v1``, Anthropic's Messages API's come from
+``anthropic_api`` and the OpenAI API's from ``openai_api``.
 
 Order matters: Vertex's routes come first, because ``$AIP_PREDICT_ROUTE`` may itself start
 with ``/v1`` or ``/predictions``.
@@ -11,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.anthropic_api import anthropic_routes
 from gateway.contract import HEALTH_ROUTE, predict_route
 from gateway.openai_api import openai_routes
 from gateway.relay import error, relay
@@ -71,6 +73,7 @@ def front_routes(settings) -> list[Route]:
         Route("/predictions/{app}", predictions, methods=["POST", "PUT"]),
         Route("/predictions/{app}/{rest:path}", predictions, methods=["POST", "PUT"]),
         Route("/ping", ping, methods=["GET"]),
+        *anthropic_routes(),
         *openai_routes(),
     ]
     return routes

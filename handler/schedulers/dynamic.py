@@ -30,7 +30,7 @@ from handler.pipeline.prompts import Prompt
 from handler.decoding.sampling import PerRowSampler, RowSampling, request_generator, row_processors
 from handler.schedulers.base import ChunkSink, assign
 from handler.decoding.sequence import Completion, SequenceState
-from handler.decoding.stopping import FinishReason, find_stop
+from handler.decoding.stopping import FinishReason, find_stop, matched_stop
 from handler.schedulers.threads import on_passing_thread
 
 MAX_ROWS_PER_GENERATE = 64
@@ -176,10 +176,11 @@ class DynamicScheduler:
         while ids and ids[-1] == tokenizer.pad_token_id and tokenizer.pad_token_id not in eos:
             ids = ids[:-1]
         text = tokenizer.decode(ids, skip_special_tokens=True)
-        cut = find_stop(text, prompt.params.stop)
+        cut, stop = find_stop(text, prompt.params.stop), None
         if cut is not None:
+            stop = matched_stop(text, prompt.params.stop, cut)
             text, reason = text[:cut], FinishReason.STOP
-        return Completion(text, reason, len(prompt.input_ids), len(ids), seconds)
+        return Completion(text, reason, len(prompt.input_ids), len(ids), seconds, stop_sequence=stop)
 
     def _pad(self, sequences: list[tuple[int, ...]]) -> dict[str, torch.Tensor]:
         padded = self.loaded.tokenizer.pad({"input_ids": [list(s) for s in sequences]}, padding=True, return_tensors="pt")
