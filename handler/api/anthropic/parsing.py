@@ -25,7 +25,8 @@ MESSAGES = "messages"
 COUNT_TOKENS = "count_tokens"
 ENDPOINTS = (MESSAGES, COUNT_TOKENS)
 
-CONVERSATION_FIELDS = ("model", "messages", "system", "anthropic_version")
+# `cache_control` asks Anthropic to cache the prompt's prefix: a hint, harmless to ignore.
+CONVERSATION_FIELDS = ("model", "messages", "system", "anthropic_version", "cache_control")
 GENERATION_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "stop_sequences", "metadata", "stream")
 FIELDS = {MESSAGES: CONVERSATION_FIELDS + GENERATION_FIELDS, COUNT_TOKENS: CONVERSATION_FIELDS}
 # Fields Anthropic defines that this server does not serve yet; tool calling will take
@@ -40,6 +41,11 @@ UNSUPPORTED = (
     "context_management",
     "output_format",
     "output_config",
+    "inference_geo",
+    "speed",
+    "diagnostics",
+    "user_profile_id",
+    "workspace_id",
 )
 ROLES = ("user", "assistant")
 MESSAGE_FIELDS = ("role", "content")
