@@ -7,7 +7,7 @@ from gateway.relay import error
 from gateway.settings import FrontSettings, SupervisorSettings
 
 
-def test_the_key_is_read_once_and_never_shown(tmp_path):
+def test_the_key_is_read_once_and_never_shown():
     settings = FrontSettings.from_env({"APP": "a", "LLM_API_KEY": " s3cret "})
     assert settings.api_key == "s3cret" and "s3cret" not in repr(settings)
     assert FrontSettings.from_env({"APP": "a", "LLM_API_KEY": ""}).api_key is None
