@@ -107,10 +107,18 @@ def test_an_error_after_the_stream_began_is_what_the_sdk_raises():
     ],
 )
 def test_errors_in_anthropics_shape(error, status, kind, sdk_error):
-    assert error_body(error) == {"type": "error", "error": {"type": kind, "message": error.message}}
+    body = error_body(error)
+    assert body == {"type": "error", "error": {"type": kind, "message": body["error"]["message"]}}
+    assert body["error"]["message"].endswith(error.message)
     with pytest.raises(sdk_error) as caught:
         sdk_client(status, error_json(error), "application/json").messages.create(model="m", max_tokens=4, messages=QUESTION)
     assert caught.value.body["error"]["type"] == kind
+
+
+def test_the_message_leads_with_the_field_it_names():
+    assert error_body(RequestError("malformed JSON", "body"))["error"]["message"] == "body: malformed JSON"
+    assert error_body(RequestError("max_tokens: field required", "max_tokens"))["error"]["message"] == "max_tokens: field required"
+    assert error_body(RequestError("failed", status=500))["error"]["message"] == "failed"
 
 
 def test_token_count():

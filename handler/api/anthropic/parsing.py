@@ -81,10 +81,6 @@ class AnthropicRequest:
         return self.instances[0].params.stream
 
 
-def unsupported(message: str, field: str) -> RequestError:
-    return RequestError(message, field)
-
-
 def parse_anthropic(endpoint: str, body: Any, shape: RequestShape) -> AnthropicRequest:
     """One `/v1/messages` (or `count_tokens`) body checked and turned into its instance."""
     if endpoint not in ENDPOINTS:
@@ -112,7 +108,7 @@ def parse_anthropic(endpoint: str, body: Any, shape: RequestShape) -> AnthropicR
 def _check_fields(body: dict[str, Any], known: tuple[str, ...], prefix: str) -> None:
     for key in body:
         if key in UNSUPPORTED:
-            raise unsupported(f"{prefix}{key}: not supported by this server yet", f"{prefix}{key}")
+            raise RequestError(f"{prefix}{key}: not supported by this server yet", f"{prefix}{key}")
         if key not in known:
             raise RequestError(f"{prefix}{key}: unknown field; known fields: {', '.join(known)}", f"{prefix}{key}")
 
@@ -198,7 +194,7 @@ def _text(value: Any, where: str, shape: RequestShape, allow_empty: bool = False
             raise RequestError(f"{field}: must be an object {{'type': 'text', 'text': ...}}", field)
         kind = block.get("type")
         if kind in UNSUPPORTED_BLOCKS:
-            raise unsupported(f"{field}.type: {kind!r} blocks are not supported by this server yet", f"{field}.type")
+            raise RequestError(f"{field}.type: {kind!r} blocks are not supported by this server yet", f"{field}.type")
         if kind != "text":
             raise RequestError(f"{field}.type: must be 'text', got {_shown(kind)}", f"{field}.type")
         _check_fields(block, TEXT_BLOCK_FIELDS, f"{field}.")

@@ -143,8 +143,12 @@ def error_type(status: int) -> str:
 
 
 def error_body(error: RequestError) -> dict[str, Any]:
-    """Anthropic's error shape; the message names the field at fault, as Anthropic's messages do."""
-    return {"type": "error", "error": {"type": error_type(error.status), "message": error.message}}
+    """Anthropic's error shape. It has no slot for the field at fault, so the message leads with it,
+    as Anthropic's own messages do (`max_tokens: Field required`), unless it already does."""
+    message = error.message
+    if error.field is not None and not message.startswith(error.field):
+        message = f"{error.field}: {message}"
+    return {"type": "error", "error": {"type": error_type(error.status), "message": message}}
 
 
 def error_json(error: RequestError) -> str:
