@@ -183,7 +183,12 @@ class TorchServe:
     def post(self, name: str, body: Any, timeout: float = 300, raw: bytes | None = None,
              content_type: str = JSON) -> tuple[int, Any]:
         """POST to the front's /predictions/name; returns the status and the decoded JSON (or text) body."""
-        return post(f"{self.url}/predictions/{name}", body, timeout, raw, content_type)
+        return post(f"{self.url}/predictions/{name}", body, timeout, raw, content_type, self.auth_headers())
+
+    def auth_headers(self) -> dict[str, str]:
+        """The front's API key as a client sends it, when this tree was started with one (``LLM_API_KEY``)."""
+        key = self.env.get("LLM_API_KEY")
+        return {"Authorization": f"Bearer {key}"} if key else {}
 
     def batches_received(self) -> int:
         """How many batches the workers have taken so far: each logs one line per batch."""
@@ -236,10 +241,10 @@ def process_tree(root: int) -> dict[str, list[int]]:
 
 
 def post(url: str, body: Any, timeout: float = 300, raw: bytes | None = None,
-         content_type: str = JSON) -> tuple[int, Any]:
+         content_type: str = JSON, headers: dict[str, str] | None = None) -> tuple[int, Any]:
     """POST `body` as JSON (or `raw` bytes); the status and the decoded JSON (or text) body, 0 if unreachable."""
     data = raw if raw is not None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": content_type})
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": content_type, **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, _decode(response.read())

@@ -13,7 +13,8 @@ ports, temp folder, process group), ``health`` (what the management API says),
 registry: each app's state and the predictions it holds), ``healer`` (the heal policy: notice
 a dead worker, answer what it held, bring the app back), ``held_request`` (one relayed
 prediction's hold, gauge, histograms and release), ``relay`` (one prediction to TorchServe
-and back), ``routes`` (every route, one table),
+and back), ``routes`` (every route, one table), ``openai_api`` and ``anthropic_api`` (the
+OpenAI API's and Anthropic's Messages API's routes under ``/v1``), ``auth`` (the optional API key),
 ``metrics`` (Prometheus histograms), ``server`` (uvicorn servers and the front's state),
 ``supervisor`` (all of it as one process tree).
 """

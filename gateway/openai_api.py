@@ -19,10 +19,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.contract import CHAT_COMPLETIONS_ROUTE, COMPLETIONS_ROUTE, MODELS_ROUTE, predict_route
-from gateway.relay import BodyError, Dialect, read_body, relay
+from gateway.relay import BodyError, Dialect, named_app, read_body, relay
 
 PROTOCOL_HEADER = "X-LLM-Protocol"
-CODES = {404: "model_not_found", 408: "timeout", 413: "request_too_large", 502: "upstream_unavailable",
+CODES = {401: "invalid_api_key", 404: "model_not_found", 408: "timeout", 413: "request_too_large", 502: "upstream_unavailable",
          503: "unavailable", 507: "worker_died"}
 STARTED = int(time.time())
 
@@ -63,20 +63,10 @@ async def _relay(request: Request, protocol: Dialect) -> Response:
         return exc.response(protocol)
     except ClientDisconnect:
         return Response(status_code=499)
-    app = _model(body, front.settings.app)
+    app = named_app(body, front.settings.app)
     if app not in front.apps:
         return _unknown(front, app)
     return await relay(request, app, predict_route(app), protocol, body)
-
-
-def _model(body: bytes, default: str) -> str:
-    """The app the body's `model` names; a body that is not JSON, or names none, goes to the default
-    app, whose handler then answers it (a bad body with its error)."""
-    try:
-        model = json.loads(body).get("model")
-    except (ValueError, AttributeError, RecursionError):
-        return default
-    return model if isinstance(model, str) and model else default
 
 
 def _unknown(front, model: str) -> JSONResponse:

@@ -103,6 +103,17 @@ def _too_large(limit: int, size: int) -> BodyError:
     return BodyError(413, f"the request body must be <= {limit} bytes, got {size}", field="body", limit=limit, value=size)
 
 
+def named_app(body: bytes, default: str) -> str:
+    """The app the body's `model` names (the OpenAI and Anthropic APIs both pick it so); a body
+    that is not JSON, or names none, goes to the default app, whose handler then answers it
+    (a bad body with its error)."""
+    try:
+        model = json.loads(body).get("model")
+    except (ValueError, AttributeError, RecursionError):
+        return default
+    return model if isinstance(model, str) and model else default
+
+
 def forwardable(headers) -> list[tuple[str, str]]:
     """The end-to-end headers of a message, repeats kept; also drops those named in ``Connection:``."""
     named = {token.strip().lower() for value in headers.getlist("connection") for token in value.split(",")}

@@ -1,4 +1,5 @@
-"""Every route of the front, in one table; the OpenAI API's, under ``/v1``, come from ``openai_api``.
+"""Every route of the front, in one table; under ``/v1``, Anthropic's Messages API's come from
+``anthropic_api`` and the OpenAI API's from ``openai_api``.
 
 Order matters: Vertex's routes come first, because ``$AIP_PREDICT_ROUTE`` may itself start
 with ``/v1`` or ``/predictions``.
@@ -7,10 +8,13 @@ with ``/v1`` or ``/predictions``.
 from __future__ import annotations
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.anthropic_api import anthropic_routes
+from gateway.auth import ApiKeyGuard
 from gateway.contract import HEALTH_ROUTE, predict_route
 from gateway.openai_api import openai_routes
 from gateway.relay import error, relay
@@ -71,19 +75,30 @@ def front_routes(settings) -> list[Route]:
         Route("/predictions/{app}", predictions, methods=["POST", "PUT"]),
         Route("/predictions/{app}/{rest:path}", predictions, methods=["POST", "PUT"]),
         Route("/ping", ping, methods=["GET"]),
+        *anthropic_routes(),
         *openai_routes(),
     ]
     return routes
 
 
+def guarded(settings) -> list[Middleware]:
+    """The API key's guard when ``LLM_API_KEY`` is set (``gateway.auth``); health stays open."""
+    if not settings.api_key:
+        return []
+    return [Middleware(ApiKeyGuard, key=settings.api_key, open_paths=settings.open_routes,
+                       native_paths=(settings.predict_route,))]
+
+
 def build_app(front) -> Starlette:
-    app = Starlette(routes=front_routes(front.settings), exception_handlers={404: not_found, 405: wrong_method})
+    app = Starlette(routes=front_routes(front.settings), exception_handlers={404: not_found, 405: wrong_method},
+                    middleware=guarded(front.settings))
     app.state.front = front
     return app
 
 
 def build_metrics_app(front) -> Starlette:
-    """The metrics port: loopback unless LLM_EXPOSE_ADMIN."""
-    app = Starlette(routes=[Route("/metrics", metrics, methods=["GET"])], exception_handlers={404: not_found})
+    """The metrics port: loopback unless LLM_EXPOSE_ADMIN; behind the API key too when one is set."""
+    app = Starlette(routes=[Route("/metrics", metrics, methods=["GET"])], exception_handlers={404: not_found},
+                    middleware=guarded(front.settings))
     app.state.front = front
     return app

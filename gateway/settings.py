@@ -19,6 +19,8 @@ from gateway.contract import DEFAULT_HTTP_PORT, HEALTH_ROUTE, predict_route
 EXPOSED_MANAGEMENT_PORT = 7081
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 MIB = 1024 * 1024
+# The front's own secrets: TorchServe and its workers never need them, so they never get them.
+FRONT_SECRETS = frozenset({"LLM_API_KEY"})
 
 
 class SettingsError(ValueError):
@@ -48,6 +50,8 @@ class FrontSettings:
     # Connections the front accepts at once; beyond, uvicorn answers 503.
     max_connections: int = 512
     retry_after_s: int = 5
+    # LLM_API_KEY: when set, every route but the health routes wants it (gateway.auth). Never in a repr.
+    api_key: str | None = field(default=None, repr=False)
 
     @property
     def app(self) -> str:
@@ -79,7 +83,13 @@ class FrontSettings:
             upstream_timeout_s=_positive_float(env, "LLM_GATEWAY_TIMEOUT_S", 600.0),
             max_connections=int(_positive_float(env, "LLM_MAX_CONNECTIONS", 512)),
             header_timeout_s=_positive_float(env, "LLM_HEADER_TIMEOUT_S", 10.0),
+            api_key=env.get("LLM_API_KEY", "").strip() or None,
         )
+
+    @property
+    def open_routes(self) -> tuple[str, ...]:
+        """The routes a probe reaches without the API key: health and liveness."""
+        return tuple(dict.fromkeys((self.health_route, HEALTH_ROUTE, "/ping")))
 
 
 def admin_exposed(env: Mapping[str, str]) -> bool:
@@ -124,7 +134,7 @@ class SupervisorSettings:
             ts_config=ts_config,
             model_store=model_store,
             models=models,
-            torchserve_env=dict(env),
+            torchserve_env={name: value for name, value in env.items() if name not in FRONT_SECRETS},
             run_dir=Path(run_dir) if run_dir else None,
             exposed_management_port=EXPOSED_MANAGEMENT_PORT if admin_exposed(env) else None,
             stop_grace_s=_positive_float(env, "LLM_STOP_GRACE_S", 8.0),

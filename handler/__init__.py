@@ -47,6 +47,9 @@ The vocabulary every layer shares
     `api.native`            the native exchange: the `predictions` body and the stream's JSON lines
     `api.openai`            the OpenAI API: `api.openai.parsing` (bodies in), `api.openai.rendering`
                             (`chat.completion`/`text_completion`, SSE, errors out), `api.openai.exchange`
+    `api.anthropic`         Anthropic's Messages API: `api.anthropic.parsing` (bodies in),
+                            `api.anthropic.rendering` (`message`, its SSE events, token counts, errors
+                            out), `api.anthropic.exchange`
 
 The assembly
     `metrics`             what each completion reports

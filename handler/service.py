@@ -167,7 +167,7 @@ class Service:
             tokenizer, template, limits = self.loaded.tokenizer, self.settings.prompt_template, self.loaded.limits
             prompts = [encode(instance, tokenizer, template, limits) for instance in instances]
             exchange.begin(prompts)
-            return exchange, prompts
+            return exchange, prompts if exchange.generates else []
         except RequestError as error:
             return exchange, error
         except Exception:  # a bug on one request's path must not fail the rest of its batch

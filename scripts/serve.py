@@ -56,7 +56,10 @@ def answers(port: int, app: str) -> bool:
         with urllib.request.urlopen(f"{base}{HEALTH_ROUTE}", timeout=5) as response:
             if response.status != 200:
                 return False
-        request = urllib.request.Request(f"{base}{predict_route(app)}", data=PROBE, headers={"Content-Type": JSON})
+        # The server inherits this environment, so its API key (LLM_API_KEY), when set, is the one to send.
+        key = os.environ.get("LLM_API_KEY", "").strip()
+        headers = {"Content-Type": JSON, **({"Authorization": f"Bearer {key}"} if key else {})}
+        request = urllib.request.Request(f"{base}{predict_route(app)}", data=PROBE, headers=headers)
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status == 200
     except (urllib.error.URLError, OSError):

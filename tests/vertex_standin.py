@@ -609,12 +609,13 @@ def _echo_chat(body: Dict[str, Any]) -> str:
 
 @dataclass
 class FakeContainer:
-    """A stand-in serving container: /health, an echoing predict route, and /v1/chat/completions.
+    """A stand-in serving container: /health, an echoing predict route, /v1/chat/completions and /v1/messages.
 
     The predict route takes Vertex bodies (``instances``; with ``parameters.stream``
     it sends JSON lines, then the final body, as the real one does), OpenAI chat
-    bodies (``messages``; with ``stream`` it sends SSE chunks and ``[DONE]``) and
-    plain text. ``gate``, when set, holds a stream after its first chunk until a
+    bodies (``messages``; with ``stream`` it sends SSE chunks and ``[DONE]``),
+    Anthropic bodies (``anthropic_version``, or any body on ``/v1/messages``: a
+    ``message``, unstreamed) and plain text. ``gate``, when set, holds a stream after its first chunk until a
     test sets it, so a test can show that a relay passes chunks on as they come:
     ``gate_opened`` records, per stream, whether it was opened (``False``: the
     wait timed out, so nobody downstream saw the first chunk in time).
@@ -642,7 +643,7 @@ class FakeContainer:
                 raw = self.rfile.read(length)
                 content_type = self.headers.get("Content-Type", "")
                 container.raw_received.append((self.path, content_type, raw))
-                if self.path not in (f"/predictions/{container.app}", "/v1/chat/completions"):
+                if self.path not in (f"/predictions/{container.app}", "/v1/chat/completions", "/v1/messages"):
                     self._answer(404, {"error": f"no model at {self.path}"})
                     return
                 if not content_type.startswith("application/json"):
@@ -650,7 +651,9 @@ class FakeContainer:
                     return
                 body = json.loads(raw or b"{}")
                 container.received.append(body)
-                if "messages" in body:
+                if self.path == "/v1/messages" or "anthropic_version" in body:
+                    self._messages(body)
+                elif "messages" in body:
                     self._chat(body)
                 elif "instances" in body and self.path != "/v1/chat/completions":
                     self._instances(body)
@@ -679,6 +682,12 @@ class FakeContainer:
                     {"index": 0, "delta": delta, "finish_reason": None}]} for delta in deltas]
                 self._stream("text/event-stream",
                              [f"data: {json.dumps(event)}\n\n" for event in events] + ["data: [DONE]\n\n"])
+
+            def _messages(self, body: Dict[str, Any]) -> None:
+                """An Anthropic body: the last message echoed as a ``message`` (never streamed here)."""
+                self._answer(200, {"type": "message", "role": "assistant", "model": body.get("model"),
+                                   "content": [{"type": "text", "text": _echo_chat(body)}],
+                                   "stop_reason": "end_turn", "stop_sequence": None})
 
             def _stream(self, content_type: str, pieces: List[str]) -> None:
                 self.send_response(200)

@@ -61,6 +61,7 @@ class NativeExchange:
 
     stream = False
     content_type = JSON
+    generates = True
 
     def parse(self, body: Any, shape: RequestShape) -> tuple[Instance, ...]:
         return parse_body(body, shape)

@@ -1,10 +1,11 @@
 """Which protocol a request speaks, and one exchange per request that parses and renders in it.
 
-The front names the protocol in a header (`X-LLM-Protocol: openai-chat` or
-`openai-completions`, for its `/v1/...` routes); without one, the body's own shape decides,
-as Vertex's predict route carries several: the native shapes (`pipeline.shapes`), a bare OpenAI
-chat body (top-level `messages`) or completions body (`model` and `prompt`), and Model
-Garden's `@requestFormat: chatCompletions` instances. Every exchange has the same methods,
+The front names the protocol in a header (`X-LLM-Protocol: openai-chat`, `openai-completions`,
+`anthropic-messages` or `anthropic-count-tokens`, for its `/v1/...` routes); without one, the
+body's own shape decides, as Vertex's predict route carries several: the native shapes
+(`pipeline.shapes`), an Anthropic body (top-level `anthropic_version`, as Vertex's Anthropic
+bodies have it), a bare OpenAI chat body (top-level `messages`) or completions body (`model`
+and `prompt`), and Model Garden's `@requestFormat: chatCompletions` instances. Every exchange has the same methods,
 so the service and the adapter never ask which one they hold.
 """
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 from handler.errors import RequestError
+from handler.api.anthropic.exchange import AnthropicExchange
+from handler.api.anthropic.parsing import COUNT_TOKENS, MESSAGES
 from handler.api.openai.exchange import OpenAIExchange, VertexChatExchange, is_vertex_chat
 from handler.api.openai.parsing import CHAT, COMPLETIONS
 from handler.pipeline.prompts import Prompt
@@ -20,7 +23,11 @@ from handler.pipeline.shapes import Instance, RequestShape
 from handler.api.native import Answer, NativeExchange
 
 PROTOCOL_HEADER = "X-LLM-Protocol"
-PROTOCOLS = {"openai-chat": CHAT, "openai-completions": COMPLETIONS}
+OPENAI_PROTOCOLS = {"openai-chat": CHAT, "openai-completions": COMPLETIONS}
+ANTHROPIC_PROTOCOLS = {"anthropic-messages": MESSAGES, "anthropic-count-tokens": COUNT_TOKENS}
+PROTOCOLS = {**OPENAI_PROTOCOLS, **ANTHROPIC_PROTOCOLS}
+# Vertex's Anthropic bodies carry their API version in the body (the model is in the URL).
+ANTHROPIC_VERSION = "anthropic_version"
 
 
 @runtime_checkable
@@ -28,7 +35,8 @@ class Exchange(Protocol):
     """One request in its protocol: `parse`, then `begin` with its prompts, then pieces and a body.
 
     `parse` gives each instance the fields' names the protocol uses (`pipeline.shapes.Fields`),
-    so the pipeline's later errors already name what the client sent. `piece` is called only
+    so the pipeline's later errors already name what the client sent. An exchange that does not
+    `generate` (Anthropic's `count_tokens`) is answered from its prompts alone. `piece` is called only
     for prompts that stream; `stream_error` only once a piece has gone, when the status line
     has gone with it, so an error is the last part of the stream in the protocol's own form.
     `tests/unit/test_layout.py` checks every exchange against this protocol."""
@@ -38,6 +46,9 @@ class Exchange(Protocol):
 
     @property
     def content_type(self) -> str: ...
+
+    @property
+    def generates(self) -> bool: ...
 
     def parse(self, body: Any, shape: RequestShape) -> tuple[Instance, ...]: ...
 
@@ -60,12 +71,16 @@ def named_exchange(protocol: str | None, model: str) -> Exchange:
         raise RequestError(
             f"{PROTOCOL_HEADER} must be one of {', '.join(PROTOCOLS)}, got {protocol[:64]!r}", PROTOCOL_HEADER
         )
-    return OpenAIExchange(PROTOCOLS[protocol], model)
+    if protocol in ANTHROPIC_PROTOCOLS:
+        return AnthropicExchange(ANTHROPIC_PROTOCOLS[protocol], model)
+    return OpenAIExchange(OPENAI_PROTOCOLS[protocol], model)
 
 
 def sniffed_exchange(body: Any, model: str) -> Exchange:
     """Without a header: the protocol the body's shape says, native unless it is plainly OpenAI's."""
     if isinstance(body, dict) and "instances" not in body:
+        if ANTHROPIC_VERSION in body:
+            return AnthropicExchange(MESSAGES, model)
         if "messages" in body:
             return OpenAIExchange(CHAT, model)
         if "model" in body and "prompt" in body:

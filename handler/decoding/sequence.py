@@ -20,7 +20,7 @@ from handler.decoding.detokenizer import IncrementalDetokenizer
 from handler.errors import RequestError
 from handler.decoding.logprobs import TokenLogprob, token_logprob
 from handler.pipeline.prompts import Prompt
-from handler.decoding.stopping import FinishReason, StopScan, releasable_length
+from handler.decoding.stopping import FinishReason, StopScan, matched_stop, releasable_length
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class Completion:
     first_token_seconds: float | None = None
     logprobs: tuple[TokenLogprob, ...] = ()
     error: RequestError | None = None
+    stop_sequence: str | None = None  # the stop string that ended the text, when one did
 
 
 class SequenceState:
@@ -57,6 +58,7 @@ class SequenceState:
         self.sent = 0
         self.generated = 0
         self.reason: FinishReason | None = None
+        self.stop_sequence: str | None = None
         self.started = time.perf_counter()
         self.first_token_seconds: float | None = None
         self.seconds = 0.0
@@ -88,6 +90,7 @@ class SequenceState:
         self.text = self.detokenizer.update(ids, final=self.reason is not None)
         cut = self.scan.scan(self.text)
         if cut is not None:
+            self.stop_sequence = matched_stop(self.text, self.prompt.params.stop, cut)
             self.text, self.reason = self.text[:cut], FinishReason.STOP
         if self.reason is not None and self.constraint is not None:
             self.constraint.close()
@@ -112,6 +115,7 @@ class SequenceState:
             self.first_token_seconds,
             self._kept_logprobs(),
             self.constraint.failure if self.constraint is not None else None,
+            self.stop_sequence,
         )
 
     def _token_text(self, token_id: int) -> str:

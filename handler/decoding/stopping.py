@@ -20,6 +20,12 @@ def find_stop(text: str, stops: tuple[str, ...], start: int = 0) -> int | None:
     return min(hits) if hits else None
 
 
+def matched_stop(text: str, stops: tuple[str, ...], at: int) -> str | None:
+    """The stop string found at `at` in `text` (the first listed when several start there):
+    Anthropic's answers name it (`stop_sequence`), and the text no longer holds it once cut."""
+    return next((stop for stop in stops if text.startswith(stop, at)), None)
+
+
 def releasable_length(text: str, stops: tuple[str, ...]) -> int:
     """How much of `text` a stream can send without leaking a stop string or half a character.
 

@@ -40,9 +40,18 @@ def render(instance: Instance, tokenizer, prompt_template: str | None) -> tuple[
         if not getattr(tokenizer, "chat_template", None):
             raise RequestError(f"this model has no chat template: send a prompt instead of {where}", where)
         try:
-            text = tokenizer.apply_chat_template(list(instance.messages), tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(
+                list(instance.messages),
+                tokenize=False,
+                add_generation_prompt=not instance.prefill,
+                continue_final_message=instance.prefill,
+            )
         except TemplateError as error:  # templates reject what they cannot render ("roles must alternate")
             raise RequestError(f"the chat template refused {where}: {error}", where) from error
+        except ValueError as error:  # a prefill the template does not reproduce (trims it) cannot be continued
+            if not instance.prefill:
+                raise
+            raise RequestError(f"the chat template cannot continue the last message of {where}: {error}", where) from error
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
         text = instance.text or ""

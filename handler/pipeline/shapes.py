@@ -45,12 +45,16 @@ class Fields:
 
 @dataclass(frozen=True)
 class Instance:
-    """One prompt to complete: plain text or chat messages, with its resolved parameters and its fields' names."""
+    """One prompt to complete: plain text or chat messages, with its resolved parameters and its fields' names.
+
+    `prefill`: the last message is the assistant's answer begun, to be continued rather than
+    followed by a new turn (Anthropic's meaning of a conversation that ends with the assistant)."""
 
     params: GenerationParams
     fields: Fields = dataclass_field(compare=False)
     text: str | None = None
     messages: tuple[dict[str, str], ...] | None = None
+    prefill: bool = False
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria
 
 from handler.decoding.sampling import PerRowSampler, RowSampling, request_generator, row_processors
 from handler.decoding.sequence import Completion, SequenceState
-from handler.decoding.stopping import FinishReason, find_stop
+from handler.decoding.stopping import FinishReason, find_stop, matched_stop
 from handler.model.loading import LoadedModel
 from handler.params import GenerationParams
 from handler.pipeline.prompts import Prompt
@@ -197,10 +197,11 @@ class DynamicScheduler:
         while ids and ids[-1] == tokenizer.pad_token_id and tokenizer.pad_token_id not in eos:
             ids = ids[:-1]
         text = tokenizer.decode(ids, skip_special_tokens=True)
-        cut = find_stop(text, prompt.params.stop)
+        cut, stop = find_stop(text, prompt.params.stop), None
         if cut is not None:
+            stop = matched_stop(text, prompt.params.stop, cut)
             text, reason = text[:cut], FinishReason.STOP
-        return Completion(text, reason, len(prompt.input_ids), len(ids), seconds)
+        return Completion(text, reason, len(prompt.input_ids), len(ids), seconds, stop_sequence=stop)
 
     def _pad(self, sequences: list[tuple[int, ...]]) -> dict[str, torch.Tensor]:
         padded = self.loaded.tokenizer.pad({"input_ids": [list(s) for s in sequences]}, padding=True, return_tensors="pt")

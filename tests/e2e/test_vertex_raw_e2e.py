@@ -5,10 +5,12 @@ The SDK posts these to fixed HTTPS hosts through ``Endpoint.authorized_session``
 stand-in, which forwards the body unchanged to the container (the front in
 front of a real TorchServe serving SmolLM2, ``container_url``).
 
-Every test runs on two wires (``Wire``: what goes in, which container path
-invoke targets, how the text is read back): the native API, and the OpenAI
+Every test runs on three wires (``Wire``: what goes in, which container path
+invoke targets, how the text is read back): the native API, the OpenAI
 chat API (a bare chat body on the predict route, ``/v1/chat/completions`` by
-invoke, SSE deltas when streamed). The reference is the same request through
+invoke, SSE deltas when streamed), and Anthropic's Messages API (Vertex's
+Anthropic body, with ``anthropic_version``, on the predict route;
+``/v1/messages`` by invoke; ``text_delta`` events when streamed). The reference is the same request through
 plain ``:predict``, greedy.
 """
 
@@ -106,7 +108,29 @@ OPENAI = Wire(
 )
 
 
-@pytest.fixture(params=[NATIVE, OPENAI], ids=["native", "openai"])
+def _anthropic_streamed(lines: List[bytes]) -> Tuple[List[str], str]:
+    """SSE ``event:``/``data:`` lines of Anthropic's stream, ``message_start`` first and ``message_stop`` last."""
+    events = [json.loads(line.removeprefix(b"data: ")) for line in lines if line.startswith(b"data: ")]
+    assert events[0]["type"] == "message_start" and events[-1]["type"] == "message_stop", events[-3:]
+    pieces = [event["delta"]["text"] for event in events if event["type"] == "content_block_delta"]
+    return pieces, "".join(pieces)
+
+
+# Vertex's Anthropic bodies carry the API version in the body and no model (it is in Vertex's URL),
+# which is how the predict route tells them from OpenAI's.
+VERTEX_ANTHROPIC = "vertex-2023-10-16"
+ANTHROPIC = Wire(
+    instance={"messages": CHAT},
+    path="/v1/messages",
+    body=lambda stream: {"anthropic_version": VERTEX_ANTHROPIC, "messages": CHAT, "max_tokens": GREEDY["max_new_tokens"],
+                         "temperature": 0, **({"stream": True} if stream else {})},
+    text=lambda answer: answer["content"][0]["text"],
+    streamed=_anthropic_streamed,
+    bad=({"anthropic_version": VERTEX_ANTHROPIC, "messages": CHAT, "max_tokens": -1}, "max_tokens"),
+)
+
+
+@pytest.fixture(params=[NATIVE, OPENAI, ANTHROPIC], ids=["native", "openai", "anthropic"])
 def wire(request) -> Wire:
     return request.param
 

@@ -40,6 +40,8 @@ SHARED_HOST = "us-central1-aiplatform.googleapis.com"
 JSON = {"Content-Type": "application/json"}
 NATIVE = b'{"instances": ["Hello"], "parameters": {"max_new_tokens": 8, "temperature": 0}}'
 CHAT = {"model": APP, "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 8}
+# Vertex's Anthropic body: the API version in the body, the model in Vertex's URL.
+MESSAGES = {"anthropic_version": "vertex-2023-10-16", "messages": CHAT["messages"], "max_tokens": 8}
 
 
 @pytest.fixture
@@ -138,11 +140,19 @@ def test_upload_with_the_invoke_prefix_has_no_predict_route(deploy, standin):
     assert standin.calls("create_endpoint")[0].body["dedicatedEndpointEnabled"] is True
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/predictions/smollm2"])
+def test_raw_predict_carries_an_anthropic_body_unchanged(deploy, fake_container):
+    body = json.dumps(MESSAGES).encode()
+    response = deploy().raw_predict(body=body, headers=JSON)
+    assert response.status_code == 200, response.text
+    assert response.json()["content"] == [{"type": "text", "text": "echo: Hello there"}]
+    assert fake_container.raw_received[-1] == ("/predictions/smollm2", "application/json", body)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages", "/predictions/smollm2"])
 def test_invoke_passes_the_path_through(deploy, standin, fake_container, path):
     endpoint = deploy(dedicated=True, invoke=True)
     deployed_id = endpoint.gca_resource.deployed_models[0].id
-    body = json.dumps(CHAT).encode() if path.startswith("/v1/") else NATIVE
+    body = {"/v1/chat/completions": json.dumps(CHAT).encode(), "/v1/messages": json.dumps(MESSAGES).encode()}.get(path, NATIVE)
     response = endpoint.invoke(request_path=path, body=body, headers=JSON, deployed_model_id=deployed_id)
 
     assert response.status_code == 200, response.text

@@ -1,6 +1,6 @@
 """Stop strings and the text a stream may release."""
 
-from handler.decoding.stopping import StopScan, find_stop, releasable_length
+from handler.decoding.stopping import StopScan, find_stop, matched_stop, releasable_length
 
 
 def test_find_stop_returns_the_earliest_of_several():
@@ -36,3 +36,9 @@ def test_release_holds_back_a_half_decoded_character():
 
 def test_release_takes_the_longest_held_prefix_over_all_stops():
     assert releasable_length("text ab", ("b!", "abc")) == len("text ")
+
+
+def test_the_stop_string_found_is_named_the_first_listed_when_two_start_there():
+    assert matched_stop("The capital is Paris.", ("Paris", "nowhere"), 15) == "Paris"
+    assert matched_stop("ab", ("abc", "a", "ab"), 0) == "a"
+    assert matched_stop("ab", ("x",), 0) is None

@@ -36,6 +36,8 @@ class OpenAIExchange:
     def stream(self) -> bool:
         return self.request is not None and self.request.stream
 
+    generates = True
+
     @property
     def content_type(self) -> str:
         return SSE if self.stream else JSON
@@ -75,6 +77,7 @@ class VertexChatExchange:
 
     stream = False
     content_type = JSON
+    generates = True
 
     def __init__(self, model: str):
         self.model = model
