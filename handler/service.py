@@ -146,7 +146,8 @@ class Service:
                 exchange = sniffed_exchange(body, self.model_name)
             instances = exchange.parse(body, self.shape)
             tokenizer, template, limits = self.loaded.tokenizer, self.settings.prompt_template, self.loaded.limits
-            prompts = [encode(instance, tokenizer, template, limits) for instance in instances]
+            tool_prompt = self.settings.tool_prompt
+            prompts = [encode(instance, tokenizer, template, limits, tool_prompt) for instance in instances]
             exchange.begin(prompts)
             return exchange, prompts
         except RequestError as error:
