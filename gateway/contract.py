@@ -15,6 +15,7 @@ HEALTH_ROUTE = "/health"
 CHAT_COMPLETIONS_ROUTE = "/v1/chat/completions"
 COMPLETIONS_ROUTE = "/v1/completions"
 MODELS_ROUTE = "/v1/models"
+RESPONSES_ROUTE = "/v1/responses"
 # Where ``make serve`` answers on this host, with the default port.
 LOCAL_URL = f"http://127.0.0.1:{DEFAULT_HTTP_PORT}"
 JSON = "application/json"

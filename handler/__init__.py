@@ -47,6 +47,9 @@ The vocabulary every layer shares
     `api.native`            the native exchange: the `predictions` body and the stream's JSON lines
     `api.openai`            the OpenAI API: `api.openai.parsing` (bodies in, tools included), `api.openai.rendering`
                             (`chat.completion`/`text_completion` with `tool_calls`, SSE, errors out), `api.openai.exchange`
+    `api.openai_responses`  OpenAI's Responses API, stateless: `api.openai_responses.parsing` (input items, text.format,
+                            tools), `api.openai_responses.rendering` (the `response` object, its typed SSE events),
+                            `api.openai_responses.exchange`
 
 The assembly
     `metrics`             what each completion reports

@@ -1,9 +1,10 @@
 """Which protocol a request speaks, and one exchange per request that parses and renders in it.
 
-The front names the protocol in a header (`X-LLM-Protocol: openai-chat` or
-`openai-completions`, for its `/v1/...` routes); without one, the body's own shape decides,
+The front names the protocol in a header (`X-LLM-Protocol: openai-chat`, `openai-completions`
+or `openai-responses`, for its `/v1/...` routes); without one, the body's own shape decides,
 as Vertex's predict route carries several: the native shapes (`pipeline.shapes`), a bare OpenAI
-chat body (top-level `messages`) or completions body (`model` and `prompt`), and Model
+chat body (top-level `messages`), completions body (`model` and `prompt`) or Responses body
+(`model` and `input`), and Model
 Garden's `@requestFormat: chatCompletions` instances. Every exchange has the same methods,
 so the service and the adapter never ask which one they hold.
 """
@@ -15,12 +16,14 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 from handler.errors import RequestError
 from handler.api.openai.exchange import OpenAIExchange, VertexChatExchange, is_vertex_chat
 from handler.api.openai.parsing import CHAT, COMPLETIONS
+from handler.api.openai_responses.exchange import ResponsesExchange
 from handler.pipeline.prompts import Prompt
 from handler.pipeline.shapes import Instance, RequestShape
 from handler.api.native import Answer, NativeExchange
 
 PROTOCOL_HEADER = "X-LLM-Protocol"
 PROTOCOLS = {"openai-chat": CHAT, "openai-completions": COMPLETIONS}
+RESPONSES = "openai-responses"
 
 
 @runtime_checkable
@@ -56,9 +59,11 @@ def named_exchange(protocol: str | None, model: str) -> Exchange:
     """The exchange a header names, before the body is read (so even a bad body gets its protocol's errors)."""
     if protocol is None:
         return NativeExchange()
+    if protocol == RESPONSES:
+        return ResponsesExchange(model)
     if protocol not in PROTOCOLS:
         raise RequestError(
-            f"{PROTOCOL_HEADER} must be one of {', '.join(PROTOCOLS)}, got {protocol[:64]!r}", PROTOCOL_HEADER
+            f"{PROTOCOL_HEADER} must be one of {', '.join([*PROTOCOLS, RESPONSES])}, got {protocol[:64]!r}", PROTOCOL_HEADER
         )
     return OpenAIExchange(PROTOCOLS[protocol], model)
 
@@ -70,6 +75,8 @@ def sniffed_exchange(body: Any, model: str) -> Exchange:
             return OpenAIExchange(CHAT, model)
         if "model" in body and "prompt" in body:
             return OpenAIExchange(COMPLETIONS, model)
+        if "model" in body and "input" in body:
+            return ResponsesExchange(model)
     if is_vertex_chat(body):
         return VertexChatExchange(model)
     return NativeExchange()

@@ -108,7 +108,7 @@ def parse_openai(endpoint: str, body: Any, shape: RequestShape, prefix: str = ""
         where = prefix.rstrip(".") or "body"
         raise RequestError(f"{where} must be a JSON object, got {kind}", where)
     body = {key: value for key, value in body.items() if value is not None}
-    _check_fields(body, FIELDS[endpoint], UNSUPPORTED[endpoint], prefix)
+    check_fields(body, FIELDS[endpoint], UNSUPPORTED[endpoint], prefix)
     for name in ("model", "user"):
         if name in body and not isinstance(body[name], str):
             raise RequestError(f"{prefix}{name} must be a string, got {type(body[name]).__name__}", f"{prefix}{name}")
@@ -141,7 +141,7 @@ def parse_openai(endpoint: str, body: Any, shape: RequestShape, prefix: str = ""
     return OpenAIRequest(endpoint, body.get("model"), instances, include_usage)
 
 
-def _check_fields(body: dict[str, Any], known: tuple[str, ...], not_served: tuple[str, ...], prefix: str) -> None:
+def check_fields(body: dict[str, Any], known: tuple[str, ...], not_served: tuple[str, ...], prefix: str) -> None:
     for key in body:
         if key in not_served:
             raise unsupported(f"{prefix}{key} is not supported by this server", f"{prefix}{key}")
@@ -202,7 +202,7 @@ def _include_usage(body: dict[str, Any], stream: bool, prefix: str) -> bool:
         raise RequestError(f"{where} is only allowed with stream: true", where)
     if not isinstance(options, dict):
         raise RequestError(f"{where} must be an object", where)
-    _check_fields(options, ("include_usage",), (), f"{where}.")
+    check_fields(options, ("include_usage",), (), f"{where}.")
     include = options.get("include_usage", False)
     if not isinstance(include, bool):
         raise RequestError(f"{where}.include_usage must be true or false", f"{where}.include_usage")
@@ -228,7 +228,7 @@ def _messages(value: Any, field: str, shape: RequestShape) -> tuple[dict[str, An
         if role not in MESSAGE_FIELDS:
             roles = ", ".join(["developer", *MESSAGE_FIELDS])
             raise RequestError(f"{where}.role must be one of {roles}, got {str(role)[:64]!r}", f"{where}.role")
-        _check_fields(message, MESSAGE_FIELDS[role], UNSUPPORTED_MESSAGE_FIELDS, f"{where}.")
+        check_fields(message, MESSAGE_FIELDS[role], UNSUPPORTED_MESSAGE_FIELDS, f"{where}.")
         if role == "assistant" and "tool_calls" in message:
             made = _tool_calls(message["tool_calls"], f"{where}.tool_calls")
             open_calls |= {call.id for call in made}
@@ -261,7 +261,7 @@ def _tool_calls(value: Any, where: str) -> tuple[ToolCall, ...]:
         at = f"{where}[{j}]"
         if not isinstance(call, dict):
             raise RequestError(f"{at} must be an object with 'id', 'type' and 'function'", at)
-        _check_fields(call, CALL_FIELDS, (), f"{at}.")
+        check_fields(call, CALL_FIELDS, (), f"{at}.")
         if call.get("type", "function") != "function":
             raise RequestError(f"{at}.type must be 'function', got {str(call.get('type'))[:64]!r}", f"{at}.type")
         if not isinstance(call.get("id"), str) or not call["id"]:
@@ -269,7 +269,7 @@ def _tool_calls(value: Any, where: str) -> tuple[ToolCall, ...]:
         function = call.get("function")
         if not isinstance(function, dict):
             raise RequestError(f"{at}.function must be an object with 'name' and 'arguments'", f"{at}.function")
-        _check_fields(function, ("name", "arguments"), (), f"{at}.function.")
+        check_fields(function, ("name", "arguments"), (), f"{at}.function.")
         name = function.get("name")
         if not isinstance(name, str) or not calls.NAME.fullmatch(name):
             raise RequestError(f"{at}.function.name must be a tool's name, got {str(name)[:80]!r}", f"{at}.function.name")
@@ -312,14 +312,14 @@ def tool_spec(body: dict[str, Any], prefix: str = "") -> ToolSpec | None:
 def _tool(value: Any, where: str) -> calls.Tool:
     if not isinstance(value, dict):
         raise RequestError(f"{where} must be an object {{'type': 'function', 'function': {{...}}}}", where)
-    _check_fields(value, TOOL_FIELDS, (), f"{where}.")
+    check_fields(value, TOOL_FIELDS, (), f"{where}.")
     if value.get("type") != "function":
         raise unsupported(f"{where}.type must be 'function', got {str(value.get('type'))[:64]!r}", f"{where}.type")
     function = value.get("function")
     if not isinstance(function, dict):
         raise RequestError(f"{where}.function must be an object with 'name'", f"{where}.function")
     function = {key: item for key, item in function.items() if item is not None}
-    _check_fields(function, FUNCTION_FIELDS, (), f"{where}.function.")
+    check_fields(function, FUNCTION_FIELDS, (), f"{where}.function.")
     if "strict" in function and not isinstance(function["strict"], bool):
         raise RequestError(f"{where}.function.strict must be true or false", f"{where}.function.strict")
     names = {key: f"{where}.function.{key}" for key in ("name", "description", "parameters")}
@@ -330,11 +330,11 @@ def _tool_choice(value: Any, where: str, parallel: bool) -> ToolChoice:
     if value in ("auto", "none", "required"):
         return ToolChoice(value, parallel=parallel)
     if isinstance(value, dict) and value.get("type") == "function":
-        _check_fields(value, ("type", "function"), (), f"{where}.")
+        check_fields(value, ("type", "function"), (), f"{where}.")
         function = value.get("function")
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise RequestError(f"{where}.function must be an object with a 'name'", f"{where}.function")
-        _check_fields(function, ("name",), (), f"{where}.function.")
+        check_fields(function, ("name",), (), f"{where}.function.")
         return ToolChoice("function", function["name"], parallel)
     raise RequestError(
         f"{where} must be 'auto', 'none', 'required' or {{'type': 'function', 'function': {{'name': ...}}}}", where
@@ -359,7 +359,7 @@ def _content(value: Any, where: str) -> Any:
             raise unsupported(f"{field}.type {kind!r} is not supported by this server (text only)", f"{field}.type")
         if kind != "text":
             raise RequestError(f"{field}.type must be 'text', got {kind!r}", f"{field}.type")
-        _check_fields(part, ("type", "text"), (), f"{field}.")
+        check_fields(part, ("type", "text"), (), f"{field}.")
         if not isinstance(part.get("text"), str):
             raise RequestError(f"{field}.text must be a string", f"{field}.text")
         texts.append(part["text"])

@@ -1,0 +1,282 @@
+"""Tool calling with the official `openai` SDK against the product's tree (front, TorchServe, SmolLM2), on both batching paths.
+
+SmolLM2-135M's template knows no tools, so these run the fallback format. Every
+`tool_choice` mode; streamed calls read back by the SDK's own chunk types; a tool result fed
+back; and the guarantee: seeded, sampled calls to varied schemas (nested objects, enums,
+arrays, bounded integers), every one of whose arguments parses and validates. The hostile
+part sends bad tool bodies: each a 4xx in OpenAI's shape naming the field, the worker the same after.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import jsonschema
+import openai
+import pytest
+
+from tests.integration.test_openai_api import CHAT, MODELS, chat, client, model, post, server, worker_pids  # noqa: F401
+
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 24}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"],
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "The current weather in a city", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "description": "The time in a timezone",
+     "parameters": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 24}}, "required": ["zone"]}}},
+]  # fmt: skip
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+# Varied schemas for the guarantee: nested objects, enums, arrays with bounds, integers with bounds, numbers, booleans.
+SCHEMAS = {
+    "book_flight": {
+        "type": "object",
+        "properties": {
+            "origin": {"type": "string", "pattern": "^[A-Z]{3}$"},
+            "destination": {"type": "string", "pattern": "^[A-Z]{3}$"},
+            "passengers": {"type": "integer", "minimum": 1, "maximum": 9},
+            "cabin": {"enum": ["economy", "business", "first"]},
+        },
+        "required": ["origin", "destination", "passengers", "cabin"],
+    },
+    "create_user": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "address": {
+                "type": "object",
+                "properties": {"street": {"type": "string", "maxLength": 30}, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                "required": ["street", "zip"],
+            },
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        },
+        "required": ["name", "address", "age"],
+    },
+    "add_tags": {
+        "type": "object",
+        "properties": {"tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "minItems": 1, "maxItems": 3}},
+        "required": ["tags"],
+    },
+    "set_thermostat": {
+        "type": "object",
+        "properties": {"celsius": {"type": "number", "minimum": 5, "maximum": 30}, "eco": {"type": "boolean"}},
+        "required": ["celsius", "eco"],
+    },
+    "order_items": {
+        "type": "object",
+        "properties": {
+            "items": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 2,
+                "items": {
+                    "type": "object",
+                    "properties": {"sku": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{2}$"}, "qty": {"type": "integer", "minimum": 1, "maximum": 5}},
+                    "required": ["sku", "qty"],
+                },
+            }
+        },
+        "required": ["items"],
+    },
+    "schedule": {
+        "type": "object",
+        "properties": {
+            "day": {"enum": ["mon", "tue", "wed", "thu", "fri"]},
+            "slot": {"type": "object", "properties": {"hour": {"type": "integer", "minimum": 8, "maximum": 17}, "minutes": {"enum": [0, 30]}}, "required": ["hour", "minutes"]},
+            "note": {"anyOf": [{"type": "string", "maxLength": 16}, {"type": "null"}]},
+        },
+        "required": ["day", "slot", "note"],
+    },
+    "rate": {
+        "type": "object",
+        "properties": {"stars": {"type": "integer", "minimum": 1, "maximum": 5}, "scores": {"type": "array", "items": {"type": "integer", "minimum": -3, "maximum": 3}, "maxItems": 4}},
+        "required": ["stars", "scores"],
+    },
+}  # fmt: skip
+GUARANTEE_TOOLS = [{"type": "function", "function": {"name": name, "parameters": schema}} for name, schema in SCHEMAS.items()]
+SEEDS = range(4)
+
+
+def ask(client: openai.OpenAI, model: str, **extra: Any):
+    fields = {"messages": ASK, "tools": TOOLS, "max_tokens": 120, "temperature": 0, **extra}
+    return client.chat.completions.create(model=model, **fields)
+
+
+def validated(choice) -> list[tuple[str, dict]]:
+    """Each call's name and arguments, after checking they parse and match their tool's schema."""
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS + GUARANTEE_TOOLS}
+    found = []
+    for call in choice.message.tool_calls:
+        arguments = json.loads(call.function.arguments)
+        jsonschema.validate(arguments, schemas[call.function.name])
+        assert call.type == "function" and call.id.startswith("call_")
+        found.append((call.function.name, arguments))
+    return found
+
+
+def test_required_calls_a_tool_whose_arguments_validate(client, model):
+    reply = ask(client, model, tool_choice="required")
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and validated(choice)
+    assert reply.usage.completion_tokens > 0 and reply.usage.prompt_tokens > 0
+
+
+def test_a_named_tool_is_called(client, model):
+    choice = ask(client, model, tool_choice={"type": "function", "function": {"name": "get_time"}}).choices[0]
+    assert choice.finish_reason == "tool_calls" and [name for name, _ in validated(choice)] == ["get_time"]
+
+
+def test_parallel_tool_calls_false_allows_exactly_one_call(client, model):
+    choice = ask(client, model, tool_choice="required", parallel_tool_calls=False).choices[0]
+    assert choice.finish_reason == "tool_calls" and len(validated(choice)) == 1
+
+
+def test_none_answers_in_text(client, model):
+    choice = ask(client, model, tool_choice="none", max_tokens=16).choices[0]
+    assert choice.message.tool_calls is None and choice.message.content
+
+
+def test_auto_answers_in_text_or_with_valid_calls(client, model):
+    for question in (ASK, [{"role": "user", "content": "Write one sentence about the sea."}]):
+        choice = ask(client, model, messages=question).choices[0]
+        if choice.message.tool_calls:
+            assert choice.finish_reason == "tool_calls" and validated(choice)
+        else:
+            assert choice.message.content and choice.finish_reason in ("stop", "length")
+
+
+def test_a_streamed_call_is_the_whole_answers_call(client, model):
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    [expected] = ask(client, model, tool_choice=named).choices[0].message.tool_calls
+    chunks = list(ask(client, model, tool_choice=named, stream=True, stream_options={"include_usage": True}))
+    deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
+    assert deltas[0].index == 0 and deltas[0].id.startswith("call_") and deltas[0].type == "function"
+    assert deltas[0].function.name == "get_weather" and all(d.function.name is None and d.id is None for d in deltas[1:])
+    assert len(deltas) > 2, "arguments arrive in pieces"
+    assert "".join(d.function.arguments or "" for d in deltas) == expected.function.arguments
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    assert chunks[-1].usage.completion_tokens > 0
+
+
+def test_a_tool_result_round_trip(client, model):
+    first = ask(client, model, tool_choice={"type": "function", "function": {"name": "get_weather"}}).choices[0].message
+    [call] = first.tool_calls
+    result = {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 21, "sky": "clear"})}
+    messages = [*ASK, first.model_dump(exclude_none=True), result]
+    answer = client.chat.completions.create(model=model, messages=messages, tools=TOOLS, tool_choice="none", max_tokens=24, temperature=0)
+    assert answer.choices[0].message.content and answer.choices[0].message.tool_calls is None
+    assert answer.usage.prompt_tokens > ask(client, model, tool_choice="none", max_tokens=1).usage.prompt_tokens
+
+
+@pytest.mark.parametrize("served", MODELS)
+def test_every_seeded_sampled_call_to_varied_schemas_parses_and_validates(client, served):
+    """len(SCHEMAS) x len(SEEDS) calls per path, half named, half `required` with one call."""
+
+    def one(job: tuple[int, str]):
+        seed, name = job
+        choice = {"type": "function", "function": {"name": name}} if seed % 2 else "required"
+        content = f"Call {name} with realistic arguments."
+        return client.chat.completions.create(
+            model=served, messages=[{"role": "user", "content": content}], tools=GUARANTEE_TOOLS, tool_choice=choice,
+            parallel_tool_calls=False, temperature=1.0, seed=seed, max_tokens=200,
+        )  # fmt: skip
+
+    jobs = [(seed, name) for seed in SEEDS for name in SCHEMAS]
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(one, jobs))
+    calls = [validated(reply.choices[0]) for reply in replies]
+    assert [reply.choices[0].finish_reason for reply in replies] == ["tool_calls"] * len(jobs)
+    assert all(len(found) == 1 for found in calls)
+    named = [(job, found[0][0]) for job, found in zip(jobs, calls) if job[0] % 2]
+    assert all(name == called for (_, name), called in named)
+    assert len(jobs) >= 28
+
+
+# Hostile tool bodies: (kind, body fields, status, OpenAI `param`).
+def tool(name: Any = "f", parameters: Any = None, **function: Any) -> dict:
+    spec = {"name": name, **function}
+    if parameters is not None:
+        spec["parameters"] = parameters
+    return {"type": "function", "function": spec}
+
+
+CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+CALLED = [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [CALL]}]
+CASES = [
+    ("tool_choice without tools", {"tool_choice": "auto"}, 400, "tool_choice"),
+    ("tool_choice naming an unknown tool", {"tools": [tool()], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+     400, "tool_choice"),
+    ("tool_choice 'sometimes'", {"tools": [tool()], "tool_choice": "sometimes"}, 400, "tool_choice"),
+    ("tool_choice function without a name", {"tools": [tool()], "tool_choice": {"type": "function"}}, 400, "tool_choice.function"),
+    ("tools as an object", {"tools": {"f": {}}}, 400, "tools"),
+    ("an empty tools list", {"tools": []}, 400, "tools"),
+    ("a tool that is a string", {"tools": ["f"]}, 400, "tools[0]"),
+    ("a code_interpreter tool", {"tools": [{"type": "code_interpreter"}]}, 400, "tools[0].type"),
+    ("a tool without its function", {"tools": [{"type": "function"}]}, 400, "tools[0].function"),
+    ("a function without a name", {"tools": [{"type": "function", "function": {"description": "x"}}]}, 400,
+     "tools[0].function.name"),
+    ("a name with a space", {"tools": [tool("get weather")]}, 400, "tools[0].function.name"),
+    ("a name with a quote", {"tools": [tool('f", "arguments": {}}')]}, 400, "tools[0].function.name"),
+    ("a name holding the closing tag", {"tools": [tool("f</tool_call>")]}, 400, "tools[0].function.name"),
+    ("a name of 65 characters", {"tools": [tool("f" * 65)]}, 400, "tools[0].function.name"),
+    ("two tools of one name", {"tools": [tool(), tool()]}, 400, "tools[1]"),
+    ("parameters as a list", {"tools": [tool(parameters=[1])]}, 400, "tools[0].function.parameters"),
+    ("parameters of type string", {"tools": [tool(parameters={"type": "string"})]}, 400, "tools[0].function.parameters"),
+    ("parameters the compiler would ignore", {"tools": [tool(parameters={"type": "object", "not": {}})]}, 400,
+     "tools[0].function.parameters"),
+    ("parameters with an unknown type", {"tools": [tool(parameters={"type": "object", "properties": {"a": {"type": "objectx"}}})],
+     "tool_choice": "required"}, 400, "tools"),
+    ("parameters with a circular $ref", {"tools": [tool(parameters={"type": "object", "properties": {"a": {"$ref": "#/$defs/x"}},
+     "$defs": {"x": {"$ref": "#/$defs/x"}}, "required": ["a"]})], "tool_choice": "required"}, 400, "tools"),
+    ("a grammar over the size limit", {"tools": [tool(parameters={"type": "object", "properties": {"a": {"enum": [f"v{i:05}" for i in range(5000)]}}})]},
+     422, "tools"),
+    ("two hundred tools", {"tools": [tool(f"f{i}") for i in range(200)]}, 422, "tools"),
+    ("an unknown key in a function", {"tools": [tool(colour="red")]}, 400, "tools[0].function.colour"),
+    ("strict as a string", {"tools": [tool(strict="yes")]}, 400, "tools[0].function.strict"),
+    ("parallel_tool_calls as a string", {"tools": [tool()], "parallel_tool_calls": "no"}, 400, "parallel_tool_calls"),
+    ("tools with a json_object response_format", {"tools": [tool()], "response_format": {"type": "json_object"}}, 400,
+     "response_format"),
+    ("a tool message with no matching call", {"messages": [*CALLED, {"role": "tool", "tool_call_id": "call_2", "content": "x"}]},
+     400, "messages[2].tool_call_id"),
+    ("a tool message without tool_call_id", {"messages": [*CALLED, {"role": "tool", "content": "x"}]}, 400,
+     "messages[2].tool_call_id"),
+    ("a tool message first", {"messages": [{"role": "tool", "tool_call_id": "call_1", "content": "x"}]}, 400,
+     "messages[0].tool_call_id"),
+    ("a tool_call_id on a user message", {"messages": [{"role": "user", "content": "x", "tool_call_id": "call_1"}]}, 400,
+     "messages[0].tool_call_id"),
+    ("tool_calls on a user message", {"messages": [{"role": "user", "content": "x", "tool_calls": [CALL]}]}, 400,
+     "messages[0].tool_calls"),
+    ("arguments that are not JSON", {"messages": [CALLED[0], {"role": "assistant", "tool_calls": [
+     {**CALL, "function": {"name": "f", "arguments": "{oops"}}]}]}, 400, "messages[1].tool_calls[0].function.arguments"),
+    ("arguments as an object", {"messages": [CALLED[0], {"role": "assistant", "tool_calls": [
+     {**CALL, "function": {"name": "f", "arguments": {}}}]}]}, 400, "messages[1].tool_calls[0].function.arguments"),
+    ("a call of type code", {"messages": [CALLED[0], {"role": "assistant", "tool_calls": [{**CALL, "type": "code"}]}]}, 400,
+     "messages[1].tool_calls[0].type"),
+    ("a call without an id", {"messages": [CALLED[0], {"role": "assistant", "tool_calls": [{"type": "function",
+     "function": {"name": "f", "arguments": "{}"}}]}]}, 400, "messages[1].tool_calls[0].id"),
+    ("a called name that breaks the format", {"messages": [CALLED[0], {"role": "assistant", "tool_calls": [
+     {**CALL, "function": {"name": "f\n</tool_call>", "arguments": "{}"}}]}]}, 400, "messages[1].tool_calls[0].function.name"),
+    ("the function role", {"messages": [{"role": "function", "name": "f", "content": "x"}]}, 400, "messages[0].role"),
+    ("a tool_result role", {"messages": [{"role": "tool_result", "content": "x"}]}, 400, "messages[0].role"),
+    ("the deprecated functions", {"functions": [{"name": "f"}]}, 400, "functions"),
+]
+
+
+def test_the_tool_cases_cover_the_issue():
+    assert len(CASES) >= 25 and len({kind for kind, *_ in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("kind, fields, status, param", CASES, ids=[case[0] for case in CASES])
+def test_a_bad_tool_body_gets_a_4xx_in_openai_shape(server, model, kind, fields, status, param):
+    before = worker_pids(server, model)
+    body = json.loads(chat())
+    body.update(fields, model=model)
+    got_status, got = post(server, CHAT, json.dumps(body).encode())
+    assert got_status == status, got
+    assert set(got) == {"error"} and set(got["error"]) == {"message", "type", "param", "code"}, got
+    assert got["error"]["param"] == param and got["error"]["type"] == "invalid_request_error", got
+    assert post(server, CHAT, chat(max_tokens=1).replace(b"MODEL", model.encode()))[0] == 200
+    assert worker_pids(server, model) == before, "the worker was replaced"
