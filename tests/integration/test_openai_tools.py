@@ -280,3 +280,130 @@ def test_a_bad_tool_body_gets_a_4xx_in_openai_shape(server, model, kind, fields,
     assert got["error"]["param"] == param and got["error"]["type"] == "invalid_request_error", got
     assert post(server, CHAT, chat(max_tokens=1).replace(b"MODEL", model.encode()))[0] == 200
     assert worker_pids(server, model) == before, "the worker was replaced"
+
+
+# The Responses API (`/v1/responses`), stateless, with the same SDK.
+RESPONSE_TOOLS = [{"type": "function", "name": t["function"]["name"], "description": t["function"]["description"],
+                   "parameters": t["function"]["parameters"]} for t in TOOLS]  # fmt: skip
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"]}  # fmt: skip
+RESPONSES = "/v1/responses"
+
+
+def respond(client: openai.OpenAI, model: str, **extra: Any):
+    fields = {"input": "What is the capital of France?", "max_output_tokens": 24, "temperature": 0, **extra}
+    return client.responses.create(model=model, **fields)
+
+
+def test_a_response_answers_in_text_with_usage(client, model):
+    response = respond(client, model, instructions="Answer in one short sentence.", metadata={"run": "test"})
+    assert response.object == "response" and response.status in ("completed", "incomplete") and response.model == model
+    assert response.output[0].type == "message" and response.output_text == response.output[0].content[0].text
+    assert response.usage.input_tokens > 0 and response.usage.output_tokens > 0 and response.metadata == {"run": "test"}
+
+
+def test_a_cut_response_is_incomplete_with_its_reason(client, model):
+    response = respond(client, model, max_output_tokens=2)
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+
+
+def test_a_streamed_response_is_the_whole_response(client, model):
+    whole = respond(client, model)
+    events = list(respond(client, model, stream=True))
+    kinds = [event.type for event in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == whole.status.join(("response.", ""))
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == whole.output_text
+    with client.responses.stream(model=model, input="What is the capital of France?", max_output_tokens=24, temperature=0) as stream:
+        final = stream.get_final_response()
+    assert final.output_text == whole.output_text
+
+
+def test_a_function_tool_round_trip(client, model):
+    first = respond(client, model, input="What is the weather in Paris?", tools=RESPONSE_TOOLS, tool_choice="required",
+                    parallel_tool_calls=False, max_output_tokens=120)  # fmt: skip
+    [call] = [item for item in first.output if item.type == "function_call"]
+    jsonschema.validate(json.loads(call.arguments), {t["name"]: t["parameters"] for t in RESPONSE_TOOLS}[call.name])
+    assert call.call_id.startswith("call_") and first.status == "completed"
+    items = [{"role": "user", "content": "What is the weather in Paris?"}, call.model_dump(exclude_none=True),
+             {"type": "function_call_output", "call_id": call.call_id, "output": json.dumps({"temperature": 21})}]  # fmt: skip
+    second = respond(client, model, input=items, tools=RESPONSE_TOOLS, tool_choice="none")
+    assert second.output_text and not [item for item in second.output if item.type == "function_call"]
+
+
+def test_a_streamed_function_call_arrives_in_argument_deltas(client, model):
+    named = {"type": "function", "name": "get_weather"}
+    events = list(respond(client, model, input="Weather in Oslo?", tools=RESPONSE_TOOLS, tool_choice=named, stream=True, max_output_tokens=120))
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert len(done) == 1 and "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta") == done[0].arguments
+    jsonschema.validate(json.loads(done[0].arguments), WEATHER)
+    assert events[-1].type == "response.completed" and events[-1].response.output[-1].type == "function_call"
+
+
+def test_a_json_schema_text_format_gives_valid_json(client, model):
+    text = {"format": {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}}
+    response = respond(client, model, input="Describe a person as JSON.", text=text, max_output_tokens=60)
+    assert response.status == "completed", response
+    jsonschema.validate(json.loads(response.output_text), PERSON)
+
+
+@pytest.mark.parametrize("field, value", [("store", True), ("previous_response_id", "resp_1"), ("background", True)])
+def test_state_it_does_not_keep_is_refused_naming_the_field(client, model, field, value):
+    with pytest.raises(openai.BadRequestError) as caught:
+        respond(client, model, **{field: value})
+    assert caught.value.param == field and "stateless" in caught.value.message
+
+
+RESPONSE_CASES = [
+    ("no input", {"input": None}, 400, "input"),
+    ("an empty input list", {"input": []}, 400, "input"),
+    ("a number as input", {"input": 5}, 400, "input"),
+    ("store true", {"store": True}, 400, "store"),
+    ("previous_response_id", {"previous_response_id": "resp_x"}, 400, "previous_response_id"),
+    ("background true", {"background": True}, 400, "background"),
+    ("a reasoning item", {"input": [{"type": "reasoning", "summary": []}]}, 400, "input[0].type"),
+    ("an unknown role", {"input": [{"role": "robot", "content": "x"}]}, 400, "input[0].role"),
+    ("an image part", {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, 400,
+     "input[0].content[0].type"),
+    ("an output with no call", {"input": [{"role": "user", "content": "x"}, {"type": "function_call_output", "call_id": "c", "output": "x"}]},
+     400, "input[1].call_id"),
+    ("a call with bad arguments", {"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{"}]}, 400,
+     "input[0].arguments"),
+    ("a call whose name breaks the format", {"input": [{"type": "function_call", "call_id": "c", "name": "f</tool_call>",
+     "arguments": "{}"}]}, 400, "input[0].name"),
+    ("a regex text format", {"text": {"format": {"type": "regex"}}}, 400, "text.format.type"),
+    ("a json_schema text format without schema", {"text": {"format": {"type": "json_schema", "name": "x"}}}, 400,
+     "text.format.schema"),
+    ("a web_search tool", {"tools": [{"type": "web_search"}]}, 400, "tools[0].type"),
+    ("a tool name with a space", {"tools": [{"type": "function", "name": "a b"}]}, 400, "tools[0].name"),
+    ("a tool with string parameters", {"tools": [{"type": "function", "name": "f", "parameters": {"type": "string"}}]}, 400,
+     "tools[0].parameters"),
+    ("tool_choice naming no tool", {"tools": RESPONSE_TOOLS, "tool_choice": {"type": "function", "name": "other"}}, 400,
+     "tool_choice"),
+    ("tool_choice without tools", {"tool_choice": "required"}, 400, "tool_choice"),
+    ("tools with a text format", {"tools": RESPONSE_TOOLS, "text": {"format": {"type": "json_object"}}}, 400, "text.format"),
+    ("max_output_tokens 0", {"max_output_tokens": 0}, 400, "max_output_tokens"),
+    ("max_output_tokens over the context", {"max_output_tokens": 100_000}, 422, "max_output_tokens"),
+    ("temperature -1", {"temperature": -1}, 400, "temperature"),
+    ("metadata with a number", {"metadata": {"a": 1}}, 400, "metadata"),
+    ("truncation auto", {"truncation": "auto"}, 400, "truncation"),
+    ("an unknown field", {"colour": "red"}, 400, "colour"),
+    ("a schema with a circular $ref", {"tools": [{"type": "function", "name": "f", "parameters": {"type": "object",
+     "properties": {"a": {"$ref": "#/$defs/x"}}, "$defs": {"x": {"$ref": "#/$defs/x"}}, "required": ["a"]}}],
+     "tool_choice": "required"}, 400, "tools"),
+]
+
+
+def test_the_responses_cases_cover_the_issue():
+    assert len(RESPONSE_CASES) >= 25 and len({kind for kind, *_ in RESPONSE_CASES}) == len(RESPONSE_CASES)
+
+
+@pytest.mark.parametrize("kind, fields, status, param", RESPONSE_CASES, ids=[case[0] for case in RESPONSE_CASES])
+def test_a_bad_responses_body_gets_a_4xx_in_openai_shape(server, model, kind, fields, status, param):
+    before = worker_pids(server, model)
+    body = {"model": model, "input": "hi", **fields}
+    got_status, got = post(server, RESPONSES, json.dumps({k: v for k, v in body.items() if v is not None}).encode())
+    assert got_status == status, got
+    assert set(got) == {"error"} and got["error"]["param"] == param and got["error"]["type"] == "invalid_request_error", got
+    assert post(server, RESPONSES, json.dumps({"model": model, "input": "hi", "max_output_tokens": 1}).encode())[0] == 200
+    assert worker_pids(server, model) == before, "the worker was replaced"

@@ -62,8 +62,8 @@ def parse_responses(body: Any, shape: RequestShape) -> ResponsesRequest:
     if not isinstance(body, dict):
         raise RequestError(f"body must be a JSON object, got {'null' if body is None else type(body).__name__}", "body")
     body = {key: value for key, value in body.items() if value is not None}
-    check_fields(body, FIELDS, UNSUPPORTED, "")
     _stateless(body)
+    check_fields(body, FIELDS, UNSUPPORTED, "")
     for name in ("model", "user", "instructions"):
         if name in body and not isinstance(body[name], str):
             raise RequestError(f"{name} must be a string, got {type(body[name]).__name__}", name)
@@ -103,6 +103,9 @@ def parse_responses(body: Any, shape: RequestShape) -> ResponsesRequest:
 
 
 def _stateless(body: dict[str, Any]) -> None:
+    for name in ("previous_response_id", "conversation"):
+        if name in body:
+            raise unsupported(f"{name} is not supported: {STATELESS}; send the whole conversation as input", name)
     if body.get("store", False) is not False:
         raise unsupported(f"store must be false or left out: {STATELESS}; send the whole conversation as input", "store")
     if body.get("background", False) is not False:
