@@ -1,4 +1,4 @@
-"""Tool calling with the official `openai` SDK against the product's tree (front, TorchServe, SmolLM2), on both batching paths.
+"""Tool calling and the Responses API with the official clients against the product's tree (front, TorchServe, SmolLM2), on both batching paths.
 
 SmolLM2-135M's template knows no tools, so these run the fallback format. Every
 `tool_choice` mode; streamed calls read back by the SDK's own chunk types; a tool result fed
@@ -11,13 +11,37 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 import jsonschema
 import openai
 import pytest
 
-from tests.integration.test_openai_api import CHAT, MODELS, chat, client, model, post, server, worker_pids  # noqa: F401
+from tests.integration.test_openai_api import CHAT, MODELS, chat, client, model, post, worker_pids  # noqa: F401
+from tests.support.torchserve import TorchServe, build_archive, continuous_model_config, dynamic_model_config
+
+
+def patient(config: dict[str, Any]) -> dict[str, Any]:
+    """The app's config with fp32 (no dtype probe at start) and room for slow answers: on a shared
+    2-core machine the app's 50 s deadline cuts calls short, and these tests are about their shape."""
+    config["handler"] = {**config["handler"], "dtype": "float32", "deadline_seconds": 900}
+    config["responseTimeout"] = 900
+    return config
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterator[TorchServe]:
+    workdir = tmp_path_factory.mktemp("openai-tools")
+    store = workdir / "store"
+    store.mkdir()
+    configs = dict(zip(MODELS, (patient(dynamic_model_config("smollm2")), patient(continuous_model_config("smollm2")))))
+    served = TorchServe(workdir, {name: build_archive("smollm2", name, store, config) for name, config in configs.items()})
+    try:
+        served.start()
+        yield served
+    finally:
+        served.stop()
 
 WEATHER = {
     "type": "object",
@@ -106,10 +130,14 @@ def ask(client: openai.OpenAI, model: str, **extra: Any):
 
 
 def validated(choice) -> list[tuple[str, dict]]:
-    """Each call's name and arguments, after checking they parse and match their tool's schema."""
+    """Each call's name and arguments, after checking they parse and match their tool's schema. An answer
+    cut by `max_tokens` (a small model may call again and again when parallel calls are allowed) has
+    its complete calls checked, not the last, which the limit cut."""
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS + GUARANTEE_TOOLS}
     found = []
-    for call in choice.message.tool_calls:
+    calls = choice.message.tool_calls
+    assert choice.finish_reason in ("tool_calls", "length") and calls, choice
+    for call in calls[:-1] if choice.finish_reason == "length" else calls:
         arguments = json.loads(call.function.arguments)
         jsonschema.validate(arguments, schemas[call.function.name])
         assert call.type == "function" and call.id.startswith("call_")
@@ -118,9 +146,9 @@ def validated(choice) -> list[tuple[str, dict]]:
 
 
 def test_required_calls_a_tool_whose_arguments_validate(client, model):
-    reply = ask(client, model, tool_choice="required")
+    reply = ask(client, model, tool_choice="required", max_tokens=160)
     choice = reply.choices[0]
-    assert choice.finish_reason == "tool_calls" and validated(choice)
+    assert validated(choice)
     assert reply.usage.completion_tokens > 0 and reply.usage.prompt_tokens > 0
 
 
@@ -143,7 +171,7 @@ def test_auto_answers_in_text_or_with_valid_calls(client, model):
     for question in (ASK, [{"role": "user", "content": "Write one sentence about the sea."}]):
         choice = ask(client, model, messages=question).choices[0]
         if choice.message.tool_calls:
-            assert choice.finish_reason == "tool_calls" and validated(choice)
+            validated(choice)
         else:
             assert choice.message.content and choice.finish_reason in ("stop", "length")
 
@@ -407,3 +435,68 @@ def test_a_bad_responses_body_gets_a_4xx_in_openai_shape(server, model, kind, fi
     assert set(got) == {"error"} and got["error"]["param"] == param and got["error"]["type"] == "invalid_request_error", got
     assert post(server, RESPONSES, json.dumps({"model": model, "input": "hi", "max_output_tokens": 1}).encode())[0] == 200
     assert worker_pids(server, model) == before, "the worker was replaced"
+
+
+# Agent frameworks, unchanged, against the same server: the tool actually called, its result sent back and answered.
+def weather_tool(seen: list[str]):
+    from agents import function_tool
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        seen.append(city)
+        return f"It is sunny and 21 degrees in {city}."
+
+    return get_weather
+
+
+@pytest.mark.parametrize("wire", ["responses", "chat"])
+def test_an_openai_agent_calls_its_tool_and_answers_with_the_result(server, model, wire):
+    from agents import Agent, ModelSettings, OpenAIChatCompletionsModel, Runner, set_default_openai_client, set_tracing_disabled
+
+    set_tracing_disabled(True)
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=600)
+    set_default_openai_client(client, use_for_tracing=False)
+    seen: list[str] = []
+    agent = Agent(
+        name="weather",
+        instructions="Answer questions about the weather. Call get_weather first, then answer in one sentence.",
+        tools=[weather_tool(seen)],
+        model=model if wire == "responses" else OpenAIChatCompletionsModel(model, client),  # a name: the default Responses model
+        model_settings=ModelSettings(tool_choice="required", parallel_tool_calls=False, temperature=0, max_tokens=80),
+    )
+    result = Runner.run_sync(agent, "What is the weather in Paris?", max_turns=4)
+    outputs = [item for item in result.to_input_list() if item.get("type") == "function_call_output"]
+    assert seen and outputs and "sunny" in str(outputs[0]["output"])
+    assert isinstance(result.final_output, str) and result.final_output.strip()
+    assert len(result.raw_responses) >= 2, "the tool's result went back to the model, which answered"
+
+
+def test_langchain_binds_tools_and_gets_structured_output(server, model):
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class Person(BaseModel):
+        name: str = Field(max_length=20)
+        age: int = Field(ge=0, le=120)
+
+    llm = ChatOpenAI(model=model, base_url=f"{server.url}/v1", api_key="unused", temperature=0, max_tokens=80, max_retries=0)
+    message = llm.bind_tools([TOOLS[0]], tool_choice="get_weather").invoke("What is the weather in Paris?")
+    [call] = message.tool_calls
+    assert call["name"] == "get_weather" and call["id"].startswith("call_")
+    jsonschema.validate(call["args"], WEATHER)
+    person = llm.with_structured_output(Person).invoke("Describe a person.")
+    assert isinstance(person, Person)
+
+
+def test_litellm_completion_with_tools(server, model, monkeypatch):
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    reply = litellm.completion(
+        model=f"openai/{model}", api_base=f"{server.url}/v1", api_key="unused", messages=ASK, tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_time"}}, temperature=0, max_tokens=80,
+    )  # fmt: skip
+    [call] = reply.choices[0].message.tool_calls
+    assert reply.choices[0].finish_reason == "tool_calls" and call.function.name == "get_time"
+    jsonschema.validate(json.loads(call.function.arguments), TOOLS[1]["function"]["parameters"])
