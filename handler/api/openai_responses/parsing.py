@@ -25,10 +25,11 @@ from handler.structured.tools import ToolCall, ToolChoice, ToolSpec
 FIELDS = (
     "model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "tools", "tool_choice",
     "parallel_tool_calls", "text", "metadata", "stream", "store", "user", "truncation", "background", "include",
+    "prompt_cache_key", "safety_identifier",  # hints for OpenAI's own caching and abuse checks: accepted, not needed
 )  # fmt: skip
 UNSUPPORTED = (
     "previous_response_id", "conversation", "prompt", "reasoning", "max_tool_calls", "top_logprobs", "service_tier",
-    "prompt_cache_key", "safety_identifier", "stream_options",
+    "stream_options",
 )  # fmt: skip
 STATELESS = "this server is stateless: it keeps no responses"
 ROLES = ("user", "system", "developer", "assistant")
@@ -64,7 +65,7 @@ def parse_responses(body: Any, shape: RequestShape) -> ResponsesRequest:
     body = {key: value for key, value in body.items() if value is not None}
     _stateless(body)
     check_fields(body, FIELDS, UNSUPPORTED, "")
-    for name in ("model", "user", "instructions"):
+    for name in ("model", "user", "instructions", "prompt_cache_key", "safety_identifier"):
         if name in body and not isinstance(body[name], str):
             raise RequestError(f"{name} must be a string, got {type(body[name]).__name__}", name)
     if body.get("truncation", "disabled") != "disabled":
