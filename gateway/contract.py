@@ -18,6 +18,7 @@ MODELS_ROUTE = "/v1/models"
 # Anthropic's Messages API's routes (gateway.anthropic_api).
 MESSAGES_ROUTE = "/v1/messages"
 COUNT_TOKENS_ROUTE = "/v1/messages/count_tokens"
+RESPONSES_ROUTE = "/v1/responses"
 # Where ``make serve`` answers on this host, with the default port.
 LOCAL_URL = f"http://127.0.0.1:{DEFAULT_HTTP_PORT}"
 JSON = "application/json"

@@ -1,4 +1,4 @@
-"""The OpenAI API's routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``.
+"""The OpenAI API's routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/responses``, ``GET /v1/models``.
 
 Its semantics live in the handler (``handler/api/openai``), where they share validation,
 limits and statuses with the native API. These routes only pick the app the body's
@@ -18,7 +18,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.contract import CHAT_COMPLETIONS_ROUTE, COMPLETIONS_ROUTE, MODELS_ROUTE, predict_route
+from gateway.contract import CHAT_COMPLETIONS_ROUTE, COMPLETIONS_ROUTE, MODELS_ROUTE, RESPONSES_ROUTE, predict_route
 from gateway.relay import BodyError, Dialect, named_app, read_body, relay
 
 PROTOCOL_HEADER = "X-LLM-Protocol"
@@ -43,8 +43,15 @@ def dialect(protocol: str) -> Dialect:
     return Dialect(openai_error, broken_stream, ((PROTOCOL_HEADER, protocol),), rewords_upstream=True)
 
 
+def broken_response_stream(message: str, code: int) -> bytes:
+    """The Responses API's `error` event, which its SDK raises on."""
+    event = {"type": "error", "code": CODES.get(code, "server_error"), "message": message, "param": None, "sequence_number": 0}
+    return b"\n\nevent: error\ndata: " + json.dumps(event).encode() + b"\n\n"
+
+
 CHAT = dialect("openai-chat")
 COMPLETIONS = dialect("openai-completions")
+RESPONSES = Dialect(openai_error, broken_response_stream, ((PROTOCOL_HEADER, "openai-responses"),), rewords_upstream=True)
 
 
 async def chat_completions(request: Request) -> Response:
@@ -53,6 +60,10 @@ async def chat_completions(request: Request) -> Response:
 
 async def completions(request: Request) -> Response:
     return await _relay(request, COMPLETIONS)
+
+
+async def responses(request: Request) -> Response:
+    return await _relay(request, RESPONSES)
 
 
 async def _relay(request: Request, protocol: Dialect) -> Response:
@@ -89,7 +100,7 @@ async def model(request: Request) -> Response:
     return JSONResponse(_card(name)) if name in front.apps else _unknown(front, name)
 
 
-ROUTES = {CHAT_COMPLETIONS_ROUTE: "POST", COMPLETIONS_ROUTE: "POST", MODELS_ROUTE: "GET"}
+ROUTES = {CHAT_COMPLETIONS_ROUTE: "POST", COMPLETIONS_ROUTE: "POST", RESPONSES_ROUTE: "POST", MODELS_ROUTE: "GET"}
 
 
 async def no_route(request: Request) -> Response:
@@ -105,6 +116,7 @@ def openai_routes() -> list[Route]:
     return [
         Route(CHAT_COMPLETIONS_ROUTE, chat_completions, methods=["POST"]),
         Route(COMPLETIONS_ROUTE, completions, methods=["POST"]),
+        Route(RESPONSES_ROUTE, responses, methods=["POST"]),
         Route(MODELS_ROUTE, models, methods=["GET"]),
         Route(MODELS_ROUTE + "/{model:path}", model, methods=["GET"]),
         Route("/v1/{rest:path}", no_route, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),

@@ -13,6 +13,7 @@ The vocabulary every layer shares
     `structured.constraint`      `GrammarConstraint`: one sequence's grammar as a logits mask, run first
     `structured.grammars`        compile response formats once each, bounded, in a killable child; LRU cache
     `structured.grammar_worker`  that child: xgrammar's compiler, run as a script
+    `structured.tools`           tool calls: one format, its grammar (a structural tag), its prompt block, its parser
 
 `pipeline`: a request after its protocol has parsed it
     `pipeline.shapes`   the native shapes (Vertex instances, TGI inputs, plain text) into instances
@@ -45,8 +46,11 @@ The vocabulary every layer shares
 `api`: the protocols, each written once, at the edge
     `api.protocols`         the `Exchange` protocol; which protocol a request speaks (header or body shape)
     `api.native`            the native exchange: the `predictions` body and the stream's JSON lines
-    `api.openai`            the OpenAI API: `api.openai.parsing` (bodies in), `api.openai.rendering`
-                            (`chat.completion`/`text_completion`, SSE, errors out), `api.openai.exchange`
+    `api.openai`            the OpenAI API: `api.openai.parsing` (bodies in, tools included), `api.openai.rendering`
+                            (`chat.completion`/`text_completion` with `tool_calls`, SSE, errors out), `api.openai.exchange`
+    `api.openai_responses`  OpenAI's Responses API, stateless: `api.openai_responses.parsing` (input items, text.format,
+                            tools), `api.openai_responses.rendering` (the `response` object, its typed SSE events),
+                            `api.openai_responses.exchange`
     `api.anthropic`         Anthropic's Messages API: `api.anthropic.parsing` (bodies in),
                             `api.anthropic.rendering` (`message`, its SSE events, token counts, errors
                             out), `api.anthropic.exchange`

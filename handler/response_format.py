@@ -46,7 +46,9 @@ class ResponseFormat:
 
     @property
     def source_field(self) -> str:
-        """The field that holds the source, for errors about the source itself."""
+        """The field that holds the source, for errors about the source itself (a tool-call grammar's: the tools)."""
+        if self.kind not in SOURCE_KEYS:
+            return self.where
         if self.kind == "json_schema":
             return f"{self.where}.json_schema.schema"
         key = SOURCE_KEYS[self.kind]
@@ -96,10 +98,10 @@ def _schema_source(value: Any, where: str) -> str:
     schema = value["schema"]
     if not isinstance(schema, dict):
         raise RequestError(f"{where}.schema must be a JSON Schema object, got {type(schema).__name__}", f"{where}.schema")
-    unfollowed = _unfollowed(schema)
-    if unfollowed is not None:
+    keyword = unfollowed(schema)
+    if keyword is not None:
         raise RequestError(
-            f"{where}.schema uses {unfollowed}, which this server cannot enforce while generating",
+            f"{where}.schema uses {keyword}, which this server cannot enforce while generating",
             f"{where}.schema",
         )
     try:
@@ -110,7 +112,7 @@ def _schema_source(value: Any, where: str) -> str:
         raise RequestError(f"{where}.schema is not valid JSON: {error}", f"{where}.schema") from error
 
 
-def _unfollowed(schema: dict) -> str | None:
+def unfollowed(schema: dict) -> str | None:
     """The first keyword (with its JSON pointer) that the compiler would ignore, or None."""
     pending: list[tuple[str, Any]] = [("#", schema)]
     while pending:

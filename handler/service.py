@@ -165,7 +165,8 @@ class Service:
                 exchange = sniffed_exchange(body, self.model_name)
             instances = exchange.parse(body, self.shape)
             tokenizer, template, limits = self.loaded.tokenizer, self.settings.prompt_template, self.loaded.limits
-            prompts = [encode(instance, tokenizer, template, limits) for instance in instances]
+            tool_prompt = self.settings.tool_prompt
+            prompts = [encode(instance, tokenizer, template, limits, tool_prompt) for instance in instances]
             exchange.begin(prompts)
             return exchange, prompts if exchange.generates else []
         except RequestError as error:
@@ -177,8 +178,8 @@ class Service:
     async def answer(self, requests: list[Prepared], sink: RequestSink | None = None) -> list[Answer | RequestError]:
         """Every valid request's prompts in one scheduler call; a failed call answers each of them with a 500."""
         owners = [(index, prompt) for index, entry in enumerate(requests) if not isinstance(entry, RequestError) for prompt in entry]
-        if not owners:
-            return [entry for entry in requests if isinstance(entry, RequestError)]
+        if not owners:  # every request refused, or asking for no generation (a token count)
+            return [entry if isinstance(entry, RequestError) else [] for entry in requests]
         offsets = [o for entry in requests if not isinstance(entry, RequestError) for o in prediction_offsets(entry)]
 
         def on_chunk(prompt_index: int, sequence: int, text: str) -> None:

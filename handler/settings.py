@@ -16,6 +16,7 @@ from handler.params import GenerationParams, ParamLimits, resolve_params
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "int8-dynamic", "fp16-dynamic", "int8-weight-only", "int4-weight-only")
 BATCHING_MODES = ("dynamic", "continuous")
+TOOL_PROMPTS = ("auto", "fallback")
 CONTINUOUS_PROBE_ROWS = 16
 # `continuous.num_blocks: auto` on a CPU: 8,192 tokens of 64, which keeps the cache's share
 # of a small host's RAM small (on a GPU, auto sizes it from free memory: handler.model.device).
@@ -81,6 +82,9 @@ class HandlerSettings:
     limits: ParamLimits = field(default_factory=ParamLimits)
     defaults: GenerationParams = field(default_factory=GenerationParams)
     prompt_template: str | None = None
+    # How tools reach the prompt: `auto` uses the chat template's own tool rendering when it has one,
+    # `fallback` always the tool block of handler.structured.tools (for templates whose call format differs).
+    tool_prompt: str = "auto"
     deadline_seconds: float | None = None
     warmup: bool = True
     batching: str = "dynamic"
@@ -139,6 +143,7 @@ class HandlerSettings:
         _choice("dtype", self.dtype, DTYPES)
         _choice("batching", self.batching, BATCHING_MODES)
         _choice("quantization", self.quantization, QUANTIZATIONS)
+        _choice("tool_prompt", self.tool_prompt, TOOL_PROMPTS)
         if self.device_map not in (None, "auto"):
             raise SettingsError(f"handler.device_map must be 'auto' or absent, got {self.device_map!r}")
         if not isinstance(self.compile, bool):

@@ -1,11 +1,12 @@
 """Which protocol a request speaks, and one exchange per request that parses and renders in it.
 
 The front names the protocol in a header (`X-LLM-Protocol: openai-chat`, `openai-completions`,
-`anthropic-messages` or `anthropic-count-tokens`, for its `/v1/...` routes); without one, the
-body's own shape decides, as Vertex's predict route carries several: the native shapes
-(`pipeline.shapes`), an Anthropic body (top-level `anthropic_version`, as Vertex's Anthropic
-bodies have it), a bare OpenAI chat body (top-level `messages`) or completions body (`model`
-and `prompt`), and Model Garden's `@requestFormat: chatCompletions` instances. Every exchange has the same methods,
+`openai-responses`, `anthropic-messages` or `anthropic-count-tokens`, for its `/v1/...` routes);
+without one, the body's own shape decides, as Vertex's predict route carries several: the native
+shapes (`pipeline.shapes`), an Anthropic body (top-level `anthropic_version`, as Vertex's Anthropic
+bodies have it), a bare OpenAI chat body (top-level `messages`), completions body (`model` and
+`prompt`) or Responses body (`model` and `input`), and Model Garden's `@requestFormat:
+chatCompletions` instances. Every exchange has the same methods,
 so the service and the adapter never ask which one they hold.
 """
 
@@ -18,6 +19,7 @@ from handler.api.anthropic.exchange import AnthropicExchange
 from handler.api.anthropic.parsing import COUNT_TOKENS, MESSAGES
 from handler.api.openai.exchange import OpenAIExchange, VertexChatExchange, is_vertex_chat
 from handler.api.openai.parsing import CHAT, COMPLETIONS
+from handler.api.openai_responses.exchange import ResponsesExchange
 from handler.pipeline.prompts import Prompt
 from handler.pipeline.shapes import Instance, RequestShape
 from handler.api.native import Answer, NativeExchange
@@ -28,6 +30,7 @@ ANTHROPIC_PROTOCOLS = {"anthropic-messages": MESSAGES, "anthropic-count-tokens":
 PROTOCOLS = {**OPENAI_PROTOCOLS, **ANTHROPIC_PROTOCOLS}
 # Vertex's Anthropic bodies carry their API version in the body (the model is in the URL).
 ANTHROPIC_VERSION = "anthropic_version"
+RESPONSES = "openai-responses"
 
 
 @runtime_checkable
@@ -67,9 +70,11 @@ def named_exchange(protocol: str | None, model: str) -> Exchange:
     """The exchange a header names, before the body is read (so even a bad body gets its protocol's errors)."""
     if protocol is None:
         return NativeExchange()
+    if protocol == RESPONSES:
+        return ResponsesExchange(model)
     if protocol not in PROTOCOLS:
         raise RequestError(
-            f"{PROTOCOL_HEADER} must be one of {', '.join(PROTOCOLS)}, got {protocol[:64]!r}", PROTOCOL_HEADER
+            f"{PROTOCOL_HEADER} must be one of {', '.join([*PROTOCOLS, RESPONSES])}, got {protocol[:64]!r}", PROTOCOL_HEADER
         )
     if protocol in ANTHROPIC_PROTOCOLS:
         return AnthropicExchange(ANTHROPIC_PROTOCOLS[protocol], model)
@@ -85,6 +90,8 @@ def sniffed_exchange(body: Any, model: str) -> Exchange:
             return OpenAIExchange(CHAT, model)
         if "model" in body and "prompt" in body:
             return OpenAIExchange(COMPLETIONS, model)
+        if "model" in body and "input" in body:
+            return ResponsesExchange(model)
     if is_vertex_chat(body):
         return VertexChatExchange(model)
     return NativeExchange()

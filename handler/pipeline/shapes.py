@@ -17,6 +17,7 @@ from typing import Any
 
 from handler.errors import RequestError, limit_error
 from handler.params import PARAMETER_NAMES, GenerationParams, ParamLimits, require_text, resolve_params
+from handler.structured.tools import ToolSpec
 
 CHAT_ROLES = ("system", "user", "assistant")
 PROMPT_KEYS = ("prompt", "inputs", "messages")
@@ -48,13 +49,17 @@ class Instance:
     """One prompt to complete: plain text or chat messages, with its resolved parameters and its fields' names.
 
     `prefill`: the last message is the assistant's answer begun, to be continued rather than
-    followed by a new turn (Anthropic's meaning of a conversation that ends with the assistant)."""
+    followed by a new turn (Anthropic's meaning of a conversation that ends with the assistant).
+    Messages are `{"role", "content"}`; in a conversation with tools an assistant message may also
+    hold `tool_calls` (`structured.tools.ToolCall`s) and a `tool` message its `tool_call_id` and `name`.
+    `tools` are the ones the model may call, rendered into the prompt by `pipeline.prompts`."""
 
     params: GenerationParams
     fields: Fields = dataclass_field(compare=False)
     text: str | None = None
-    messages: tuple[dict[str, str], ...] | None = None
+    messages: tuple[dict[str, Any], ...] | None = None
     prefill: bool = False
+    tools: ToolSpec | None = None
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,8 @@ def compile_source(compiler, kind: str, source: str):
         return compiler.compile_regex(source)
     if kind == "grammar":
         return compiler.compile_grammar(source)
+    if kind == "tool_calls":  # a structural tag (handler.structured.tools)
+        return compiler.compile_structural_tag(source)
     raise ValueError(f"unknown kind {kind!r}")
 
 

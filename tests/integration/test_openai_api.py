@@ -131,7 +131,7 @@ def test_usage_is_the_tokenizers_count(client, model, tokenizer):
 
 @pytest.mark.parametrize(
     "extra, field",
-    [({"temperature": -1}, "temperature"), ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    [({"temperature": -1}, "temperature"), ({"tools": [{"type": "function", "function": {"name": "f g"}}]}, "tools[0].function.name"),
      ({"max_tokens": 0}, "max_tokens"), ({"extra_body": {"colour": "red"}}, "colour")],
 )
 def test_bad_input_is_the_sdks_bad_request_error_naming_the_field(client, model, extra, field):
@@ -202,13 +202,14 @@ CASES = [
     ("messages null", CHAT, chat(messages=None), 400, "messages"),
     ("empty messages", CHAT, chat(messages=[]), 400, "messages"),
     ("a message that is a string", CHAT, chat(messages=["hi"]), 400, "messages[0]"),
-    ("a tool message", CHAT, chat(messages=[{"role": "tool", "content": "x"}]), 400, "messages[0].role"),
+    ("a tool message with no call", CHAT, chat(messages=[{"role": "tool", "content": "x"}]), 400, "messages[0].tool_call_id"),
     ("an unknown role", CHAT, chat(messages=[{"role": "root", "content": "x"}]), 400, "messages[0].role"),
     ("an image part", CHAT, chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
      400, "messages[0].content[0].type"),
     ("a lone surrogate in content", CHAT, b'{"model": "MODEL", "messages": [{"role": "user", "content": "hi \\udfff"}]}',
      400, "messages[0].content"),
-    ("tools", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
+    ("a tool name with a space", CHAT, chat(tools=[{"type": "function", "function": {"name": "f g"}}]), 400,
+     "tools[0].function.name"),
     ("tool_choice", CHAT, chat(tool_choice="auto"), 400, "tool_choice"),
     ("audio output", CHAT, chat(modalities=["audio"]), 400, "modalities"),
     ("an unknown field", CHAT, chat(colour="red"), 400, "colour"),

@@ -172,7 +172,7 @@ def test_errors_take_openai_shape_and_name_the_field(served):
     )
     bodies = [json.loads(out)["error"] for _, out, _ in results]
     assert [status for status, _, _ in results] == [400, 422, 400]
-    assert [b["param"] for b in bodies] == ["tools", "max_tokens", "body"]
+    assert [b["param"] for b in bodies] == ["tools[0].function", "max_tokens", "body"]
     assert bodies[1]["message"].startswith("input tokens + max_tokens must be <= 200")
     assert all(set(b) == {"message", "type", "param", "code"} for b in bodies)
 

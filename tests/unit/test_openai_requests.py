@@ -91,7 +91,7 @@ def test_stream_options_unknown_key_is_refused():
     assert chat_refused(stream=True, stream_options={"continuous_usage_stats": True}).field == "stream_options.continuous_usage_stats"
 
 
-@pytest.mark.parametrize("name", ["tools", "tool_choice", "functions", "audio", "modalities", "parallel_tool_calls"])
+@pytest.mark.parametrize("name", ["functions", "function_call", "audio", "modalities"])
 def test_known_but_unsupported_fields_get_400_naming_them(name):
     error = chat_refused(**{name: [{"type": "function"}]})
     assert (error.status, error.field, error.details["code"]) == (400, name, "unsupported_parameter")
@@ -155,7 +155,7 @@ def test_top_logprobs_needs_logprobs():
     "message, field",
     [
         ({"role": "tool", "content": "x", "tool_call_id": "1"}, "messages[0].tool_call_id"),
-        ({"role": "tool", "content": "x"}, "messages[0].role"),
+        ({"role": "tool", "content": "x"}, "messages[0].tool_call_id"),
         ({"role": "user", "content": "x", "name": "bob"}, "messages[0].name"),
         ({"role": "assistant", "tool_calls": []}, "messages[0].tool_calls"),
         ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, "messages[0].content[0].type"),

@@ -3,6 +3,8 @@
 A `Reply` holds what every part of one answer shares (id, created, model); `response`
 renders a whole answer, `StreamRenderer` a stream of pieces then its end, and
 `error_body` any `RequestError` in OpenAI's `{"error": {message, type, param, code}}`.
+A prompt that may call tools has its text split into content and calls by
+`structured.tools`, whole or piece by piece; the calls become `tool_calls` here.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from handler.errors import RequestError
 from handler.api.openai.parsing import CHAT
 from handler.pipeline.prompts import Prompt
 from handler.decoding.stopping import FinishReason
+from handler.structured.tools import TOOL_CALLS, CallEvent, CallSplitter, ToolCall, split_calls
 
 if TYPE_CHECKING:
     from handler.decoding.sequence import Completion
@@ -64,12 +67,33 @@ def usage(answer: Answer) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
 
 
+def may_call(prompt: Prompt) -> bool:
+    """Whether the prompt's grammar lets it call tools (`tool_choice` other than none)."""
+    spec = prompt.params.response_format
+    return spec is not None and spec.kind == TOOL_CALLS
+
+
+def finish_reason(completion: "Completion", called: bool) -> str:
+    """`tool_calls` when the answer ended on its own after calling; a cut answer stays `length`."""
+    reason = FINISH_REASONS[completion.finish_reason]
+    return "tool_calls" if called and reason == "stop" else reason
+
+
+def tool_call(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
 def response(reply: Reply, answer: Answer) -> dict[str, Any]:
     rendered = []
     for index, (prompt, completion) in enumerate(choices(answer)):
         reason = FINISH_REASONS[completion.finish_reason]
         if reply.chat:
-            message = {"role": "assistant", "content": completion.text}
+            message: dict[str, Any] = {"role": "assistant", "content": completion.text}
+            if may_call(prompt):
+                content, calls = split_calls(completion.text)
+                if calls:
+                    message = {"role": "assistant", "content": content or None, "tool_calls": [tool_call(c) for c in calls]}
+                    reason = finish_reason(completion, True)
             logprobs = _chat_logprobs(prompt, completion)
             rendered.append({"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason})
         else:
@@ -125,21 +149,50 @@ class StreamRenderer:
             for _ in range(prompt.params.num_return_sequences)
         ]
         self.started: set[int] = set()
+        self.splitters = {
+            index: CallSplitter()
+            for index, prompt in enumerate(p for p in prompts for _ in range(p.params.num_return_sequences))
+            if reply.chat and may_call(prompt)
+        }
 
     def piece(self, index: int, text: str) -> str:
         """The events for new text of choice `index`, preceded by its opening when it is the first."""
+        if index in self.splitters:
+            return self._open(index) + self._calls(index, self.splitters[index].feed(text))
         return self._open(index) + self._chunk(index, text, None)
+
+    def _calls(self, index: int, events: list[CallEvent]) -> str:
+        """A tool-calling choice's pieces: text as `content`, each call's id, type and name once, then
+        its arguments in pieces, in OpenAI's `delta.tool_calls` shape."""
+        out = []
+        for event in events:
+            if event.kind == "text":
+                delta: dict[str, Any] = {"content": event.text}
+            elif event.kind == "start":
+                function = {"name": event.call.name, "arguments": ""}
+                delta = {"tool_calls": [{"index": event.index, "id": event.call.id, "type": "function", "function": function}]}
+            elif event.kind == "arguments":
+                delta = {"tool_calls": [{"index": event.index, "function": {"arguments": event.text}}]}
+            else:
+                continue
+            out.append(self._event({"index": index, "delta": delta, "logprobs": None, "finish_reason": None}))
+        return "".join(out)
 
     def end(self, answer: Answer) -> str:
         """Each choice's last chunk, with its finish reason and, when asked, the logprobs of all its tokens
         (pieces are cut where text is safe to send, not at token boundaries, so they carry none)."""
         events = []
         for index, (prompt, completion) in enumerate(choices(answer)):
+            reason = FINISH_REASONS[completion.finish_reason]
             if self.reply.chat:
                 logprobs = _chat_logprobs(prompt, completion)
             else:
                 logprobs = _completion_logprobs(prompt, completion, len(self.prefixes[index]))
-            events.append(self._open(index) + self._chunk(index, "", FINISH_REASONS[completion.finish_reason], logprobs))
+            splitter = self.splitters.get(index)
+            if splitter is not None:
+                events.append(self._open(index) + self._calls(index, splitter.finish()))
+                reason = finish_reason(completion, bool(splitter.calls))
+            events.append(self._open(index) + self._chunk(index, "", reason, logprobs))
         if self.include_usage:
             events.append(sse({**self.reply.head(chunk=True), "choices": [], "usage": usage(answer)}))
         return "".join(events) + DONE

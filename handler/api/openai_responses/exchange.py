@@ -1,0 +1,71 @@
+"""One Responses API request (`POST /v1/responses`) through the pipeline: parsed at the edge, answered as a `response`.
+
+Its errors are OpenAI's `{"error": {...}}`, as chat's are; a stream's are an `error` event.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+from handler.api.openai.rendering import Answer, error_json, may_call
+from handler.api.openai_responses.parsing import ResponsesRequest, parse_responses
+from handler.api.openai_responses.rendering import SSE, Output, error_event
+from handler.errors import RequestError
+from handler.pipeline.prompts import Prompt
+from handler.pipeline.shapes import Instance, RequestShape
+from handler.structured.tools import CallEvent, CallSplitter
+
+JSON = "application/json"
+
+
+class ResponsesExchange:
+    generates = True
+
+    def __init__(self, model: str):
+        self.model = model
+        self.request: ResponsesRequest | None = None
+        self.output: Output | None = None
+        self.splitter: CallSplitter | None = None
+
+    @property
+    def stream(self) -> bool:
+        return self.request is not None and self.request.stream
+
+    @property
+    def content_type(self) -> str:
+        return SSE if self.stream else JSON
+
+    def parse(self, body: Any, shape: RequestShape) -> tuple[Instance, ...]:
+        self.request = parse_responses(body, shape)
+        return (self.request.instance,)
+
+    def error_body(self, error: RequestError) -> str:
+        return error_json(error)
+
+    def begin(self, prompts: Sequence[Prompt]) -> None:
+        """Called once the prompt is ready: the answer's items start here, streamed or not."""
+        self.output = Output(self.request, self.model, self.stream)
+        self.splitter = CallSplitter() if may_call(prompts[0]) else None
+
+    def piece(self, index: int, text: str) -> str:
+        self.output.feed(self._events(text))
+        return self.output.take()
+
+    def body(self, answer: Answer) -> str:
+        """The whole `response`, or, for a stream, its last events."""
+        [(prompt, [completion])] = answer
+        if not self.stream:
+            self.output.feed(self._events(completion.text))
+        if self.splitter is not None:
+            self.output.feed(self.splitter.finish())
+        whole = self.output.finish(prompt, completion)
+        return self.output.take() if self.stream else json.dumps(whole)
+
+    def stream_error(self, error: RequestError) -> str:
+        return error_event(error, self.output.sequence if self.output else 0)
+
+    def _events(self, text: str) -> list[CallEvent]:
+        if self.splitter is not None:
+            return self.splitter.feed(text)
+        return [CallEvent("text", text)] if text else []
