@@ -143,8 +143,12 @@ class Healer:
                     await self._scale_back(state, time.monotonic() + self.heal_timeout_s)
             await self._refresh(state)
         except (HealFailed, httpx2.HTTPError) as exc:
-            log.warning("%s: no worker that answers %.0f s after the crash (%s): restarting TorchServe",
-                        state.name, time.monotonic() - started, exc)
+            log.warning(
+                "%s: no worker that answers %.0f s after the crash (%s): restarting TorchServe",
+                state.name,
+                time.monotonic() - started,
+                exc,
+            )
             method = "restart"
             if not await self._restart_or_give_up(f"{state.name}: {cause}"):
                 return

@@ -36,7 +36,7 @@ class HeldRequest:
         self._wait_counted = False
         self._released = False
 
-    def __enter__(self) -> "HeldRequest":
+    def __enter__(self) -> HeldRequest:
         self.cut = self.apps.hold(self.app)
         self.metrics.in_flight.labels(self.app).inc()
         return self

@@ -25,9 +25,14 @@ class HealFailed(RuntimeError):
 class Upstream(Protocol):
     """Where TorchServe answers now; a restart gives it new ports, so this is read per call."""
 
-    inference_url: str
-    management_url: str
-    metrics_url: str
+    @property
+    def inference_url(self) -> str: ...
+
+    @property
+    def management_url(self) -> str: ...
+
+    @property
+    def metrics_url(self) -> str: ...
 
 
 class ManagementClient:
@@ -43,7 +48,7 @@ class ManagementClient:
     async def scale(self, app: str, low: int, high: int, deadline: float) -> None:
         """Workers to ``low``..``high``, synchronously, by ``deadline`` (monotonic); HealFailed if refused."""
         url = f"{self.upstream.management_url}/models/{app}"
-        params = {"min_worker": low, "max_worker": high, "synchronous": "true"}
+        params: dict[str, int | str] = {"min_worker": low, "max_worker": high, "synchronous": "true"}
         left = max(1.0, deadline - time.monotonic())
         response = await self.client.put(url, params=params, timeout=httpx2.Timeout(left))
         if response.status_code >= 300:
@@ -57,8 +62,10 @@ class ManagementClient:
     async def probe(self, app: str) -> bool:
         try:
             response = await self.client.post(
-                f"{self.upstream.inference_url}{predict_route(app)}", content=PROBE,
-                headers={"Content-Type": JSON}, timeout=PROBE_TIMEOUT_S,
+                f"{self.upstream.inference_url}{predict_route(app)}",
+                content=PROBE,
+                headers={"Content-Type": JSON},
+                timeout=PROBE_TIMEOUT_S,
             )
         except httpx2.TimeoutException:
             return False

@@ -22,37 +22,57 @@ class FrontMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.latency = Histogram(
-            "llm_front_request_seconds", "Time from a request's arrival to the last byte of its answer",
-            ("app", "status"), buckets=LATENCY_BUCKETS, registry=self.registry,
+            "llm_front_request_seconds",
+            "Time from a request's arrival to the last byte of its answer",
+            ("app", "status"),
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.ttft = Histogram(
             "llm_front_time_to_first_byte_seconds",
             "Streaming answers: time from the request's arrival to the first byte of the stream (first token)",
-            ("app", "status"), buckets=LATENCY_BUCKETS, registry=self.registry,
+            ("app", "status"),
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.queue_wait = Histogram(
             "llm_front_queue_wait_seconds",
             "Time a request waited in the front for a connection to TorchServe"
             " (TorchServe's own queue time is its ts_queue_latency_microseconds)",
-            ("app", "status"), buckets=WAIT_BUCKETS, registry=self.registry,
+            ("app", "status"),
+            buckets=WAIT_BUCKETS,
+            registry=self.registry,
         )
         self.in_flight = Gauge(
-            "llm_front_requests_in_flight", "Predictions the front is relaying now", ("app",), registry=self.registry,
+            "llm_front_requests_in_flight",
+            "Predictions the front is relaying now",
+            ("app",),
+            registry=self.registry,
         )
         self.heals = Counter(
-            "llm_front_heals", "Times the front brought an app back, by cause and by how",
-            ("app", "cause", "method"), registry=self.registry,
+            "llm_front_heals",
+            "Times the front brought an app back, by cause and by how",
+            ("app", "cause", "method"),
+            registry=self.registry,
         )
         self.heal_seconds = Histogram(
-            "llm_front_heal_seconds", "From a worker's death to an app that answers again",
-            ("app", "method"), buckets=HEAL_BUCKETS, registry=self.registry,
+            "llm_front_heal_seconds",
+            "From a worker's death to an app that answers again",
+            ("app", "method"),
+            buckets=HEAL_BUCKETS,
+            registry=self.registry,
         )
         self.healing = Gauge(
-            "llm_front_healing", "1 while the front is bringing an app back", ("app",), registry=self.registry,
+            "llm_front_healing",
+            "1 while the front is bringing an app back",
+            ("app",),
+            registry=self.registry,
         )
         self.disconnects = Counter(
-            "llm_front_client_disconnects", "Clients that went away before their answer was complete",
-            ("app",), registry=self.registry,
+            "llm_front_client_disconnects",
+            "Clients that went away before their answer was complete",
+            ("app",),
+            registry=self.registry,
         )
 
     def render(self) -> bytes:

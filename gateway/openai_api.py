@@ -22,8 +22,15 @@ from gateway.contract import CHAT_COMPLETIONS_ROUTE, COMPLETIONS_ROUTE, MODELS_R
 from gateway.relay import BodyError, Dialect, named_app, read_body, relay
 
 PROTOCOL_HEADER = "X-LLM-Protocol"
-CODES = {401: "invalid_api_key", 404: "model_not_found", 408: "timeout", 413: "request_too_large", 502: "upstream_unavailable",
-         503: "unavailable", 507: "worker_died"}
+CODES = {
+    401: "invalid_api_key",
+    404: "model_not_found",
+    408: "timeout",
+    413: "request_too_large",
+    502: "upstream_unavailable",
+    503: "unavailable",
+    507: "worker_died",
+}
 STARTED = int(time.time())
 
 

@@ -34,8 +34,19 @@ log = logging.getLogger(__name__)
 
 # RFC 9110 §7.6.1: headers that describe one connection, not the message.
 HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding",
-     "upgrade", "host", "content-length", "expect"}
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "expect",
+    }
 )
 WORKER_DIED = "the model worker died during this request; retry it"
 
@@ -92,7 +103,7 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
             piece = await asyncio.wait_for(stream.__anext__(), timeout_s)
         except StopAsyncIteration:
             return bytes(body)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise BodyError(408, f"the request body stalled for {timeout_s:.0f} s") from None
         body += piece
         if len(body) > limit:
@@ -148,8 +159,11 @@ async def _forward(front, request: Request, path: str, body: bytes, held: HeldRe
     headers.append(("X-Forwarded-For", request.client.host if request.client else ""))
     query = request.url.query
     upstream = front.client.build_request(
-        request.method, f"{front.upstream.inference_url}{path}" + (f"?{query}" if query else ""),
-        headers=headers, content=body, extensions={"trace": held.trace},
+        request.method,
+        f"{front.upstream.inference_url}{path}" + (f"?{query}" if query else ""),
+        headers=headers,
+        content=body,
+        extensions={"trace": held.trace},
     )
     sending = asyncio.ensure_future(front.client.send(upstream, stream=True))
     cut = asyncio.ensure_future(held.cut.wait())
@@ -194,8 +208,8 @@ async def _forward(front, request: Request, path: str, body: bytes, held: HeldRe
             return _worker_died(front, dialect)
         if reword and not _in_shape(text):
             return dialect.error(response.status_code, _upstream_message(text))
-        headers = {k: v for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP}
-        return Response(text, response.status_code, headers)
+        kept = {k: v for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP}
+        return Response(text, response.status_code, kept)
     answer_headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in HOP_BY_HOP]
     if response.status_code == 503 and "retry-after" not in response.headers:
         # TorchServe's "queue full" (its message says "no worker"): it means retry later.
@@ -225,8 +239,9 @@ def _header_dict(items: list[tuple[str, str]], response: httpx2.Response) -> dic
     return joined
 
 
-async def _pieces(held: HeldRequest, response: httpx2.Response, cut: asyncio.Future, streaming: bool,
-                  dialect: Dialect) -> AsyncIterator[bytes]:
+async def _pieces(
+    held: HeldRequest, response: httpx2.Response, cut: asyncio.Future, streaming: bool, dialect: Dialect
+) -> AsyncIterator[bytes]:
     """The answer's bytes as they arrive; a dead worker ends the stream with a JSON line saying so."""
     status = response.status_code
     first = True

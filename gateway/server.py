@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 class Front:
     """What every route needs: settings, the apps, TorchServe's APIs and the upstream client, the metrics."""
 
-    def __init__(self, settings: FrontSettings, apps: AppRegistry, management: ManagementClient, upstream: Upstream,
-                 metrics: FrontMetrics) -> None:
+    def __init__(
+        self, settings: FrontSettings, apps: AppRegistry, management: ManagementClient, upstream: Upstream, metrics: FrontMetrics
+    ) -> None:
         self.settings = settings
         self.apps = apps
         self.management = management
@@ -67,8 +68,11 @@ class BoundedH11Protocol(H11Protocol):
     """
 
     header_timeout_s = 10.0
+    # The request cycle the deadline was armed for, and the deadline itself (None when disarmed).
+    _armed_for: object = None
+    _header_deadline: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._arm_header_deadline()
 
@@ -83,12 +87,12 @@ class BoundedH11Protocol(H11Protocol):
             self._header_deadline = None
 
     def connection_lost(self, exc) -> None:
-        if getattr(self, "_header_deadline", None) is not None:
+        if self._header_deadline is not None:
             self._header_deadline.cancel()
         super().connection_lost(exc)
 
     def _arm_header_deadline(self) -> None:
-        if getattr(self, "_header_deadline", None) is not None:
+        if self._header_deadline is not None:
             self._header_deadline.cancel()
         self._armed_for = self.cycle
         self._header_deadline = None
@@ -128,15 +132,29 @@ def servers(front: Front, drain_s: float) -> tuple[Server, Server]:
     """The public server (bounded connections, header and keep-alive timeouts, drain) and the metrics one."""
     settings = front.settings
     protocol = type("FrontH11Protocol", (BoundedH11Protocol,), {"header_timeout_s": settings.header_timeout_s})
-    public = Server(uvicorn.Config(
-        build_app(front), http=protocol, lifespan="off", access_log=False, log_config=None,
-        limit_concurrency=settings.max_connections, timeout_keep_alive=30,
-        timeout_graceful_shutdown=max(1, int(drain_s)),
-    ))
-    metrics = Server(uvicorn.Config(
-        build_metrics_app(front), http=protocol, lifespan="off", access_log=False, log_config=None,
-        limit_concurrency=64, timeout_graceful_shutdown=1,
-    ))
+    public = Server(
+        uvicorn.Config(
+            build_app(front),
+            http=protocol,
+            lifespan="off",
+            access_log=False,
+            log_config=None,
+            limit_concurrency=settings.max_connections,
+            timeout_keep_alive=30,
+            timeout_graceful_shutdown=max(1, int(drain_s)),
+        )
+    )
+    metrics = Server(
+        uvicorn.Config(
+            build_metrics_app(front),
+            http=protocol,
+            lifespan="off",
+            access_log=False,
+            log_config=None,
+            limit_concurrency=64,
+            timeout_graceful_shutdown=1,
+        )
+    )
     return public, metrics
 
 
@@ -145,7 +163,7 @@ async def stop(server: Server, task: asyncio.Task, timeout_s: float) -> None:
     server.should_exit = True
     try:
         await asyncio.wait_for(asyncio.shield(task), timeout_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         server.force_exit = True
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -59,7 +59,7 @@ class FrontSettings:
         return self.apps[0]
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "FrontSettings":
+    def from_env(cls, env: Mapping[str, str]) -> FrontSettings:
         app = env.get("APP", "").strip()
         if not app:
             raise SettingsError("APP is not set: it names the model registered in TorchServe")
@@ -120,7 +120,7 @@ class SupervisorSettings:
     properties: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "SupervisorSettings":
+    def from_env(cls, env: Mapping[str, str]) -> SupervisorSettings:
         front = FrontSettings.from_env(env)
         home = Path(env.get("HOME", "/home/model-server"))
         ts_config = Path(env.get("TS_CONFIG_FILE", str(home / "config.properties")))

@@ -41,8 +41,7 @@ TORCHSERVE_SHARE_S = 3.0
 
 
 class Supervisor:
-    def __init__(self, settings: SupervisorSettings, executable: str | None = None,
-                 output: IO[bytes] | None = None) -> None:
+    def __init__(self, settings: SupervisorSettings, executable: str | None = None, output: IO[bytes] | None = None) -> None:
         self.settings = settings
         self.executable = executable
         self.output = output
@@ -75,14 +74,22 @@ class Supervisor:
             return 2
         self.ports = {"front": public_sock.getsockname()[1], "metrics": metrics_sock.getsockname()[1]}
         own_run_dir = s.run_dir is None
-        run_dir = Path(tempfile.mkdtemp(prefix="torchserve-llm-")) if own_run_dir else s.run_dir
+        run_dir = s.run_dir or Path(tempfile.mkdtemp(prefix="torchserve-llm-"))
         run_dir.mkdir(parents=True, exist_ok=True)
         self.torchserve = TorchServeProcess(
-            s.ts_config, s.model_store, s.models, s.torchserve_env, run_dir, self.executable,
-            s.exposed_management_port, s.properties, self.output,
+            s.ts_config,
+            s.model_store,
+            s.models,
+            s.torchserve_env,
+            run_dir,
+            self.executable,
+            s.exposed_management_port,
+            s.properties,
+            self.output,
         )
-        async_modes = {name: bool(archive_config(s.model_store, archive).get("asyncCommunication"))
-                       for name, archive in s.models.items()}
+        async_modes = {
+            name: bool(archive_config(s.model_store, archive).get("asyncCommunication")) for name, archive in s.models.items()
+        }
         metrics = FrontMetrics()
         apps = AppRegistry(async_modes, metrics)
         management = ManagementClient(self.torchserve)
@@ -97,9 +104,16 @@ class Supervisor:
         try:
             public_task = asyncio.create_task(public.serve(sockets=[public_sock]))
             metrics_task = asyncio.create_task(metrics_server.serve(sockets=[metrics_sock]))
-            log.info("front on %s:%d (predict %s, health %s), metrics on %s:%d, apps %s",
-                     s.front.bind_host, self.ports["front"], s.front.predict_route, s.front.health_route,
-                     s.front.metrics_host, self.ports["metrics"], apps.names())
+            log.info(
+                "front on %s:%d (predict %s, health %s), metrics on %s:%d, apps %s",
+                s.front.bind_host,
+                self.ports["front"],
+                s.front.predict_route,
+                s.front.health_route,
+                s.front.metrics_host,
+                self.ports["metrics"],
+                apps.names(),
+            )
             self.torchserve.start()
             code = await self._serve(healer, public_task, tasks)
             for task in tasks:
@@ -151,8 +165,7 @@ class Supervisor:
         while True:
             exited = asyncio.create_task(self._torchserve_exit())
             tasks.append(exited)
-            done, _ = await asyncio.wait({exited, stopping, public_task, gave_up, watching},
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({exited, stopping, public_task, gave_up, watching}, return_when=asyncio.FIRST_COMPLETED)
             code = _stopped_or_front_gone(done, stopping, public_task, "stop requested: draining the requests in flight")
             if code is not None:
                 return code
@@ -170,7 +183,7 @@ class Supervisor:
 
     async def _torchserve_exit(self) -> tuple[int, int]:
         """The pid and status of the TorchServe process that runs now, once it exits."""
-        process = self.torchserve.process
+        process = self._torchserve().running()
         while process.poll() is None:
             await asyncio.sleep(0.2)
         return process.pid, process.returncode
@@ -178,12 +191,19 @@ class Supervisor:
     async def _restart(self, cause: str) -> None:
         """The healer's last resort: the whole TorchServe again, on fresh ports."""
         log.warning("restarting TorchServe (%s)", cause)
-        await asyncio.to_thread(self.torchserve.stop, self.settings.stop_grace_s)
-        self.torchserve.start()
+        torchserve = self._torchserve()
+        await asyncio.to_thread(torchserve.stop, self.settings.stop_grace_s)
+        torchserve.start()
+
+    def _torchserve(self) -> TorchServeProcess:
+        if self.torchserve is None:
+            raise RuntimeError("the supervisor has not started TorchServe")
+        return self.torchserve
 
 
-def _stopped_or_front_gone(done: set[asyncio.Task], stopping: asyncio.Task, public_task: asyncio.Task,
-                           stop_message: str) -> int | None:
+def _stopped_or_front_gone(
+    done: set[asyncio.Task], stopping: asyncio.Task, public_task: asyncio.Task, stop_message: str
+) -> int | None:
     """The exit status when a stop was asked (0) or the front stopped serving (1), in either phase; None to go on."""
     if stopping in done:
         log.info("%s", stop_message)

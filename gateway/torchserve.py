@@ -171,15 +171,26 @@ class TorchServeProcess:
 
     @property
     def inference_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.ports.inference}"
+        return f"http://{LOOPBACK}:{self._ports().inference}"
 
     @property
     def management_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.ports.management}"
+        return f"http://{LOOPBACK}:{self._ports().management}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.ports.metrics}"
+        return f"http://{LOOPBACK}:{self._ports().metrics}"
+
+    def _ports(self) -> Ports:
+        if self.ports is None:
+            raise RuntimeError("TorchServe has not been started: it has no ports yet")
+        return self.ports
+
+    def running(self) -> subprocess.Popen:
+        """The process of the latest start."""
+        if self.process is None:
+            raise RuntimeError("TorchServe has not been started")
+        return self.process
 
     def config_text(self, ports: Ports, tmp: Path) -> str:
         """The base config with our addresses, ports and store appended (later keys win)."""
@@ -216,13 +227,25 @@ class TorchServeProcess:
         # TEMP becomes -Djava.io.tmpdir (worker sockets), TMPDIR the launcher's pid file folder.
         env.update(TEMP=str(tmp), TMPDIR=str(tmp))
         command = [
-            self.executable, "--foreground", "--ncs", "--disable-token-auth",
-            "--ts-config", str(config), "--model-store", str(self.model_store),
-            "--models", *(f"{name}={archive}" for name, archive in self.models.items()),
+            self.executable,
+            "--foreground",
+            "--ncs",
+            "--disable-token-auth",
+            "--ts-config",
+            str(config),
+            "--model-store",
+            str(self.model_store),
+            "--models",
+            *(f"{name}={archive}" for name, archive in self.models.items()),
         ]
         (self.run_dir / "ports.json").write_text(json.dumps(asdict(self.ports)) + "\n")
-        log.info("starting TorchServe: inference %d, management %d, metrics %d (loopback), temp %s",
-                 self.ports.inference, self.ports.management, self.ports.metrics, tmp)
+        log.info(
+            "starting TorchServe: inference %d, management %d, metrics %d (loopback), temp %s",
+            self.ports.inference,
+            self.ports.management,
+            self.ports.metrics,
+            tmp,
+        )
         self.process = subprocess.Popen(
             command, env=env, start_new_session=True, stdout=self.output, stderr=subprocess.STDOUT if self.output else None
         )
@@ -239,22 +262,24 @@ class TorchServeProcess:
 
         Returns 0 when everything left within the grace, 137 when something had to be killed.
         """
-        if self.process is None:
+        process = self.process
+        if process is None:
             return 0
         deadline = time.monotonic() + grace_s
-        self._signal(signal.SIGTERM)
+        _signal_group(process, signal.SIGTERM)
         while time.monotonic() < deadline:
-            if self.process.poll() is not None and not group_alive(self.process.pid):
+            if process.poll() is not None and not group_alive(process.pid):
                 log.info("TorchServe stopped")
                 return 0
             time.sleep(0.05)
         log.warning("TorchServe still running after %.1f s: killing it", grace_s)
-        self._signal(signal.SIGKILL)
-        self.process.wait()
+        _signal_group(process, signal.SIGKILL)
+        process.wait()
         return 137
 
-    def _signal(self, signum: int) -> None:
-        try:
-            os.killpg(self.process.pid, signum)
-        except ProcessLookupError:
-            pass
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:
+        pass
