@@ -295,8 +295,8 @@ class GpuCheck:
             expect(parameter.device == self.device, f"weights are on {parameter.device}, not {self.device}")
             expect(parameter.dtype == expected, f"weights are {parameter.dtype}, not {expected}")
             found.append(f"{parameter.device} {parameter.dtype}")
-        blocks = self.continuous[0].service.continuous.num_blocks
-        return f"both adapters on {found[0]}; continuous cache {blocks} blocks"
+        cache = self.continuous[0].service.continuous.cache
+        return f"both adapters on {found[0]}; continuous cache {cache}"
 
     def every_parameter(self) -> str:
         from handler.params import PARAMETER_NAMES

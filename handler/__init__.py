@@ -28,7 +28,7 @@ The vocabulary every layer shares
     `decoding.logprobs`     a generated token's log-probability and its top alternatives, from the raw logits
 
 `model`: loading
-    `model.device`        the device's facts: which one, bf16 by capability, KV blocks from free memory, sticky CUDA errors
+    `model.device`        the device's facts: which one, bf16 by capability, the KV cache's size, sticky CUDA errors
     `model.loading`       threads, dtype, weight-format policy, model and tokenizer, `compile`
     `model.quantization`  post-load CPU quantization (int8, fp16, int4 weight-only)
     `model.dtype_probe`   `dtype: auto` on CPU: fp32, native bf16 and fp16 weights timed, the fastest kept

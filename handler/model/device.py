@@ -1,4 +1,4 @@
-"""The device facts: which device a worker serves on, the dtype it serves best, its memory, its faults.
+"""The device facts: which device a worker serves on, the dtype it serves best, its cache, its faults.
 
 Everything here reads the device through `torch.cuda` (and `nvidia-smi` on PATH), so that a
 test on a machine with no GPU can state the facts of one and check the decisions made from them.
@@ -7,7 +7,6 @@ test on a machine with no GPU can state the facts of one and check the decisions
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 
 import torch
@@ -20,9 +19,11 @@ HALF_DTYPES = ("float16", "bfloat16")
 # Ampere (8.0) is the first architecture with bfloat16 units; torch's `is_bf16_supported()` also
 # counts the emulation older GPUs (T4 7.5, V100 7.0) do in float32, slower than their float16.
 BF16_CAPABILITY = (8, 0)
-# `num_blocks: auto` leaves this share of the free memory unused: the allocator's fragmentation,
-# the CUDA graphs and workspaces of kernels chosen later, and a second small allocation do not fail.
-KV_MEMORY_MARGIN = 0.10
+# `num_blocks: auto` on a GPU leaves this share of the free memory (after the weights) to what
+# transformers' cache sizing does not count: the per-request logits processors' temporary
+# tensors (transformers keeps the same 20% when processors run), the dynamic scheduler's
+# `generate` beside the manager, and the allocator's fragmentation.
+KV_MEMORY_MARGIN = 0.20
 # Phrases of CUDA errors after which the context is unusable: every later kernel launch fails
 # the same way, and only a new process gets a new context.
 STICKY_CUDA_ERRORS = (
@@ -128,56 +129,21 @@ def describe_device(device: torch.device) -> str:
     )
 
 
-def kv_bytes_per_block(config, page_size: int, dtype: torch.dtype) -> int:
-    """Bytes of one cache block: keys and values of `page_size` tokens in every layer."""
-    text = config.get_text_config()
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    element = torch.empty((), dtype=dtype).element_size()
-    return 2 * text.num_hidden_layers * kv_heads * head_dim * page_size * element
+def cache_config(settings: ContinuousBatchingSettings, device: torch.device) -> dict:
+    """The continuous manager's cache size, as `ContinuousBatchingConfig` arguments: a configured
+    `num_blocks` as it is; `auto` on a CPU, CPU_NUM_BLOCKS; `auto` on a GPU, no block count and
+    the share of the device's free memory transformers may fill (1 - KV_MEMORY_MARGIN).
 
-
-def activation_reserve(config, max_batch_tokens: int, dtype: torch.dtype) -> int:
-    """Memory one forward pass of `max_batch_tokens` needs beside the cache: float32 logits for
-    every token and the widest hidden activations (the MLP's), for each token, twice over."""
-    text = config.get_text_config()
-    element = torch.empty((), dtype=dtype).element_size()
-    width = max(text.hidden_size, getattr(text, "intermediate_size", 0) or 0)
-    return max_batch_tokens * (text.vocab_size * 4 + 4 * width * element)
-
-
-def auto_num_blocks(free_bytes: int, bytes_per_block: int, reserve_bytes: int, min_blocks: int, margin: float = KV_MEMORY_MARGIN) -> int:
-    """Cache blocks that fit in `free_bytes` once `margin` of it and `reserve_bytes` are set aside;
-    refused when fewer than `min_blocks` (one whole sequence) fit."""
-    usable = int(free_bytes * (1 - margin)) - reserve_bytes
-    blocks = max(0, usable) // bytes_per_block
-    if blocks < min_blocks:
-        raise SettingsError(
-            f"handler.continuous.num_blocks: auto found room for {blocks} cache blocks "
-            f"({free_bytes / 2**30:.2f} GiB free, {margin:.0%} kept back, {reserve_bytes / 2**20:.0f} MiB for activations), "
-            f"fewer than the {min_blocks} one sequence of max_total_tokens needs: use a larger GPU or lower max_total_tokens"
-        )
-    return blocks
-
-
-def cache_blocks(model, device: torch.device, settings: ContinuousBatchingSettings, max_total_tokens: int) -> int:
-    """The continuous manager's cache size: as configured, else (`auto`) the CPU default or, on a
-    GPU, what the chosen device's free memory holds after the weights are loaded."""
+    transformers sizes the cache from that share by its own account of everything that grows
+    with it (the cache, the attention masks, each step's activations and indices) and checks
+    the total against it, so its sizing is used rather than a count of ours, which it would
+    refuse whenever the extras did not fit. It reads the current device's memory on the
+    manager's thread, which `bind_device` has pointed at the worker's GPU."""
     if settings.num_blocks != "auto":
-        return settings.num_blocks
+        return {"num_blocks": settings.num_blocks}
     if device.type != "cuda":
-        return CPU_NUM_BLOCKS
-    dtype = next(model.parameters()).dtype
-    free, _ = torch.cuda.mem_get_info(device)
-    per_block = kv_bytes_per_block(model.config, settings.page_size, dtype)
-    reserve = activation_reserve(model.config, settings.max_batch_tokens, dtype)
-    blocks = auto_num_blocks(free, per_block, reserve, math.ceil(max_total_tokens / settings.page_size))
-    logger.info(
-        "num_blocks auto on %s: %d blocks of %d tokens (%.2f GiB of %.2f GiB free)",
-        device, blocks, settings.page_size, blocks * per_block / 2**30, free / 2**30,
-    )
-    return blocks
+        return {"num_blocks": CPU_NUM_BLOCKS}
+    return {"num_blocks": None, "max_memory_percent": 1 - KV_MEMORY_MARGIN}
 
 
 def is_sticky_device_error(error: BaseException) -> bool:

@@ -48,7 +48,7 @@ from handler.pipeline.prompts import Prompt
 from handler.schedulers.base import ChunkSink
 from handler.schedulers.batch_processors import install as install_processors
 from handler.schedulers.compat import GenerationOutput, RequestStatus, bind_loop_device, forget_result_handler
-from handler.model.device import bind_device, cache_blocks
+from handler.model.device import bind_device, cache_config
 from handler.schedulers.threads import run_on_passing_thread
 from handler.settings import ContinuousBatchingSettings
 
@@ -141,7 +141,7 @@ class ContinuousScheduler:
         self.front_lists: dict[str, list[LogitsProcessor]] = {}
         self.processor_lists: dict[str, list[LogitsProcessor]] = {}
         self._ids = itertools.count()
-        self.num_blocks = cache_blocks(loaded.model, loaded.device, settings, loaded.limits.max_total_tokens)
+        self.cache = cache_config(settings, loaded.device)
         self.manager = self._start_manager()
         self.turns = ModelTurns(loaded.model, self.manager)
 
@@ -191,7 +191,7 @@ class ContinuousScheduler:
             pad_token_id=loaded.tokenizer.pad_token_id,
         )
         config = ContinuousBatchingConfig(
-            num_blocks=self.num_blocks,
+            **self.cache,
             page_size=self.settings.page_size,
             max_batch_tokens=self.settings.max_batch_tokens,
             per_request_processors=True,

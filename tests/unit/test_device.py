@@ -17,14 +17,11 @@ import pytest
 import torch
 
 import handler.torchserve_handler as adapter
-from handler.model import device as device_facts
 from handler.model.device import (
     KV_MEMORY_MARGIN,
-    auto_num_blocks,
-    cache_blocks,
+    cache_config,
     check_device_settings,
     is_sticky_device_error,
-    kv_bytes_per_block,
     pick_device,
     pick_dtype,
 )
@@ -202,42 +199,38 @@ def test_the_continuous_managers_thread_binds_the_models_gpu(monkeypatch, tiny_m
 # --- the continuous path's KV cache ------------------------------------------------------------
 
 
-def test_auto_blocks_fill_free_memory_less_the_margin_and_the_activations():
-    per_block, reserve = 2 * 2**20, 512 * 2**20
-    blocks = auto_num_blocks(80 * GiB, per_block, reserve, min_blocks=32)
-    assert blocks == (int(80 * GiB * (1 - KV_MEMORY_MARGIN)) - reserve) // per_block
-    assert blocks * per_block + reserve <= 80 * GiB * 0.9 < (blocks + 1) * per_block + reserve
+def test_auto_on_a_gpu_lets_transformers_fill_free_memory_less_the_margin():
+    assert cache_config(ContinuousBatchingSettings(), torch.device("cuda", 1)) == {
+        "num_blocks": None, "max_memory_percent": 1 - KV_MEMORY_MARGIN,
+    }
+    assert KV_MEMORY_MARGIN == 0.20
 
 
-def test_auto_blocks_refuse_a_gpu_that_holds_less_than_one_sequence():
-    with pytest.raises(SettingsError, match="num_blocks: auto found room for 0 cache blocks"):
-        auto_num_blocks(GiB // 2, 2**20, GiB, min_blocks=32)
+def test_auto_on_a_cpu_keeps_the_default_and_a_number_is_kept_on_either():
+    assert cache_config(ContinuousBatchingSettings(), torch.device("cpu")) == {"num_blocks": CPU_NUM_BLOCKS} == {"num_blocks": 128}
+    for device in (torch.device("cpu"), torch.device("cuda", 0)):
+        assert cache_config(ContinuousBatchingSettings(num_blocks=7), device) == {"num_blocks": 7}
 
 
-def test_a_block_is_keys_and_values_of_every_layer_for_its_page(tiny_model_dir):
-    from transformers import AutoConfig
+def test_transformers_sizes_the_cache_from_the_free_memory_of_the_device_it_is_shown(monkeypatch, tiny_model_dir):
+    """transformers' own memory handler, given our config and a GPU's stated memory (4 of 16 GiB
+    free), budgets at most the free memory less the margin for the cache and what grows with it."""
+    from transformers import AutoConfig, ContinuousBatchingConfig
+    from transformers.generation.continuous_batching.cache import PagedAttentionMemoryHandler
 
-    config = AutoConfig.from_pretrained(tiny_model_dir)  # 2 layers, 2 KV heads of 8
-    assert kv_bytes_per_block(config, 64, torch.bfloat16) == 2 * 2 * 2 * 8 * 64 * 2
-    assert kv_bytes_per_block(config, 16, torch.float32) == 2 * 2 * 2 * 8 * 16 * 4
-
-
-def test_cache_blocks_on_cpu_keep_the_default_and_a_number_is_kept(tiny_model_dir):
-    loaded = load_model(tiny_model_dir, HandlerSettings(dtype="float32"), torch.device("cpu"))
-    assert cache_blocks(loaded.model, torch.device("cpu"), ContinuousBatchingSettings(), 256) == CPU_NUM_BLOCKS == 128
-    assert cache_blocks(loaded.model, torch.device("cuda", 0), ContinuousBatchingSettings(num_blocks=7), 256) == 7
-
-
-def test_cache_blocks_on_a_gpu_read_the_chosen_devices_free_memory(monkeypatch, tiny_model_dir):
-    loaded = load_model(tiny_model_dir, HandlerSettings(dtype="float32"), torch.device("cpu"))
-    asked = []
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: asked.append(torch.device(device)) or (4 * GiB, 16 * GiB))
-    settings = ContinuousBatchingSettings(page_size=64, max_batch_tokens=1024)
-    blocks = cache_blocks(loaded.model, torch.device("cuda", 1), settings, 256)
-    per_block = kv_bytes_per_block(loaded.model.config, 64, torch.float32)
-    reserve = device_facts.activation_reserve(loaded.model.config, 1024, torch.float32)
-    assert asked == [torch.device("cuda", 1)]
-    assert blocks == auto_num_blocks(4 * GiB, per_block, reserve, 4) > CPU_NUM_BLOCKS
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * GiB, 16 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    cb_config = ContinuousBatchingConfig(page_size=64, max_batch_tokens=1024, **cache_config(ContinuousBatchingSettings(), torch.device("cuda", 0)))
+    per_block = 2 * config.num_hidden_layers * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 64 * 2
+    handler = PagedAttentionMemoryHandler(config, cb_config, torch.bfloat16, per_block, 64, per_block, ["full_attention"])
+    assert handler.available_memory == int(4 * GiB * (1 - KV_MEMORY_MARGIN))
+    max_batch_tokens, sectors = handler.infer_max_batch_tokens_and_num_sectors()
+    assert max_batch_tokens == 1024 and sectors > CPU_NUM_BLOCKS
+    assert handler.compute_memory_footprint(max_batch_tokens, sectors) <= 4 * GiB * (1 - KV_MEMORY_MARGIN)
 
 
 def test_num_blocks_auto_is_the_default_and_other_words_are_refused():
