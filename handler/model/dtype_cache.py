@@ -106,7 +106,8 @@ class DecisionCache:
         entry = self._read().get(key)
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             return None
-        if not isinstance(entry.get("step_seconds"), dict):
+        seconds = entry.get("step_seconds")
+        if not isinstance(seconds, dict) or not all(isinstance(value, (int, float)) for value in seconds.values()):
             return None
         return entry
 
@@ -119,6 +120,7 @@ class DecisionCache:
             "decided_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         text = json.dumps({"version": FORMAT_VERSION, "decisions": decisions}, indent=1, sort_keys=True) + "\n"
+        scratch = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             handle, scratch = tempfile.mkstemp(prefix=".dtype-", dir=self.path.parent)
@@ -127,3 +129,5 @@ class DecisionCache:
             os.replace(scratch, self.path)
         except OSError as error:
             logger.warning("dtype decision not kept in %s: %s", self.path, error)
+            if scratch is not None:
+                Path(scratch).unlink(missing_ok=True)

@@ -66,6 +66,10 @@ def test_the_file_keeps_several_hosts_and_survives_garbage(tmp_path):
     cache.put("k2", {"batch": 16}, "float32", {"float32": 0.02, "bfloat16": 0.03})
     assert cache.get("k1")["name"] == "bfloat16" and cache.get("k2")["name"] == "float32"
     assert cache.get("k1")["fingerprint"] == {"batch": 1}
+    data = json.loads((tmp_path / "sub" / "decisions.json").read_text())
+    data["decisions"]["k2"]["step_seconds"]["float32"] = "fast"
+    (tmp_path / "sub" / "decisions.json").write_text(json.dumps(data))
+    assert cache.get("k2") is None and cache.get("k1") is not None  # an entry it cannot read is no decision
     (tmp_path / "sub" / "decisions.json").write_text("{half a file")
     assert cache.get("k1") is None
     cache.put("k3", {}, "float32", {"float32": 0.02})  # a broken file is replaced, not a failed start
@@ -156,3 +160,11 @@ def test_load_model_keeps_the_decision_and_reports_it(tiny_model_dir, tmp_path, 
     calls.clear()
     second = load_model(tiny_model_dir, settings, cpu).dtype_choice
     assert calls == [] and second.source == CACHED and second.name == first.name
+
+
+def test_a_cache_that_cannot_be_written_does_not_stop_the_start(tmp_path, caplog):
+    (tmp_path / "a-file").write_text("")
+    cache = DecisionCache(tmp_path / "a-file" / DTYPE_CACHE_NAME)
+    with caplog.at_level("WARNING", logger="handler.model.dtype_cache"):
+        cache.put("k", {}, "float32", {"float32": 0.01})
+    assert "dtype decision not kept" in caplog.text and cache.get("k") is None
