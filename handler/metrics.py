@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from handler.decoding.sequence import Completion
+from handler.model.dtype_probe import DtypeChoice
 
 # name, unit, kind
 GENERATION_METRICS = (
@@ -18,7 +19,10 @@ GENERATION_METRICS = (
     ("TimeToFirstTokenMs", "ms", "gauge"),
     ("TimePerOutputTokenMs", "ms", "gauge"),
 )
-UNITS = {name: (unit, kind) for name, unit, kind in GENERATION_METRICS}
+# Reported once per worker start: `dtype: auto`'s decision and the step times behind it, one value
+# per candidate, with dimensions Dtype (the candidate), Chosen (true/false) and Source (probe/cache).
+DTYPE_METRIC = ("DtypeDecodeStepMs", "ms", "gauge")
+UNITS = {name: (unit, kind) for name, unit, kind in (*GENERATION_METRICS, DTYPE_METRIC)}
 
 
 @dataclass(frozen=True)
@@ -44,3 +48,11 @@ def metric_values(stats: GenerationStats) -> dict[str, float]:
             rest = stats.seconds - stats.first_token_seconds
             values["TimePerOutputTokenMs"] = rest * 1000 / (stats.generated_tokens - 1)
     return values
+
+
+def dtype_metric_values(choice: DtypeChoice) -> list[tuple[float, dict[str, str]]]:
+    """Each candidate's best decode step, in ms, with the dimensions that say which one serves and why."""
+    return [
+        (seconds * 1000, {"Dtype": name, "Chosen": str(name == choice.name).lower(), "Source": choice.source})
+        for name, seconds in choice.step_seconds.items()
+    ]

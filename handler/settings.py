@@ -2,12 +2,14 @@
 
 Sources: the `handler:` section of the model's model-config.yaml (TorchServe hands it
 over as `context.model_yaml_config`), and a few environment variables of the
-container contract (`LLM_DTYPE`, `LLM_MODEL_DIR`, `AIP_STORAGE_URI`), read here only.
+container contract (`LLM_DTYPE`, `LLM_MODEL_DIR`, `AIP_STORAGE_URI`, and `LLM_CACHE_DIR` or
+`LLM_RUN_DIR` for where `dtype: auto` keeps its decisions), read here only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from handler.errors import RequestError
@@ -21,6 +23,7 @@ CONTINUOUS_PROBE_ROWS = 16
 # `continuous.num_blocks: auto` on a CPU: 8,192 tokens of 64, which keeps the cache's share
 # of a small host's RAM small (on a GPU, auto sizes it from free memory: handler.model.device).
 CPU_NUM_BLOCKS = 128
+DTYPE_CACHE_NAME = "dtype-decisions.json"
 
 
 class SettingsError(ValueError):
@@ -94,6 +97,10 @@ class HandlerSettings:
     # Rows decoded together when `dtype: auto` times its candidates on a CPU: by default the
     # dynamic path's batchSize, or CONTINUOUS_PROBE_ROWS users sharing the manager.
     dtype_probe_rows: int | None = None
+    # Where `dtype: auto` keeps its decision per host fingerprint (handler.model.dtype_cache), so
+    # that restarts and heals reuse it: by default in $LLM_CACHE_DIR, else in the front's run
+    # folder $LLM_RUN_DIR, which outlives TorchServe's restarts; absent, every start times anew.
+    dtype_cache_file: str | None = None
     model_dir_override: str | None = None
     storage_uri: str | None = None
     workers: int = 1
@@ -129,6 +136,10 @@ class HandlerSettings:
             workers=max(1, int((model_yaml_config or {}).get("maxWorkers") or 1)),
             batch_size=max(1, int((model_yaml_config or {}).get("batchSize") or 1)),
         )
+        if settings.dtype_cache_file is None:
+            folder = environ.get("LLM_CACHE_DIR") or environ.get("LLM_RUN_DIR")
+            if folder:
+                settings = replace(settings, dtype_cache_file=str(Path(folder) / DTYPE_CACHE_NAME))
         if settings.dtype_probe_rows is None:
             rows = CONTINUOUS_PROBE_ROWS if settings.batching == "continuous" else settings.batch_size
             settings = replace(settings, dtype_probe_rows=rows)
@@ -166,6 +177,8 @@ class HandlerSettings:
             isinstance(self.dtype_probe_rows, bool) or not isinstance(self.dtype_probe_rows, int) or self.dtype_probe_rows < 1
         ):
             raise SettingsError(f"handler.dtype_probe_rows must be a positive integer, got {self.dtype_probe_rows!r}")
+        if self.dtype_cache_file is not None and (not isinstance(self.dtype_cache_file, str) or not self.dtype_cache_file):
+            raise SettingsError(f"handler.dtype_cache_file must be a file path, got {self.dtype_cache_file!r}")
         if self.max_instances < 1:
             raise SettingsError("handler.max_instances must be >= 1")
         if self.prompt_template is not None and "{prompt}" not in self.prompt_template:

@@ -25,7 +25,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from handler.errors import RequestError
 from handler.model.device import pick_device
-from handler.metrics import UNITS, GenerationStats, metric_values
+from handler.metrics import DTYPE_METRIC, UNITS, GenerationStats, dtype_metric_values, metric_values
 from handler.api.protocols import PROTOCOL_HEADER, Exchange
 from handler.api.native import JSON, Answer
 from handler.service import Prepared, Service
@@ -63,6 +63,7 @@ class LLMHandler(BaseHandler):
         model_dir = weights_dir(Path(properties["model_dir"]), settings.model_dir_override, settings.storage_uri)
         self.service = Service.start(settings, model_dir, pick_device(properties.get("gpu_id")), context.model_name)
         self.model_name = context.model_name
+        self._report_dtype(context)
         self.initialized = True
 
     def handle(self, data, context):
@@ -142,4 +143,15 @@ class LLMHandler(BaseHandler):
         dimensions = [Dimension("ModelName", self.model_name), Dimension("Level", "Model")]
         for name, value in metric_values(stats).items():
             unit, kind = UNITS[name]
+            context.metrics.add_metric(name, value, unit, None, dimensions, METRIC_TYPES[kind])
+
+    def _report_dtype(self, context) -> None:
+        """`dtype: auto`'s decision, once per start: which format serves, from which step times."""
+        choice = self.service.loaded.dtype_choice
+        if choice is None:
+            return
+        name, unit, kind = DTYPE_METRIC
+        for value, extra in dtype_metric_values(choice):
+            dimensions = [Dimension("ModelName", self.model_name), Dimension("Level", "Model")]
+            dimensions += [Dimension(key, text) for key, text in extra.items()]
             context.metrics.add_metric(name, value, unit, None, dimensions, METRIC_TYPES[kind])

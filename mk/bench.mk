@@ -1,7 +1,8 @@
 # Benchmarks (bench/, docs/bench.md). Every variable can be set on the command line.
 #
 #   make bench                       our server on both batching paths (started and stopped by the
-#                                    benchmark, free ports), raw transformers, llama.cpp server
+#                                    benchmark, free ports), raw transformers, llama.cpp's llama-server
+#   make llama-server                build llama-server once per host (bench/.cache/, 15+ minutes on 2 cores)
 #   make bench BENCH_ARGS=--quick    a short smoke run
 #   make bench BENCH_SERVERS="torchserve=http://127.0.0.1:7080/predictions/smollm2"
 #                                    an already running server (make serve) instead
@@ -14,19 +15,23 @@ PORT ?= 7080
 # Space-separated [LABEL=]URL of running TorchServe predictions endpoints, benchmarked side by
 # side. Empty: the benchmark serves APP itself on both paths (--serve-paths).
 BENCH_SERVERS ?=
-# Comma list of torchserve, transformers, llamacpp.
+# Comma list of torchserve, transformers, llamacpp (llama-server), llamacpp-python (its serial server).
 BENCH_TARGETS ?= torchserve,transformers,llamacpp
+# For uniform and mixed; prefill and shared-prefix run at their own levels (--prefix-concurrency).
 BENCH_CONCURRENCY ?= 1,4,16
-BENCH_WORKLOADS ?= uniform,mixed
+BENCH_WORKLOADS ?= uniform,mixed,prefill,shared-prefix
 # Anything else `python -m bench --help` lists, e.g. --quick, --no-stream, --hf-dtype float32.
 BENCH_ARGS ?=
 # Comma list of DTYPE[+QUANTIZATION] and llama.cpp; empty: the benchmark's default list.
 SINGLE_STREAM_VARIANTS ?=
 SINGLE_STREAM_ARGS ?=
 
-.PHONY: bench bench-single-stream
+.PHONY: bench bench-single-stream llama-server
 
-bench: model ## serving benchmark: our server on both batching paths, raw transformers, llama.cpp -> bench/results/
+llama-server: ## build llama.cpp's llama-server from llama-cpp-python's sdist, cached per host in bench/.cache/
+	$(PY) -m bench.llama_server_build
+
+bench: model $(if $(findstring llamacpp,$(subst llamacpp-python,,$(BENCH_TARGETS))),llama-server) ## serving benchmark: our server on both batching paths, raw transformers, llama-server -> bench/results/
 	$(PY) -m bench --app $(APP) --targets $(BENCH_TARGETS) --concurrency $(BENCH_CONCURRENCY) --workloads $(BENCH_WORKLOADS) \
 		$(if $(BENCH_SERVERS),$(foreach server,$(BENCH_SERVERS),--server-url $(server)),--serve-paths) $(BENCH_ARGS)
 

@@ -1,5 +1,9 @@
 """llama-cpp-python's OpenAI-compatible server on the same GGUF, started and stopped by the benchmark.
 
+It serves one request at a time, so it is labelled serial: llama.cpp's own server, with a slot
+per user and continuous batching, is the llama.cpp column (`bench.targets.llama_server`). This
+one stays as the reference the earlier "x llama.cpp" figures were taken against.
+
 `interrupt_requests` is turned off: by default the server cancels a running stream when a
 new request arrives, which would make every concurrent run look like failures. With it
 off the server answers one request at a time (a lock around the model), so concurrency
@@ -48,7 +52,7 @@ def default_gguf() -> Path | None:
 
 
 class LlamaCppServerTarget:
-    kind = "llama.cpp"
+    kind = "llama-cpp-python (serial)"
 
     def __init__(
         self,
@@ -154,20 +158,23 @@ class LlamaCppServerTarget:
                 if choices and isinstance(choices[0], dict) and choices[0].get("finish_reason"):
                     finish.append(choices[0]["finish_reason"])
 
-        payload = {
-            "prompt": request.prompt,
-            "max_tokens": request.new_tokens,
-            "min_tokens": request.new_tokens,
-            "stream": True,
-            **NEUTRAL_SAMPLING,
-        }
-        post_stream(f"{self.base_url}/v1/completions", payload, self.timeout_s, on_data)
+        post_stream(f"{self.base_url}/v1/completions", self.request_body(request), self.timeout_s, on_data)
         result.text = "".join(pieces)
         result.finish_reason = finish[-1] if finish else None
         if result.finish_reason == "length":  # stopped by max_tokens: exactly the tokens asked for
             result.generated_tokens, result.tokens_source = request.new_tokens, "finish=length"
         else:
             result.generated_tokens, result.tokens_source = len(pieces), "counted"
+
+    def request_body(self, request: BenchRequest) -> dict:
+        """`min_tokens = max_tokens`: EOS cannot end a request early."""
+        return {
+            "prompt": request.prompt,
+            "max_tokens": request.new_tokens,
+            "min_tokens": request.new_tokens,
+            "stream": True,
+            **NEUTRAL_SAMPLING,
+        }
 
     def _log_tail(self, lines: int = 15) -> str:
         try:

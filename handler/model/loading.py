@@ -18,7 +18,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from handler.model.device import bind_device, check_device_settings, describe_device, pick_dtype
-from handler.model.dtype_probe import candidate_names, fastest_cpu_dtype
+from handler.model.dtype_cache import DecisionCache, host_fingerprint
+from handler.model.dtype_probe import DtypeChoice, candidate_names, decided_cpu_dtype
 from handler.pipeline.prompts import TokenLimits
 from handler.model.quantization import quantize_for_cpu
 from handler.settings import HandlerSettings, SettingsError
@@ -45,6 +46,7 @@ class LoadedModel:
     device: torch.device
     limits: TokenLimits
     eos_token_ids: list[int]
+    dtype_choice: DtypeChoice | None = None  # `dtype: auto` on CPU: what was chosen, from which timings
 
 
 def cpu_budget() -> int:
@@ -153,11 +155,17 @@ def load_model(model_dir: Path, settings: HandlerSettings, device: torch.device)
     if not settings.device_map:
         model.to(device)
     model.eval()
+    choice = None
     if measures_dtype(settings, device):
         rows = settings.dtype_probe_rows or 1
-        model, choice = fastest_cpu_dtype(model, batch=rows)
+        cache = DecisionCache(Path(settings.dtype_cache_file)) if settings.dtype_cache_file else None
+        fingerprint = host_fingerprint(model_dir, rows, candidate_names())
+        model, choice = decided_cpu_dtype(model, rows, cache, fingerprint)
         dtype = choice.dtype
-        logger.info("dtype auto on this CPU: %s at %d rows", choice.describe(), rows)
+        logger.info(
+            "dtype auto on this CPU: %s at %d rows; decision kept in %s",
+            choice.describe(), rows, settings.dtype_cache_file or "no file (handler.dtype_cache_file unset)",
+        )
     if settings.quantization != "none":
         model = quantize_for_cpu(model, settings.quantization, compiled=settings.compile)
     if settings.compile:
@@ -169,4 +177,5 @@ def load_model(model_dir: Path, settings: HandlerSettings, device: torch.device)
         device=model.device if settings.device_map else device,
         limits=token_limits(model, tokenizer, settings),
         eos_token_ids=eos_token_ids(model, tokenizer),
+        dtype_choice=choice,
     )

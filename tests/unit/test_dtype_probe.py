@@ -23,7 +23,7 @@ def test_a_decode_step_is_timed_after_the_prefill(tiny_model_dir):
 
 def test_the_choice_keeps_one_model_in_the_chosen_format(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    kept, choice = fastest_cpu_dtype(model, batch=2, steps=2, rounds=1, names=["float32", "bfloat16"])
+    kept, choice = fastest_cpu_dtype(model, batch=2, steps=2, rounds=1, min_rounds=1, names=["float32", "bfloat16"])
     assert choice.name in ("float32", "bfloat16")
     assert next(kept.parameters()).dtype == choice.dtype
     assert set(choice.step_seconds) == {"float32", "bfloat16"}
@@ -40,7 +40,7 @@ def test_fp16_weights_are_a_quantized_copy_with_fp32_activations(tiny_model_dir,
         "handler.model.dtype_probe.decode_step_seconds",
         lambda m, batch, steps: 0.001 if any(isinstance(x, DynamicLinear) for x in m.modules()) else 0.01,
     )
-    kept, choice = fastest_cpu_dtype(model, batch=2, steps=2, rounds=1, names=["float32", FP16_WEIGHTS])
+    kept, choice = fastest_cpu_dtype(model, batch=2, steps=2, rounds=1, min_rounds=1, names=["float32", FP16_WEIGHTS])
     assert choice.name == FP16_WEIGHTS and choice.dtype == torch.float32
     assert any(isinstance(module, DynamicLinear) for module in kept.modules())
     assert not any(isinstance(module, DynamicLinear) for module in model.modules())  # fp32 left as it was
@@ -66,12 +66,12 @@ def test_the_candidates_follow_what_this_cpu_and_torch_offer():
     assert fp16_weights_cpu() == ("fbgemm" in torch.backends.quantized.supported_engines)
 
 
-def test_a_spent_budget_ends_the_rounds_after_the_first(tiny_model_dir, monkeypatch):
+def test_a_spent_budget_ends_the_rounds_after_the_least_number(tiny_model_dir, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     calls = []
     monkeypatch.setattr("handler.model.dtype_probe.decode_step_seconds", lambda m, batch, steps: calls.append(steps) or 0.01)
-    fastest_cpu_dtype(model, batch=1, steps=3, rounds=5, budget_s=0.0, names=["float32", "bfloat16"])
-    assert calls == [1, 1, 3, 3]  # two warm-ups, then one timed round of each candidate
+    fastest_cpu_dtype(model, batch=1, steps=3, rounds=5, min_rounds=2, budget_s=0.0, names=["float32", "bfloat16"])
+    assert calls == [1, 1, 3, 3, 3, 3]  # two warm-ups, then the two rounds that always run
 
 
 def test_auto_on_this_cpu_loads_the_timed_choice(tiny_model_dir, caplog):
@@ -99,3 +99,14 @@ def test_a_named_dtype_is_never_timed(tiny_model_dir):
     assert not measures_dtype(HandlerSettings(dtype="float32"), cpu)
     assert not measures_dtype(HandlerSettings(quantization="fp16-dynamic"), cpu)
     assert not measures_dtype(HandlerSettings(), torch.device("cuda", 0))
+
+
+def test_the_decision_is_reported_as_one_metric_per_candidate():
+    from handler.metrics import DTYPE_METRIC, UNITS, dtype_metric_values
+
+    values = dtype_metric_values(DtypeChoice("bfloat16", {"float32": 0.02, "bfloat16": 0.01}, "cache"))
+    assert values == [
+        (20.0, {"Dtype": "float32", "Chosen": "false", "Source": "cache"}),
+        (10.0, {"Dtype": "bfloat16", "Chosen": "true", "Source": "cache"}),
+    ]
+    assert DTYPE_METRIC[0] in UNITS
