@@ -94,9 +94,16 @@ def test_the_adapter_serves_on_the_gpu_when_torchserve_passed_none(monkeypatch):
     """TorchServe's context without `gpu_id` (no nvidia-smi), on a host where torch sees a GPU."""
     gpus(monkeypatch, 1, nvidia_smi=False)
     chosen = []
-    monkeypatch.setattr(Service, "start", classmethod(lambda cls, settings, model_dir, device, name: chosen.append(device)))
+
+    def start(cls, settings, model_dir, device, name):
+        """The device reaches the service here; nothing past it needs a real GPU to be asked."""
+        chosen.append(device)
+        raise StopIteration
+
+    monkeypatch.setattr(Service, "start", classmethod(start))
     context = make_context("tiny", Path("/nonexistent"), {"handler": {"warmup": False}})
-    adapter.LLMHandler().initialize(context)
+    with pytest.raises(StopIteration):
+        adapter.LLMHandler().initialize(context)
     assert chosen == [torch.device("cuda", 0)]
 
 
