@@ -1,1 +1,2 @@
-"""Benchmarks: `python -m bench` (serving, several targets) and `python -m bench.single_stream` (one stream, dtype and quantization)."""
+"""Benchmarks: `python -m bench` (serving, several targets) and `python -m bench.single_stream`
+(one stream, dtype and quantization)."""

@@ -46,8 +46,12 @@ def post(url: str, body: dict, timeout: float) -> dict:
         status, retry_after, text = failure.code, failure.headers.get("Retry-After"), failure.read()
     except (urllib.error.URLError, OSError) as failure:
         status, retry_after, text = 0, None, str(failure).encode()
-    return {"status": status, "seconds": round(time.monotonic() - started, 2), "retry_after": retry_after,
-            "body": text[:120].decode(errors="replace")}
+    return {
+        "status": status,
+        "seconds": round(time.monotonic() - started, 2),
+        "retry_after": retry_after,
+        "body": text[:120].decode(errors="replace"),
+    }
 
 
 def one_round(url: str, supervisor: int, timeout: float) -> dict:

@@ -36,7 +36,7 @@ import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,8 +47,20 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 # The model's shape: on a GPU big enough that a step is GPU work rather than launch overhead,
 # on the CPU (dry mode) small enough to run in seconds on a shared 2-core machine.
 SHAPES = {
-    "cuda": {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4},
-    "cpu": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+    "cuda": {
+        "hidden_size": 512,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+    },
+    "cpu": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    },
 }
 # A wider initial spread than Llama's default makes the random model's logits peaked, so that
 # greedy decoding has clear winners and the GPU-against-CPU comparison is not decided by ties.
@@ -316,7 +328,12 @@ class GpuCheck:
 
     def continuous_mixed(self) -> str:
         handler, context = self.continuous
-        bodies = [body(f"Request {i}: write something.", max_new_tokens=4 + (i * 7) % (self.tokens - 3), temperature=0.7 if i % 2 else 0) for i in range(16)]
+        bodies = [
+            body(
+                f"Request {i}: write something.", max_new_tokens=4 + (i * 7) % (self.tokens - 3), temperature=0.7 if i % 2 else 0
+            )
+            for i in range(16)
+        ]
         bodies.append(body("A seeded one.", temperature=0.8, seed=11, max_new_tokens=self.tokens // 2))
         bodies.append(body("One with logprobs.", logprobs=True, top_logprobs=2, details=True, max_new_tokens=self.tokens // 2))
         started = time.perf_counter()
@@ -325,8 +342,10 @@ class GpuCheck:
         failed = [f"request {i}: {status} {str(answer)[:120]}" for i, (status, answer) in enumerate(results) if status != 200]
         expect(not failed, "; ".join(failed))
         logprobs = results[-1][1]["predictions"][0].get("logprobs") or []
-        expect(len(logprobs) == self.tokens // 2 and all(len(t["top_logprobs"]) == 2 for t in logprobs),
-               "the logprobs request came back without a log-probability and 2 alternatives per token")
+        expect(
+            len(logprobs) == self.tokens // 2 and all(len(t["top_logprobs"]) == 2 for t in logprobs),
+            "the logprobs request came back without a log-probability and 2 alternatives per token",
+        )
         again = run_continuous(handler, context, [bodies[16]])
         expect(texts(again[0][1]) == texts(results[16][1]), "the seeded request gave other text alone than beside 16 others")
         return f"16 mixed + seeded + logprobs requests, all 200, in {seconds:.1f} s; the seeded text repeats alone"
@@ -334,11 +353,18 @@ class GpuCheck:
     def response_formats(self) -> str:
         json_format = {"type": "json_schema", "json_schema": {"schema": BOUNDED_SCHEMA}}
         out = []
-        for label, (handler, context), run in (("dynamic", self.dynamic, run_dynamic), ("continuous", self.continuous, run_continuous)):
-            results = run(handler, context, [
-                body("Yes or no?", response_format={"type": "regex", "pattern": "(yes|no)"}),
-                body("Answer in JSON.", response_format=json_format, max_new_tokens=48),
-            ])
+        for label, (handler, context), run in (
+            ("dynamic", self.dynamic, run_dynamic),
+            ("continuous", self.continuous, run_continuous),
+        ):
+            results = run(
+                handler,
+                context,
+                [
+                    body("Yes or no?", response_format={"type": "regex", "pattern": "(yes|no)"}),
+                    body("Answer in JSON.", response_format=json_format, max_new_tokens=48),
+                ],
+            )
             for (status, answer), kind in zip(results, ("regex", "json_schema")):
                 expect(status == 200, f"{label} {kind}: {status} {answer}")
             regex_text, json_text = texts(results[0][1])[0], texts(results[1][1])[0]
@@ -347,14 +373,17 @@ class GpuCheck:
                 value = json.loads(json_text)
             except ValueError:
                 raise CheckFailed(f"{label} json_schema gave text that is not JSON: {json_text!r}") from None
-            expect(value.get("answer") in ("yes", "no") and isinstance(value.get("score"), int), f"{label} json_schema gave {value!r}")
+            expect(
+                value.get("answer") in ("yes", "no") and isinstance(value.get("score"), int),
+                f"{label} json_schema gave {value!r}",
+            )
             out.append(f"{label}: {regex_text!r}, {json_text!r}")
         return "; ".join(out)
 
     def greedy_matches_cpu(self) -> str:
         from handler.model.loading import load_model
-        from handler.pipeline.prompts import Prompt
         from handler.params import GenerationParams
+        from handler.pipeline.prompts import Prompt
         from handler.schedulers.dynamic import DynamicScheduler
         from handler.settings import HandlerSettings
 
@@ -380,14 +409,26 @@ class GpuCheck:
             if self.kind == "cuda":
                 torch.cuda.synchronize(self.device)
                 torch.cuda.reset_peak_memory_stats(self.device)
-            bodies = [body(f"Load {i}: go on.", max_new_tokens=self.tokens, min_new_tokens=self.tokens, details=True) for i in range(concurrency)]
+            bodies = [
+                body(f"Load {i}: go on.", max_new_tokens=self.tokens, min_new_tokens=self.tokens, details=True)
+                for i in range(concurrency)
+            ]
             started = time.perf_counter()
             results = run_continuous(handler, context, bodies)
             seconds = time.perf_counter() - started
             expect(all(status == 200 for status, _ in results), f"c={concurrency}: {[s for s, _ in results]}")
             tokens = sum(p["generated_tokens"] for _, answer in results for p in answer["predictions"])
-            peak = (torch.cuda.max_memory_allocated(self.device) if self.kind == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-            data[f"c{concurrency}"] = {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1), "peak_memory_mib": round(peak / 2**20, 1)}
+            peak = (
+                torch.cuda.max_memory_allocated(self.device)
+                if self.kind == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            )
+            data[f"c{concurrency}"] = {
+                "tokens": tokens,
+                "seconds": round(seconds, 3),
+                "tokens_per_s": round(tokens / seconds, 1),
+                "peak_memory_mib": round(peak / 2**20, 1),
+            }
         summary = ", ".join(f"{k}: {v['tokens_per_s']} tok/s, peak {v['peak_memory_mib']} MiB" for k, v in data.items())
         memory = "GPU allocated" if self.kind == "cuda" else "process max RSS"
         return f"{summary} ({memory})", data
@@ -408,14 +449,21 @@ def timed(report: Report, name: str, step: Callable[[], Any]) -> bool:
     except CheckFailed as failure:
         report.checks.append(Check(name, False, str(failure), time.perf_counter() - started))
     except Exception as error:  # a crash in one check is that check's result; the others still run
-        report.checks.append(Check(name, False, f"{type(error).__name__}: {error}", time.perf_counter() - started,
-                                   {"traceback": traceback.format_exc()}))
+        report.checks.append(
+            Check(
+                name,
+                False,
+                f"{type(error).__name__}: {error}",
+                time.perf_counter() - started,
+                {"traceback": traceback.format_exc()},
+            )
+        )
     return False
 
 
 def tokenizer_dir() -> Path:
     named = os.environ.get("GPU_CHECK_TOKENIZER")
-    for candidate in ([Path(named)] if named else [ROOT / "models" / "smollm2-tokenizer", ROOT / "models" / "smollm2"]):
+    for candidate in [Path(named)] if named else [ROOT / "models" / "smollm2-tokenizer", ROOT / "models" / "smollm2"]:
         if (candidate / "tokenizer.json").exists():
             return candidate
     raise SystemExit("no SmolLM2 tokenizer: set GPU_CHECK_TOKENIZER, or run `make gpu-check-tokenizer` (docs/gpu.md)")
@@ -427,9 +475,11 @@ def out_dir() -> Path:
 
 def run(kind: str) -> Report:
     if kind == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("GPU_CHECK_DEVICE=cuda but torch sees no CUDA device (torch %s, CUDA %s)" % (torch.__version__, torch.version.cuda))
+        raise SystemExit(
+            f"GPU_CHECK_DEVICE=cuda but torch sees no CUDA device (torch {torch.__version__}, CUDA {torch.version.cuda})"
+        )
     device = torch.device("cuda", 0) if kind == "cuda" else torch.device("cpu")
-    report = Report(kind, datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), host_facts(device))
+    report = Report(kind, datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), host_facts(device))
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
         check = GpuCheck(kind, tokenizer_dir(), Path(work))
         try:

@@ -47,9 +47,7 @@ def post_stream(
         path += "?" + parts.query
     body = json.dumps(payload).encode()
     try:
-        connection.request(
-            "POST", path, body=body, headers={"Content-Type": JSON, **(headers or {})}
-        )
+        connection.request("POST", path, body=body, headers={"Content-Type": JSON, **(headers or {})})
         response = connection.getresponse()
         if not 200 <= response.status < 300:
             raise HttpStatusError(response.status, response.read().decode(errors="replace"))

@@ -38,8 +38,19 @@ def build_archive(app: str, name: str, store: Path, model_config: dict[str, Any]
         config_path = store / f"{name}-model-config.yaml"
         config_path.write_text(yaml.safe_dump(model_config))
     subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "archive.py"), app, "--name", name,
-         "--model-config", str(config_path), "--format", "no-archive", "--export", str(store)],
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "archive.py"),
+            app,
+            "--name",
+            name,
+            "--model-config",
+            str(config_path),
+            "--format",
+            "no-archive",
+            "--export",
+            str(store),
+        ],
         check=True,
         stdout=subprocess.DEVNULL,
     )
@@ -109,7 +120,7 @@ class TorchServe:
     def internal_ports(self) -> dict[str, int]:
         return json.loads((self.run_dir / "ports.json").read_text())
 
-    def start(self, timeout: float = 600) -> "TorchServe":
+    def start(self, timeout: float = 600) -> TorchServe:
         logs = self.workdir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         store = self.workdir / "store"
@@ -180,8 +191,9 @@ class TorchServe:
         except (urllib.error.URLError, OSError, ValueError):
             return []
 
-    def post(self, name: str, body: Any, timeout: float = 300, raw: bytes | None = None,
-             content_type: str = JSON) -> tuple[int, Any]:
+    def post(
+        self, name: str, body: Any, timeout: float = 300, raw: bytes | None = None, content_type: str = JSON
+    ) -> tuple[int, Any]:
         """POST to the front's /predictions/name; returns the status and the decoded JSON (or text) body."""
         return post(f"{self.url}/predictions/{name}", body, timeout, raw, content_type, self.auth_headers())
 
@@ -240,8 +252,14 @@ def process_tree(root: int) -> dict[str, list[int]]:
     return kinds
 
 
-def post(url: str, body: Any, timeout: float = 300, raw: bytes | None = None,
-         content_type: str = JSON, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+def post(
+    url: str,
+    body: Any,
+    timeout: float = 300,
+    raw: bytes | None = None,
+    content_type: str = JSON,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any]:
     """POST `body` as JSON (or `raw` bytes); the status and the decoded JSON (or text) body, 0 if unreachable."""
     data = raw if raw is not None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, headers={"Content-Type": content_type, **(headers or {})})
@@ -261,8 +279,13 @@ def _decode(body: bytes) -> Any:
         return body.decode(errors="replace")
 
 
-def start_app(workdir: Path, name: str, model_config: dict[str, Any] | None = None,
-              app: str = "smollm2", properties: dict[str, str] | None = None) -> TorchServe:
+def start_app(
+    workdir: Path,
+    name: str,
+    model_config: dict[str, Any] | None = None,
+    app: str = "smollm2",
+    properties: dict[str, str] | None = None,
+) -> TorchServe:
     """A started TorchServe serving `app` as `name` from its own archive; stopped again if the start fails."""
     store = workdir / "store"
     store.mkdir(parents=True)

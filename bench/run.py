@@ -156,12 +156,19 @@ def build_workloads(args: argparse.Namespace) -> list[Workload]:
     makers = {
         "uniform": lambda: uniform(args.uniform_requests, args.uniform_tokens),
         "mixed": lambda: mixed(
-            args.mixed_requests, args.mixed_min_tokens, args.mixed_max_tokens,
-            args.mixed_gap, args.seed, args.mixed_arrivals,
+            args.mixed_requests,
+            args.mixed_min_tokens,
+            args.mixed_max_tokens,
+            args.mixed_gap,
+            args.seed,
+            args.mixed_arrivals,
         ),  # fmt: skip
         "prefill": lambda: prefill(args.prefill_requests, args.prefill_tokens, args.prefill_new_tokens, args.seed),
         "shared-prefix": lambda: shared_prefix(
-            args.prefix_requests, args.prefix_tokens, args.prefix_new_tokens, args.seed,
+            args.prefix_requests,
+            args.prefix_tokens,
+            args.prefix_new_tokens,
+            args.seed,
             tuple(int(c) for c in args.prefix_concurrency.split(",") if c.strip()),
         ),  # fmt: skip
     }
@@ -339,7 +346,8 @@ def render(workloads: list[Workload], runs: list[dict], skipped: dict[str, str],
     parts = [
         "## Serving benchmark",
         "",
-        f"{env['time_utc']}, {env['cpu_count']} CPUs ({env['cpu']}), load average {', '.join(f'{x:.2f}' for x in env['load_average'])}, "
+        f"{env['time_utc']}, {env['cpu_count']} CPUs ({env['cpu']}), "
+        f"load average {', '.join(f'{x:.2f}' for x in env['load_average'])}, "
         f"commit {env['git_commit'] or '?'}, {args.repeats} repeat(s) in rotated target order. "
         "Times in seconds; TTFT and latency count from the request's send. Verdicts concern the path marked shipped.",
         "",
@@ -349,8 +357,12 @@ def render(workloads: list[Workload], runs: list[dict], skipped: dict[str, str],
         rows = []
         keys = dict.fromkeys((r["concurrency"], r["target"]) for r in runs if r["workload"] == workload.name)
         for concurrency, target in sorted(keys, key=lambda key: key[0]):
-            s = aggregate([r for r in runs if (r["workload"], r["concurrency"], r["target"]) == (workload.name, concurrency, target)])
-            label = target + (" (shipped)" if target == shipped else " (not shipped)" if shipped and target in ("dynamic", "continuous") else "")
+            s = aggregate(
+                [r for r in runs if (r["workload"], r["concurrency"], r["target"]) == (workload.name, concurrency, target)]
+            )
+            label = target + (
+                " (shipped)" if target == shipped else " (not shipped)" if shipped and target in ("dynamic", "continuous") else ""
+            )
             rows.append(
                 [
                     workload.name, concurrency, label, f"{s['requests'] - s['failed']}/{s['requests']}",

@@ -159,7 +159,7 @@ class TransformersVariant:
     def reference_logprobs(self) -> list[torch.Tensor]:
         return [continuation_logprobs(self.model, ids, t) for ids, t in zip(self.encoded, self.tokens)]
 
-    def compare(self, reference: "TransformersVariant", reference_logprobs: list[torch.Tensor]) -> None:
+    def compare(self, reference: TransformersVariant, reference_logprobs: list[torch.Tensor]) -> None:
         for ids, tokens, ref_tokens, ref_logprobs in zip(self.encoded, self.tokens, reference.tokens, reference_logprobs):
             self.result.first_diff.append(first_difference(tokens, ref_tokens))
             logprobs = continuation_logprobs(self.model, ids, ref_tokens)
@@ -215,7 +215,8 @@ def render(results: list[VariantResult], prompts: list[str], args) -> str:
     parts = [
         "## Single-stream decode (batch 1, greedy, EOS blocked)",
         "",
-        f"{env['time_utc']}, {env['cpu_count']} CPUs ({env['cpu']}), load average {', '.join(f'{x:.2f}' for x in env['load_average'])}, "
+        f"{env['time_utc']}, {env['cpu_count']} CPUs ({env['cpu']}), "
+        f"load average {', '.join(f'{x:.2f}' for x in env['load_average'])}, "
         f"torch threads {torch.get_num_threads()}, {args.new_tokens} new tokens, {len(prompts)} prompts x "
         f"{args.repeats} repeats, commit {env['git_commit'] or '?'}. Quality columns compare with fp32 "
         "(first diff: mean token position of the first difference; top-1 agree and KL: teacher-forced on fp32's text).",
@@ -239,7 +240,6 @@ def render(results: list[VariantResult], prompts: list[str], args) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
-
 
     args = parse_args(argv)
     if args.threads:

@@ -64,8 +64,9 @@ def rss(pid: int) -> int:
 
 
 def tree_pids(supervisor: int) -> dict[str, int]:
-    workers = [p.pid for p in psutil.Process(supervisor).children(recursive=True)
-               if "model_service_worker" in " ".join(p.cmdline())]
+    workers = [
+        p.pid for p in psutil.Process(supervisor).children(recursive=True) if "model_service_worker" in " ".join(p.cmdline())
+    ]
     return {"front": supervisor, "worker": workers[0]}
 
 

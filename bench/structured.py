@@ -47,9 +47,9 @@ def compile_figures(app: str, schemas: list[dict]) -> list[dict]:
     import xgrammar
     from transformers import AutoConfig, AutoTokenizer
 
-    from handler.structured.grammars import Grammars, tokenizer_info
     from handler.response_format import parse_response_format
     from handler.settings import StructuredOutputSettings
+    from handler.structured.grammars import Grammars, tokenizer_info
 
     model_dir = ROOT / "models" / app
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -96,7 +96,8 @@ def serve_figures(urls: dict[str, str], schemas: list[dict], args: argparse.Name
         post(url, body(entries[0], 4, True), timeout=600)
         for concurrency in args.concurrency:
             for constrained in (False, True):
-                def send(entry: dict) -> tuple[int, int, bool]:
+
+                def send(entry: dict, url: str = url, constrained: bool = constrained) -> tuple[int, int, bool]:
                     status, answer = post(url, body(entry, args.max_new_tokens, constrained), timeout=1800)
                     if status != 200:
                         return status, 0, False

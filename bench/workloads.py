@@ -93,7 +93,7 @@ def mixed(
     rng = random.Random(seed)
     lengths = [rng.randint(min_tokens, max_tokens) for _ in range(num_requests)]
     offsets, clock = [], 0.0
-    for i in range(num_requests):
+    for _ in range(num_requests):
         offsets.append(clock)
         if arrivals == "fixed":
             clock += gap_s

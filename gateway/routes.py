@@ -85,20 +85,27 @@ def guarded(settings) -> list[Middleware]:
     """The API key's guard when ``LLM_API_KEY`` is set (``gateway.auth``); health stays open."""
     if not settings.api_key:
         return []
-    return [Middleware(ApiKeyGuard, key=settings.api_key, open_paths=settings.open_routes,
-                       native_paths=(settings.predict_route,))]
+    return [
+        Middleware(ApiKeyGuard, key=settings.api_key, open_paths=settings.open_routes, native_paths=(settings.predict_route,))
+    ]
 
 
 def build_app(front) -> Starlette:
-    app = Starlette(routes=front_routes(front.settings), exception_handlers={404: not_found, 405: wrong_method},
-                    middleware=guarded(front.settings))
+    app = Starlette(
+        routes=front_routes(front.settings),
+        exception_handlers={404: not_found, 405: wrong_method},
+        middleware=guarded(front.settings),
+    )
     app.state.front = front
     return app
 
 
 def build_metrics_app(front) -> Starlette:
     """The metrics port: loopback unless LLM_EXPOSE_ADMIN; behind the API key too when one is set."""
-    app = Starlette(routes=[Route("/metrics", metrics, methods=["GET"])], exception_handlers={404: not_found},
-                    middleware=guarded(front.settings))
+    app = Starlette(
+        routes=[Route("/metrics", metrics, methods=["GET"])],
+        exception_handlers={404: not_found},
+        middleware=guarded(front.settings),
+    )
     app.state.front = front
     return app

@@ -39,10 +39,12 @@ def gpu_utilization(num_of_gpu: int) -> None:
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
             memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
             dimensions = [Dimension("Level", "Host"), Dimension("device_id", index)]
-            system_metrics.system_metrics.extend([
-                Metric("GPUMemoryUtilization", 100.0 * memory.used / memory.total, "percent", dimensions),
-                Metric("GPUMemoryUsed", memory.used / MIB, "MB", dimensions),
-            ])
+            system_metrics.system_metrics.extend(
+                [
+                    Metric("GPUMemoryUtilization", 100.0 * memory.used / memory.total, "percent", dimensions),
+                    Metric("GPUMemoryUsed", memory.used / MIB, "MB", dimensions),
+                ]
+            )
             try:
                 utilization = pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
             except pynvml.NVMLError_NotSupported:

@@ -33,7 +33,7 @@ class GenerationStats:
     first_token_seconds: float | None = None
 
     @classmethod
-    def of(cls, completion: Completion) -> "GenerationStats":
+    def of(cls, completion: Completion) -> GenerationStats:
         return cls(completion.prompt_tokens, completion.generated_tokens, completion.seconds, completion.first_token_seconds)
 
 

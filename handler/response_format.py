@@ -60,7 +60,7 @@ def parse_response_format(value: Any, where: str, max_bytes: int) -> ResponseFor
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise RequestError(f"{where} must be an object such as {{\"type\": \"json_object\"}}", where)
+        raise RequestError(f'{where} must be an object such as {{"type": "json_object"}}', where)
     kind = value.get("type")
     if kind not in KINDS:
         raise RequestError(f"{where}.type must be one of {', '.join(KINDS)}, got {kind!r}", f"{where}.type")
@@ -78,9 +78,7 @@ def parse_response_format(value: Any, where: str, max_bytes: int) -> ResponseFor
     spec = ResponseFormat(kind, source, where)
     size = len(source.encode("utf-8"))
     if size > max_bytes:
-        raise limit_error(
-            f"{spec.source_field} is {size} bytes, at most {max_bytes} allowed", spec.source_field, max_bytes, size
-        )
+        raise limit_error(f"{spec.source_field} is {size} bytes, at most {max_bytes} allowed", spec.source_field, max_bytes, size)
     return spec
 
 

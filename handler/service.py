@@ -17,22 +17,21 @@ from typing import Any, Callable
 
 import torch
 
-from handler.schedulers.continuous import ContinuousScheduler
-from handler.schedulers.dynamic import DynamicScheduler
+from handler.api.native import Answer, NativeExchange, prediction_offsets
+from handler.api.protocols import Exchange, named_exchange, sniffed_exchange
 from handler.errors import RequestError
-from handler.response_format import ResponseFormat
-from handler.structured.constraint import CompiledFormat
-from handler.structured.grammars import Grammars, tokenizer_info
 from handler.model.device import is_sticky_device_error
 from handler.model.loading import LoadedModel, load_model
 from handler.pipeline.prompts import Prompt, encode
-from handler.api.native import NativeExchange
-from handler.api.protocols import Exchange, named_exchange, sniffed_exchange
 from handler.pipeline.shapes import RequestShape, read_body
-from handler.api.native import Answer, prediction_offsets
+from handler.response_format import ResponseFormat
 from handler.schedulers.base import Router, Scheduler
-from handler.settings import HandlerSettings
+from handler.schedulers.continuous import ContinuousScheduler
+from handler.schedulers.dynamic import DynamicScheduler
 from handler.schedulers.threads import run_on_passing_thread
+from handler.settings import HandlerSettings
+from handler.structured.constraint import CompiledFormat
+from handler.structured.grammars import Grammars, tokenizer_info
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +72,7 @@ class Service:
         )
 
     @classmethod
-    def start(cls, settings: HandlerSettings, model_dir: Path, device: torch.device, model_name: str) -> "Service":
+    def start(cls, settings: HandlerSettings, model_dir: Path, device: torch.device, model_name: str) -> Service:
         """Loads the model and starts the schedulers `handler.batching` asks for, on a thread that
         ends with the start, so that its OpenMP pool does not slow the manager's (`handler.schedulers.threads`)."""
         return run_on_passing_thread(
@@ -81,7 +80,7 @@ class Service:
         )
 
     @classmethod
-    def _start(cls, settings: HandlerSettings, model_dir: Path, device: torch.device, model_name: str) -> "Service":
+    def _start(cls, settings: HandlerSettings, model_dir: Path, device: torch.device, model_name: str) -> Service:
         loaded = load_model(model_dir, settings, device)
         grammars = cls.grammars_for(loaded, settings)
         dynamic = DynamicScheduler(loaded, settings.deadline_seconds)
@@ -177,7 +176,9 @@ class Service:
 
     async def answer(self, requests: list[Prepared], sink: RequestSink | None = None) -> list[Answer | RequestError]:
         """Every valid request's prompts in one scheduler call; a failed call answers each of them with a 500."""
-        owners = [(index, prompt) for index, entry in enumerate(requests) if not isinstance(entry, RequestError) for prompt in entry]
+        owners = [
+            (index, prompt) for index, entry in enumerate(requests) if not isinstance(entry, RequestError) for prompt in entry
+        ]
         if not owners:  # every request refused, or asking for no generation (a token count)
             return [entry if isinstance(entry, RequestError) else [] for entry in requests]
         offsets = [o for entry in requests if not isinstance(entry, RequestError) for o in prediction_offsets(entry)]
@@ -197,10 +198,10 @@ class Service:
             return [entry if isinstance(entry, RequestError) else failure for entry in requests]
         answers: list[Answer | RequestError] = [entry if isinstance(entry, RequestError) else [] for entry in requests]
         for (index, prompt), sequences in zip(owners, completions):
-            error = next((c.error for c in sequences if c.error is not None), None)
+            refusal = next((c.error for c in sequences if c.error is not None), None)
             answer = answers[index]
-            if error is not None:
-                answers[index] = error
+            if refusal is not None:
+                answers[index] = refusal
                 continue
             elif not isinstance(answer, RequestError):
                 answer.append((prompt, sequences))

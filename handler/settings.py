@@ -107,7 +107,7 @@ class HandlerSettings:
     batch_size: int = 1
 
     @classmethod
-    def from_config(cls, model_yaml_config: Mapping[str, Any] | None, environ: Mapping[str, str]) -> "HandlerSettings":
+    def from_config(cls, model_yaml_config: Mapping[str, Any] | None, environ: Mapping[str, str]) -> HandlerSettings:
         section = dict((model_yaml_config or {}).get("handler") or {})
         known = {f.name for f in fields(cls)} - {"model_dir_override", "storage_uri", "workers", "batch_size", "dtype_source"}
         problem = unknown_names(section, sorted(known), "keys in handler config")
@@ -115,9 +115,7 @@ class HandlerSettings:
             raise SettingsError(problem)
         limits = _build(ParamLimits, section.pop("limits", {}), "handler.limits")
         continuous = _build(ContinuousBatchingSettings, section.pop("continuous", {}), "handler.continuous")
-        structured_output = _build(
-            StructuredOutputSettings, section.pop("structured_output", {}), "handler.structured_output"
-        )
+        structured_output = _build(StructuredOutputSettings, section.pop("structured_output", {}), "handler.structured_output")
         try:
             defaults = resolve_params([("handler.defaults.", section.pop("defaults", {}) or {})], limits)
         except RequestError as error:
@@ -201,5 +199,7 @@ def _build(kind: type, values: Mapping[str, Any] | None, where: str):
         if value == "auto" and getattr(kind(), name) == "auto":
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise SettingsError(f"{where}.{name} must be a positive integer{' or auto' if getattr(kind(), name) == 'auto' else ''}, got {value!r}")
+            raise SettingsError(
+                f"{where}.{name} must be a positive integer{' or auto' if getattr(kind(), name) == 'auto' else ''}, got {value!r}"
+            )
     return kind(**values)

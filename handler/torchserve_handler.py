@@ -2,11 +2,12 @@
 
 It translates TorchServe's lifecycle into calls on `service.Service` and owns everything
 TorchServe-specific for both batching modes: the protocol header the front sets
-(`X-LLM-Protocol`), statuses, content types, stream chunks and metrics. With `handler.batching: dynamic` TorchServe hands `handle` a batch of requests and
-every valid prompt of it is completed together. With `handler.batching: continuous` (and
-`asyncCommunication: true` in model-config.yaml) `handle` returns a coroutine that
-TorchServe's async worker awaits on its one event loop, and each request is answered on its
-own. TorchServe loads this file as a top-level module, so it imports the package absolutely.
+(`X-LLM-Protocol`), statuses, content types, stream chunks and metrics. With `handler.batching:
+dynamic` TorchServe hands `handle` a batch of requests and every valid prompt of it is completed
+together. With `handler.batching: continuous` (and `asyncCommunication: true` in
+model-config.yaml) `handle` returns a coroutine that TorchServe's async worker awaits on its one
+event loop, and each request is answered on its own. TorchServe loads this file as a top-level
+module, so it imports the package absolutely.
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler.errors import RequestError
-from handler.model.device import pick_device
-from handler.metrics import DTYPE_METRIC, UNITS, GenerationStats, dtype_metric_values, metric_values
-from handler.api.protocols import PROTOCOL_HEADER, Exchange
 from handler.api.native import JSON, Answer
+from handler.api.protocols import PROTOCOL_HEADER, Exchange
+from handler.errors import RequestError
+from handler.metrics import DTYPE_METRIC, UNITS, GenerationStats, dtype_metric_values, metric_values
+from handler.model.device import pick_device
+from handler.model.sources import weights_dir
 from handler.service import Prepared, Service
 from handler.settings import HandlerSettings
-from handler.model.sources import weights_dir
 
 logger = logging.getLogger(__name__)
 METRIC_TYPES = {"counter": MetricTypes.COUNTER, "gauge": MetricTypes.GAUGE}

@@ -89,8 +89,10 @@ def main() -> int:
         args.report.write_text(json.dumps({"resolved": resolved, "mismatches": problems}, indent=2) + "\n")
     for line in problems:
         sys.stderr.write(line + "\n")
-    sys.stdout.write(f"{len(resolved)} packages resolved; torch {resolved.get('torch')}, triton {resolved.get('triton')}, "
-                     f"{len(problems)} mismatches\n")
+    sys.stdout.write(
+        f"{len(resolved)} packages resolved; torch {resolved.get('torch')}, triton {resolved.get('triton')}, "
+        f"{len(problems)} mismatches\n"
+    )
     return 1 if problems else 0
 
 

@@ -56,9 +56,7 @@ def canonical(name: str) -> str:
 
 
 def newest_release(name: str) -> str | None:
-    result = subprocess.run(
-        [sys.executable, "-m", "pip", "index", "versions", name], capture_output=True, text=True, check=False
-    )
+    result = subprocess.run([sys.executable, "-m", "pip", "index", "versions", name], capture_output=True, text=True, check=False)
     match = re.search(r"^\S+ \(([^)]+)\)", result.stdout, re.MULTILINE)
     return match.group(1) if match else None
 
@@ -73,7 +71,7 @@ def summary(image: str, audit: dict, newest: dict[str, dict[str, str | None]], u
     lines = [
         f"# Scan of `{image}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "",
-        "What each line can and cannot show: docs/docker.md, \"Inside the image, and what a scan finds\".",
+        'What each line can and cannot show: docs/docker.md, "Inside the image, and what a scan finds".',
         "",
         f"Python packages in /opt/venv: {len(deps)}.",
         f"- pip-audit: {len(audited)} audited, {len(vulnerable)} with known vulnerabilities, {len(skipped)} skipped.",
@@ -106,8 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     requirements.write_text("\n".join(pins) + "\n")
     audit_file = args.out / "pip-audit.json"
     subprocess.run(
-        [str(Path(sys.executable).parent / "pip-audit"), "--no-deps", "--disable-pip", "--progress-spinner", "off",
-         "-r", str(requirements), "-f", "json", "-o", str(audit_file)],
+        [
+            str(Path(sys.executable).parent / "pip-audit"),
+            "--no-deps",
+            "--disable-pip",
+            "--progress-spinner",
+            "off",
+            "-r",
+            str(requirements),
+            "-f",
+            "json",
+            "-o",
+            str(audit_file),
+        ],
         check=False,
     )
     audit = json.loads(audit_file.read_text())
@@ -117,9 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         newest[canonical(name)] = {"pinned": version, "newest": newest_release(name)}
     (args.out / "pypi-newest.json").write_text(json.dumps(newest, indent=1, sort_keys=True) + "\n")
 
-    (args.out / "debian-packages.txt").write_text(
-        in_image(env, args.image, "dpkg-query", "-W", "-f", "${Package} ${Version}\\n")
-    )
+    (args.out / "debian-packages.txt").write_text(in_image(env, args.image, "dpkg-query", "-W", "-f", "${Package} ${Version}\\n"))
     listed = in_image(
         env, args.image, "sh", "-c", "apt-get update -qq && apt list --upgradable 2>/dev/null", root=True, network="host"
     )

@@ -89,8 +89,13 @@ def start(app: str, archive: str, port: int, timeout: float) -> int:
     }
     with LOG.open("ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "gateway"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, "-m", "gateway"],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     PID_FILE.write_text(f"{process.pid}\n")
     return wait(process.pid, app, port, timeout)

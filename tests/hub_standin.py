@@ -106,7 +106,7 @@ def _tree_id(files: dict[str, _Blob], prefix: str, dirs: dict[str, str]) -> str:
     """Git's tree id for the folder `prefix`, recording every sub-folder's id in `dirs`."""
     children: dict[str, tuple[str, str]] = {}
     for path, blob in files.items():
-        name, _, rest = path[len(prefix):].partition("/")
+        name, _, rest = path[len(prefix) :].partition("/")
         if rest:
             children.setdefault(name + "/", ("40000", ""))
         else:
@@ -265,30 +265,40 @@ class HubStandin:
         repo = self._repos[repo_id]
         date = "2023-11-14T22:13:20.000Z"
         has_safetensors = any(path.endswith(".safetensors") for path in commit.files)
-        return _json(200, {
-            "_id": commit.oid[:24], "id": repo_id, "modelId": repo_id, "author": repo_id.split("/")[0],
-            "sha": commit.oid, "lastModified": date, "createdAt": date,
-            "private": repo.access == "private", "gated": "auto" if repo.access == "gated" else False,
-            "disabled": False, "downloads": 0, "likes": 0,
-            "tags": ["transformers"] + (["safetensors"] if has_safetensors else []),
-            "library_name": "transformers", "pipeline_tag": "text-generation",
-            "siblings": [{"rfilename": path} for path in commit.files],
-            "usedStorage": sum(len(blob.data) for blob in commit.files.values()),
-        })
+        return _json(
+            200,
+            {
+                "_id": commit.oid[:24],
+                "id": repo_id,
+                "modelId": repo_id,
+                "author": repo_id.split("/")[0],
+                "sha": commit.oid,
+                "lastModified": date,
+                "createdAt": date,
+                "private": repo.access == "private",
+                "gated": "auto" if repo.access == "gated" else False,
+                "disabled": False,
+                "downloads": 0,
+                "likes": 0,
+                "tags": ["transformers"] + (["safetensors"] if has_safetensors else []),
+                "library_name": "transformers",
+                "pipeline_tag": "text-generation",
+                "siblings": [{"rfilename": path} for path in commit.files],
+                "usedStorage": sum(len(blob.data) for blob in commit.files.values()),
+            },
+        )
 
-    def _tree(
-        self, repo_id: str, revision: str, folder: str, query: dict[str, list[str]], authenticated: bool
-    ) -> Reply:
+    def _tree(self, repo_id: str, revision: str, folder: str, query: dict[str, list[str]], authenticated: bool) -> Reply:
         commit = self._find(repo_id, revision, authenticated, file=False)
         if isinstance(commit, Reply):
             return commit
         if folder and folder not in commit.dirs:
-            return _error(404, "EntryNotFound", f"{folder} does not exist on \"{revision}\"")
+            return _error(404, "EntryNotFound", f'{folder} does not exist on "{revision}"')
         recursive = query.get("recursive", ["false"])[0].lower() == "true"
         prefix = folder + "/" if folder else ""
 
         def listed(path: str) -> bool:
-            return path.startswith(prefix) and (recursive or "/" not in path[len(prefix):])
+            return path.startswith(prefix) and (recursive or "/" not in path[len(prefix) :])
 
         entries: list[dict[str, object]] = [
             {"type": "directory", "oid": oid, "size": 0, "path": path}
@@ -308,7 +318,7 @@ class HubStandin:
             tree_path = f"/api/models/{repo_id}/tree/{quote(revision, safe='')}"
             tree_path += f"/{quote(folder, safe='')}" if folder else ""
             headers["Link"] = f'<{self.url}{tree_path}?{params}>; rel="next"'
-        return _json(200, entries[start:start + TREE_PAGE_SIZE], headers)
+        return _json(200, entries[start : start + TREE_PAGE_SIZE], headers)
 
     def _resolve(self, repo_id: str, revision: str, filename: str, authenticated: bool) -> Reply:
         commit = self._find(repo_id, revision, authenticated, file=True)
@@ -325,15 +335,20 @@ class HubStandin:
             headers.update({"ETag": f'"{blob.oid}"', "Content-Type": content_type, "Content-Disposition": disposition})
             return Reply(200, headers, blob.data)
         expires = int(time.time()) + 3600
-        params = urlencode({"response-content-disposition": disposition, "Expires": expires,
-                            "Signature": self._signature(blob.sha256, expires)})
+        params = urlencode(
+            {"response-content-disposition": disposition, "Expires": expires, "Signature": self._signature(blob.sha256, expires)}
+        )
         location = f"{self.cdn_url}/repos/{blob.sha256}?{params}"
         body = f"Found. Redirecting to {location}".encode()
-        headers.update({
-            "Location": location, "Content-Type": "text/plain; charset=utf-8",
-            "ETag": f'W/"{len(body):x}-{hashlib.sha1(body).hexdigest()[:27]}"',
-            "X-Linked-Etag": f'"{blob.sha256}"', "X-Linked-Size": str(len(blob.data)),
-        })
+        headers.update(
+            {
+                "Location": location,
+                "Content-Type": "text/plain; charset=utf-8",
+                "ETag": f'W/"{len(body):x}-{hashlib.sha1(body).hexdigest()[:27]}"',
+                "X-Linked-Etag": f'"{blob.sha256}"',
+                "X-Linked-Size": str(len(blob.data)),
+            }
+        )
         return Reply(302, headers, body)
 
     def _cdn(self, path: str, query: dict[str, list[str]]) -> Reply:

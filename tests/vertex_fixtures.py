@@ -15,7 +15,6 @@ os.environ.setdefault("NO_GCE_CHECK", "true")
 os.environ.setdefault("GCE_METADATA_HOST", "127.0.0.1:9")
 os.environ.setdefault("GCE_METADATA_IP", "127.0.0.1:9")
 
-import threading  # noqa: E402
 from typing import Iterator  # noqa: E402
 
 import pytest  # noqa: E402
@@ -33,8 +32,14 @@ BUCKET = "llm-weights"
 def offline_google(monkeypatch: pytest.MonkeyPatch) -> None:
     """No metadata server, no ambient project or emulator from the developer's shell."""
     monkeypatch.setenv("NO_GCE_CHECK", "true")
-    for key in ("GCP_PROJECT", "GCP_REGION", "VERTEX_API_ENDPOINT", "GOOGLE_CLOUD_PROJECT",
-                "GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST"):
+    for key in (
+        "GCP_PROJECT",
+        "GCP_REGION",
+        "VERTEX_API_ENDPOINT",
+        "GOOGLE_CLOUD_PROJECT",
+        "GOOGLE_APPLICATION_CREDENTIALS",
+        "STORAGE_EMULATOR_HOST",
+    ):
         monkeypatch.delenv(key, raising=False)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from gateway.contract import CHAT_COMPLETIONS_ROUTE, JSON
 from vertex.container import INVOKE_ROUTE_PREFIXES
@@ -38,18 +38,17 @@ MAX_TIMEOUT_S = 120.0
 class ChatRequest:
     """One OpenAI chat request: the messages, the app's name as ``model``, and sampling."""
 
-    messages: List[Dict[str, str]]
+    messages: list[dict[str, str]]
     model: str
-    max_tokens: Optional[int] = None
-    temperature: Optional[float] = None
+    max_tokens: int | None = None
+    temperature: float | None = None
 
     def __post_init__(self) -> None:
         if not self.messages:
             raise VertexConfigError("no messages: pass --prompt or --messages-json")
         for number, message in enumerate(self.messages):
             if not isinstance(message, dict) or message.get("role") not in ROLES:
-                raise VertexConfigError(
-                    f"messages[{number}] needs a role, one of {', '.join(ROLES)}")
+                raise VertexConfigError(f"messages[{number}] needs a role, one of {', '.join(ROLES)}")
             if not isinstance(message.get("content"), str):
                 raise VertexConfigError(f"messages[{number}].content must be a string")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -58,7 +57,7 @@ class ChatRequest:
             raise VertexConfigError(f"--temperature must be >= 0, not {self.temperature}")
 
     def body(self, stream: bool) -> bytes:
-        body: Dict[str, Any] = {"model": self.model, "messages": self.messages}
+        body: dict[str, Any] = {"model": self.model, "messages": self.messages}
         if self.max_tokens is not None:
             body["max_tokens"] = self.max_tokens
         if self.temperature is not None:
@@ -68,7 +67,7 @@ class ChatRequest:
         return json.dumps(body).encode()
 
 
-def serving_model(endpoint: "Endpoint") -> Tuple[str, bool]:
+def serving_model(endpoint: Endpoint) -> tuple[str, bool]:
     """The deployed model taking the traffic, and whether its Model has the invoke prefix."""
     from google.cloud import aiplatform
 
@@ -98,14 +97,14 @@ def stream_text(lines: Iterable[bytes]) -> Iterator[str]:
     an error body arrives as lines too: anything that is not an SSE event is
     kept and raised if the stream ends without ``[DONE]``.
     """
-    other: List[str] = []
+    other: list[str] = []
     for raw in lines:
         line = raw.decode(errors="replace").strip()
         if not line.startswith("data:"):
             if line:
                 other.append(line)
             continue
-        data = line[len("data:"):].strip()
+        data = line[len("data:") :].strip()
         if data == "[DONE]":
             return
         event = json.loads(data)
@@ -136,11 +135,20 @@ def chat(
     endpoint = open_endpoint(endpoint_name, settings)
     deployed_id, invoke = serving_model(endpoint)
     body = request.body(stream)
-    log.info("chat via %s on %s", "invoke " + CHAT_COMPLETIONS_ROUTE if invoke else
-             ("streamRawPredict" if stream else "rawPredict"), endpoint.resource_name)
+    log.info(
+        "chat via %s on %s",
+        "invoke " + CHAT_COMPLETIONS_ROUTE if invoke else ("streamRawPredict" if stream else "rawPredict"),
+        endpoint.resource_name,
+    )
     if invoke:
-        answer = endpoint.invoke(request_path=CHAT_COMPLETIONS_ROUTE, body=body, headers=JSON_HEADERS,
-                                 deployed_model_id=deployed_id, stream=stream, timeout=timeout_s)
+        answer = endpoint.invoke(
+            request_path=CHAT_COMPLETIONS_ROUTE,
+            body=body,
+            headers=JSON_HEADERS,
+            deployed_model_id=deployed_id,
+            stream=stream,
+            timeout=timeout_s,
+        )
         return stream_text(answer) if stream else iter([answer_text(answer)])
     if stream:
         return stream_text(endpoint.stream_raw_predict(body=body, headers=JSON_HEADERS, timeout=timeout_s))

@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Sequence
 
 from gateway.contract import DEFAULT_HTTP_PORT
 from handler.settings import DTYPES
@@ -32,8 +32,8 @@ log = logging.getLogger("vertex")
 DEFAULT_APP = "smollm2"
 
 
-def _parse_env(pairs: Sequence[str]) -> Dict[str, str]:
-    env: Dict[str, str] = {}
+def _parse_env(pairs: Sequence[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
@@ -42,7 +42,7 @@ def _parse_env(pairs: Sequence[str]) -> Dict[str, str]:
     return env
 
 
-def _parse_json(text: Optional[str], flag: str) -> Any:
+def _parse_json(text: str | None, flag: str) -> Any:
     if text is None:
         return None
     try:
@@ -69,10 +69,12 @@ def _add_machine(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--machine-type", help="e.g. g2-standard-12")
     group.add_argument("--accelerator-type", help="e.g. NVIDIA_L4")
     group.add_argument("--accelerator-count", type=int)
-    group.add_argument("--weights-gb", type=float,
-                       help="deploy with no machine named: size the GPU preset for this many GB of weights")
-    group.add_argument("--weights-dir", type=Path,
-                       help="deploy with no machine named: size it from this checkpoint (default models/APP)")
+    group.add_argument(
+        "--weights-gb", type=float, help="deploy with no machine named: size the GPU preset for this many GB of weights"
+    )
+    group.add_argument(
+        "--weights-dir", type=Path, help="deploy with no machine named: size it from this checkpoint (default models/APP)"
+    )
 
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
@@ -81,16 +83,21 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--image", required=True, help="serving image URI (Artifact Registry)")
     group.add_argument("--model-name", help="Model display name (default: the app)")
     group.add_argument("--artifact-uri", help="gs:// folder with the HF checkpoint (slim image)")
-    group.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                       help="extra container env; secrets are refused")
+    group.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra container env; secrets are refused")
     group.add_argument("--dtype", choices=DTYPES, help="override the machine's dtype")
     group.add_argument("--port", type=int, default=DEFAULT_HTTP_PORT)
     group.add_argument("--shared-memory-mb", type=int, default=DEFAULT_SHARED_MEMORY_MB)
-    group.add_argument("--deployment-timeout", type=int, default=DEFAULT_DEPLOYMENT_TIMEOUT_S,
-                       help="seconds Vertex waits for the container to become healthy")
-    group.add_argument("--invoke-route-prefix", metavar="/*",
-                       help='"/*": every container path through .../invoke/<path> (no predict '
-                       "route then; dedicated endpoints only)")
+    group.add_argument(
+        "--deployment-timeout",
+        type=int,
+        default=DEFAULT_DEPLOYMENT_TIMEOUT_S,
+        help="seconds Vertex waits for the container to become healthy",
+    )
+    group.add_argument(
+        "--invoke-route-prefix",
+        metavar="/*",
+        help='"/*": every container path through .../invoke/<path> (no predict route then; dedicated endpoints only)',
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,15 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--endpoint", help="endpoint display name (default: the app)")
     group.add_argument("--min-replicas", type=int, default=1)
     group.add_argument("--max-replicas", type=int, default=1)
-    group.add_argument("--duty-cycle-target", type=int,
-                       help="autoscale on GPU duty cycle, percent")
+    group.add_argument("--duty-cycle-target", type=int, help="autoscale on GPU duty cycle, percent")
     group.add_argument("--cpu-target", type=int, help="autoscale on CPU use, percent")
     group.add_argument("--service-account", help="runs the replicas (Secret Manager, GCS)")
     group.add_argument("--spot", action="store_true", help="Spot VMs: cheaper, preemptible")
-    group.add_argument("--deploy-request-timeout", type=float,
-                       help="seconds for the deploy API call itself")
-    group.add_argument("--dedicated-endpoint", action="store_true",
-                       help="an endpoint with its own DNS name (streaming, invoke)")
+    group.add_argument("--deploy-request-timeout", type=float, help="seconds for the deploy API call itself")
+    group.add_argument("--dedicated-endpoint", action="store_true", help="an endpoint with its own DNS name (streaming, invoke)")
     _add_connection(deploy)
 
     predict = sub.add_parser("predict", help="send instances to an endpoint")
@@ -137,21 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--messages-json", help="a JSON list of {role, content} messages instead")
     chat.add_argument("--max-tokens", type=int)
     chat.add_argument("--temperature", type=float)
-    chat.add_argument("--stream", action="store_true",
-                      help="print the text as it is generated (streamRawPredict, or invoke)")
+    chat.add_argument("--stream", action="store_true", help="print the text as it is generated (streamRawPredict, or invoke)")
     chat.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S)
     _add_connection(chat)
 
     undeploy = sub.add_parser("undeploy", help="undeploy everything, delete the endpoint")
     undeploy.add_argument("--endpoint", help="endpoint display name or id (default: the app)")
     undeploy.add_argument("--app", default=DEFAULT_APP)
-    undeploy.add_argument("--delete-model", action="store_true",
-                          help="also delete the deployed Models (all versions)")
+    undeploy.add_argument("--delete-model", action="store_true", help="also delete the deployed Models (all versions)")
     _add_connection(undeploy)
     return parser
 
 
-def _machine_from(args: argparse.Namespace, required: bool) -> Optional[MachineSpec]:
+def _machine_from(args: argparse.Namespace, required: bool) -> MachineSpec | None:
     """The named machine; for a deploy that names none, the cheapest GPU preset that holds the weights."""
     if not (args.machine or args.machine_type or args.accelerator_type or args.accelerator_count):
         if not required:
@@ -161,14 +163,12 @@ def _machine_from(args: argparse.Namespace, required: bool) -> Optional[MachineS
         else:
             weight_bytes = weights_size(args.weights_dir or Path("models") / args.app)
         preset = preset_for_weights(weight_bytes)
-        log.info("no machine named: %s (%s) for %.2f GB of weights", preset, PRESETS[preset].describe(),
-                 weight_bytes / 10**9)
+        log.info("no machine named: %s (%s) for %.2f GB of weights", preset, PRESETS[preset].describe(), weight_bytes / 10**9)
         return PRESETS[preset]
-    return resolve_machine(args.machine, args.machine_type, args.accelerator_type,
-                           args.accelerator_count)
+    return resolve_machine(args.machine, args.machine_type, args.accelerator_type, args.accelerator_count)
 
 
-def _container_from(args: argparse.Namespace, machine: Optional[MachineSpec]) -> ServingContainer:
+def _container_from(args: argparse.Namespace, machine: MachineSpec | None) -> ServingContainer:
     dtype = args.dtype or (machine.dtype if machine else "auto")
     return ServingContainer(
         image_uri=args.image,
@@ -183,8 +183,8 @@ def _container_from(args: argparse.Namespace, machine: Optional[MachineSpec]) ->
     )
 
 
-def _instances_from(args: argparse.Namespace) -> List[Any]:
-    instances: List[Any] = list(args.instance)
+def _instances_from(args: argparse.Namespace) -> list[Any]:
+    instances: list[Any] = list(args.instance)
     extra = _parse_json(args.instances_json, "--instances-json")
     if extra is not None:
         if not isinstance(extra, list):
@@ -193,7 +193,7 @@ def _instances_from(args: argparse.Namespace) -> List[Any]:
     return instances
 
 
-def _messages_from(args: argparse.Namespace) -> List[Dict[str, str]]:
+def _messages_from(args: argparse.Namespace) -> list[dict[str, str]]:
     if args.messages_json is not None:
         if args.prompt or args.system:
             raise VertexConfigError("pass --messages-json or --prompt/--system, not both")
@@ -211,7 +211,7 @@ def _settings_from(args: argparse.Namespace) -> Settings:
     return resolve_settings(args.project, args.region, args.api_endpoint)
 
 
-def run(args: argparse.Namespace) -> Dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     """Validate everything first, then connect and run the one step asked for."""
     settings = _settings_from(args)
     if args.command == "upload":
@@ -226,6 +226,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         from vertex.endpoints import Deployment
 
         machine = _machine_from(args, required=True)
+        assert machine is not None, "a required machine is named or picked, never None"
         container = _container_from(args, machine)
         deployment = Deployment(
             machine=machine,
@@ -239,10 +240,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             dedicated_endpoint=args.dedicated_endpoint,
         )
         connect(settings)
-        model, endpoint = deploy_app(container, deployment, args.model_name or args.app,
-                                     args.endpoint or args.app)
-        return {"model": model.resource_name, "version": model.version_id,
-                "endpoint": endpoint.resource_name}
+        model, endpoint = deploy_app(container, deployment, args.model_name or args.app, args.endpoint or args.app)
+        return {"model": model.resource_name, "version": model.version_id, "endpoint": endpoint.resource_name}
     if args.command == "predict":
         from vertex.predict import predict
 
@@ -251,15 +250,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         if parameters is not None and not isinstance(parameters, dict):
             raise VertexConfigError("--parameters must be a JSON object")
         connect(settings)
-        predictions = predict(args.endpoint or args.app, instances, parameters, args.timeout,
-                              settings)
+        predictions = predict(args.endpoint or args.app, instances, parameters, args.timeout, settings)
         return {"predictions": predictions}
     from vertex.endpoints import teardown
 
     connect(settings)
     report = teardown(args.endpoint or args.app, delete_models=args.delete_model)
-    return {"endpoints": report.endpoints, "undeployed": report.undeployed,
-            "models": report.models}
+    return {"endpoints": report.endpoints, "undeployed": report.undeployed, "models": report.models}
 
 
 def run_chat(args: argparse.Namespace) -> None:
@@ -267,8 +264,7 @@ def run_chat(args: argparse.Namespace) -> None:
     from vertex.chat import ChatRequest, chat
 
     settings = _settings_from(args)
-    request = ChatRequest(messages=_messages_from(args), model=args.app,
-                          max_tokens=args.max_tokens, temperature=args.temperature)
+    request = ChatRequest(messages=_messages_from(args), model=args.app, max_tokens=args.max_tokens, temperature=args.temperature)
     connect(settings)
     for piece in chat(args.endpoint or args.app, request, settings, args.stream, args.timeout):
         sys.stdout.write(piece)
@@ -276,10 +272,11 @@ def run_chat(args: argparse.Namespace) -> None:
     sys.stdout.write("\n")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     from google.api_core.exceptions import GoogleAPICallError
 
     try:

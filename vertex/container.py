@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Dict, Mapping, Optional
+from typing import Mapping
 
 from gateway.contract import DEFAULT_HTTP_PORT, HEALTH_ROUTE, predict_route
 from handler.settings import DTYPES
@@ -29,8 +29,7 @@ INVOKE_ROUTE_PREFIXES = ("/*",)
 # Matched on whole ``_``-separated words so that MAX_NEW_TOKENS or TOKENIZER_DIR
 # stay allowed while HF_TOKEN or OPENAI_API_KEY are refused.
 _SECRET_WORDS = frozenset(
-    {"TOKEN", "SECRET", "SECRETS", "PASSWORD", "PASSWD", "APIKEY",
-     "CREDENTIAL", "CREDENTIALS", "AUTH", "PAT"}
+    {"TOKEN", "SECRET", "SECRETS", "PASSWORD", "PASSWD", "APIKEY", "CREDENTIAL", "CREDENTIALS", "AUTH", "PAT"}
 )
 _SECRET_PAIRS = frozenset({("API", "KEY"), ("ACCESS", "KEY"), ("PRIVATE", "KEY"), ("SECRET", "KEY")})
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -77,11 +76,11 @@ class ServingContainer:
     app: str
     dtype: str
     port: int = DEFAULT_HTTP_PORT
-    artifact_uri: Optional[str] = None
+    artifact_uri: str | None = None
     extra_env: Mapping[str, str] = field(default_factory=dict)
     shared_memory_mb: int = DEFAULT_SHARED_MEMORY_MB
     deployment_timeout_s: int = DEFAULT_DEPLOYMENT_TIMEOUT_S
-    invoke_route_prefix: Optional[str] = None
+    invoke_route_prefix: str | None = None
 
     def __post_init__(self) -> None:
         if not self.image_uri:
@@ -89,19 +88,14 @@ class ServingContainer:
         if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", self.app):
             raise VertexConfigError(f"invalid app name {self.app!r}")
         if self.dtype not in DTYPES:
-            raise VertexConfigError(
-                f"invalid dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}"
-            )
+            raise VertexConfigError(f"invalid dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if not 0 < self.port < 65536:
             raise VertexConfigError(f"invalid port {self.port}")
         if self.artifact_uri is not None and not self.artifact_uri.startswith("gs://"):
-            raise VertexConfigError(
-                f"--artifact-uri must be a gs:// folder, not {self.artifact_uri!r}"
-            )
+            raise VertexConfigError(f"--artifact-uri must be a gs:// folder, not {self.artifact_uri!r}")
         if not 0 < self.deployment_timeout_s <= MAX_DEPLOYMENT_TIMEOUT_S:
             raise VertexConfigError(
-                f"--deployment-timeout must be 1-{MAX_DEPLOYMENT_TIMEOUT_S} s (Vertex's limit), "
-                f"not {self.deployment_timeout_s}"
+                f"--deployment-timeout must be 1-{MAX_DEPLOYMENT_TIMEOUT_S} s (Vertex's limit), not {self.deployment_timeout_s}"
             )
         if self.shared_memory_mb < 64:
             raise VertexConfigError(f"--shared-memory-mb {self.shared_memory_mb} is below 64")
@@ -113,13 +107,10 @@ class ServingContainer:
         check_env_keys(self.extra_env)
         reserved = {"APP", "LLM_DTYPE"} & set(self.extra_env)
         if reserved:
-            raise VertexConfigError(
-                f"{', '.join(sorted(reserved))} come from --app and the machine; "
-                "do not pass them with --env"
-            )
+            raise VertexConfigError(f"{', '.join(sorted(reserved))} come from --app and the machine; do not pass them with --env")
 
     @property
-    def predict_route(self) -> Optional[str]:
+    def predict_route(self) -> str | None:
         """None with an invoke prefix: Vertex takes one or the other, and the prefix reaches every path."""
         return None if self.invoke_route_prefix else predict_route(self.app)
 
@@ -127,7 +118,7 @@ class ServingContainer:
     def health_route(self) -> str:
         return HEALTH_ROUTE
 
-    def env(self) -> Dict[str, str]:
+    def env(self) -> dict[str, str]:
         """The container env: the contract keys first, then the user's extras."""
         env = {"APP": self.app, "LLM_DTYPE": self.dtype}
         env.update(self.extra_env)

@@ -6,7 +6,7 @@ point, returning both resources so the caller can clean up.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Tuple
+from typing import TYPE_CHECKING
 
 from vertex.container import ServingContainer
 from vertex.endpoints import Deployment, deploy_model, get_or_create_endpoint
@@ -23,7 +23,7 @@ def deploy_app(
     deployment: Deployment,
     model_name: str,
     endpoint_name: str,
-) -> Tuple["Model", "Endpoint"]:
+) -> tuple[Model, Endpoint]:
     """Upload then deploy; refuse what Vertex would refuse late, before anything is created.
 
     GPUs before Ampere have no bfloat16 units, so that pairing fails (or crawls) only
@@ -31,13 +31,10 @@ def deploy_app(
     a shared endpoint only at deploy time, after the upload.
     """
     if container.dtype == "bfloat16" and deployment.machine.accelerator_type in NO_BF16:
-        raise VertexConfigError(
-            f"{deployment.machine.describe()} has no bfloat16 support: use float16"
-        )
+        raise VertexConfigError(f"{deployment.machine.describe()} has no bfloat16 support: use float16")
     if container.invoke_route_prefix and not deployment.dedicated_endpoint:
         raise VertexConfigError(
-            "a Model with --invoke-route-prefix can only be deployed to a dedicated endpoint: "
-            "add --dedicated-endpoint"
+            "a Model with --invoke-route-prefix can only be deployed to a dedicated endpoint: add --dedicated-endpoint"
         )
     model = upload_model(container, model_name)
     endpoint = get_or_create_endpoint(endpoint_name, deployment.dedicated_endpoint)

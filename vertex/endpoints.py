@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING
 
 from gateway.contract import HEALTH_ROUTE
 from vertex.errors import DeployError, VertexConfigError
@@ -25,55 +25,48 @@ class Deployment:
     machine: MachineSpec
     min_replicas: int = 1
     max_replicas: int = 1
-    duty_cycle_target: Optional[int] = None
-    cpu_target: Optional[int] = None
-    service_account: Optional[str] = None
+    duty_cycle_target: int | None = None
+    cpu_target: int | None = None
+    service_account: str | None = None
     spot: bool = False
-    request_timeout_s: Optional[float] = None
+    request_timeout_s: float | None = None
     dedicated_endpoint: bool = False
 
     def __post_init__(self) -> None:
         if self.min_replicas < 1:
             raise VertexConfigError("--min-replicas must be at least 1")
         if self.max_replicas < self.min_replicas:
-            raise VertexConfigError(
-                f"--max-replicas {self.max_replicas} is below --min-replicas {self.min_replicas}"
-            )
-        for flag, value in (("--duty-cycle-target", self.duty_cycle_target),
-                            ("--cpu-target", self.cpu_target)):
+            raise VertexConfigError(f"--max-replicas {self.max_replicas} is below --min-replicas {self.min_replicas}")
+        for flag, value in (("--duty-cycle-target", self.duty_cycle_target), ("--cpu-target", self.cpu_target)):
             if value is not None and not 1 <= value <= 100:
                 raise VertexConfigError(f"{flag} is a percentage (1-100), not {value}")
         if self.duty_cycle_target is not None and self.machine.accelerator_type is None:
-            raise VertexConfigError(
-                "--duty-cycle-target scales on GPU duty cycle; this machine has no GPU"
-            )
+            raise VertexConfigError("--duty-cycle-target scales on GPU duty cycle; this machine has no GPU")
 
 
 @dataclass
 class Teardown:
     """What a teardown removed, for the CLI to report."""
 
-    endpoints: List[str] = field(default_factory=list)
-    undeployed: List[str] = field(default_factory=list)
-    models: List[str] = field(default_factory=list)
+    endpoints: list[str] = field(default_factory=list)
+    undeployed: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)
 
 
 def _is_resource_id(name: str) -> bool:
     return name.startswith("projects/") or name.isdigit()
 
 
-def find_endpoints(name: str) -> List["Endpoint"]:
+def find_endpoints(name: str) -> list[Endpoint]:
     """Endpoints with this display name (or the one with this id), newest first."""
     from google.cloud import aiplatform
 
     if _is_resource_id(name):
         return [aiplatform.Endpoint(name)]
-    return list(
-        aiplatform.Endpoint.list(filter=display_name_filter(name), order_by="create_time desc")
-    )
+    return list(aiplatform.Endpoint.list(filter=display_name_filter(name), order_by="create_time desc"))
 
 
-def open_endpoint(name: str, settings: Optional[Settings] = None) -> "Endpoint":
+def open_endpoint(name: str, settings: Settings | None = None) -> Endpoint:
     """The newest endpoint with this name; with an ``http://`` API endpoint, its SDK session routed there too."""
     endpoints = find_endpoints(name)
     if not endpoints:
@@ -86,7 +79,7 @@ def open_endpoint(name: str, settings: Optional[Settings] = None) -> "Endpoint":
     return endpoint
 
 
-def get_or_create_endpoint(display_name: str, dedicated: bool = False) -> "Endpoint":
+def get_or_create_endpoint(display_name: str, dedicated: bool = False) -> Endpoint:
     """Reuse an endpoint by display name so that a redeploy keeps its URL.
 
     A dedicated endpoint (its own DNS name; needed for invoke and streaming) is
@@ -106,17 +99,15 @@ def get_or_create_endpoint(display_name: str, dedicated: bool = False) -> "Endpo
         log.info("reusing endpoint %s", found[0].resource_name)
         return found[0]
     log.info("creating %sendpoint %s", "dedicated " if dedicated else "", display_name)
-    return aiplatform.Endpoint.create(display_name=display_name, dedicated_endpoint_enabled=dedicated,
-                                      sync=True)
+    return aiplatform.Endpoint.create(display_name=display_name, dedicated_endpoint_enabled=dedicated, sync=True)
 
 
-def deploy_model(model: "Model", endpoint: "Endpoint", deployment: Deployment) -> "Endpoint":
+def deploy_model(model: Model, endpoint: Endpoint, deployment: Deployment) -> Endpoint:
     """Deploy with all traffic on the new model; turn a failed rollout into a clear error."""
     from google.api_core import exceptions
 
     machine = deployment.machine
-    log.info("deploying %s to %s on %s", model.resource_name, endpoint.resource_name,
-             machine.describe())
+    log.info("deploying %s to %s on %s", model.resource_name, endpoint.resource_name, machine.describe())
     try:
         model.deploy(
             endpoint=endpoint,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable
 
 from handler.settings import unknown_names
 from vertex.errors import VertexConfigError
@@ -42,7 +42,7 @@ class MachineSpec:
     """What one replica runs on, plus the dtype the GPU serves best."""
 
     machine_type: str
-    accelerator_type: Optional[str] = None
+    accelerator_type: str | None = None
     accelerator_count: int = 0
 
     @property
@@ -61,7 +61,7 @@ class MachineSpec:
 
 
 # One GPU each, cheapest first: `preset_for_weights` takes the first that holds a model.
-PRESETS: Dict[str, MachineSpec] = {
+PRESETS: dict[str, MachineSpec] = {
     "t4": MachineSpec("n1-standard-8", T4, 1),
     "l4": MachineSpec("g2-standard-8", L4, 1),
     "a100": MachineSpec("a2-highgpu-1g", A100, 1),
@@ -82,14 +82,17 @@ class _Family:
     (None: the N1 family, where GPUs are chosen and attached); a deployment may use 1 to
     that many, and Vertex co-schedules replicas that use fewer on one machine."""
 
-    pattern: "re.Pattern[str]"
+    pattern: re.Pattern[str]
     label: str
-    accelerators: Tuple[str, ...]
-    attached: Optional[Callable[[str], int]]
+    accelerators: tuple[str, ...]
+    attached: Callable[[str], int] | None
 
 
 def _from_name(machine_type: str) -> int:
-    return int(re.search(r"-(\d+)g$", machine_type).group(1))
+    found = re.search(r"-(\d+)g$", machine_type)
+    if found is None:
+        raise VertexConfigError(f"{machine_type} does not end in its GPU count (-Ng)")
+    return int(found.group(1))
 
 
 def _g2_gpus(machine_type: str) -> int:
@@ -101,7 +104,7 @@ _G2_GPUS = {4: 1, 8: 1, 12: 1, 16: 1, 32: 1, 24: 2, 48: 4, 96: 8}
 # GPUs an N1 machine can have attached, by model.
 _N1_COUNTS = {T4: (1, 2, 4), P4: (1, 2, 4), P100: (1, 2, 4), V100: (1, 2, 4, 8)}
 
-_FAMILIES: Tuple[_Family, ...] = (
+_FAMILIES: tuple[_Family, ...] = (
     _Family(re.compile(r"^n1-(?:standard|highmem|highcpu)-\d+$"), "n1-*", (T4, P4, P100, V100), None),
     _Family(re.compile(r"^g2-standard-(?:4|8|12|16|24|32|48|96)$"), "g2-standard-*", (L4,), _g2_gpus),
     _Family(re.compile(r"^a2-highgpu-(?:1|2|4|8)g$"), "a2-highgpu-{1,2,4,8}g", (A100,), _from_name),
@@ -119,14 +122,14 @@ def pairing_table() -> str:
     return ", ".join(f"{f.label} -> {'/'.join(f.accelerators)}" for f in _FAMILIES)
 
 
-def _family_of(machine_type: str) -> Optional[_Family]:
+def _family_of(machine_type: str) -> _Family | None:
     for family in _FAMILIES:
         if family.pattern.match(machine_type):
             return family
     return None
 
 
-def allowed_counts(machine_type: str, accelerator: str) -> Tuple[int, ...]:
+def allowed_counts(machine_type: str, accelerator: str) -> tuple[int, ...]:
     """The GPU counts a deployment of `machine_type` may ask for with `accelerator`."""
     family = _family_of(machine_type)
     if family is None or accelerator not in family.accelerators:
@@ -138,8 +141,8 @@ def allowed_counts(machine_type: str, accelerator: str) -> Tuple[int, ...]:
 
 def validate_machine(
     machine_type: str,
-    accelerator_type: Optional[str] = None,
-    accelerator_count: Optional[int] = None,
+    accelerator_type: str | None = None,
+    accelerator_count: int | None = None,
 ) -> MachineSpec:
     """Check an explicit machine against the family table and fill in the count: all the GPUs
     an accelerator-optimized machine carries, one on N1."""
@@ -147,19 +150,13 @@ def validate_machine(
     family = _family_of(machine_type)
     if accelerator is None:
         if accelerator_count:
-            raise VertexConfigError(
-                f"--accelerator-count {accelerator_count} given without --accelerator-type"
-            )
+            raise VertexConfigError(f"--accelerator-count {accelerator_count} given without --accelerator-type")
         if family is not None and family.attached is not None:
-            raise VertexConfigError(
-                f"{machine_type} comes with GPUs attached: pass --accelerator-type "
-                f"{family.accelerators[0]}"
-            )
+            raise VertexConfigError(f"{machine_type} comes with GPUs attached: pass --accelerator-type {family.accelerators[0]}")
         return MachineSpec(machine_type)
     if family is None:
         raise VertexConfigError(
-            f"no known GPU pairing for machine type {machine_type!r} with {accelerator}; "
-            f"accepted pairings: {pairing_table()}"
+            f"no known GPU pairing for machine type {machine_type!r} with {accelerator}; accepted pairings: {pairing_table()}"
         )
     if accelerator not in family.accelerators:
         raise VertexConfigError(
@@ -169,19 +166,18 @@ def validate_machine(
     counts = allowed_counts(machine_type, accelerator)
     count = accelerator_count if accelerator_count is not None else (counts[-1] if family.attached else 1)
     if count not in counts:
-        raise VertexConfigError(
-            f"{machine_type} takes {', '.join(map(str, counts))} x {accelerator}, not {count}"
-        )
+        raise VertexConfigError(f"{machine_type} takes {', '.join(map(str, counts))} x {accelerator}, not {count}")
     return MachineSpec(machine_type, accelerator, count)
 
 
 def preset_for_weights(weight_bytes: int) -> str:
     """The cheapest one-GPU preset whose memory holds the weights with room to serve
     (WEIGHT_SHARE); refused past the largest, which would need several GPUs."""
-    for name, spec in PRESETS.items():
-        if weight_bytes <= GPU_MEMORY_GB[spec.accelerator_type] * 10**9 * WEIGHT_SHARE:
+    memory = {name: GPU_MEMORY_GB[spec.accelerator_type] for name, spec in PRESETS.items() if spec.accelerator_type}
+    for name, gigabytes in memory.items():
+        if weight_bytes <= gigabytes * 10**9 * WEIGHT_SHARE:
             return name
-    largest = max(GPU_MEMORY_GB[spec.accelerator_type] for spec in PRESETS.values())
+    largest = max(memory.values())
     raise VertexConfigError(
         f"the weights take {weight_bytes / 10**9:.1f} GB, more than {WEIGHT_SHARE:.0%} of the largest "
         f"one-GPU preset's {largest} GB: name a machine with --machine-type and --accelerator-*"
@@ -192,31 +188,25 @@ def weights_size(model_dir: Path) -> int:
     """Bytes of a checkpoint's weight files (safetensors, else pickle) in `model_dir`."""
     files = list(model_dir.glob("*.safetensors")) or list(model_dir.glob("*.bin"))
     if not files:
-        raise VertexConfigError(
-            f"no weights in {model_dir} to size a GPU from: pass --machine, or --weights-gb"
-        )
+        raise VertexConfigError(f"no weights in {model_dir} to size a GPU from: pass --machine, or --weights-gb")
     return sum(f.stat().st_size for f in files)
 
 
 def resolve_machine(
-    preset: Optional[str] = None,
-    machine_type: Optional[str] = None,
-    accelerator_type: Optional[str] = None,
-    accelerator_count: Optional[int] = None,
+    preset: str | None = None,
+    machine_type: str | None = None,
+    accelerator_type: str | None = None,
+    accelerator_count: int | None = None,
 ) -> MachineSpec:
     """A preset name, or an explicit machine; never both, so nothing is silently ignored."""
     explicit = machine_type or accelerator_type or accelerator_count
     if preset and explicit:
-        raise VertexConfigError(
-            "pass either --machine PRESET or --machine-type/--accelerator-*, not both"
-        )
+        raise VertexConfigError("pass either --machine PRESET or --machine-type/--accelerator-*, not both")
     if preset:
         problem = unknown_names([preset], PRESETS, "machine preset")
         if problem:
             raise VertexConfigError(problem)
         return PRESETS[preset]
     if not machine_type:
-        raise VertexConfigError(
-            "no machine: pass --machine (one of " + ", ".join(PRESETS) + ") or --machine-type"
-        )
+        raise VertexConfigError("no machine: pass --machine (one of " + ", ".join(PRESETS) + ") or --machine-type")
     return validate_machine(machine_type, accelerator_type, accelerator_count)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 from vertex.container import ServingContainer
 from vertex.errors import VertexConfigError
@@ -27,7 +27,7 @@ def label_value(text: str) -> str:
     return re.sub(r"[^a-z0-9_-]", "-", text.lower())[:63]
 
 
-def find_model(display_name: str) -> Optional["Model"]:
+def find_model(display_name: str) -> Model | None:
     """The newest Model with this display name, if any.
 
     Display names are not unique in Vertex; picking the newest keeps earlier
@@ -35,13 +35,11 @@ def find_model(display_name: str) -> Optional["Model"]:
     """
     from google.cloud import aiplatform
 
-    models = aiplatform.Model.list(
-        filter=display_name_filter(display_name), order_by="create_time desc"
-    )
+    models = aiplatform.Model.list(filter=display_name_filter(display_name), order_by="create_time desc")
     return models[0] if models else None
 
 
-def upload_model(container: ServingContainer, display_name: str) -> "Model":
+def upload_model(container: ServingContainer, display_name: str) -> Model:
     """Register the container; an existing display name gets a new version, not a twin."""
     from google.cloud import aiplatform
 

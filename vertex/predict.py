@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from vertex.endpoints import open_endpoint
 from vertex.errors import VertexConfigError
@@ -14,11 +14,11 @@ DEFAULT_TIMEOUT_S = 60.0
 
 def predict(
     endpoint_name: str,
-    instances: List[Any],
-    parameters: Optional[Dict[str, Any]] = None,
+    instances: list[Any],
+    parameters: dict[str, Any] | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
-    settings: Optional[Settings] = None,
-) -> List[Any]:
+    settings: Settings | None = None,
+) -> list[Any]:
     """The ``predictions`` list, one item per instance.
 
     ``settings`` matters only for an ``http://`` API endpoint: the SDK sends a
@@ -27,7 +27,5 @@ def predict(
     if not instances:
         raise VertexConfigError("no instances to predict")
     endpoint = open_endpoint(endpoint_name, settings)
-    response = endpoint.predict(
-        instances=instances, parameters=parameters, timeout=timeout_s
-    )
+    response = endpoint.predict(instances=instances, parameters=parameters, timeout=timeout_s)
     return list(response.predictions)

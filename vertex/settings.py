@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Mapping
 
 from vertex.errors import VertexConfigError
 
@@ -25,7 +25,7 @@ class Settings:
 
     project: str
     region: str
-    api_endpoint: Optional[str] = None
+    api_endpoint: str | None = None
 
     @property
     def is_loopback_rest(self) -> bool:
@@ -42,24 +42,22 @@ class Settings:
 
 
 def resolve_settings(
-    project: Optional[str] = None,
-    region: Optional[str] = None,
-    api_endpoint: Optional[str] = None,
-    environ: Optional[Mapping[str, str]] = None,
+    project: str | None = None,
+    region: str | None = None,
+    api_endpoint: str | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> Settings:
     """Merge flags over env; fail early when no project is known."""
     env = os.environ if environ is None else environ
     resolved_project = project or env.get(ENV_PROJECT, "")
     if not resolved_project:
-        raise VertexConfigError(
-            f"no GCP project: pass --project or set {ENV_PROJECT}"
-        )
+        raise VertexConfigError(f"no GCP project: pass --project or set {ENV_PROJECT}")
     resolved_region = region or env.get(ENV_REGION) or DEFAULT_REGION
     resolved_endpoint = api_endpoint or env.get(ENV_API_ENDPOINT) or None
     return Settings(resolved_project, resolved_region, resolved_endpoint)
 
 
-def connect(settings: Settings, staging_bucket: Optional[str] = None) -> None:
+def connect(settings: Settings, staging_bucket: str | None = None) -> None:
     """Initialise the SDK's global config for these settings.
 
     ``aiplatform.init`` is process-global; calling it again with other settings

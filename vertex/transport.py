@@ -11,7 +11,7 @@ transport adapter mounted on that session for those hosts sends them to the
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, List
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from requests.adapters import HTTPAdapter
@@ -34,7 +34,7 @@ class ForwardTo(HTTPAdapter):
         return super().send(request, **kwargs)
 
 
-def sdk_hosts(endpoint: "Endpoint") -> List[str]:
+def sdk_hosts(endpoint: Endpoint) -> list[str]:
     """The hosts the SDK builds URLs on for this endpoint."""
     from google.cloud.aiplatform.constants import base
 
@@ -44,7 +44,7 @@ def sdk_hosts(endpoint: "Endpoint") -> List[str]:
     return hosts
 
 
-def route_to(endpoint: "Endpoint", base_url: str) -> None:
+def route_to(endpoint: Endpoint, base_url: str) -> None:
     """Mount ``ForwardTo(base_url)`` on the endpoint's session for each of its SDK hosts.
 
     A host prefix is longer than the ``https://`` one the SDK mounts its own

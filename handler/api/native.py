@@ -9,10 +9,10 @@ import json
 from typing import Any, Sequence
 
 from handler.decoding.logprobs import TokenLogprob
-from handler.errors import RequestError
-from handler.pipeline.shapes import Instance, RequestShape, parse_body
-from handler.pipeline.prompts import Prompt
 from handler.decoding.sequence import Completion
+from handler.errors import RequestError
+from handler.pipeline.prompts import Prompt
+from handler.pipeline.shapes import Instance, RequestShape, parse_body
 
 JSON = "application/json"
 # One request's answer: each prompt with its completions, in order.

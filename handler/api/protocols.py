@@ -14,15 +14,15 @@ from __future__ import annotations
 
 from typing import Any, Protocol, Sequence, runtime_checkable
 
-from handler.errors import RequestError
 from handler.api.anthropic.exchange import AnthropicExchange
 from handler.api.anthropic.parsing import COUNT_TOKENS, MESSAGES
+from handler.api.native import Answer, NativeExchange
 from handler.api.openai.exchange import OpenAIExchange, VertexChatExchange, is_vertex_chat
 from handler.api.openai.parsing import CHAT, COMPLETIONS
 from handler.api.openai_responses.exchange import ResponsesExchange
+from handler.errors import RequestError
 from handler.pipeline.prompts import Prompt
 from handler.pipeline.shapes import Instance, RequestShape
-from handler.api.native import Answer, NativeExchange
 
 PROTOCOL_HEADER = "X-LLM-Protocol"
 OPENAI_PROTOCOLS = {"openai-chat": CHAT, "openai-completions": COMPLETIONS}

@@ -2,16 +2,16 @@
 
 The dynamic scheduler runs `generate` greedy (argmax) over the whole batch. Each row's own
 processors (repetition penalty, presence and frequency penalties, logit bias, bad words,
-min_new_tokens, temperature, top-k, top-p, min-p, typical-p) are transformers' own classes applied to that row's slice; a sampling row then
-draws its token with the request's own `torch.Generator` and leaves only that token
-possible, so argmax picks it. A seeded request therefore gives the same text alone or
-in a batch, and neighbours never share parameters.
+min_new_tokens, temperature, top-k, top-p, min-p, typical-p) are transformers' own classes
+applied to that row's slice; a sampling row then draws its token with the request's own
+`torch.Generator` and leaves only that token possible, so argmax picks it. A seeded request
+therefore gives the same text alone or in a batch, and neighbours never share parameters.
 
 `front_processors` (on the raw logits: presence and frequency penalties, logit bias) and
 `sequence_processors` (after the sampling filters: min-p) are the parts both schedulers apply
 per sequence, the continuous one through `batch_processors.SequenceProcessors`: a per-row
-processor added to either works on both paths. A row's `observer` (its `SequenceState`, when
-it asked for `logprobs`) sees the raw logits before any processor.
+processor added to either works on both paths. A row's `observer` (its `SequenceState`, when it
+asked for `logprobs`) sees the raw logits before any processor.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
-from handler.params import GenerationParams
 from handler.decoding.penalties import penalty_processors
+from handler.params import GenerationParams
 
 
 @dataclass

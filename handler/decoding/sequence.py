@@ -15,12 +15,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from handler.structured.constraint import GrammarConstraint
 from handler.decoding.detokenizer import IncrementalDetokenizer
-from handler.errors import RequestError
 from handler.decoding.logprobs import TokenLogprob, token_logprob
-from handler.pipeline.prompts import Prompt
 from handler.decoding.stopping import FinishReason, StopScan, matched_stop, releasable_length
+from handler.errors import RequestError
+from handler.pipeline.prompts import Prompt
+from handler.structured.constraint import GrammarConstraint
 
 
 @dataclass(frozen=True)

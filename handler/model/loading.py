@@ -11,7 +11,6 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import Any
 
 import torch
@@ -20,8 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from handler.model.device import bind_device, check_device_settings, describe_device, pick_dtype
 from handler.model.dtype_cache import DecisionCache, host_fingerprint
 from handler.model.dtype_probe import DtypeChoice, candidate_names, decided_cpu_dtype
-from handler.pipeline.prompts import TokenLimits
 from handler.model.quantization import quantize_for_cpu
+from handler.pipeline.prompts import TokenLimits
 from handler.settings import HandlerSettings, SettingsError
 
 logger = logging.getLogger(__name__)
@@ -164,7 +163,9 @@ def load_model(model_dir: Path, settings: HandlerSettings, device: torch.device)
         dtype = choice.dtype
         logger.info(
             "dtype auto on this CPU: %s at %d rows; decision kept in %s",
-            choice.describe(), rows, settings.dtype_cache_file or "no file (handler.dtype_cache_file unset)",
+            choice.describe(),
+            rows,
+            settings.dtype_cache_file or "no file (handler.dtype_cache_file unset)",
         )
     if settings.quantization != "none":
         model = quantize_for_cpu(model, settings.quantization, compiled=settings.compile)

@@ -111,9 +111,7 @@ def _int8_weight_only(model: nn.Module, only: nn.Module | None = None) -> nn.Mod
     try:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
     except ImportError as error:
-        raise QuantizationError(
-            "quantization 'int8-weight-only' needs torchao (pip install torchao==0.18.0)"
-        ) from error
+        raise QuantizationError("quantization 'int8-weight-only' needs torchao (pip install torchao==0.18.0)") from error
     quantize_(model, Int8WeightOnlyConfig(), filter_fn=None if only is None else lambda module, name: module is only)
     return model
 
@@ -126,13 +124,9 @@ def _int4_weight_only(model: nn.Module, compiled: bool) -> int:
         from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
         from torchao.quantization import quantize_
     except ImportError as error:
-        raise QuantizationError(
-            "quantization 'int4-weight-only' needs torchao (pip install torchao==0.18.0)"
-        ) from error
+        raise QuantizationError("quantization 'int4-weight-only' needs torchao (pip install torchao==0.18.0)") from error
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    linears = {
-        name: module for name, module in model.named_modules() if isinstance(module, nn.Linear) and module is not output
-    }
+    linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear) and module is not output}
     unfit = sorted(name for name, module in linears.items() if module.in_features % INT4_GROUP_SIZE)
     if len(unfit) == len(linears):
         raise QuantizationError(

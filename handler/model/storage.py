@@ -11,19 +11,18 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Tuple
 
 log = logging.getLogger(__name__)
 
 
-def parse_gs_uri(uri: str) -> Tuple[str, str]:
+def parse_gs_uri(uri: str) -> tuple[str, str]:
     """Split ``gs://bucket/some/prefix`` into the bucket and a ``/``-terminated prefix.
 
     The trailing slash keeps ``gs://b/smollm2`` from also matching ``smollm2-old/``.
     """
     if not uri.startswith("gs://"):
         raise ValueError(f"not a Cloud Storage URI: {uri!r} (expected gs://bucket/prefix)")
-    bucket, _, prefix = uri[len("gs://"):].partition("/")
+    bucket, _, prefix = uri[len("gs://") :].partition("/")
     if not bucket:
         raise ValueError(f"no bucket in {uri!r}")
     prefix = prefix.strip("/")
@@ -49,7 +48,7 @@ def download_gcs_prefix(uri: str, dest: Path) -> Path:
     for blob in client.list_blobs(bucket_name, prefix=prefix):
         if blob.name.endswith("/"):
             continue  # folder placeholders made by the console hold no data
-        target = (root / blob.name[len(prefix):]).resolve()
+        target = (root / blob.name[len(prefix) :]).resolve()
         if root not in target.parents:
             raise ValueError(f"object {blob.name!r} would be written outside {root}")
         target.parent.mkdir(parents=True, exist_ok=True)

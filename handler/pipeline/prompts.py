@@ -45,7 +45,7 @@ def chat_input(instance: Instance, tokenizer, tool_prompt: str = "auto") -> tupl
     """The messages and tools to hand the chat template. Tools, earlier calls and their results go to a
     template that knows tools in transformers' shapes; to one that does not, as the fallback format's
     system block and tags (`structured.tools`), so the model sees calls written as it must write them."""
-    messages = list(instance.messages)
+    messages = list(instance.messages or ())
     spec = instance.tools
     tools = spec.tools if spec is not None and spec.active else ()
     if not tools and not any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
@@ -89,9 +89,7 @@ def _fallback_messages(messages: list[dict[str, Any]], tools: tuple[Tool, ...]) 
     return rendered
 
 
-def render(
-    instance: Instance, tokenizer, prompt_template: str | None, tool_prompt: str = "auto"
-) -> tuple[str, tuple[int, ...]]:
+def render(instance: Instance, tokenizer, prompt_template: str | None, tool_prompt: str = "auto") -> tuple[str, tuple[int, ...]]:
     """Chat messages go through the tokenizer's chat template; plain text through the app's template."""
     where = instance.fields.prompt
     if instance.messages is not None:
@@ -120,9 +118,7 @@ def render(
     return text, tuple(ids)
 
 
-def encode(
-    instance: Instance, tokenizer, prompt_template: str | None, limits: TokenLimits, tool_prompt: str = "auto"
-) -> Prompt:
+def encode(instance: Instance, tokenizer, prompt_template: str | None, limits: TokenLimits, tool_prompt: str = "auto") -> Prompt:
     """The instance rendered and checked; errors name the fields as the instance's protocol does."""
     text, ids = render(instance, tokenizer, prompt_template, tool_prompt)
     where, fields = instance.fields.prompt, instance.fields

@@ -96,9 +96,7 @@ def parse_body(body: Any, shape: RequestShape) -> tuple[Instance, ...]:
         return (Instance(params, Fields("body"), text=prompt_text(body, "body", shape)),)
     if not isinstance(body, dict):
         kind = "null" if body is None else type(body).__name__
-        raise RequestError(
-            f"request body must be a JSON object such as {{\"instances\": [...]}} or plain text, got {kind}", "body"
-        )
+        raise RequestError(f'request body must be a JSON object such as {{"instances": [...]}} or plain text, got {kind}', "body")
     if "instances" in body:
         return _vertex_instances(body, shape)
     return _tgi_instances(body, shape)
@@ -152,7 +150,9 @@ def _tgi_instances(body: dict[str, Any], shape: RequestShape) -> tuple[Instance,
         raise RequestError(f"{key} must be a string or a non-empty list of strings", key)
     check_count(len(prompts), key, shape.max_instances)
     params = resolve_params([("parameters.", body.get("parameters") or {})], shape.limits, shape.defaults)
-    return tuple(Instance(params, Fields(f"{key}[{i}]"), text=prompt_text(p, f"{key}[{i}]", shape)) for i, p in enumerate(prompts))
+    return tuple(
+        Instance(params, Fields(f"{key}[{i}]"), text=prompt_text(p, f"{key}[{i}]", shape)) for i, p in enumerate(prompts)
+    )
 
 
 def _instance(value: Any, where: str, request_layer: tuple[str, Any], shape: RequestShape) -> Instance:
@@ -199,9 +199,7 @@ def chat_messages(value: Any, where: str, shape: RequestShape) -> tuple[dict[str
         if not isinstance(message, dict) or set(message) != {"role", "content"}:
             raise RequestError(f"{field} must be an object with exactly 'role' and 'content'", field)
         if message["role"] not in CHAT_ROLES:
-            raise RequestError(
-                f"{field}.role must be one of {', '.join(CHAT_ROLES)}, got {message['role']!r}", f"{field}.role"
-            )
+            raise RequestError(f"{field}.role must be one of {', '.join(CHAT_ROLES)}, got {message['role']!r}", f"{field}.role")
         messages.append({"role": message["role"], "content": prompt_text(message["content"], f"{field}.content", shape)})
     return tuple(messages)
 

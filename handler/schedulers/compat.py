@@ -13,7 +13,6 @@ from dataclasses import fields
 from typing import Any, Callable
 
 import torch
-
 from transformers.generation.continuous_batching.cb_logits_processors import (
     ContinuousBatchingLogitsProcessor,
     ContinuousBatchingLogitsProcessorList,

@@ -42,13 +42,13 @@ from transformers import ContinuousBatchingConfig, GenerationConfig, LogitsProce
 
 from handler.decoding.sampling import front_processors, sequence_processors
 from handler.decoding.sequence import Completion, SequenceState
+from handler.model.device import bind_device, cache_config
 from handler.model.loading import LoadedModel
 from handler.params import GenerationParams
 from handler.pipeline.prompts import Prompt
 from handler.schedulers.base import ChunkSink
 from handler.schedulers.batch_processors import install as install_processors
 from handler.schedulers.compat import GenerationOutput, RequestStatus, bind_loop_device, forget_result_handler
-from handler.model.device import bind_device, cache_config
 from handler.schedulers.threads import run_on_passing_thread
 from handler.settings import ContinuousBatchingSettings
 

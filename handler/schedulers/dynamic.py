@@ -79,7 +79,8 @@ class DynamicScheduler:
         lock = self._locks.setdefault(loop, asyncio.Lock())
 
         def on_loop(prompt_index: int, sequence: int, text: str) -> None:
-            loop.call_soon_threadsafe(sink, prompt_index, sequence, text)
+            if sink is not None:
+                loop.call_soon_threadsafe(sink, prompt_index, sequence, text)
 
         def generate() -> list[list[Completion]]:
             with self.guard():

@@ -1,14 +1,16 @@
-"""Torch work on threads that end, so that the continuous batcher's OpenMP pool is the only one left.
+"""Torch work on threads that end, so that the continuous batcher's OpenMP pool is the only one
+left.
 
 libgomp, the OpenMP runtime of torch's CPU wheels, gives every thread that opens a parallel
-region a pool of worker threads of its own, kept until that thread ends. Once the pools
-together hold more threads than the process has CPUs, every pool stops spinning between two
-parallel regions and sleeps on a futex instead, and each of the thousands of small regions of
-a decode step then waits for a wake-up. On 2 cores, with the model loaded and warmed up on
-the worker's main thread and then driven by the manager's thread, that about halved the
-manager's speed (docs/bench.md, "Measurements behind the code's choices"). So the model is loaded, probed and warmed up on a thread that ends when it is done
-(`run_on_passing_thread`), and a `generate` beside the manager runs on a thread of its own
-per call (`on_passing_thread`), never on a pooled thread that outlives it.
+region a pool of worker threads of its own, kept until that thread ends. Once the pools together
+hold more threads than the process has CPUs, every pool stops spinning between two parallel
+regions and sleeps on a futex instead, and each of the thousands of small regions of a decode
+step then waits for a wake-up. On 2 cores, with the model loaded and warmed up on the worker's
+main thread and then driven by the manager's thread, that about halved the manager's speed
+(docs/bench.md, "Measurements behind the code's choices"). So the model is loaded, probed and
+warmed up on a thread that ends when it is done (`run_on_passing_thread`), and a `generate`
+beside the manager runs on a thread of its own per call (`on_passing_thread`), never on a pooled
+thread that outlives it.
 
 Each such thread first makes the model's GPU its current CUDA device (`device`): the current
 device is per thread, and a new thread's is GPU 0, whichever GPU the worker was given.

@@ -50,7 +50,7 @@ class CompiledFormat:
     where: str
     max_mask_ms: int
 
-    def constraint(self, prompt_length: int) -> "GrammarConstraint":
+    def constraint(self, prompt_length: int) -> GrammarConstraint:
         return GrammarConstraint(self.grammar, prompt_length, self.where, self.max_mask_ms)
 
 

@@ -18,17 +18,17 @@ import subprocess
 import sys
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import xgrammar
 
-from handler.structured.constraint import CompiledFormat, GrammarConstraint
 from handler.errors import LIMIT_EXCEEDED, RequestError
 from handler.response_format import ResponseFormat
 from handler.settings import StructuredOutputSettings
+from handler.structured.constraint import CompiledFormat, GrammarConstraint
 
 logger = logging.getLogger(__name__)
 
@@ -151,9 +151,7 @@ class Grammars:
             self._cache[spec] = value
             self._cache_bytes += _size(value)
             budget = self.settings.cache_mb * 1024 * 1024
-            while len(self._cache) > 1 and (
-                len(self._cache) > self.settings.cache_entries or self._cache_bytes > budget
-            ):
+            while len(self._cache) > 1 and (len(self._cache) > self.settings.cache_entries or self._cache_bytes > budget):
                 _, dropped = self._cache.popitem(last=False)
                 self._cache_bytes -= _size(dropped)
 

@@ -40,7 +40,9 @@ def container_env() -> dict[str, str]:
     """os.environ plus what env.sh exports (storage, TMPDIR, build and run flags)."""
     out = subprocess.run(
         ["bash", "-c", f"source {shlex.quote(str(BASE_DIR / 'env.sh'))} && env -0"],
-        check=True, capture_output=True, cwd=ROOT,
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
     ).stdout
     return dict(item.split("=", 1) for item in out.decode().split("\0") if "=" in item)
 
@@ -63,8 +65,12 @@ class Podman:
         log = self._log("base")
         with log.open("w") as sink:
             result = subprocess.run(
-                ["bash", str(BASE_DIR / "build.sh")], env=self.env, stdout=subprocess.PIPE, stderr=sink,
-                text=True, timeout=1800,
+                ["bash", str(BASE_DIR / "build.sh")],
+                env=self.env,
+                stdout=subprocess.PIPE,
+                stderr=sink,
+                text=True,
+                timeout=1800,
             )
         if result.returncode:
             raise AssertionError(f"base build failed, see {log}:\n{_tail(log)}")
@@ -74,9 +80,15 @@ class Podman:
         """`make TARGET` (build-dev, build-slim) with buildah as the client, as a user would run it."""
         log = self._log(f"{target}-{SESSION}")
         command = [
-            "make", "--no-print-directory", target, "DOCKER=buildah", f"BASE_IMAGE={base}",
+            "make",
+            "--no-print-directory",
+            target,
+            "DOCKER=buildah",
+            f"BASE_IMAGE={base}",
             # The CPU wheel index is out of reach here; /opt/wheels (mounted) has torch.
-            "TORCH_INDEX_URL=", f"DOCKER_BUILD_FLAGS={self.env['BUILDAH_BUILD_OPTS']} --layers", *variables,
+            "TORCH_INDEX_URL=",
+            f"DOCKER_BUILD_FLAGS={self.env['BUILDAH_BUILD_OPTS']} --layers",
+            *variables,
         ]
         with log.open("w") as sink:
             result = subprocess.run(command, cwd=ROOT, env=self.env, stdout=sink, stderr=subprocess.STDOUT, timeout=3600)
@@ -92,8 +104,16 @@ class Podman:
         name = session_name("once")
         try:
             return self.run(
-                "podman", "run", "--rm", "--name", name, *shlex.split(self.env["PODMAN_RUN_OPTS"]),
-                "--network", "none", image, *command,
+                "podman",
+                "run",
+                "--rm",
+                "--name",
+                name,
+                *shlex.split(self.env["PODMAN_RUN_OPTS"]),
+                "--network",
+                "none",
+                image,
+                *command,
             ).stdout
         finally:
             self.remove(name)
@@ -101,15 +121,25 @@ class Podman:
     def image_size(self, image: str) -> int:
         return int(self.run("podman", "image", "inspect", "--format", "{{.Size}}", image).stdout.strip())
 
-    def start(self, name: str, image: str, port: int, *options: str, env: dict[str, str] | None = None) -> "Container":
+    def start(self, name: str, image: str, port: int, *options: str, env: dict[str, str] | None = None) -> Container:
         """Start detached in its own network namespace; only 127.0.0.1:port reaches it."""
         self.remove(name)
         env_args = [arg for key, value in (env or {}).items() for arg in ("-e", f"{key}={value}")]
         container_port = (env or {}).get("AIP_HTTP_PORT", "7080")
         self.run(
-            "podman", "run", "-d", "--name", name, *shlex.split(self.env["PODMAN_RUN_OPTS"]),
-            "--network", "slirp4netns", "-p", f"127.0.0.1:{port}:{container_port}",
-            *env_args, *options, image,
+            "podman",
+            "run",
+            "-d",
+            "--name",
+            name,
+            *shlex.split(self.env["PODMAN_RUN_OPTS"]),
+            "--network",
+            "slirp4netns",
+            "-p",
+            f"127.0.0.1:{port}:{container_port}",
+            *env_args,
+            *options,
+            image,
         )
         return Container(self, name, port)
 

@@ -52,8 +52,12 @@ SLIM_IMAGE = f"{IMAGE}-slim:latest"
 # temp and log folders (podman's own tmpfs on /tmp, /run and /var/tmp are off).
 # U: podman mounts a tmpfs as root's 0755 (mode= is not applied here), Docker as 1777.
 READ_ONLY = (
-    "--read-only", "--read-only-tmpfs=false",
-    "--tmpfs", "/home/model-server/tmp:U", "--tmpfs", "/home/model-server/logs:U",
+    "--read-only",
+    "--read-only-tmpfs=false",
+    "--tmpfs",
+    "/home/model-server/tmp:U",
+    "--tmpfs",
+    "/home/model-server/logs:U",
 )
 # Vertex picks the port and routes; anything but the defaults shows they are honoured.
 VERTEX_ENV = {
@@ -328,8 +332,14 @@ def test_the_server_serves_from_a_read_only_root(full, podman: Podman):
     container, _ = full
     inspected = json.loads(podman.run("podman", "inspect", container.name).stdout)[0]
     assert inspected["HostConfig"]["ReadonlyRootfs"] is True
-    folders = ["/home/model-server", "/home/model-server/model-store", "/opt/venv", "/tmp",
-               "/home/model-server/tmp", "/home/model-server/logs"]
+    folders = [
+        "/home/model-server",
+        "/home/model-server/model-store",
+        "/opt/venv",
+        "/tmp",
+        "/home/model-server/tmp",
+        "/home/model-server/logs",
+    ]
     output = container.exec("python", "-c", WRITE_PROBE, *folders).stdout
     result = dict(line.split(" ", 1) for line in output.splitlines())
     assert result == {
@@ -365,8 +375,12 @@ def readable_checkpoint(smollm2_dir, tmp_path_factory):
 
 def test_slim_image_serves_a_mounted_checkpoint_and_restarts_a_dead_torchserve(podman, images, readable_checkpoint):
     container = podman.start(
-        session_name("slim"), images["slim"], free_port(), *READ_ONLY,
-        "-v", f"{readable_checkpoint}:/models/{APP}:ro",
+        session_name("slim"),
+        images["slim"],
+        free_port(),
+        *READ_ONLY,
+        "-v",
+        f"{readable_checkpoint}:/models/{APP}:ro",
         env={**VERTEX_ENV, "APP": APP, "LLM_MODEL_DIR": f"/models/{APP}"},
     )
     try:
@@ -377,7 +391,8 @@ def test_slim_image_serves_a_mounted_checkpoint_and_restarts_a_dead_torchserve(p
         assert json.loads(body)["predictions"][0]["generated_text"].strip()
         # TorchServe's frontend dies: the front starts TorchServe again (fresh loopback ports).
         container.exec(
-            "python", "-c",
+            "python",
+            "-c",
             "import os, signal\n"
             "for pid in filter(str.isdigit, os.listdir('/proc')):\n"
             "    cmd = open(f'/proc/{pid}/cmdline', 'rb').read().split(b'\\0')[0]\n"

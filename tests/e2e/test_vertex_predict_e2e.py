@@ -42,8 +42,7 @@ def deployed(offline_google, container_url: str) -> Iterator[StandIn]:
     """SmolLM2 uploaded and deployed through the SDK onto the stand-in."""
     standin = StandIn(container_url=container_url, health_timeout_s=120).start()
     connect(resolve_settings(PROJECT, REGION, standin.url, environ={}))
-    container = ServingContainer(image_uri=IMAGE, app=APP, dtype="float32",
-                                 port=urlsplit(container_url).port)
+    container = ServingContainer(image_uri=IMAGE, app=APP, dtype="float32", port=urlsplit(container_url).port)
     deploy_app(container, Deployment(machine=validate_machine("n1-standard-8")), APP, APP)
     yield standin
     teardown(APP, delete_models=True)
@@ -57,8 +56,7 @@ def test_endpoint_predict_reaches_torchserve(deployed):
     for prediction in predictions:
         assert isinstance(prediction["generated_text"], str)
         assert prediction["generated_text"].strip()
-    assert deployed.calls("predict")[0].body["parameters"] == {
-        "max_new_tokens": 8, "temperature": 0}
+    assert deployed.calls("predict")[0].body["parameters"] == {"max_new_tokens": 8, "temperature": 0}
 
 
 def test_invalid_parameters_come_back_as_a_client_error(deployed):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
 import pytest
@@ -63,13 +63,13 @@ class Wire:
 
     instance: Any
     path: str
-    body: Callable[[bool], Dict[str, Any]]
-    text: Callable[[Dict[str, Any]], str]
-    streamed: Callable[[List[bytes]], Tuple[List[str], str]]
-    bad: Tuple[Dict[str, Any], str]
+    body: Callable[[bool], dict[str, Any]]
+    text: Callable[[dict[str, Any]], str]
+    streamed: Callable[[list[bytes]], tuple[list[str], str]]
+    bad: tuple[dict[str, Any], str]
 
 
-def _native_streamed(lines: List[bytes]) -> Tuple[List[str], str]:
+def _native_streamed(lines: list[bytes]) -> tuple[list[str], str]:
     """JSON lines ``{"index", "text"}``, then the final body."""
     *chunks, final = [json.loads(line) for line in lines if line]
     return [chunk["text"] for chunk in chunks], final["predictions"][0]["generated_text"]
@@ -86,7 +86,7 @@ NATIVE = Wire(
 CHAT = [{"role": "user", "content": PROMPT}]
 
 
-def _openai_streamed(lines: List[bytes]) -> Tuple[List[str], str]:
+def _openai_streamed(lines: list[bytes]) -> tuple[list[str], str]:
     """SSE ``data:`` lines of chat.completion.chunk (the first one with the role), then ``[DONE]``."""
     lines = [line for line in lines if line.strip()]
     assert lines[-1] == b"data: [DONE]", lines[-3:]
@@ -100,15 +100,20 @@ def _openai_streamed(lines: List[bytes]) -> Tuple[List[str], str]:
 OPENAI = Wire(
     instance={"messages": CHAT},
     path="/v1/chat/completions",
-    body=lambda stream: {"model": APP, "messages": CHAT, "max_tokens": GREEDY["max_new_tokens"], "temperature": 0,
-                         **({"stream": True} if stream else {})},
+    body=lambda stream: {
+        "model": APP,
+        "messages": CHAT,
+        "max_tokens": GREEDY["max_new_tokens"],
+        "temperature": 0,
+        **({"stream": True} if stream else {}),
+    },
     text=lambda answer: answer["choices"][0]["message"]["content"],
     streamed=_openai_streamed,
     bad=({"model": APP, "messages": CHAT, "max_tokens": -1}, "max_tokens"),
 )
 
 
-def _anthropic_streamed(lines: List[bytes]) -> Tuple[List[str], str]:
+def _anthropic_streamed(lines: list[bytes]) -> tuple[list[str], str]:
     """SSE ``event:``/``data:`` lines of Anthropic's stream, ``message_start`` first and ``message_stop`` last."""
     events = [json.loads(line.removeprefix(b"data: ")) for line in lines if line.startswith(b"data: ")]
     assert events[0]["type"] == "message_start" and events[-1]["type"] == "message_stop", events[-3:]
@@ -122,8 +127,13 @@ VERTEX_ANTHROPIC = "vertex-2023-10-16"
 ANTHROPIC = Wire(
     instance={"messages": CHAT},
     path="/v1/messages",
-    body=lambda stream: {"anthropic_version": VERTEX_ANTHROPIC, "messages": CHAT, "max_tokens": GREEDY["max_new_tokens"],
-                         "temperature": 0, **({"stream": True} if stream else {})},
+    body=lambda stream: {
+        "anthropic_version": VERTEX_ANTHROPIC,
+        "messages": CHAT,
+        "max_tokens": GREEDY["max_new_tokens"],
+        "temperature": 0,
+        **({"stream": True} if stream else {}),
+    },
     text=lambda answer: answer["content"][0]["text"],
     streamed=_anthropic_streamed,
     bad=({"anthropic_version": VERTEX_ANTHROPIC, "messages": CHAT, "max_tokens": -1}, "max_tokens"),
@@ -158,8 +168,9 @@ def settings(standin: StandIn) -> Iterator[Settings]:
 
 def deployed(standin: StandIn, container_url: str, name: str, invoke: bool) -> aiplatform.Endpoint:
     """The app on a dedicated endpoint (streaming and invoke need one), its session routed to the stand-in."""
-    container = ServingContainer(image_uri=IMAGE, app=APP, dtype="float32", port=urlsplit(container_url).port,
-                                 invoke_route_prefix="/*" if invoke else None)
+    container = ServingContainer(
+        image_uri=IMAGE, app=APP, dtype="float32", port=urlsplit(container_url).port, invoke_route_prefix="/*" if invoke else None
+    )
     deployment = Deployment(machine=validate_machine("n1-standard-8"), dedicated_endpoint=True)
     _, endpoint = deploy_app(container, deployment, name, name)
     endpoint = aiplatform.Endpoint(endpoint.resource_name)
@@ -203,8 +214,9 @@ def test_stream_raw_predict_streams_the_same_text(raw_endpoint, greedy_text, wir
 
 def test_invoke_reaches_the_container_path(invoke_endpoint, greedy_text, standin, wire):
     deployed_id = invoke_endpoint.gca_resource.deployed_models[0].id
-    response = invoke_endpoint.invoke(request_path=wire.path, body=encoded(wire, stream=False), headers=JSON,
-                                      deployed_model_id=deployed_id)
+    response = invoke_endpoint.invoke(
+        request_path=wire.path, body=encoded(wire, stream=False), headers=JSON, deployed_model_id=deployed_id
+    )
 
     assert response.status_code == 200, response.text
     assert wire.text(response.json()) == greedy_text
@@ -212,8 +224,7 @@ def test_invoke_reaches_the_container_path(invoke_endpoint, greedy_text, standin
 
 
 def test_invoke_streams_the_same_text(invoke_endpoint, greedy_text, wire):
-    lines = list(invoke_endpoint.invoke(request_path=wire.path, body=encoded(wire, stream=True), headers=JSON,
-                                        stream=True))
+    lines = list(invoke_endpoint.invoke(request_path=wire.path, body=encoded(wire, stream=True), headers=JSON, stream=True))
 
     pieces, final = wire.streamed(lines)
     assert len(pieces) > 1

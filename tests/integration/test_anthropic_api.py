@@ -102,8 +102,9 @@ def test_stop_sequences(client, model):
     reply = greedy(client, model, stop_sequences=["Paris", "nowhere"])
     assert reply.content[0].text == whole[: whole.index("Paris")]
     assert (reply.stop_reason, reply.stop_sequence) == ("stop_sequence", "Paris")
-    with client.messages.stream(model=model, max_tokens=16, system=SYSTEM, messages=QUESTION, extra_body=GREEDY,
-                                stop_sequences=["Paris"]) as stream:
+    with client.messages.stream(
+        model=model, max_tokens=16, system=SYSTEM, messages=QUESTION, extra_body=GREEDY, stop_sequences=["Paris"]
+    ) as stream:
         assert "".join(stream.text_stream) == reply.content[0].text
         final = stream.get_final_message()
     assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", "Paris")
@@ -130,8 +131,12 @@ def test_a_last_assistant_message_is_continued(client, model):
 
 @pytest.mark.parametrize(
     "extra, field",
-    [({"extra_body": {"temperature": 1.5}}, "temperature"), ({"tools": [{"name": "f", "input_schema": {"type": "object"}}]}, "tools"),
-     ({"max_tokens": 0}, "max_tokens"), ({"extra_body": {"colour": "red"}}, "colour")],
+    [
+        ({"extra_body": {"temperature": 1.5}}, "temperature"),
+        ({"tools": [{"name": "f", "input_schema": {"type": "object"}}]}, "tools"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"extra_body": {"colour": "red"}}, "colour"),
+    ],
 )
 def test_bad_input_is_the_sdks_bad_request_error_naming_the_field(client, model, extra, field):
     arguments = {"model": model, "max_tokens": 8, "messages": QUESTION, **extra}
@@ -153,8 +158,14 @@ def test_an_unknown_model_is_not_found(client):
     assert caught.value.body["error"]["type"] == "not_found_error" and "claude-opus-4" in caught.value.message
 
 
-def raw(server: TorchServe, method: str, path: str, body: bytes | None = None,
-        headers: dict[str, str] | None = None, port: int | None = None) -> tuple[int, dict[str, str], Any]:
+def raw(
+    server: TorchServe,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    port: int | None = None,
+) -> tuple[int, dict[str, str], Any]:
     connection = http.client.HTTPConnection("127.0.0.1", port or server.port, timeout=120)
     try:
         try:
@@ -210,8 +221,16 @@ def test_without_the_key_the_openai_sdk_gets_its_authentication_error(keyed_serv
     assert sorted(m.id for m in right.models.list()) == sorted(KEYED_MODELS)
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"x-api-key": "wrong"},
-                                     {"Authorization": f"Basic {API_KEY}"}, {"Authorization": API_KEY}])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"x-api-key": "wrong"},
+        {"Authorization": f"Basic {API_KEY}"},
+        {"Authorization": API_KEY},
+    ],
+)
 def test_native_routes_want_the_key(keyed_server, headers):
     body = json.dumps({"instances": ["Hi"], "parameters": {"max_new_tokens": 1}}).encode()
     status, answer_headers, answer = raw(keyed_server, "POST", "/predictions/smollm2-dynamic", body, headers)
@@ -219,8 +238,9 @@ def test_native_routes_want_the_key(keyed_server, headers):
     assert answer_headers["www-authenticate"] == "Bearer"
 
 
-@pytest.mark.parametrize("headers", [{"Authorization": f"Bearer {API_KEY}"}, {"x-api-key": API_KEY},
-                                     {"authorization": f"bearer {API_KEY}"}])
+@pytest.mark.parametrize(
+    "headers", [{"Authorization": f"Bearer {API_KEY}"}, {"x-api-key": API_KEY}, {"authorization": f"bearer {API_KEY}"}]
+)
 def test_either_header_carries_the_key(keyed_server, headers):
     body = json.dumps({"instances": ["Hi"], "parameters": {"max_new_tokens": 1}}).encode()
     assert raw(keyed_server, "POST", "/predictions/smollm2-dynamic", body, headers)[0] == 200

@@ -16,10 +16,10 @@ from typing import Any, Iterator
 import pytest
 import torch
 
-from handler.schedulers.dynamic import DynamicScheduler
 from handler.model.loading import load_model
 from handler.pipeline.prompts import encode
 from handler.pipeline.shapes import RequestShape, parse_request
+from handler.schedulers.dynamic import DynamicScheduler
 from handler.settings import HandlerSettings
 from tests.integration.test_streaming import OMELETTE, assert_streamed_before_the_end, curl_lines, stream
 from tests.support.torchserve import TorchServe, app_model_config, start_app
@@ -81,8 +81,10 @@ def test_greedy_text_equals_the_classic_engine(server: TorchServe, classic):
     bodies = [
         {"instances": [OMELETTE], "parameters": {"temperature": 0, "max_new_tokens": 40}},
         {"instances": [OMELETTE], "parameters": {"temperature": 0, "max_new_tokens": 40, "repetition_penalty": 1.0}},
-        {"instances": [{"messages": [{"role": "user", "content": "What is 2+2? Answer with one word."}]}],
-         "parameters": {"temperature": 0, "max_new_tokens": 40, "min_new_tokens": 20}},
+        {
+            "instances": [{"messages": [{"role": "user", "content": "What is 2+2? Answer with one word."}]}],
+            "parameters": {"temperature": 0, "max_new_tokens": 40, "min_new_tokens": 20},
+        },
     ]
     for body in bodies:
         status, answer = server.post(NAME, body)
@@ -99,7 +101,10 @@ def test_concurrent_requests_each_keep_their_own_parameters(server: TorchServe, 
         {"instances": ["Name a colour:"], "parameters": {"max_new_tokens": 3, "details": True}},
         {"instances": [OMELETTE], "parameters": {"max_new_tokens": 48, "min_new_tokens": 48, "details": True}},
         {"instances": [OMELETTE], "parameters": {"temperature": 0, "max_new_tokens": 30, "stop": [stop], "details": True}},
-        {"instances": ["Count to ten:"], "parameters": {"max_new_tokens": 12, "temperature": 1.2, "top_k": 20, "num_return_sequences": 2}},
+        {
+            "instances": ["Count to ten:"],
+            "parameters": {"max_new_tokens": 12, "temperature": 1.2, "top_k": 20, "num_return_sequences": 2},
+        },
         {"instances": ["Write a haiku:"], "parameters": {"max_new_tokens": 10, "return_full_text": True}},
         {"instances": ["The sky is", "Grass is"], "parameters": {"max_new_tokens": 6, "details": True}},
         greedy,

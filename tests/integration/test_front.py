@@ -37,10 +37,16 @@ def front(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterat
     workdir = tmp_path_factory.mktemp("front")
     store = workdir / "store"
     store.mkdir()
-    server = TorchServe(workdir, {APP: build_archive(APP, APP, store)}, env={
-        "AIP_PREDICT_ROUTE": PREDICT_ROUTE, "AIP_HEALTH_ROUTE": HEALTH_ROUTE,
-        "LLM_MAX_CONNECTIONS": str(MAX_CONNECTIONS), "LLM_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
-    })
+    server = TorchServe(
+        workdir,
+        {APP: build_archive(APP, APP, store)},
+        env={
+            "AIP_PREDICT_ROUTE": PREDICT_ROUTE,
+            "AIP_HEALTH_ROUTE": HEALTH_ROUTE,
+            "LLM_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+            "LLM_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
+        },
+    )
     try:
         server.start()
         yield server
@@ -48,8 +54,9 @@ def front(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterat
         server.stop()
 
 
-def request(server: TorchServe, method: str, path: str, body: bytes | None = None,
-            headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+def request(
+    server: TorchServe, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=GUARD_S)
     try:
         headers = headers or {}
@@ -80,21 +87,26 @@ def test_vertex_routes_and_health_answer(front):
         assert json.loads(body)["apps"][0] == {"status": "ready", "model": APP, "workers": ["READY"]}
     status, _, vertex = request(front, "POST", PREDICT_ROUTE, json.dumps(GREEDY).encode(), {"Content-Type": "application/json"})
     assert status == 200, vertex
-    status, _, plain = request(front, "POST", f"/predictions/{APP}", json.dumps(GREEDY).encode(), {"Content-Type": "application/json"})
+    status, _, plain = request(
+        front, "POST", f"/predictions/{APP}", json.dumps(GREEDY).encode(), {"Content-Type": "application/json"}
+    )
     assert status == 200
     assert json.loads(vertex) == json.loads(plain)
     assert json.loads(vertex)["predictions"][0]["generated_text"]
     assert request(front, "GET", "/ping")[0] == 200  # liveness, as TorchServe's /ping was
 
 
-@pytest.mark.parametrize("method, path, status, word", [
-    ("GET", "/v1/chat/completions", 405, "use POST"),
-    ("POST", "/v1/embeddings", 404, "no route"),
-    ("POST", "/predictions/nope", 404, "nope"),
-    ("GET", "/predictions/smollm2", 405, "GET"),
-    ("GET", "/metrics", 404, "/health"),
-    ("GET", "/models", 404, "no route"),
-])
+@pytest.mark.parametrize(
+    "method, path, status, word",
+    [
+        ("GET", "/v1/chat/completions", 405, "use POST"),
+        ("POST", "/v1/embeddings", 404, "no route"),
+        ("POST", "/predictions/nope", 404, "nope"),
+        ("GET", "/predictions/smollm2", 405, "GET"),
+        ("GET", "/metrics", 404, "/health"),
+        ("GET", "/models", 404, "no route"),
+    ],
+)
 def test_what_is_not_served_is_refused_in_json(front, method, path, status, word):
     got, _, body = request(front, method, path, b"{}" if method == "POST" else None)
     assert got == status
@@ -104,7 +116,9 @@ def test_what_is_not_served_is_refused_in_json(front, method, path, status, word
 
 def test_the_handler_errors_pass_through(front):
     body = {"instances": ["Hi"], "parameters": {"temperature": -1}}
-    status, _, answer = request(front, "POST", f"/predictions/{APP}", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    status, _, answer = request(
+        front, "POST", f"/predictions/{APP}", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
     assert status == 400
     assert json.loads(answer)["field"] == "parameters.temperature"
 
@@ -114,16 +128,26 @@ def test_a_body_over_the_limit_is_refused_declared_or_chunked(front):
     status, _, answer = request(front, "POST", f"/predictions/{APP}", big, {"Content-Type": "application/json"})
     assert status == 413
     assert json.loads(answer)["limit"] == 1024 * 1024
-    status, _, answer = request(front, "POST", f"/predictions/{APP}", iter([big[:600_000], big[600_000:]]),
-                                {"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+    status, _, answer = request(
+        front,
+        "POST",
+        f"/predictions/{APP}",
+        iter([big[:600_000], big[600_000:]]),
+        {"Content-Type": "application/json", "Transfer-Encoding": "chunked"},
+    )
     assert status == 413
     assert json.loads(answer)["field"] == "body"
 
 
 def test_a_chunked_request_body_is_forwarded(front):
     raw = json.dumps(GREEDY).encode()
-    status, _, answer = request(front, "POST", f"/predictions/{APP}", iter([raw[:10], raw[10:]]),
-                                {"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+    status, _, answer = request(
+        front,
+        "POST",
+        f"/predictions/{APP}",
+        iter([raw[:10], raw[10:]]),
+        {"Content-Type": "application/json", "Transfer-Encoding": "chunked"},
+    )
     assert status == 200, answer
     assert json.loads(answer)["predictions"][0]["generated_text"]
 
@@ -147,7 +171,9 @@ def test_connections_are_bounded(front):
 
 def test_histograms_per_app_and_status(front):
     stream = {"instances": ["Once upon a time"], "parameters": {"max_new_tokens": 8, "temperature": 0, "stream": True}}
-    status, _, body = request(front, "POST", f"/predictions/{APP}", json.dumps(stream).encode(), {"Content-Type": "application/json"})
+    status, _, body = request(
+        front, "POST", f"/predictions/{APP}", json.dumps(stream).encode(), {"Content-Type": "application/json"}
+    )
     assert status == 200 and b"predictions" in body
     assert metric(front, f'llm_front_request_seconds_count{{app="{APP}",status="200"}}') >= 1
     assert metric(front, f'llm_front_request_seconds_count{{app="{APP}",status="400"}}') >= 1

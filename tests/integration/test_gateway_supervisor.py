@@ -29,7 +29,7 @@ from gateway.torchserve import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
-FAKE_TORCHSERVE = r'''
+FAKE_TORCHSERVE = r"""
 import json, os, signal, subprocess, sys, threading, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -79,7 +79,7 @@ if mode == "crash":
     sys.exit(3)
 while True:
     time.sleep(1)
-'''
+"""
 
 
 class Container:

@@ -51,7 +51,7 @@ def client_on_standin(hub: HubStandin, tmp_path: Path, monkeypatch: pytest.Monke
     real_home = constants.HF_HOME
     for name, value in list(vars(constants).items()):  # the cache, token file, agent registry... under HF_HOME
         if isinstance(value, str) and value.startswith(real_home):
-            monkeypatch.setattr(constants, name, str(home) + value[len(real_home):])
+            monkeypatch.setattr(constants, name, str(home) + value[len(real_home) :])
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
     monkeypatch.setattr(constants, "ENDPOINT", hub.url)
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
@@ -172,7 +172,11 @@ def test_prepare_cli_downloads_from_hf_endpoint(hub, tiny_model_dir, tmp_path):
 
     result = subprocess.run(
         [sys.executable, "-m", "handler.model.sources", "prepare", str(app), str(dest)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
     assert result.returncode == 0, result.stderr

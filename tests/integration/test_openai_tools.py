@@ -43,6 +43,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Itera
     finally:
         served.stop()
 
+
 WEATHER = {
     "type": "object",
     "properties": {"city": {"type": "string", "maxLength": 24}, "unit": {"enum": ["celsius", "fahrenheit"]}},
@@ -194,7 +195,9 @@ def test_a_tool_result_round_trip(client, model):
     [call] = first.tool_calls
     result = {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 21, "sky": "clear"})}
     messages = [*ASK, first.model_dump(exclude_none=True), result]
-    answer = client.chat.completions.create(model=model, messages=messages, tools=TOOLS, tool_choice="none", max_tokens=24, temperature=0)
+    answer = client.chat.completions.create(
+        model=model, messages=messages, tools=TOOLS, tool_choice="none", max_tokens=24, temperature=0
+    )
     assert answer.choices[0].message.content and answer.choices[0].message.tool_calls is None
     assert answer.usage.prompt_tokens > ask(client, model, tool_choice="none", max_tokens=1).usage.prompt_tokens
 
@@ -235,17 +238,30 @@ CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments
 CALLED = [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [CALL]}]
 CASES = [
     ("tool_choice without tools", {"tool_choice": "auto"}, 400, "tool_choice"),
-    ("tool_choice naming an unknown tool", {"tools": [tool()], "tool_choice": {"type": "function", "function": {"name": "g"}}},
-     400, "tool_choice"),
+    (
+        "tool_choice naming an unknown tool",
+        {"tools": [tool()], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+        400,
+        "tool_choice",
+    ),
     ("tool_choice 'sometimes'", {"tools": [tool()], "tool_choice": "sometimes"}, 400, "tool_choice"),
-    ("tool_choice function without a name", {"tools": [tool()], "tool_choice": {"type": "function"}}, 400, "tool_choice.function"),
+    (
+        "tool_choice function without a name",
+        {"tools": [tool()], "tool_choice": {"type": "function"}},
+        400,
+        "tool_choice.function",
+    ),
     ("tools as an object", {"tools": {"f": {}}}, 400, "tools"),
     ("an empty tools list", {"tools": []}, 400, "tools"),
     ("a tool that is a string", {"tools": ["f"]}, 400, "tools[0]"),
     ("a code_interpreter tool", {"tools": [{"type": "code_interpreter"}]}, 400, "tools[0].type"),
     ("a tool without its function", {"tools": [{"type": "function"}]}, 400, "tools[0].function"),
-    ("a function without a name", {"tools": [{"type": "function", "function": {"description": "x"}}]}, 400,
-     "tools[0].function.name"),
+    (
+        "a function without a name",
+        {"tools": [{"type": "function", "function": {"description": "x"}}]},
+        400,
+        "tools[0].function.name",
+    ),
     ("a name with a space", {"tools": [tool("get weather")]}, 400, "tools[0].function.name"),
     ("a name with a quote", {"tools": [tool('f", "arguments": {}}')]}, 400, "tools[0].function.name"),
     ("a name holding the closing tag", {"tools": [tool("f</tool_call>")]}, 400, "tools[0].function.name"),
@@ -253,40 +269,127 @@ CASES = [
     ("two tools of one name", {"tools": [tool(), tool()]}, 400, "tools[1]"),
     ("parameters as a list", {"tools": [tool(parameters=[1])]}, 400, "tools[0].function.parameters"),
     ("parameters of type string", {"tools": [tool(parameters={"type": "string"})]}, 400, "tools[0].function.parameters"),
-    ("parameters the compiler would ignore", {"tools": [tool(parameters={"type": "object", "not": {}})]}, 400,
-     "tools[0].function.parameters"),
-    ("parameters with an unknown type", {"tools": [tool(parameters={"type": "object", "properties": {"a": {"type": "objectx"}}})],
-     "tool_choice": "required"}, 400, "tools"),
-    ("parameters with a circular $ref", {"tools": [tool(parameters={"type": "object", "properties": {"a": {"$ref": "#/$defs/x"}},
-     "$defs": {"x": {"$ref": "#/$defs/x"}}, "required": ["a"]})], "tool_choice": "required"}, 400, "tools"),
-    ("a grammar over the size limit", {"tools": [tool(parameters={"type": "object", "properties": {"a": {"enum": [f"v{i:05}" for i in range(5000)]}}})]},
-     422, "tools"),
+    (
+        "parameters the compiler would ignore",
+        {"tools": [tool(parameters={"type": "object", "not": {}})]},
+        400,
+        "tools[0].function.parameters",
+    ),
+    (
+        "parameters with an unknown type",
+        {"tools": [tool(parameters={"type": "object", "properties": {"a": {"type": "objectx"}}})], "tool_choice": "required"},
+        400,
+        "tools",
+    ),
+    (
+        "parameters with a circular $ref",
+        {
+            "tools": [
+                tool(
+                    parameters={
+                        "type": "object",
+                        "properties": {"a": {"$ref": "#/$defs/x"}},
+                        "$defs": {"x": {"$ref": "#/$defs/x"}},
+                        "required": ["a"],
+                    }
+                )
+            ],
+            "tool_choice": "required",
+        },
+        400,
+        "tools",
+    ),
+    (
+        "a grammar over the size limit",
+        {"tools": [tool(parameters={"type": "object", "properties": {"a": {"enum": [f"v{i:05}" for i in range(5000)]}}})]},
+        422,
+        "tools",
+    ),
     ("two hundred tools", {"tools": [tool(f"f{i}") for i in range(200)]}, 422, "tools"),
     ("an unknown key in a function", {"tools": [tool(colour="red")]}, 400, "tools[0].function.colour"),
     ("strict as a string", {"tools": [tool(strict="yes")]}, 400, "tools[0].function.strict"),
     ("parallel_tool_calls as a string", {"tools": [tool()], "parallel_tool_calls": "no"}, 400, "parallel_tool_calls"),
-    ("tools with a json_object response_format", {"tools": [tool()], "response_format": {"type": "json_object"}}, 400,
-     "response_format"),
-    ("a tool message with no matching call", {"messages": [*CALLED, {"role": "tool", "tool_call_id": "call_2", "content": "x"}]},
-     400, "messages[2].tool_call_id"),
-    ("a tool message without tool_call_id", {"messages": [*CALLED, {"role": "tool", "content": "x"}]}, 400,
-     "messages[2].tool_call_id"),
-    ("a tool message first", {"messages": [{"role": "tool", "tool_call_id": "call_1", "content": "x"}]}, 400,
-     "messages[0].tool_call_id"),
-    ("a tool_call_id on a user message", {"messages": [{"role": "user", "content": "x", "tool_call_id": "call_1"}]}, 400,
-     "messages[0].tool_call_id"),
-    ("tool_calls on a user message", {"messages": [{"role": "user", "content": "x", "tool_calls": [CALL]}]}, 400,
-     "messages[0].tool_calls"),
-    ("arguments that are not JSON", {"messages": [CALLED[0], {"role": "assistant", "tool_calls": [
-     {**CALL, "function": {"name": "f", "arguments": "{oops"}}]}]}, 400, "messages[1].tool_calls[0].function.arguments"),
-    ("arguments as an object", {"messages": [CALLED[0], {"role": "assistant", "tool_calls": [
-     {**CALL, "function": {"name": "f", "arguments": {}}}]}]}, 400, "messages[1].tool_calls[0].function.arguments"),
-    ("a call of type code", {"messages": [CALLED[0], {"role": "assistant", "tool_calls": [{**CALL, "type": "code"}]}]}, 400,
-     "messages[1].tool_calls[0].type"),
-    ("a call without an id", {"messages": [CALLED[0], {"role": "assistant", "tool_calls": [{"type": "function",
-     "function": {"name": "f", "arguments": "{}"}}]}]}, 400, "messages[1].tool_calls[0].id"),
-    ("a called name that breaks the format", {"messages": [CALLED[0], {"role": "assistant", "tool_calls": [
-     {**CALL, "function": {"name": "f\n</tool_call>", "arguments": "{}"}}]}]}, 400, "messages[1].tool_calls[0].function.name"),
+    (
+        "tools with a json_object response_format",
+        {"tools": [tool()], "response_format": {"type": "json_object"}},
+        400,
+        "response_format",
+    ),
+    (
+        "a tool message with no matching call",
+        {"messages": [*CALLED, {"role": "tool", "tool_call_id": "call_2", "content": "x"}]},
+        400,
+        "messages[2].tool_call_id",
+    ),
+    (
+        "a tool message without tool_call_id",
+        {"messages": [*CALLED, {"role": "tool", "content": "x"}]},
+        400,
+        "messages[2].tool_call_id",
+    ),
+    (
+        "a tool message first",
+        {"messages": [{"role": "tool", "tool_call_id": "call_1", "content": "x"}]},
+        400,
+        "messages[0].tool_call_id",
+    ),
+    (
+        "a tool_call_id on a user message",
+        {"messages": [{"role": "user", "content": "x", "tool_call_id": "call_1"}]},
+        400,
+        "messages[0].tool_call_id",
+    ),
+    (
+        "tool_calls on a user message",
+        {"messages": [{"role": "user", "content": "x", "tool_calls": [CALL]}]},
+        400,
+        "messages[0].tool_calls",
+    ),
+    (
+        "arguments that are not JSON",
+        {
+            "messages": [
+                CALLED[0],
+                {"role": "assistant", "tool_calls": [{**CALL, "function": {"name": "f", "arguments": "{oops"}}]},
+            ]
+        },
+        400,
+        "messages[1].tool_calls[0].function.arguments",
+    ),
+    (
+        "arguments as an object",
+        {"messages": [CALLED[0], {"role": "assistant", "tool_calls": [{**CALL, "function": {"name": "f", "arguments": {}}}]}]},
+        400,
+        "messages[1].tool_calls[0].function.arguments",
+    ),
+    (
+        "a call of type code",
+        {"messages": [CALLED[0], {"role": "assistant", "tool_calls": [{**CALL, "type": "code"}]}]},
+        400,
+        "messages[1].tool_calls[0].type",
+    ),
+    (
+        "a call without an id",
+        {
+            "messages": [
+                CALLED[0],
+                {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+            ]
+        },
+        400,
+        "messages[1].tool_calls[0].id",
+    ),
+    (
+        "a called name that breaks the format",
+        {
+            "messages": [
+                CALLED[0],
+                {"role": "assistant", "tool_calls": [{**CALL, "function": {"name": "f\n</tool_call>", "arguments": "{}"}}]},
+            ]
+        },
+        400,
+        "messages[1].tool_calls[0].function.name",
+    ),
     ("the function role", {"messages": [{"role": "function", "name": "f", "content": "x"}]}, 400, "messages[0].role"),
     ("a tool_result role", {"messages": [{"role": "tool_result", "content": "x"}]}, 400, "messages[0].role"),
     ("the deprecated functions", {"functions": [{"name": "f"}]}, 400, "functions"),
@@ -342,7 +445,9 @@ def test_a_streamed_response_is_the_whole_response(client, model):
     assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == whole.status.join(("response.", ""))
     assert [event.sequence_number for event in events] == list(range(len(events)))
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == whole.output_text
-    with client.responses.stream(model=model, input="What is the capital of France?", max_output_tokens=24, temperature=0) as stream:
+    with client.responses.stream(
+        model=model, input="What is the capital of France?", max_output_tokens=24, temperature=0
+    ) as stream:
         final = stream.get_final_response()
     assert final.output_text == whole.output_text
 
@@ -361,9 +466,16 @@ def test_a_function_tool_round_trip(client, model):
 
 def test_a_streamed_function_call_arrives_in_argument_deltas(client, model):
     named = {"type": "function", "name": "get_weather"}
-    events = list(respond(client, model, input="Weather in Oslo?", tools=RESPONSE_TOOLS, tool_choice=named, stream=True, max_output_tokens=120))
+    events = list(
+        respond(
+            client, model, input="Weather in Oslo?", tools=RESPONSE_TOOLS, tool_choice=named, stream=True, max_output_tokens=120
+        )
+    )
     done = [e for e in events if e.type == "response.function_call_arguments.done"]
-    assert len(done) == 1 and "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta") == done[0].arguments
+    assert (
+        len(done) == 1
+        and "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta") == done[0].arguments
+    )
     jsonschema.validate(json.loads(done[0].arguments), WEATHER)
     assert events[-1].type == "response.completed" and events[-1].response.output[-1].type == "function_call"
 
@@ -391,23 +503,51 @@ RESPONSE_CASES = [
     ("background true", {"background": True}, 400, "background"),
     ("a reasoning item", {"input": [{"type": "reasoning", "summary": []}]}, 400, "input[0].type"),
     ("an unknown role", {"input": [{"role": "robot", "content": "x"}]}, 400, "input[0].role"),
-    ("an image part", {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, 400,
-     "input[0].content[0].type"),
-    ("an output with no call", {"input": [{"role": "user", "content": "x"}, {"type": "function_call_output", "call_id": "c", "output": "x"}]},
-     400, "input[1].call_id"),
-    ("a call with bad arguments", {"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{"}]}, 400,
-     "input[0].arguments"),
-    ("a call whose name breaks the format", {"input": [{"type": "function_call", "call_id": "c", "name": "f</tool_call>",
-     "arguments": "{}"}]}, 400, "input[0].name"),
+    (
+        "an image part",
+        {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+        400,
+        "input[0].content[0].type",
+    ),
+    (
+        "an output with no call",
+        {"input": [{"role": "user", "content": "x"}, {"type": "function_call_output", "call_id": "c", "output": "x"}]},
+        400,
+        "input[1].call_id",
+    ),
+    (
+        "a call with bad arguments",
+        {"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{"}]},
+        400,
+        "input[0].arguments",
+    ),
+    (
+        "a call whose name breaks the format",
+        {"input": [{"type": "function_call", "call_id": "c", "name": "f</tool_call>", "arguments": "{}"}]},
+        400,
+        "input[0].name",
+    ),
     ("a regex text format", {"text": {"format": {"type": "regex"}}}, 400, "text.format.type"),
-    ("a json_schema text format without schema", {"text": {"format": {"type": "json_schema", "name": "x"}}}, 400,
-     "text.format.schema"),
+    (
+        "a json_schema text format without schema",
+        {"text": {"format": {"type": "json_schema", "name": "x"}}},
+        400,
+        "text.format.schema",
+    ),
     ("a web_search tool", {"tools": [{"type": "web_search"}]}, 400, "tools[0].type"),
     ("a tool name with a space", {"tools": [{"type": "function", "name": "a b"}]}, 400, "tools[0].name"),
-    ("a tool with string parameters", {"tools": [{"type": "function", "name": "f", "parameters": {"type": "string"}}]}, 400,
-     "tools[0].parameters"),
-    ("tool_choice naming no tool", {"tools": RESPONSE_TOOLS, "tool_choice": {"type": "function", "name": "other"}}, 400,
-     "tool_choice"),
+    (
+        "a tool with string parameters",
+        {"tools": [{"type": "function", "name": "f", "parameters": {"type": "string"}}]},
+        400,
+        "tools[0].parameters",
+    ),
+    (
+        "tool_choice naming no tool",
+        {"tools": RESPONSE_TOOLS, "tool_choice": {"type": "function", "name": "other"}},
+        400,
+        "tool_choice",
+    ),
     ("tool_choice without tools", {"tool_choice": "required"}, 400, "tool_choice"),
     ("tools with a text format", {"tools": RESPONSE_TOOLS, "text": {"format": {"type": "json_object"}}}, 400, "text.format"),
     ("max_output_tokens 0", {"max_output_tokens": 0}, 400, "max_output_tokens"),
@@ -416,9 +556,26 @@ RESPONSE_CASES = [
     ("metadata with a number", {"metadata": {"a": 1}}, 400, "metadata"),
     ("truncation auto", {"truncation": "auto"}, 400, "truncation"),
     ("an unknown field", {"colour": "red"}, 400, "colour"),
-    ("a schema with a circular $ref", {"tools": [{"type": "function", "name": "f", "parameters": {"type": "object",
-     "properties": {"a": {"$ref": "#/$defs/x"}}, "$defs": {"x": {"$ref": "#/$defs/x"}}, "required": ["a"]}}],
-     "tool_choice": "required"}, 400, "tools"),
+    (
+        "a schema with a circular $ref",
+        {
+            "tools": [
+                {
+                    "type": "function",
+                    "name": "f",
+                    "parameters": {
+                        "type": "object",
+                        "properties": {"a": {"$ref": "#/$defs/x"}},
+                        "$defs": {"x": {"$ref": "#/$defs/x"}},
+                        "required": ["a"],
+                    },
+                }
+            ],
+            "tool_choice": "required",
+        },
+        400,
+        "tools",
+    ),
 ]
 
 

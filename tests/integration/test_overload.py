@@ -158,8 +158,9 @@ def test_the_deadline_caps_a_long_generation(server, record_property):
     asked = 1000  # about a minute on two CPU cores; EOS cannot end it early
     params = {"max_new_tokens": asked, "min_new_tokens": asked, "details": True, "temperature": 0}
     began = time.monotonic()
-    status, body = server.post("deadline", {"instances": ["Tell me a long story:"], "parameters": params},
-                               timeout=CLIENT_TIMEOUT_S)
+    status, body = server.post(
+        "deadline", {"instances": ["Tell me a long story:"], "parameters": params}, timeout=CLIENT_TIMEOUT_S
+    )
     record_property("deadline_request_seconds", round(time.monotonic() - began, 2))
     assert status == 200, body
     (prediction,) = body["predictions"]
@@ -167,4 +168,3 @@ def test_the_deadline_caps_a_long_generation(server, record_property):
     assert 0 < prediction["generated_tokens"] < asked
     assert prediction["generated_text"]
     record_property("deadline_generated_tokens", prediction["generated_tokens"])
-

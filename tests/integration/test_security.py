@@ -91,8 +91,14 @@ def test_exposing_the_admin_apis_is_an_explicit_choice(tmp_path):
     (tmp_path / "model-store" / "smollm2.mar").write_bytes(b"")
     exposed = SupervisorSettings.from_env({"APP": "smollm2", "HOME": str(tmp_path), "LLM_EXPOSE_ADMIN": "true"})
     assert exposed.front.metrics_host == "0.0.0.0"
-    process = TorchServeProcess(ROOT / "config.properties", exposed.model_store, exposed.models, {}, tmp_path / "run",
-                                exposed_management_port=exposed.exposed_management_port)
+    process = TorchServeProcess(
+        ROOT / "config.properties",
+        exposed.model_store,
+        exposed.models,
+        {},
+        tmp_path / "run",
+        exposed_management_port=exposed.exposed_management_port,
+    )
     written = parse_properties(process.config_text(pick_ports(exposed.exposed_management_port), tmp_path / "tmp"))
     assert host(written["management_address"]) == "0.0.0.0"
     assert host(written["inference_address"]) in LOOPBACK
@@ -223,6 +229,11 @@ def test_the_default_target_is_a_final_image(stages):
 def test_the_dockerfile_exposes_only_the_gateway_port(stages, target):
     # The base image's own EXPOSE lines (8080-8082, 7070-7071) stay in its metadata, but
     # TorchServe here listens on free ports of loopback only (see above).
-    exposed = {port for stage in chain(stages, target)
-               for keyword, rest in stage.instructions if keyword == "EXPOSE" for port in rest.split()}
+    exposed = {
+        port
+        for stage in chain(stages, target)
+        for keyword, rest in stage.instructions
+        if keyword == "EXPOSE"
+        for port in rest.split()
+    }
     assert exposed == {"7080"}

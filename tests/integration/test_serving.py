@@ -39,7 +39,10 @@ def test_a_form_encoded_body_gets_a_hint_not_silence(smollm2_server: TorchServe)
 
 
 def test_a_concurrent_burst_of_valid_and_invalid_requests(smollm2_server: TorchServe):
-    valid = [{"instances": [f"Write one word about the number {i}:"], "parameters": {"max_new_tokens": 4, "temperature": 0}} for i in range(6)]
+    valid = [
+        {"instances": [f"Write one word about the number {i}:"], "parameters": {"max_new_tokens": 4, "temperature": 0}}
+        for i in range(6)
+    ]
     invalid = [
         {"instances": []},
         {"instances": ["x"], "parameters": {"temperature": -1}},

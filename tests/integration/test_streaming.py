@@ -81,8 +81,17 @@ def stream(port: int, name: str, body: dict[str, Any], timeout: float = 600) -> 
 def curl_lines(port: int, name: str, body: dict[str, Any], timeout: float = 600) -> tuple[bool, list[str]]:
     """`curl -N` reading the stream: whether curl was still running when its first line came, and its lines."""
     command = [
-        "curl", "-N", "-s", "--fail-with-body", "--max-time", str(int(timeout)),
-        "-H", "Content-Type: application/json", "-d", json.dumps(body), f"http://127.0.0.1:{port}/predictions/{name}",
+        "curl",
+        "-N",
+        "-s",
+        "--fail-with-body",
+        "--max-time",
+        str(int(timeout)),
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        json.dumps(body),
+        f"http://127.0.0.1:{port}/predictions/{name}",
     ]
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as curl:
         first = curl.stdout.readline()
@@ -130,7 +139,14 @@ def test_a_stream_never_shows_its_stop_string(dynamic_server: TorchServe):
     plain = dynamic_server.post(NAME, {"instances": [OMELETTE], "parameters": {"max_new_tokens": 30, "temperature": 0}})[1]
     text = plain["predictions"][0]["generated_text"]
     stop = text[len(text) // 2 : len(text) // 2 + 4]
-    result = stream(dynamic_server.port, NAME, {"instances": [OMELETTE], "parameters": {"max_new_tokens": 30, "temperature": 0, "stop": stop, "stream": True, "details": True}})
+    result = stream(
+        dynamic_server.port,
+        NAME,
+        {
+            "instances": [OMELETTE],
+            "parameters": {"max_new_tokens": 30, "temperature": 0, "stop": stop, "stream": True, "details": True},
+        },
+    )
     [prediction] = result.final["predictions"]
     assert prediction["finish_reason"] == "stop"
     assert prediction["generated_text"] == text[: text.find(stop)]

@@ -135,8 +135,11 @@ def test_regex_and_grammar_shape_the_text(server, response_format, answers):
 
 def test_json_object_gives_an_object(server):
     [prediction] = predict(
-        server, [{"messages": [{"role": "user", "content": "Describe a cat in JSON."}]}], temperature=0,
-        response_format={"type": "json_object"}, max_new_tokens=200,
+        server,
+        [{"messages": [{"role": "user", "content": "Describe a cat in JSON."}]}],
+        temperature=0,
+        response_format={"type": "json_object"},
+        max_new_tokens=200,
     )
     assert prediction["finish_reason"] == "stop", prediction
     assert isinstance(json.loads(prediction["generated_text"]), dict)
@@ -156,27 +159,49 @@ def test_a_constrained_stream_sends_the_same_text(server):
 # (kind, response_format, expected status, expected field, a piece of the error)
 HOSTILE = [
     ("unknown type", {"type": "xml"}, 400, "parameters.response_format.type", "must be one of"),
-    ("schema not an object", {"type": "json_schema", "json_schema": {"schema": "{}"}}, 400,
-     "parameters.response_format.json_schema.schema", "must be a JSON Schema object"),
-    ("unsupported type in a schema", json_schema({"name": "x", "schema": {"type": "objectx"}}), 400,
-     "parameters.response_format.json_schema.schema", "Unsupported type"),
-    ("circular $ref", json_schema({"name": "x", "schema": {"$ref": "#"}}), 400,
-     "parameters.response_format.json_schema.schema", "Circular"),
+    (
+        "schema not an object",
+        {"type": "json_schema", "json_schema": {"schema": "{}"}},
+        400,
+        "parameters.response_format.json_schema.schema",
+        "must be a JSON Schema object",
+    ),
+    (
+        "unsupported type in a schema",
+        json_schema({"name": "x", "schema": {"type": "objectx"}}),
+        400,
+        "parameters.response_format.json_schema.schema",
+        "Unsupported type",
+    ),
+    (
+        "circular $ref",
+        json_schema({"name": "x", "schema": {"$ref": "#"}}),
+        400,
+        "parameters.response_format.json_schema.schema",
+        "Circular",
+    ),
     ("bad regex", {"type": "regex", "pattern": "(unclosed"}, 400, "parameters.response_format.pattern", "not closed"),
-    ("bad grammar", {"type": "grammar", "grammar": "root ::= nothing"}, 400, "parameters.response_format.grammar",
-     "not defined"),
-    ("an enum of 20,000 values", json_schema({"name": "x", "schema": {"enum": [f"v{i}" for i in range(20_000)]}}), 422,
-     "parameters.response_format.json_schema.schema", "at most 32768"),
-    ("a schema over the compile time limit", json_schema({"name": "x", "schema": SLOW_SCHEMA}), 422,
-     "parameters.response_format.json_schema.schema", "compile limit"),
+    ("bad grammar", {"type": "grammar", "grammar": "root ::= nothing"}, 400, "parameters.response_format.grammar", "not defined"),
+    (
+        "an enum of 20,000 values",
+        json_schema({"name": "x", "schema": {"enum": [f"v{i}" for i in range(20_000)]}}),
+        422,
+        "parameters.response_format.json_schema.schema",
+        "at most 32768",
+    ),
+    (
+        "a schema over the compile time limit",
+        json_schema({"name": "x", "schema": SLOW_SCHEMA}),
+        422,
+        "parameters.response_format.json_schema.schema",
+        "compile limit",
+    ),
     ("with beam search", {"type": "json_object"}, 400, "num_beams", "cannot be combined"),
 ]
 
 
 @pytest.mark.parametrize("kind, response_format, status, field, words", HOSTILE, ids=[case[0] for case in HOSTILE])
-def test_a_bad_format_is_a_4xx_naming_the_field_and_the_server_serves_after(
-    server, kind, response_format, status, field, words
-):
+def test_a_bad_format_is_a_4xx_naming_the_field_and_the_server_serves_after(server, kind, response_format, status, field, words):
     parameters = {"max_new_tokens": 4, "response_format": response_format}
     if kind == "with beam search":
         parameters["num_beams"] = 2
@@ -198,5 +223,5 @@ def test_a_bad_format_does_not_fail_requests_batched_with_it(server):
         futures = [pool.submit(server.post, MODEL, body, 1800) for body in (bad, good, good, bad)]
         answers = [future.result() for future in futures]
     assert [status for status, _ in answers] == [422, 200, 200, 422]
-    for status, answer in answers[1:3]:
+    for _, answer in answers[1:3]:
         assert_valid(answer["predictions"][0], SCHEMAS[3])

@@ -15,8 +15,8 @@ from tests.vertex_fixtures import (  # noqa: F401 - fixtures
 )
 from tests.vertex_standin import NEVER_READY, StandIn
 from vertex import (
-    Deployment,
     DeployError,
+    Deployment,
     ServingContainer,
     deploy_app,
     predict,
@@ -31,8 +31,7 @@ DUTY_CYCLE = "aiplatform.googleapis.com/prediction/online/accelerator/duty_cycle
 
 
 def deploy_requests(standin: StandIn) -> list:
-    return [aiplatform_v1.DeployModelRequest.from_json(json.dumps(call.body))
-            for call in standin.calls("deploy_model")]
+    return [aiplatform_v1.DeployModelRequest.from_json(json.dumps(call.body)) for call in standin.calls("deploy_model")]
 
 
 def model_env(standin: StandIn, index: int = 0) -> dict:
@@ -42,8 +41,7 @@ def model_env(standin: StandIn, index: int = 0) -> dict:
 
 
 def cli(standin: StandIn, *args: str) -> list:
-    return [*args, "--project", "test-project", "--region", "us-central1",
-            "--api-endpoint", standin.url]
+    return [*args, "--project", "test-project", "--region", "us-central1", "--api-endpoint", standin.url]
 
 
 @pytest.mark.parametrize(
@@ -55,8 +53,7 @@ def cli(standin: StandIn, *args: str) -> list:
         ("h100", "a3-highgpu-1g", Accel.NVIDIA_H100_80GB, "bfloat16"),
     ],
 )
-def test_preset_sets_machine_accelerator_and_dtype(vertex_settings, standin, capsys, preset,
-                                                   machine_type, accelerator, dtype):
+def test_preset_sets_machine_accelerator_and_dtype(vertex_settings, standin, capsys, preset, machine_type, accelerator, dtype):
     code = main(cli(standin, "deploy", "--image", IMAGE, "--machine", preset))
     assert code == 0, capsys.readouterr().err
 
@@ -75,7 +72,10 @@ def test_explicit_machine_replicas_autoscaling_spot_and_account(vertex_settings,
     container = ServingContainer(image_uri=IMAGE, app="smollm2", dtype="bfloat16")
     deployment = Deployment(
         machine=resolve_machine(machine_type="g2-standard-24", accelerator_type="NVIDIA_L4"),
-        min_replicas=1, max_replicas=3, duty_cycle_target=60, spot=True,
+        min_replicas=1,
+        max_replicas=3,
+        duty_cycle_target=60,
+        spot=True,
         service_account="llm-serving@test-project.iam.gserviceaccount.com",
     )
     deploy_app(container, deployment, "smollm2", "smollm2")
@@ -87,8 +87,7 @@ def test_explicit_machine_replicas_autoscaling_spot_and_account(vertex_settings,
     assert resources.machine_spec.accelerator_type == Accel.NVIDIA_L4
     assert resources.machine_spec.accelerator_count == 2
     assert (resources.min_replica_count, resources.max_replica_count) == (1, 3)
-    assert [(m.metric_name, m.target) for m in resources.autoscaling_metric_specs] == [
-        (DUTY_CYCLE, 60)]
+    assert [(m.metric_name, m.target) for m in resources.autoscaling_metric_specs] == [(DUTY_CYCLE, 60)]
     assert resources.spot is True
     assert deployed.service_account == "llm-serving@test-project.iam.gserviceaccount.com"
 
@@ -96,24 +95,20 @@ def test_explicit_machine_replicas_autoscaling_spot_and_account(vertex_settings,
 @pytest.mark.parametrize(
     ("machine_flags", "hint"),
     [
-        (["--machine-type", "n1-standard-8", "--accelerator-type", "NVIDIA_L4"],
-         "NVIDIA_TESLA_T4"),
-        (["--machine-type", "g2-standard-8", "--accelerator-type", "NVIDIA_TESLA_T4"],
-         "NVIDIA_L4"),
-        (["--machine-type", "a2-highgpu-1g", "--accelerator-type", "NVIDIA_A100_80GB"],
-         "NVIDIA_TESLA_A100"),
-        (["--machine-type", "a2-ultragpu-1g", "--accelerator-type", "NVIDIA_TESLA_A100"],
-         "NVIDIA_A100_80GB"),
-        (["--machine-type", "a3-highgpu-1g", "--accelerator-type", "NVIDIA_TESLA_T4"],
-         "NVIDIA_H100_80GB"),
-        (["--machine-type", "a2-highgpu-2g", "--accelerator-type", "NVIDIA_TESLA_A100",
-          "--accelerator-count", "4"], "takes 1, 2 x NVIDIA_TESLA_A100, not 4"),
+        (["--machine-type", "n1-standard-8", "--accelerator-type", "NVIDIA_L4"], "NVIDIA_TESLA_T4"),
+        (["--machine-type", "g2-standard-8", "--accelerator-type", "NVIDIA_TESLA_T4"], "NVIDIA_L4"),
+        (["--machine-type", "a2-highgpu-1g", "--accelerator-type", "NVIDIA_A100_80GB"], "NVIDIA_TESLA_A100"),
+        (["--machine-type", "a2-ultragpu-1g", "--accelerator-type", "NVIDIA_TESLA_A100"], "NVIDIA_A100_80GB"),
+        (["--machine-type", "a3-highgpu-1g", "--accelerator-type", "NVIDIA_TESLA_T4"], "NVIDIA_H100_80GB"),
+        (
+            ["--machine-type", "a2-highgpu-2g", "--accelerator-type", "NVIDIA_TESLA_A100", "--accelerator-count", "4"],
+            "takes 1, 2 x NVIDIA_TESLA_A100, not 4",
+        ),
         (["--machine-type", "g2-standard-8"], "--accelerator-type NVIDIA_L4"),
         (["--machine", "t4", "--machine-type", "n1-standard-8"], "not both"),
     ],
 )
-def test_bad_machine_is_rejected_before_any_request(vertex_settings, standin, caplog,
-                                                    machine_flags, hint):
+def test_bad_machine_is_rejected_before_any_request(vertex_settings, standin, caplog, machine_flags, hint):
     code = main(cli(standin, "deploy", "--image", IMAGE, *machine_flags))
     assert code == 2
     assert standin.requests == []
@@ -121,8 +116,7 @@ def test_bad_machine_is_rejected_before_any_request(vertex_settings, standin, ca
 
 
 def test_bfloat16_on_t4_is_rejected_before_any_request(vertex_settings, standin, caplog):
-    code = main(cli(standin, "deploy", "--image", IMAGE, "--machine", "t4",
-                    "--dtype", "bfloat16"))
+    code = main(cli(standin, "deploy", "--image", IMAGE, "--machine", "t4", "--dtype", "bfloat16"))
     assert code == 2
     assert standin.requests == []
     assert "no bfloat16 support" in caplog.text
@@ -143,8 +137,7 @@ def test_unhealthy_container_fails_the_deploy_clearly(vertex_settings, standin, 
     assert endpoint["deployedModels"] == []
 
 
-def test_unhealthy_deploy_exits_nonzero_from_the_cli(vertex_settings, standin, fake_container,
-                                                     caplog):
+def test_unhealthy_deploy_exits_nonzero_from_the_cli(vertex_settings, standin, fake_container, caplog):
     fake_container.healthy = False
     code = main(cli(standin, "deploy", "--image", IMAGE, "--machine", "l4"))
     assert code == 1
@@ -162,29 +155,27 @@ def test_redeploy_reuses_the_endpoint_and_versions_the_model(vertex_settings, st
     assert model_2.resource_name == model_1.resource_name
     assert model_2.version_id == "2"
     assert [r.deployed_model.model for r in deploy_requests(standin)] == [
-        f"{model_1.resource_name}@1", f"{model_1.resource_name}@2"]
+        f"{model_1.resource_name}@1",
+        f"{model_1.resource_name}@2",
+    ]
 
 
 def test_predict_sends_instances_and_parameters(vertex_settings, standin, fake_container):
     container = ServingContainer(image_uri=IMAGE, app="smollm2", dtype="float16")
     deploy_app(container, Deployment(machine=resolve_machine("t4")), "smollm2", "smollm2")
 
-    predictions = predict("smollm2", ["How to prepare a spanish omelette:", "Hi"],
-                          {"max_new_tokens": 16, "temperature": 0.0})
+    predictions = predict("smollm2", ["How to prepare a spanish omelette:", "Hi"], {"max_new_tokens": 16, "temperature": 0.0})
 
-    assert [p["generated_text"] for p in predictions] == [
-        "echo: How to prepare a spanish omelette:", "echo: Hi"]
+    assert [p["generated_text"] for p in predictions] == ["echo: How to prepare a spanish omelette:", "echo: Hi"]
     [forwarded] = fake_container.received
     assert forwarded["instances"] == ["How to prepare a spanish omelette:", "Hi"]
     # Vertex carries numbers as protobuf Values: the container sees 16.0, not 16.
     assert forwarded["parameters"] == {"max_new_tokens": 16.0, "temperature": 0.0}
 
 
-def test_teardown_undeploys_deletes_endpoint_and_optionally_the_model(vertex_settings,
-                                                                      standin):
+def test_teardown_undeploys_deletes_endpoint_and_optionally_the_model(vertex_settings, standin):
     container = ServingContainer(image_uri=IMAGE, app="smollm2", dtype="float16")
-    model, endpoint = deploy_app(container, Deployment(machine=resolve_machine("t4")),
-                                 "smollm2", "smollm2")
+    model, endpoint = deploy_app(container, Deployment(machine=resolve_machine("t4")), "smollm2", "smollm2")
 
     report = teardown("smollm2", delete_models=True)
 
@@ -197,8 +188,7 @@ def test_teardown_undeploys_deletes_endpoint_and_optionally_the_model(vertex_set
 
 def test_teardown_keeps_the_model_by_default(vertex_settings, standin):
     container = ServingContainer(image_uri=IMAGE, app="smollm2", dtype="float16")
-    model, _ = deploy_app(container, Deployment(machine=resolve_machine("t4")),
-                          "smollm2", "smollm2")
+    model, _ = deploy_app(container, Deployment(machine=resolve_machine("t4")), "smollm2", "smollm2")
     teardown("smollm2")
     assert standin.endpoints == {}
     assert list(standin.models) == [model.resource_name]

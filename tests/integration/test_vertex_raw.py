@@ -49,8 +49,7 @@ def deploy(vertex_settings, standin):
     """Deploys the app through the SDK; returns the endpoint, its session routed to the stand-in."""
 
     def deploy(dedicated: bool = False, invoke: bool = False) -> aiplatform.Endpoint:
-        container = ServingContainer(image_uri=IMAGE, app=APP, dtype="float32",
-                                     invoke_route_prefix="/*" if invoke else None)
+        container = ServingContainer(image_uri=IMAGE, app=APP, dtype="float32", invoke_route_prefix="/*" if invoke else None)
         deployment = Deployment(machine=validate_machine("n1-standard-8"), dedicated_endpoint=dedicated)
         _, endpoint = deploy_app(container, deployment, APP, APP)
         endpoint = aiplatform.Endpoint(endpoint.resource_name)
@@ -119,14 +118,12 @@ def test_a_dedicated_endpoint_refuses_the_shared_host(deploy, standin):
     url = f"{standin.url}/v1/{endpoint.resource_name}:rawPredict"
     response = requests.post(url, data=NATIVE, headers={**JSON, "Host": SHARED_HOST}, timeout=30)
     assert response.status_code == 400
-    assert response.json()["error"]["message"] == SHARED_HOST_REFUSED.format(
-        dns=endpoint.dedicated_endpoint_dns)
+    assert response.json()["error"]["message"] == SHARED_HOST_REFUSED.format(dns=endpoint.dedicated_endpoint_dns)
 
 
 def test_predict_on_a_dedicated_endpoint_goes_to_its_dns(deploy, vertex_settings, standin):
     endpoint = deploy(dedicated=True)
-    assert predict(APP, ["Hi"], {"max_new_tokens": 4}, settings=vertex_settings) == [
-        {"generated_text": "echo: Hi"}]
+    assert predict(APP, ["Hi"], {"max_new_tokens": 4}, settings=vertex_settings) == [{"generated_text": "echo: Hi"}]
     assert standin.calls("predict")[-1].host == endpoint.dedicated_endpoint_dns
 
 
@@ -167,7 +164,7 @@ def test_invoke_streams_sse(deploy, fake_container):
     body = json.dumps({**CHAT, "stream": True}).encode()
     lines = [line for line in endpoint.invoke("/v1/chat/completions", body, JSON, stream=True) if line]
     assert lines[-1] == b"data: [DONE]"
-    deltas = [json.loads(line[len(b"data: "):])["choices"][0]["delta"] for line in lines[:-1]]
+    deltas = [json.loads(line[len(b"data: ") :])["choices"][0]["delta"] for line in lines[:-1]]
     assert deltas[0] == {"role": "assistant"}
     assert "".join(d.get("content", "") for d in deltas) == "echo: Hello there"
 
@@ -207,20 +204,36 @@ def test_a_shared_endpoint_is_not_reused_as_dedicated(deploy, standin):
 
 
 def chat_cli(capsys, standin, *argv: str) -> tuple[int, str, str]:
-    code = main(["chat", "--prompt", "Hello there", "--max-tokens", "8", "--project", "test-project",
-                 "--api-endpoint", standin.url, *argv])
+    code = main(
+        [
+            "chat",
+            "--prompt",
+            "Hello there",
+            "--max-tokens",
+            "8",
+            "--project",
+            "test-project",
+            "--api-endpoint",
+            standin.url,
+            *argv,
+        ]
+    )
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
 
-@pytest.mark.parametrize(("dedicated", "invoke", "stream", "route", "container_path"), [
-    (False, False, False, "raw_predict", "/predictions/smollm2"),
-    (True, False, True, "stream_raw_predict", "/predictions/smollm2"),
-    (True, True, False, "invoke", "/v1/chat/completions"),
-    (True, True, True, "invoke", "/v1/chat/completions"),
-])
-def test_chat_cli_prints_the_assistant_text(deploy, standin, fake_container, capsys,
-                                            dedicated, invoke, stream, route, container_path):
+@pytest.mark.parametrize(
+    ("dedicated", "invoke", "stream", "route", "container_path"),
+    [
+        (False, False, False, "raw_predict", "/predictions/smollm2"),
+        (True, False, True, "stream_raw_predict", "/predictions/smollm2"),
+        (True, True, False, "invoke", "/v1/chat/completions"),
+        (True, True, True, "invoke", "/v1/chat/completions"),
+    ],
+)
+def test_chat_cli_prints_the_assistant_text(
+    deploy, standin, fake_container, capsys, dedicated, invoke, stream, route, container_path
+):
     deploy(dedicated=dedicated, invoke=invoke)
     code, out, err = chat_cli(capsys, standin, *(["--stream"] if stream else []))
 
@@ -229,8 +242,12 @@ def test_chat_cli_prints_the_assistant_text(deploy, standin, fake_container, cap
     assert standin.calls(route)
     path, _, raw = fake_container.raw_received[-1]
     assert path == container_path
-    assert json.loads(raw) == {"model": APP, "messages": [{"role": "user", "content": "Hello there"}],
-                               "max_tokens": 8, **({"stream": True} if stream else {})}
+    assert json.loads(raw) == {
+        "model": APP,
+        "messages": [{"role": "user", "content": "Hello there"}],
+        "max_tokens": 8,
+        **({"stream": True} if stream else {}),
+    }
 
 
 def test_chat_cli_reports_a_refused_stream(deploy, standin, capsys, caplog):
@@ -241,8 +258,17 @@ def test_chat_cli_reports_a_refused_stream(deploy, standin, capsys, caplog):
 
 
 def test_chat_cli_refuses_bad_messages_before_any_request(offline_google, standin, capsys, caplog):
-    code = main(["chat", "--messages-json", '[{"role": "robot", "content": "hi"}]',
-                 "--project", "test-project", "--api-endpoint", standin.url])
+    code = main(
+        [
+            "chat",
+            "--messages-json",
+            '[{"role": "robot", "content": "hi"}]',
+            "--project",
+            "test-project",
+            "--api-endpoint",
+            standin.url,
+        ]
+    )
     assert code == 2
     assert "messages[0] needs a role" in caplog.text
     assert standin.requests == []

@@ -41,10 +41,8 @@ def weights_in_gcs(gcs_emulator) -> str:
     return f"gs://{BUCKET}/smollm2"
 
 
-def test_artifact_uri_reaches_the_replica_and_its_weights_download(
-        vertex_settings, standin, weights_in_gcs, tmp_path):
-    container = ServingContainer(image_uri=IMAGE, app="smollm2", dtype="bfloat16",
-                                 artifact_uri=weights_in_gcs)
+def test_artifact_uri_reaches_the_replica_and_its_weights_download(vertex_settings, standin, weights_in_gcs, tmp_path):
+    container = ServingContainer(image_uri=IMAGE, app="smollm2", dtype="bfloat16", artifact_uri=weights_in_gcs)
     deploy_app(container, Deployment(machine=resolve_machine("l4")), "smollm2", "smollm2")
 
     body = standin.calls("upload_model")[0].body
@@ -58,8 +56,7 @@ def test_artifact_uri_reaches_the_replica_and_its_weights_download(
 
     local = download_gcs_prefix(env["AIP_STORAGE_URI"], tmp_path / "weights")
 
-    copied = {p.relative_to(local).as_posix(): p.read_bytes()
-              for p in local.rglob("*") if p.is_file()}
+    copied = {p.relative_to(local).as_posix(): p.read_bytes() for p in local.rglob("*") if p.is_file()}
     assert copied == CHECKPOINT
 
 
@@ -67,8 +64,7 @@ def test_trailing_slash_and_redownload_are_fine(weights_in_gcs, tmp_path):
     first = download_gcs_prefix(weights_in_gcs + "/", tmp_path / "w")
     again = download_gcs_prefix(weights_in_gcs, tmp_path / "w")
     assert first == again
-    assert sorted(p.name for p in again.rglob("*") if p.is_file()) == [
-        "config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in again.rglob("*") if p.is_file()) == ["config.json", "model.safetensors", "tokenizer.json"]
 
 
 def test_empty_prefix_is_a_clear_error(gcs_emulator, tmp_path):
@@ -84,6 +80,5 @@ def test_non_gcs_uris_are_refused(uri):
 
 def test_local_artifact_folder_is_refused_for_the_model(vertex_settings, standin):
     with pytest.raises(ValueError, match="gs:// folder"):
-        ServingContainer(image_uri=IMAGE, app="smollm2", dtype="float16",
-                         artifact_uri="models/smollm2")
+        ServingContainer(image_uri=IMAGE, app="smollm2", dtype="float16", artifact_uri="models/smollm2")
     assert standin.requests == []

@@ -29,8 +29,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.support.waiting import wait_for
 from tests.support.torchserve import TorchServe, continuous_model_config, dynamic_model_config, post, start_app
+from tests.support.waiting import wait_for
 
 MODEL = "smollm2"
 HANG_GUARD_S = int(os.environ.get("HANG_GUARD_S", 300))

@@ -49,7 +49,9 @@ def run_batch(handler, context: Context, bodies: list, headers: list[dict[str, s
     return statuses_and_bodies(context, outputs)
 
 
-def run_raw(handler, context: Context, bodies: list, headers: list[dict[str, str]] | None = None) -> tuple[list[str], list[tuple[int, bytes]]]:
+def run_raw(
+    handler, context: Context, bodies: list, headers: list[dict[str, str]] | None = None
+) -> tuple[list[str], list[tuple[int, bytes]]]:
     """One message through `handle` (either path), streams read back: each request's last output, and the chunks sent."""
     reader, writer = socket.socketpair()
     context.cl_socket = writer

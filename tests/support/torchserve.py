@@ -14,6 +14,14 @@ from bench.launcher import (
 )
 
 __all__ = [
-    "ROOT", "TorchServe", "app_model_config", "build_archive", "continuous_model_config", "dynamic_model_config",
-    "post", "process_tree", "serving_both_paths", "start_app",
+    "ROOT",
+    "TorchServe",
+    "app_model_config",
+    "build_archive",
+    "continuous_model_config",
+    "dynamic_model_config",
+    "post",
+    "process_tree",
+    "serving_both_paths",
+    "start_app",
 ]

@@ -108,7 +108,12 @@ def test_a_message_a_count_and_a_refusal_share_a_batch(served):
     (message, count, refusal), _ = call(served, bodies, [MESSAGES_HEADER, COUNT_HEADER, MESSAGES_HEADER])
     reply = Message.model_validate_json(message[1])
     expected = len(tokenizer.apply_chat_template(USER, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"])
-    assert (message[0], reply.stop_reason, reply.usage.output_tokens, reply.usage.input_tokens) == (200, "max_tokens", 4, expected)
+    assert (message[0], reply.stop_reason, reply.usage.output_tokens, reply.usage.input_tokens) == (
+        200,
+        "max_tokens",
+        4,
+        expected,
+    )
     assert (count[0], json.loads(count[1]), count[2]) == (200, {"input_tokens": expected}, JSON)
     assert refusal[0] == 400 and json.loads(refusal[1])["error"]["type"] == "invalid_request_error"
     assert "tools" in json.loads(refusal[1])["error"]["message"]

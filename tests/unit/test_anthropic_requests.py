@@ -54,8 +54,10 @@ def test_system_as_a_string_or_text_blocks_is_the_first_turn():
 
 
 def test_text_blocks_join_and_consecutive_turns_of_one_role_merge():
-    turns = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
-             {"role": "user", "content": "c"}]
+    turns = [
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "user", "content": "c"},
+    ]
     assert messages(messages=turns).instances[0].messages == ({"role": "user", "content": "a\nb\n\nc"},)
 
 

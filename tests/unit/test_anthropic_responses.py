@@ -28,8 +28,12 @@ QUESTION = [{"role": "user", "content": "Hi"}]
 
 def sdk_client(status: int, content: str, content_type: str) -> anthropic.Anthropic:
     """The real SDK, its HTTP answered in-process with the bytes under test."""
-    transport = httpx2.MockTransport(lambda request: httpx2.Response(status, text=content, headers={"content-type": content_type}))
-    return anthropic.Anthropic(base_url="http://test", api_key="none", http_client=httpx2.Client(transport=transport), max_retries=0)
+    transport = httpx2.MockTransport(
+        lambda request: httpx2.Response(status, text=content, headers={"content-type": content_type})
+    )
+    return anthropic.Anthropic(
+        base_url="http://test", api_key="none", http_client=httpx2.Client(transport=transport), max_retries=0
+    )
 
 
 def test_a_message_as_the_sdk_reads_it():
@@ -43,8 +47,12 @@ def test_a_message_as_the_sdk_reads_it():
 
 @pytest.mark.parametrize(
     "reason, stop, expected",
-    [(FinishReason.EOS, None, "end_turn"), (FinishReason.LENGTH, None, "max_tokens"),
-     (FinishReason.STOP, "\n", "stop_sequence"), (FinishReason.STOP, None, "end_turn")],
+    [
+        (FinishReason.EOS, None, "end_turn"),
+        (FinishReason.LENGTH, None, "max_tokens"),
+        (FinishReason.STOP, "\n", "stop_sequence"),
+        (FinishReason.STOP, None, "end_turn"),
+    ],
 )
 def test_stop_reasons(reason, stop, expected):
     assert stop_reason(Completion("x", reason, 3, 1, stop_sequence=stop)) == expected
@@ -60,23 +68,38 @@ def events(renderer: StreamRenderer, pieces: list[str], completion: Completion) 
 
 
 def test_a_stream_as_the_sdk_reads_it():
-    stream = events(StreamRenderer(Reply.new("smollm2"), [PROMPT]), ["Hel", "lo"], Completion("Hello", FinishReason.STOP, 3, 2,
-                                                                                          stop_sequence="\n"))
+    stream = events(
+        StreamRenderer(Reply.new("smollm2"), [PROMPT]),
+        ["Hel", "lo"],
+        Completion("Hello", FinishReason.STOP, 3, 2, stop_sequence="\n"),
+    )
     client = sdk_client(200, stream, SSE)
     with client.messages.stream(model="m", max_tokens=4, messages=QUESTION) as streamed:
         assert list(streamed.text_stream) == ["Hel", "lo"]
         final = streamed.get_final_message()
     assert final.content[0].text == "Hello" and final.model == "smollm2"
     assert (final.stop_reason, final.stop_sequence, final.usage.input_tokens, final.usage.output_tokens) == (
-        "stop_sequence", "\n", 3, 2)
+        "stop_sequence",
+        "\n",
+        3,
+        2,
+    )
 
 
 def test_the_event_sequence_is_anthropics():
     stream = events(StreamRenderer(Reply.new("m"), [PROMPT]), ["a", "b"], Completion("ab", FinishReason.LENGTH, 3, 2))
     parsed = [event.split("\n") for event in stream.split("\n\n") if event]
     names = [lines[0].removeprefix("event: ") for lines in parsed]
-    assert names == ["message_start", "content_block_start", "ping", "content_block_delta", "content_block_delta",
-                     "content_block_stop", "message_delta", "message_stop"]
+    assert names == [
+        "message_start",
+        "content_block_start",
+        "ping",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
     assert [json.loads(lines[1].removeprefix("data: "))["type"] for lines in parsed] == names
 
 
@@ -100,7 +123,12 @@ def test_an_error_after_the_stream_began_is_what_the_sdk_raises():
     "error, status, kind, sdk_error",
     [
         (RequestError("max_tokens: field required", "max_tokens"), 400, "invalid_request_error", anthropic.BadRequestError),
-        (limit_error("messages has 9 tokens", "messages", 8, 9), 422, "invalid_request_error", anthropic.UnprocessableEntityError),
+        (
+            limit_error("messages has 9 tokens", "messages", 8, 9),
+            422,
+            "invalid_request_error",
+            anthropic.UnprocessableEntityError,
+        ),
         (RequestError("no such model", "model", status=404), 404, "not_found_error", anthropic.NotFoundError),
         (RequestError("failed", status=500), 500, "api_error", anthropic.InternalServerError),
         (RequestError("busy", status=503), 503, "overloaded_error", anthropic.InternalServerError),
@@ -117,7 +145,9 @@ def test_errors_in_anthropics_shape(error, status, kind, sdk_error):
 
 def test_the_message_leads_with_the_field_it_names():
     assert error_body(RequestError("malformed JSON", "body"))["error"]["message"] == "body: malformed JSON"
-    assert error_body(RequestError("max_tokens: field required", "max_tokens"))["error"]["message"] == "max_tokens: field required"
+    assert (
+        error_body(RequestError("max_tokens: field required", "max_tokens"))["error"]["message"] == "max_tokens: field required"
+    )
     assert error_body(RequestError("failed", status=500))["error"]["message"] == "failed"
 
 

@@ -4,6 +4,8 @@ import pytest
 import torch
 from transformers import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from handler.decoding.sampling import sequence_processors
+from handler.params import GenerationParams
 from handler.schedulers.batch_processors import GreedySampler, SequenceProcessors, TopKWarper, TopPWarper, ours_for
 from handler.schedulers.compat import (
     ContinuousBatchingTopKLogitsWarper,
@@ -11,8 +13,6 @@ from handler.schedulers.compat import (
     FutureRequestState,
     RequestState,
 )
-from handler.params import GenerationParams
-from handler.decoding.sampling import sequence_processors
 
 VOCAB = 5000
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import ContinuousBatchingConfig, GenerationConfig, TopKLogitsWarper, TopPLogitsWarper
 
+from handler.model.loading import load_model
 from handler.schedulers import compat
 from handler.schedulers.batch_processors import TopKWarper, TopPWarper
-from handler.model.loading import load_model
 from handler.settings import HandlerSettings
 
 

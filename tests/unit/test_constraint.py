@@ -13,10 +13,10 @@ import torch
 import xgrammar
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
-from handler.structured.constraint import GrammarConstraint, mask_backend
-from handler.structured.grammars import Grammars, tokenizer_info
 from handler.response_format import parse_response_format
 from handler.settings import StructuredOutputSettings
+from handler.structured.constraint import mask_backend
+from handler.structured.grammars import Grammars, tokenizer_info
 
 EOS = 2
 BOUNDED = {
@@ -141,8 +141,12 @@ def test_an_unconstrained_neighbour_writes_what_it_writes_alone(model, tokenizer
 def test_rows_of_one_grammar_keep_their_own_state(model, tokenizer, grammars):
     spec = fmt({"type": "json_schema", "json_schema": {"schema": BOUNDED}})
     texts, constraints = generate(
-        model, tokenizer, ["Answer:", "A much longer prompt, padded differently:"],
-        lambda n: [grammars.constraint(spec, n), grammars.constraint(spec, n)], max_new_tokens=64, sample_seed=5,
+        model,
+        tokenizer,
+        ["Answer:", "A much longer prompt, padded differently:"],
+        lambda n: [grammars.constraint(spec, n), grammars.constraint(spec, n)],
+        max_new_tokens=64,
+        sample_seed=5,
     )
     for text, _ in texts:
         jsonschema.validate(json.loads(text), BOUNDED)

@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from handler.schedulers.compat import pending_result_handlers
-from handler.schedulers.continuous import ContinuousScheduler, processor_kwargs
-from handler.schedulers.dynamic import DynamicScheduler
+from handler.decoding.stopping import FinishReason
 from handler.model.loading import LoadedModel, load_model
 from handler.params import GenerationParams
 from handler.pipeline.prompts import Prompt
 from handler.schedulers.base import Router, unhonoured
+from handler.schedulers.compat import pending_result_handlers
+from handler.schedulers.continuous import ContinuousScheduler, processor_kwargs
+from handler.schedulers.dynamic import DynamicScheduler
 from handler.settings import ContinuousBatchingSettings, HandlerSettings, SettingsError
-from handler.decoding.stopping import FinishReason
 from handler.torchserve_handler import LLMHandler
 from tests.support.context import make_context, run_async
 from tests.support.prompts import make_prompt
@@ -226,7 +226,9 @@ def test_each_request_keeps_its_own_length(engine, continuous):
 
 @pytest.mark.honours("continuous", "num_return_sequences")
 def test_num_return_sequences_gives_that_many_sampled_completions(engine, continuous):
-    [completions] = complete_all(continuous, [prompt(engine, "Pick a word", max_new_tokens=6, temperature=1.5, num_return_sequences=3)])
+    [completions] = complete_all(
+        continuous, [prompt(engine, "Pick a word", max_new_tokens=6, temperature=1.5, num_return_sequences=3)]
+    )
     assert len(completions) == 3
     assert all(c.generated_tokens == 6 for c in completions)
 
@@ -298,7 +300,9 @@ def test_classic_generates_beside_the_manager_leave_the_model_as_it_was(engine, 
     is_causal = getattr(engine.loaded.model.config, "is_causal", None)
 
     async def run():
-        neighbours = [continuous.complete([prompt(engine, f"Neighbour {n}", max_new_tokens=80, temperature=0.9)]) for n in range(4)]
+        neighbours = [
+            continuous.complete([prompt(engine, f"Neighbour {n}", max_new_tokens=80, temperature=0.9)]) for n in range(4)
+        ]
         return await asyncio.gather(*(beside.complete([p]) for p in greedy), *neighbours)
 
     beside = [result[0][0].text for result in asyncio.run(run())[: len(greedy)]]
@@ -312,7 +316,10 @@ def test_classic_generates_beside_the_manager_leave_the_model_as_it_was(engine, 
 
 @pytest.fixture(scope="module")
 def handler(tiny_model_dir: Path):
-    config = {"asyncCommunication": True, "handler": {"batching": "continuous", "continuous": CACHE_CONFIG, "max_total_tokens": 200, "dtype": "float32"}}
+    config = {
+        "asyncCommunication": True,
+        "handler": {"batching": "continuous", "continuous": CACHE_CONFIG, "max_total_tokens": 200, "dtype": "float32"},
+    }
     context = make_context("tiny", tiny_model_dir, config, batch_size=1)
     served = LLMHandler()
     served.initialize(context)

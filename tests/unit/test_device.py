@@ -25,7 +25,7 @@ from handler.model.device import (
     pick_device,
     pick_dtype,
 )
-from handler.model.loading import LoadedModel, load_model
+from handler.model.loading import load_model
 from handler.schedulers.continuous import ContinuousScheduler
 from handler.schedulers.threads import on_passing_thread, run_on_passing_thread
 from handler.service import Service
@@ -42,7 +42,15 @@ def gpus(monkeypatch, count: int, nvidia_smi: bool = True) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
     which = shutil.which
-    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: "/usr/local/nvidia/bin/nvidia-smi" if name == "nvidia-smi" and nvidia_smi else (None if name == "nvidia-smi" else which(name, *a, **k)))
+    monkeypatch.setattr(
+        shutil,
+        "which",
+        lambda name, *a, **k: (
+            "/usr/local/nvidia/bin/nvidia-smi"
+            if name == "nvidia-smi" and nvidia_smi
+            else (None if name == "nvidia-smi" else which(name, *a, **k))
+        ),
+    )
 
 
 def capabilities(monkeypatch, by_index: dict[int, tuple[int, int]]) -> list:
@@ -112,7 +120,14 @@ def test_the_adapter_serves_on_the_gpu_when_torchserve_passed_none(monkeypatch):
 
 @pytest.mark.parametrize(
     "capability, dtype",
-    [((6, 0), torch.float16), ((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((8, 9), torch.bfloat16), ((9, 0), torch.bfloat16)],
+    [
+        ((6, 0), torch.float16),
+        ((7, 0), torch.float16),
+        ((7, 5), torch.float16),
+        ((8, 0), torch.bfloat16),
+        ((8, 9), torch.bfloat16),
+        ((9, 0), torch.bfloat16),
+    ],
 )
 def test_auto_is_bf16_only_from_compute_capability_8(monkeypatch, capability, dtype):
     capabilities(monkeypatch, {0: capability})
@@ -168,7 +183,9 @@ def test_load_refuses_a_gpu_dtype_on_cpu_before_reading_weights(tmp_path):
 
 def record_set_device(monkeypatch) -> list[tuple[str, torch.device]]:
     calls = []
-    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append((threading.current_thread().name, torch.device(device))))
+    monkeypatch.setattr(
+        torch.cuda, "set_device", lambda device: calls.append((threading.current_thread().name, torch.device(device)))
+    )
     return calls
 
 
@@ -193,7 +210,9 @@ def test_the_continuous_managers_thread_binds_the_models_gpu(monkeypatch, tiny_m
     calls = record_set_device(monkeypatch)
     loaded = load_model(tiny_model_dir, HandlerSettings(dtype="float32", max_total_tokens=200), torch.device("cpu"))
     gpu = torch.device("cuda", 1)
-    scheduler = ContinuousScheduler(replace(loaded, device=gpu), ContinuousBatchingSettings(num_blocks=48, page_size=16, max_batch_tokens=256))
+    scheduler = ContinuousScheduler(
+        replace(loaded, device=gpu), ContinuousBatchingSettings(num_blocks=48, page_size=16, max_batch_tokens=256)
+    )
     try:
         [[completion]] = asyncio.run(scheduler.complete([make_prompt(loaded, "Hello", max_new_tokens=3, temperature=0)]))
         assert completion.generated_tokens == 3
@@ -208,13 +227,16 @@ def test_the_continuous_managers_thread_binds_the_models_gpu(monkeypatch, tiny_m
 
 def test_auto_on_a_gpu_lets_transformers_fill_free_memory_less_the_margin():
     assert cache_config(ContinuousBatchingSettings(), torch.device("cuda", 1)) == {
-        "num_blocks": None, "max_memory_percent": 1 - KV_MEMORY_MARGIN,
+        "num_blocks": None,
+        "max_memory_percent": 1 - KV_MEMORY_MARGIN,
     }
     assert KV_MEMORY_MARGIN == 0.20
 
 
 def test_auto_on_a_cpu_keeps_the_default_and_a_number_is_kept_on_either():
-    assert cache_config(ContinuousBatchingSettings(), torch.device("cpu")) == {"num_blocks": CPU_NUM_BLOCKS} == {"num_blocks": 128}
+    assert (
+        cache_config(ContinuousBatchingSettings(), torch.device("cpu")) == {"num_blocks": CPU_NUM_BLOCKS} == {"num_blocks": 128}
+    )
     for device in (torch.device("cpu"), torch.device("cuda", 0)):
         assert cache_config(ContinuousBatchingSettings(num_blocks=7), device) == {"num_blocks": 7}
 
@@ -231,8 +253,12 @@ def test_transformers_sizes_the_cache_from_the_free_memory_of_the_device_it_is_s
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * GiB, 16 * GiB))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
     config = AutoConfig.from_pretrained(tiny_model_dir)
-    cb_config = ContinuousBatchingConfig(page_size=64, max_batch_tokens=1024, **cache_config(ContinuousBatchingSettings(), torch.device("cuda", 0)))
-    per_block = 2 * config.num_hidden_layers * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 64 * 2
+    cb_config = ContinuousBatchingConfig(
+        page_size=64, max_batch_tokens=1024, **cache_config(ContinuousBatchingSettings(), torch.device("cuda", 0))
+    )
+    per_block = (
+        2 * config.num_hidden_layers * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 64 * 2
+    )
     handler = PagedAttentionMemoryHandler(config, cb_config, torch.bfloat16, per_block, 64, per_block, ["full_attention"])
     assert handler.available_memory == int(4 * GiB * (1 - KV_MEMORY_MARGIN))
     max_batch_tokens, sectors = handler.infer_max_batch_tokens_and_num_sectors()
@@ -271,7 +297,9 @@ def test_sticky_cuda_errors_are_told_from_the_others(error, sticky):
 @pytest.fixture
 def tiny_handler(tiny_model_dir):
     context = make_context(
-        "tiny", tiny_model_dir, {"handler": {"warmup": False, "dtype": "float32", "defaults": {"max_new_tokens": 3, "temperature": 0}}}
+        "tiny",
+        tiny_model_dir,
+        {"handler": {"warmup": False, "dtype": "float32", "defaults": {"max_new_tokens": 3, "temperature": 0}}},
     )
     llm = adapter.LLMHandler()
     llm.initialize(context)
@@ -337,12 +365,21 @@ def test_the_warm_up_runs_one_constrained_request(tiny_model_dir, caplog):
 
 def test_a_sticky_cuda_error_on_the_continuous_path_ends_the_worker_too(monkeypatch, tiny_model_dir):
     """The manager's thread meets the error; its requests fail with its text, then the worker ends."""
-    context = make_context("tiny", tiny_model_dir, {
-        "asyncCommunication": True,
-        "handler": {"batching": "continuous", "warmup": False, "dtype": "float32", "max_total_tokens": 200,
-                    "continuous": {"num_blocks": 48, "page_size": 16, "max_batch_tokens": 256},
-                    "defaults": {"max_new_tokens": 3, "temperature": 0}},
-    })
+    context = make_context(
+        "tiny",
+        tiny_model_dir,
+        {
+            "asyncCommunication": True,
+            "handler": {
+                "batching": "continuous",
+                "warmup": False,
+                "dtype": "float32",
+                "max_total_tokens": 200,
+                "continuous": {"num_blocks": 48, "page_size": 16, "max_batch_tokens": 256},
+                "defaults": {"max_new_tokens": 3, "temperature": 0},
+            },
+        },
+    )
     llm = adapter.LLMHandler()
     llm.initialize(context)
     codes, ended = exits(monkeypatch)

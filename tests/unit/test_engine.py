@@ -5,15 +5,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from handler.schedulers.dynamic import DynamicScheduler
+from handler.decoding.sampling import row_processors
+from handler.decoding.stopping import FinishReason
 from handler.errors import RequestError
 from handler.model.loading import check_weight_format, load_model
 from handler.params import GenerationParams
 from handler.pipeline.prompts import Prompt, TokenLimits, encode
 from handler.pipeline.shapes import Fields, Instance
-from handler.decoding.sampling import row_processors
+from handler.schedulers.dynamic import DynamicScheduler
 from handler.settings import HandlerSettings, SettingsError
-from handler.decoding.stopping import FinishReason
 from tests.support.prompts import make_prompt
 
 
@@ -105,9 +105,7 @@ def test_num_return_sequences_gives_that_many_completions(engine):
 
 
 def test_beam_search_returns_its_sequences(engine):
-    (completions,) = engine.generate(
-        [prompt(engine, "hi", max_new_tokens=5, temperature=0, num_beams=3, num_return_sequences=2)]
-    )
+    (completions,) = engine.generate([prompt(engine, "hi", max_new_tokens=5, temperature=0, num_beams=3, num_return_sequences=2)])
     assert len(completions) == 2 and all(c.generated_tokens <= 5 for c in completions)
 
 
@@ -199,7 +197,12 @@ def test_only_streaming_requests_stream(engine):
 def test_prompt_over_max_input_tokens_is_refused(engine):
     limits = TokenLimits(max_input_tokens=4, max_total_tokens=128)
     with pytest.raises(RequestError) as caught:
-        encode(Instance(GenerationParams(), Fields("instances[0]"), text="one two three four five six"), engine.tokenizer, None, limits)
+        encode(
+            Instance(GenerationParams(), Fields("instances[0]"), text="one two three four five six"),
+            engine.tokenizer,
+            None,
+            limits,
+        )
     assert caught.value.status == 422 and caught.value.details["limit"] == 4
 
 

@@ -23,8 +23,12 @@ def test_torchserve_never_gets_the_key(tmp_path):
 
 
 def test_bearer_tokens_and_x_api_key_are_the_keys_offered():
-    headers = [(b"Authorization", b"Bearer  one "), (b"x-api-key", b"two"), (b"authorization", b"Basic three"),
-               (b"content-type", b"application/json")]
+    headers = [
+        (b"Authorization", b"Bearer  one "),
+        (b"x-api-key", b"two"),
+        (b"authorization", b"Basic three"),
+        (b"content-type", b"application/json"),
+    ]
     assert presented_keys((name.lower(), value) for name, value in headers) == [b"one", b"two"]
 
 

@@ -140,7 +140,9 @@ def test_any_version_with_a_ready_worker_is_enough():
     assert health.readiness_from_description("m", 200, json.dumps(versions).encode()).ready
 
 
-@pytest.mark.parametrize("status, body, word", [(404, b"{}", "not-registered"), (500, b"", "unavailable"), (200, b"<html>", "unavailable")])
+@pytest.mark.parametrize(
+    "status, body, word", [(404, b"{}", "not-registered"), (500, b"", "unavailable"), (200, b"<html>", "unavailable")]
+)
 def test_anything_else_is_not_ready(status, body, word):
     state = health.readiness_from_description("m", status, body)
     assert (state.http_status, state.status) == (503, word)
@@ -262,6 +264,8 @@ def _fake_proc(tmp_path: Path, entries: dict[str, str]) -> str:
 
 
 def test_a_group_of_zombies_counts_as_gone(tmp_path):
-    proc = _fake_proc(tmp_path, {"10": "10 (java) Z 1 10 10 0", "11": "11 (py (worker)) Z 10 10 10 0", "12": "12 (x) S 1 99 99 0"})
+    proc = _fake_proc(
+        tmp_path, {"10": "10 (java) Z 1 10 10 0", "11": "11 (py (worker)) Z 10 10 10 0", "12": "12 (x) S 1 99 99 0"}
+    )
     assert not group_alive(10, proc)
     assert group_alive(99, proc)

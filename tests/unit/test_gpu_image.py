@@ -19,7 +19,7 @@ def test_the_server_finds_nvidia_smi_and_the_driver_where_gke_mounts_them():
 
 
 def test_the_gpu_build_installs_the_gpu_requirements_which_include_the_runtimes():
-    assert 'ARG REQUIREMENTS=requirements-runtime.txt' in DOCKERFILE
+    assert "ARG REQUIREMENTS=requirements-runtime.txt" in DOCKERFILE
     assert '-r "/tmp/${REQUIREMENTS}"' in DOCKERFILE
     gpu = (ROOT / "docker" / "requirements-gpu.txt").read_text()
     assert "-r requirements-runtime.txt" in gpu and re.search(r"^nvidia-ml-py==\S+$", gpu, re.M)

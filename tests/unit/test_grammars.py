@@ -12,9 +12,9 @@ import xgrammar
 from transformers import AutoTokenizer
 
 from handler.errors import RequestError
-from handler.structured.grammars import Grammars, tokenizer_info
 from handler.response_format import ResponseFormat, parse_response_format
 from handler.settings import StructuredOutputSettings
+from handler.structured.grammars import Grammars, tokenizer_info
 
 SCHEMAS = json.loads((Path(__file__).parents[1] / "support" / "structured_schemas.json").read_text())["schemas"]
 # Ten 3000-character strings: well inside the size limit, yet many seconds of compiling.
@@ -107,7 +107,7 @@ def test_concurrent_askers_for_one_format_share_one_compile(grammars):
         ({"type": "regex", "pattern": "(unclosed"}, "pattern", "parenthesis is not closed"),
         ({"type": "regex", "pattern": "(?<=a)b"}, "pattern", "Lookbehind"),
         ({"type": "regex", "pattern": "a**"}, "pattern", "repetition"),
-        ({"type": "grammar", "grammar": "start ::= \"a\""}, "grammar", "root"),
+        ({"type": "grammar", "grammar": 'start ::= "a"'}, "grammar", "root"),
         ({"type": "grammar", "grammar": "root ::= missing"}, "grammar", "not defined"),
         ({"type": "grammar", "grammar": 'root ::= "a" |'}, "grammar", "EBNF"),
     ],
@@ -128,9 +128,7 @@ def test_a_refusal_is_cached_and_names_each_askers_own_field(grammars):
 
 def test_a_recursive_schema_with_finite_answers_compiles(grammars):
     tree = {
-        "$defs": {
-            "node": {"type": "object", "properties": {"children": {"type": "array", "items": {"$ref": "#/$defs/node"}}}}
-        },
+        "$defs": {"node": {"type": "object", "properties": {"children": {"type": "array", "items": {"$ref": "#/$defs/node"}}}}},
         "$ref": "#/$defs/node",
     }
     assert isinstance(grammars.compile(spec(schema(tree))), xgrammar.CompiledGrammar)
@@ -183,10 +181,25 @@ def test_a_grammar_compiled_in_the_child_follows_this_tokenizer(grammars, info):
     [
         ("uniqueItems", {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "[1, 1]"),
         ("not", {"not": {"type": "string"}}, '"x"'),
-        ("if", {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-                "if": {"properties": {"a": {"const": 1}}}, "then": {"required": ["b"]}}, '{"a": 1}'),
-        ("dependentRequired", {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-                               "dependentRequired": {"a": ["b"]}}, '{"a": 1}'),
+        (
+            "if",
+            {
+                "type": "object",
+                "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                "if": {"properties": {"a": {"const": 1}}},
+                "then": {"required": ["b"]},
+            },
+            '{"a": 1}',
+        ),
+        (
+            "dependentRequired",
+            {
+                "type": "object",
+                "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                "dependentRequired": {"a": ["b"]},
+            },
+            '{"a": 1}',
+        ),
         ("contains", {"type": "array", "items": {"type": "integer"}, "contains": {"const": 5}}, "[1]"),
         ("allOf", {"allOf": [{"type": "integer", "minimum": 0}, {"maximum": 5}]}, "9"),
         ("multipleOf", {"type": "number", "multipleOf": 0.5}, "0.3"),

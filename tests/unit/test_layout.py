@@ -130,7 +130,7 @@ def test_the_layers_are_the_documented_ones():
 
 
 def test_optional_libraries_are_not_imported_with_the_package():
-    probe = "import sys, handler.torchserve_handler, handler.model.sources; print([m for m in %r if m in sys.modules])" % (OPTIONAL,)
+    probe = f"import sys, handler.torchserve_handler, handler.model.sources; print([m for m in {OPTIONAL!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
 
@@ -154,7 +154,11 @@ def exchange_classes() -> list[type]:
     for name in sorted(MODULES):
         if name.startswith("api."):
             module = importlib.import_module(f"handler.{name}")
-            found += [c for n, c in vars(module).items() if n.endswith("Exchange") and isinstance(c, type) and c.__module__ == module.__name__]
+            found += [
+                c
+                for n, c in vars(module).items()
+                if n.endswith("Exchange") and isinstance(c, type) and c.__module__ == module.__name__
+            ]
     return [c for c in found if c.__name__ != "Exchange"]
 
 

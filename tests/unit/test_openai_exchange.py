@@ -5,15 +5,15 @@ import json
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from handler.decoding.sequence import Completion
-from handler.errors import RequestError, limit_error
 from handler.api.openai.exchange import JSON, OpenAIExchange, VertexChatExchange, is_vertex_chat
 from handler.api.openai.parsing import CHAT, COMPLETIONS
 from handler.api.openai.rendering import SSE
+from handler.decoding.sequence import Completion
+from handler.decoding.stopping import FinishReason
+from handler.errors import RequestError
 from handler.params import GenerationParams, ParamLimits
 from handler.pipeline.prompts import Prompt
 from handler.pipeline.shapes import RequestShape
-from handler.decoding.stopping import FinishReason
 
 SHAPE = RequestShape(defaults=GenerationParams(), limits=ParamLimits(), max_instances=2, max_prompt_chars=100)
 USER = [{"role": "user", "content": "Hi"}]
@@ -70,7 +70,6 @@ def test_later_pipeline_errors_name_openai_fields(smollm2_dir):
     error = caught.value
     assert error.field == "max_tokens" and "10 max_tokens" in error.message
     assert json.loads(exchange.error_body(error))["error"]["param"] == "max_tokens"
-
 
 
 def vertex(*instances, **extra):

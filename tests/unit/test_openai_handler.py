@@ -33,7 +33,11 @@ def served(request, tiny_model_dir: Path):
         context = make_context("tiny", tiny_model_dir, config)
     else:
         handler_config = {
-            "batching": "continuous", "continuous": CACHE_CONFIG, "max_total_tokens": 200, "warmup": False, "dtype": "float32"
+            "batching": "continuous",
+            "continuous": CACHE_CONFIG,
+            "max_total_tokens": 200,
+            "warmup": False,
+            "dtype": "float32",
         }
         context = make_context("tiny", tiny_model_dir, {"asyncCommunication": True, "handler": handler_config}, batch_size=1)
     handler = LLMHandler()
@@ -89,7 +93,9 @@ def test_chat_answers_a_chat_completion_with_the_tokenizers_usage(served):
 
 
 def test_completions_answer_text_completions(served):
-    status, out, _, _ = one(served, {"model": "tiny", "prompt": ["Once", "Twice"], "max_tokens": 3, "temperature": 0}, COMPLETIONS)
+    status, out, _, _ = one(
+        served, {"model": "tiny", "prompt": ["Once", "Twice"], "max_tokens": 3, "temperature": 0}, COMPLETIONS
+    )
     reply = SDKCompletion.model_validate_json(out)
     assert status == 200 and [c.index for c in reply.choices] == [0, 1]
     tokenizer = served[0].service.loaded.tokenizer
@@ -128,7 +134,10 @@ def test_a_streamed_chat_is_sse_whose_deltas_make_the_greedy_text(served):
 @pytest.mark.honours("continuous", "presence_penalty", "frequency_penalty")
 def test_penalties_apply_as_openai_defines_them_beside_a_neighbour_without(served, penalties):
     ids = chat_ids(served)
-    bodies = [{"messages": USER, "max_tokens": 12, "temperature": 0, **penalties}, {"messages": USER, "max_tokens": 12, "temperature": 0}]
+    bodies = [
+        {"messages": USER, "max_tokens": 12, "temperature": 0, **penalties},
+        {"messages": USER, "max_tokens": 12, "temperature": 0},
+    ]
     results, _ = call(served, bodies, [CHAT, CHAT])
     texts = [ChatCompletion.model_validate_json(out).choices[0].message.content for _, out, _ in results]
     presence, frequency = penalties.get("presence_penalty", 0.0), penalties.get("frequency_penalty", 0.0)
@@ -184,7 +193,9 @@ def test_an_unknown_protocol_header_is_refused_naming_it(served):
 
 def test_a_bare_openai_chat_body_on_the_predict_route_is_recognised(served):
     status, out, _, _ = one(served, {"messages": USER, "max_tokens": 2, "temperature": 0}, {})
-    assert status == 200 and ChatCompletion.model_validate_json(out).choices[0].message.content == reference(served, chat_ids(served), 2)
+    assert status == 200 and ChatCompletion.model_validate_json(out).choices[0].message.content == reference(
+        served, chat_ids(served), 2
+    )
 
 
 def test_a_bare_completions_body_with_a_model_is_recognised(served):
@@ -266,7 +277,9 @@ def test_an_error_after_the_stream_began_is_an_sse_error_event(served):
     real = handler.service.scheduler
     handler.service.scheduler = FailsAfterStreaming(real)
     try:
-        status, out, content_type, chunks = one(served, {"messages": USER, "max_tokens": 6, "temperature": 0, "stream": True}, CHAT)
+        status, out, content_type, chunks = one(
+            served, {"messages": USER, "max_tokens": 6, "temperature": 0, "stream": True}, CHAT
+        )
     finally:
         handler.service.scheduler = real
     assert chunks and (status, content_type) == (200, SSE)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from handler.errors import RequestError
 from handler.api.openai.parsing import CHAT, COMPLETIONS, parse_openai
+from handler.errors import RequestError
 from handler.params import GenerationParams, ParamLimits
 from handler.pipeline.shapes import RequestShape
 
@@ -88,7 +88,10 @@ def test_stream_options_without_stream_is_refused():
 
 
 def test_stream_options_unknown_key_is_refused():
-    assert chat_refused(stream=True, stream_options={"continuous_usage_stats": True}).field == "stream_options.continuous_usage_stats"
+    assert (
+        chat_refused(stream=True, stream_options={"continuous_usage_stats": True}).field
+        == "stream_options.continuous_usage_stats"
+    )
 
 
 @pytest.mark.parametrize("name", ["functions", "function_call", "audio", "modalities"])

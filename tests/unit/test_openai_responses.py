@@ -8,13 +8,13 @@ import pytest
 from openai.types import Completion as SDKCompletion
 from openai.types.chat import ChatCompletion
 
-from handler.decoding.sequence import Completion
-from handler.errors import RequestError, limit_error
 from handler.api.openai.parsing import CHAT, COMPLETIONS
 from handler.api.openai.rendering import DONE, SSE, Reply, StreamRenderer, error_body, error_json, response, usage
+from handler.decoding.sequence import Completion
+from handler.decoding.stopping import FinishReason
+from handler.errors import RequestError, limit_error
 from handler.params import GenerationParams
 from handler.pipeline.prompts import Prompt
-from handler.decoding.stopping import FinishReason
 
 PROMPT = Prompt("Hi", (1, 2, 3), GenerationParams(num_return_sequences=2))
 ANSWER = [

@@ -31,7 +31,13 @@ SCHEMA = {
 }
 TOOLS = [
     {"type": "function", "function": {"name": "book", "description": "Book a table", "parameters": SCHEMA}},
-    {"type": "function", "function": {"name": "cancel", "parameters": {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}}},
+    {
+        "type": "function",
+        "function": {
+            "name": "cancel",
+            "parameters": {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]},
+        },
+    },
 ]
 PARAMETERS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
 CACHE_CONFIG = {"num_blocks": 96, "page_size": 16, "max_batch_tokens": 512}
@@ -108,7 +114,9 @@ def test_tool_rows_json_rows_and_plain_rows_share_a_batch(served):
     plain = {"model": "tiny", "messages": USER, "max_tokens": 6, "temperature": 0}
     [(_, alone, _)] = answers(served, [plain])
     schema_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": PARAMETERS["cancel"]}}
-    results = answers(served, [body(tool_choice="required"), {**plain, "response_format": schema_format, "max_tokens": 40}, plain])
+    results = answers(
+        served, [body(tool_choice="required"), {**plain, "response_format": schema_format, "max_tokens": 40}, plain]
+    )
     assert [status for status, _, _ in results] == [200, 200, 200]
     replies = [ChatCompletion.model_validate_json(out) for _, out, _ in results]
     assert valid_calls(replies[0])
@@ -142,7 +150,15 @@ def test_none_answers_text_and_auto_answers_text_or_valid_calls(served):
 
 
 def test_a_tool_result_round_trip_is_answered(served):
-    call = {"id": "call_1", "type": "function", "function": {"name": "book", "arguments": '{"size": 2, "kind": "indoor", "vegan": true}'}}
-    messages = [*USER, {"role": "assistant", "content": None, "tool_calls": [call]}, {"role": "tool", "tool_call_id": "call_1", "content": "booked"}]
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "book", "arguments": '{"size": 2, "kind": "indoor", "vegan": true}'},
+    }
+    messages = [
+        *USER,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "booked"},
+    ]
     [(status, out, _)] = answers(served, [body(messages=messages, tool_choice="none", max_tokens=4)])
     assert status == 200 and ChatCompletion.model_validate_json(out).usage.prompt_tokens > 0

@@ -182,7 +182,9 @@ def test_beam_search_refuses_token_penalties():
 
 
 def test_token_penalties_logit_bias_and_logprobs_resolve():
-    params = resolve({"presence_penalty": 0.5, "frequency_penalty": -1, "logit_bias": {"9": 5}, "logprobs": True, "top_logprobs": 3})
+    params = resolve(
+        {"presence_penalty": 0.5, "frequency_penalty": -1, "logit_bias": {"9": 5}, "logprobs": True, "top_logprobs": 3}
+    )
     assert (params.presence_penalty, params.frequency_penalty, params.logit_bias) == (0.5, -1.0, ((9, 5.0),))
     assert (params.logprobs, params.top_logprobs) == (True, 3)
 

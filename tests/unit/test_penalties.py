@@ -2,7 +2,6 @@
 
 import torch
 
-from handler.params import GenerationParams
 from handler.decoding.penalties import (
     LogitBiasProcessor,
     TokenPenaltyProcessor,
@@ -10,6 +9,7 @@ from handler.decoding.penalties import (
     penalize,
     penalty_processors,
 )
+from handler.params import GenerationParams
 
 
 def test_frequency_counts_every_occurrence_and_presence_once():

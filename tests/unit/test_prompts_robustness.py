@@ -30,7 +30,9 @@ def tokenizer(smollm2_dir: Path):
 
 
 def chat(*roles: str) -> Instance:
-    return Instance(GenerationParams(), Fields("instances[0].messages"), messages=tuple({"role": r, "content": "hi"} for r in roles))
+    return Instance(
+        GenerationParams(), Fields("instances[0].messages"), messages=tuple({"role": r, "content": "hi"} for r in roles)
+    )
 
 
 def test_a_conversation_the_template_refuses_is_a_400_naming_the_messages(tokenizer):

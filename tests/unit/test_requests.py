@@ -29,9 +29,7 @@ def test_vertex_string_instances_take_the_request_parameters():
 
 
 def test_vertex_object_instances_accept_prompt_inputs_and_messages():
-    instances = parse(
-        {"instances": [{"prompt": "p"}, {"inputs": "i"}, {"messages": [{"role": "user", "content": "m"}]}]}
-    )
+    instances = parse({"instances": [{"prompt": "p"}, {"inputs": "i"}, {"messages": [{"role": "user", "content": "m"}]}]})
     assert instances[0].text == "p" and instances[1].text == "i"
     assert instances[2].messages == ({"role": "user", "content": "m"},)
 

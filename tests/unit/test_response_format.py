@@ -138,9 +138,7 @@ def test_structured_output_settings_come_from_the_app_config():
     assert HandlerSettings.from_config({}, {}).structured_output == StructuredOutputSettings()
 
 
-@pytest.mark.parametrize(
-    "section", [{"compile_timeout_seconds": 0}, {"cache_entries": "many"}, {"compile_time": 5}]
-)
+@pytest.mark.parametrize("section", [{"compile_timeout_seconds": 0}, {"cache_entries": "many"}, {"compile_time": 5}])
 def test_a_wrong_structured_output_setting_stops_the_worker(section):
     with pytest.raises(SettingsError, match="handler.structured_output"):
         HandlerSettings.from_config({"handler": {"structured_output": section}}, {})
@@ -156,8 +154,10 @@ def test_a_wrong_structured_output_setting_stops_the_worker(section):
         ({"type": "array", "contains": {"const": 5}}, "'contains' at #"),
         ({"allOf": [{"type": "integer"}, {"maximum": 5}]}, "'allOf' at #"),
         ({"type": "number", "multipleOf": 0.5}, "'multipleOf' on a non-integer at #"),
-        ({"type": "object", "properties": {"a": {"type": "string", "pattern": "^x+$", "maxLength": 3}}},
-         "'pattern' with 'minLength' or 'maxLength' at #/properties/a"),
+        (
+            {"type": "object", "properties": {"a": {"type": "string", "pattern": "^x+$", "maxLength": 3}}},
+            "'pattern' with 'minLength' or 'maxLength' at #/properties/a",
+        ),
         ({"type": "array", "items": {"anyOf": [{"type": "integer"}, {"uniqueItems": True}]}}, "at #/items/anyOf/1"),
         ({"$defs": {"x": {"not": {}}}, "$ref": "#/$defs/x"}, "'not' at #/$defs/x"),
     ],

@@ -22,7 +22,11 @@ from handler.pipeline.shapes import RequestShape
 from handler.structured.tools import call_text
 
 SHAPE = RequestShape(GenerationParams(), ParamLimits(), 16, 100_000)
-TOOL = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+TOOL = {
+    "type": "function",
+    "name": "get_weather",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
 EVENTS = TypeAdapter(ResponseStreamEvent)
 
 
@@ -62,7 +66,9 @@ def test_items_become_a_conversation_with_calls_and_results():
 
 
 def test_text_format_json_schema_is_the_native_format():
-    _, instance = parsed(input="x", text={"format": {"type": "json_schema", "name": "p", "schema": {"type": "object"}, "strict": True}})
+    _, instance = parsed(
+        input="x", text={"format": {"type": "json_schema", "name": "p", "schema": {"type": "object"}, "strict": True}}
+    )
     assert instance.params.response_format.kind == "json_schema"
 
 
@@ -79,8 +85,10 @@ def test_text_format_json_schema_is_the_native_format():
         ({"input": [{"type": "reasoning", "summary": []}]}, "input[0].type"),
         ({"input": [{"role": "robot", "content": "x"}]}, "input[0].role"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content[0].type"),
-        ({"input": [{"role": "user", "content": "x"}, {"type": "function_call_output", "call_id": "nope", "output": "x"}]},
-         "input[1].call_id"),
+        (
+            {"input": [{"role": "user", "content": "x"}, {"type": "function_call_output", "call_id": "nope", "output": "x"}]},
+            "input[1].call_id",
+        ),
         ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{bad"}]}, "input[0].arguments"),
         ({"input": [{"type": "function_call", "call_id": "c", "name": "f g", "arguments": "{}"}]}, "input[0].name"),
         ({"input": "x", "text": {"format": {"type": "regex"}}}, "text.format.type"),
@@ -120,7 +128,12 @@ def test_calls_are_function_call_items_and_a_cut_answer_is_incomplete():
     text = call_text("get_weather", '{"city": "Paris"}')
     response = Response.model_validate_json(answered(exchange, instance, text)[0])
     [item] = response.output
-    assert (item.type, item.name, item.arguments, item.status) == ("function_call", "get_weather", '{"city": "Paris"}', "completed")
+    assert (item.type, item.name, item.arguments, item.status) == (
+        "function_call",
+        "get_weather",
+        '{"city": "Paris"}',
+        "completed",
+    )
     assert item.call_id.startswith("call_") and item.id.startswith("fc_")
     exchange, instance = parsed(input="Hi")
     response = Response.model_validate_json(answered(exchange, instance, "Hel", FinishReason.LENGTH)[0])

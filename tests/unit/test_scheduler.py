@@ -4,11 +4,11 @@ import asyncio
 
 import pytest
 
+from handler.decoding.sequence import Completion
+from handler.decoding.stopping import FinishReason
 from handler.params import PARAMETER_NAMES, GenerationParams
 from handler.pipeline.prompts import Prompt
 from handler.schedulers.base import Router, assign, unhonoured
-from handler.decoding.sequence import Completion
-from handler.decoding.stopping import FinishReason
 
 EVERYTHING = frozenset(PARAMETER_NAMES)
 

@@ -13,17 +13,16 @@ import jsonschema
 import pytest
 import torch
 
-from handler.schedulers.continuous import ContinuousScheduler
-from handler.schedulers.dynamic import DynamicScheduler
+from handler.decoding.stopping import FinishReason
 from handler.errors import RequestError
 from handler.model.loading import LoadedModel, load_model
 from handler.params import ParamLimits, resolve_params
 from handler.pipeline.prompts import Prompt
-from handler.api.protocols import NativeExchange
 from handler.schedulers.base import unhonoured
+from handler.schedulers.continuous import ContinuousScheduler
+from handler.schedulers.dynamic import DynamicScheduler
 from handler.service import Service
 from handler.settings import ContinuousBatchingSettings, HandlerSettings, StructuredOutputSettings
-from handler.decoding.stopping import FinishReason
 from tests.support.prompts import make_prompt
 
 CACHE = ContinuousBatchingSettings(num_blocks=48, page_size=16, max_batch_tokens=256)

@@ -26,7 +26,11 @@ WEATHER = {
     "properties": {"city": {"type": "string", "maxLength": 20}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
     "required": ["city", "days"],
 }
-WHERE = {"name": "tools[0].function.name", "description": "tools[0].function.description", "parameters": "tools[0].function.parameters"}
+WHERE = {
+    "name": "tools[0].function.name",
+    "description": "tools[0].function.description",
+    "parameters": "tools[0].function.parameters",
+}
 
 
 def weather_tool(name: str = "get_weather"):
@@ -180,7 +184,9 @@ HISTORY = (
 
 
 def instance(choice: str = "auto", messages=HISTORY) -> Instance:
-    return Instance(GenerationParams(), Fields("messages"), messages=messages, tools=ToolSpec((weather_tool(),), ToolChoice(choice)))
+    return Instance(
+        GenerationParams(), Fields("messages"), messages=messages, tools=ToolSpec((weather_tool(),), ToolChoice(choice))
+    )
 
 
 def test_a_template_without_tools_gets_the_fallback_block_and_tags(tokenizer):

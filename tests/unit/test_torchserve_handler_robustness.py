@@ -36,11 +36,15 @@ def handler(tiny_model_dir: Path, tmp_path_factory) -> tuple[LLMHandler, Context
 
 def test_a_request_that_breaks_the_template_fails_alone(handler):
     llm, context = handler
-    results = run_batch(llm, context, [
-        {"instances": [{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}]},
-        {"instances": ["Hello"]},
-        {"instances": [{"messages": [{"role": "user", "content": "hi"}]}]},
-    ])
+    results = run_batch(
+        llm,
+        context,
+        [
+            {"instances": [{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}]},
+            {"instances": ["Hello"]},
+            {"instances": [{"messages": [{"role": "user", "content": "hi"}]}]},
+        ],
+    )
     assert [status for status, _ in results] == [500, 200, 200]
     assert "see the server log" in results[0][1]["error"]
     assert "predictions" in results[1][1] and "predictions" in results[2][1]

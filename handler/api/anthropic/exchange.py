@@ -55,6 +55,7 @@ class AnthropicExchange:
             self.renderer = StreamRenderer(self._reply(), prompts)
 
     def piece(self, index: int, text: str) -> str:
+        assert self.renderer is not None, "piece before begin: only a streaming request gets pieces"
         return self.renderer.piece(index, text)
 
     def body(self, answer: Answer) -> str:
@@ -67,7 +68,9 @@ class AnthropicExchange:
 
     def stream_error(self, error: RequestError) -> str:
         """An error once the stream has begun: an `error` event, since the status line has gone."""
+        assert self.renderer is not None, "stream_error before begin: only a begun stream has one"
         return self.renderer.error(error)
 
     def _reply(self) -> Reply:
+        assert self.request is not None, "the exchange renders only what it parsed"
         return Reply.new(self.request.model or self.model)

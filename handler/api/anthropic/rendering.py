@@ -46,11 +46,12 @@ class Reply:
     id: str
 
     @classmethod
-    def new(cls, model: str) -> "Reply":
+    def new(cls, model: str) -> Reply:
         return cls(model, f"msg_{uuid.uuid4().hex}")
 
-    def message(self, content: list[dict[str, Any]], stop_reason: str | None, stop_sequence: str | None,
-                usage: dict[str, int]) -> dict[str, Any]:
+    def message(
+        self, content: list[dict[str, Any]], stop_reason: str | None, stop_sequence: str | None, usage: dict[str, int]
+    ) -> dict[str, Any]:
         return {
             "id": self.id,
             "type": "message",
@@ -63,7 +64,7 @@ class Reply:
         }
 
 
-def stop_reason(completion: "Completion") -> str:
+def stop_reason(completion: Completion) -> str:
     """`end_turn` when the model ended, `stop_sequence` at a stop string, `max_tokens` at the limit
     (or the app's deadline, which cuts a generation as the limit does)."""
     if completion.finish_reason == FinishReason.LENGTH:
@@ -73,7 +74,7 @@ def stop_reason(completion: "Completion") -> str:
     return "end_turn"
 
 
-def only(answer: Answer) -> tuple[Prompt, "Completion"]:
+def only(answer: Answer) -> tuple[Prompt, Completion]:
     """An Anthropic request's one completion: one conversation, never `n` choices."""
     [(prompt, [completion])] = answer
     return prompt, completion

@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 from typing import Any, Sequence
 
-from handler.errors import RequestError
 from handler.api.openai.parsing import CHAT, OpenAIRequest, parse_openai
 from handler.api.openai.rendering import SSE, Answer, Reply, StreamRenderer, error_json, response
+from handler.errors import RequestError
 from handler.pipeline.prompts import Prompt
 from handler.pipeline.shapes import Instance, RequestShape, check_count
 
@@ -52,10 +52,10 @@ class OpenAIExchange:
     def begin(self, prompts: Sequence[Prompt]) -> None:
         """Called once the prompts are ready, before any piece."""
         if self.stream:
-            reply = self._reply()
-            self.renderer = StreamRenderer(reply, prompts, self.request.include_usage)
+            self.renderer = StreamRenderer(self._reply(), prompts, self._parsed().include_usage)
 
     def piece(self, index: int, text: str) -> str:
+        assert self.renderer is not None, "piece before begin: only a streaming request gets pieces"
         return self.renderer.piece(index, text)
 
     def body(self, answer: Answer) -> str:
@@ -66,10 +66,15 @@ class OpenAIExchange:
 
     def stream_error(self, error: RequestError) -> str:
         """An error once the stream has begun: an SSE event, since the status line has gone."""
+        assert self.renderer is not None, "stream_error before begin: only a begun stream has one"
         return self.renderer.error(error)
 
+    def _parsed(self) -> OpenAIRequest:
+        assert self.request is not None, "the exchange renders only what it parsed"
+        return self.request
+
     def _reply(self) -> Reply:
-        return Reply.new(self.endpoint, self.request.model or self.model)
+        return Reply.new(self.endpoint, self._parsed().model or self.model)
 
 
 class VertexChatExchange:
@@ -138,5 +143,3 @@ def is_vertex_chat(body: Any) -> bool:
             message = f"{REQUEST_FORMAT} {other!r} is not served; only {CHAT_FORMAT!r}"
             raise RequestError(message, f"instances[{n}].{REQUEST_FORMAT}")
     return all(tagged)
-
-

@@ -188,8 +188,7 @@ def _response_format(value: Any, where: str) -> Any:
     if isinstance(value, dict) and value.get("type") in ("json_object", "json_schema"):
         return value
     raise unsupported(
-        "response_format must be {'type': 'text'}, {'type': 'json_object'} or {'type': 'json_schema', "
-        "'json_schema': {...}}",
+        "response_format must be {'type': 'text'}, {'type': 'json_object'} or {'type': 'json_schema', 'json_schema': {...}}",
         where,
     )
 
@@ -380,4 +379,3 @@ def _prompts(value: Any, shape: RequestShape, prefix: str) -> tuple[list[Any], t
         raise RequestError(f"{field} must be a string or a non-empty list of strings", field)
     check_count(len(value), field, shape.max_instances)
     return value, tuple(f"{field}[{i}]" for i in range(len(value)))
-

@@ -15,15 +15,15 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
-from handler.errors import RequestError
 from handler.api.openai.parsing import CHAT
-from handler.pipeline.prompts import Prompt
 from handler.decoding.stopping import FinishReason
+from handler.errors import RequestError
+from handler.pipeline.prompts import Prompt
 from handler.structured.tools import TOOL_CALLS, CallEvent, CallSplitter, ToolCall, split_calls
 
 if TYPE_CHECKING:
-    from handler.decoding.sequence import Completion
     from handler.decoding.logprobs import TokenLogprob
+    from handler.decoding.sequence import Completion
 
 SSE = "text/event-stream"
 DONE = "data: [DONE]\n\n"
@@ -41,7 +41,7 @@ class Reply:
     created: int
 
     @classmethod
-    def new(cls, endpoint: str, model: str) -> "Reply":
+    def new(cls, endpoint: str, model: str) -> Reply:
         prefix = "chatcmpl" if endpoint == CHAT else "cmpl"
         return cls(endpoint, model, f"{prefix}-{uuid.uuid4().hex}", int(time.time()))
 
@@ -54,7 +54,7 @@ class Reply:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
 
-def choices(answer: Answer) -> list[tuple[Prompt, "Completion"]]:
+def choices(answer: Answer) -> list[tuple[Prompt, Completion]]:
     """Every completion with its prompt, in choice order (prompt by prompt, `n` each)."""
     return [(prompt, completion) for prompt, completions in answer for completion in completions]
 
@@ -73,7 +73,7 @@ def may_call(prompt: Prompt) -> bool:
     return spec is not None and spec.kind == TOOL_CALLS
 
 
-def finish_reason(completion: "Completion", called: bool) -> str:
+def finish_reason(completion: Completion, called: bool) -> str:
     """`tool_calls` when the answer ended on its own after calling; a cut answer stays `length`."""
     reason = FINISH_REASONS[completion.finish_reason]
     return "tool_calls" if called and reason == "stop" else reason
@@ -104,19 +104,19 @@ def response(reply: Reply, answer: Answer) -> dict[str, Any]:
     return {**reply.head(), "choices": rendered, "usage": usage(answer)}
 
 
-def _chat_logprobs(prompt: Prompt, completion: "Completion") -> dict[str, Any] | None:
+def _chat_logprobs(prompt: Prompt, completion: Completion) -> dict[str, Any] | None:
     if not prompt.params.logprobs:
         return None
     return {"content": [_chat_token(t) for t in completion.logprobs], "refusal": None}
 
 
-def _chat_token(token: "TokenLogprob") -> dict[str, Any]:
+def _chat_token(token: TokenLogprob) -> dict[str, Any]:
     top = [{"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode("utf-8"))} for t in token.top]
     own = {"token": token.text, "logprob": token.logprob, "bytes": list(token.text.encode("utf-8"))}
     return {**own, "top_logprobs": top}
 
 
-def _completion_logprobs(prompt: Prompt, completion: "Completion", offset: int) -> dict[str, Any] | None:
+def _completion_logprobs(prompt: Prompt, completion: Completion, offset: int) -> dict[str, Any] | None:
     if not prompt.params.logprobs:
         return None
     tokens = list(completion.logprobs)
@@ -169,6 +169,7 @@ class StreamRenderer:
             if event.kind == "text":
                 delta: dict[str, Any] = {"content": event.text}
             elif event.kind == "start":
+                assert event.call is not None, "a call's start names the call"
                 function = {"name": event.call.name, "arguments": ""}
                 delta = {"tool_calls": [{"index": event.index, "id": event.call.id, "type": "function", "function": function}]}
             elif event.kind == "arguments":

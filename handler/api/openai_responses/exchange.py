@@ -45,25 +45,32 @@ class ResponsesExchange:
 
     def begin(self, prompts: Sequence[Prompt]) -> None:
         """Called once the prompt is ready: the answer's items start here, streamed or not."""
+        assert self.request is not None, "begin comes after parse"
         self.output = Output(self.request, self.model, self.stream)
         self.splitter = CallSplitter() if may_call(prompts[0]) else None
 
     def piece(self, index: int, text: str) -> str:
-        self.output.feed(self._events(text))
-        return self.output.take()
+        output = self._begun()
+        output.feed(self._events(text))
+        return output.take()
 
     def body(self, answer: Answer) -> str:
         """The whole `response`, or, for a stream, its last events."""
         [(prompt, [completion])] = answer
+        output = self._begun()
         if not self.stream:
-            self.output.feed(self._events(completion.text))
+            output.feed(self._events(completion.text))
         if self.splitter is not None:
-            self.output.feed(self.splitter.finish())
-        whole = self.output.finish(prompt, completion)
-        return self.output.take() if self.stream else json.dumps(whole)
+            output.feed(self.splitter.finish())
+        whole = output.finish(prompt, completion)
+        return output.take() if self.stream else json.dumps(whole)
 
     def stream_error(self, error: RequestError) -> str:
         return error_event(error, self.output.sequence if self.output else 0)
+
+    def _begun(self) -> Output:
+        assert self.output is not None, "pieces and the body come after begin"
+        return self.output
 
     def _events(self, text: str) -> list[CallEvent]:
         if self.splitter is not None:

@@ -114,7 +114,7 @@ def _stateless(body: dict[str, Any]) -> None:
 
 
 def _parameters(body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-    layer = {name: body[name] for name in ("temperature", "top_p") if name in body}
+    layer: dict[str, Any] = {name: body[name] for name in ("temperature", "top_p") if name in body}
     layer["stream"] = body.get("stream", False)
     layer["return_full_text"] = False
     names = {"max_new_tokens": "max_output_tokens"}
@@ -188,7 +188,10 @@ def _tool(value: Any, where: str) -> calls.Tool:
     if not isinstance(value, dict):
         raise RequestError(f"{where} must be an object {{'type': 'function', 'name': ...}}", where)
     if value.get("type") != "function":
-        raise unsupported(f"{where}.type must be 'function' (built-in tools are not served), got {str(value.get('type'))[:64]!r}", f"{where}.type")
+        raise unsupported(
+            f"{where}.type must be 'function' (built-in tools are not served), got {str(value.get('type'))[:64]!r}",
+            f"{where}.type",
+        )
     value = {key: item for key, item in value.items() if item is not None}
     check_fields(value, ("type", "name", "description", "parameters", "strict"), (), f"{where}.")
     if "strict" in value and not isinstance(value["strict"], bool):
@@ -307,4 +310,3 @@ def _output(value: Any, where: str, shape: RequestShape) -> str:
     if not isinstance(value, str):
         raise RequestError(f"{where} must be a string", where)
     return prompt_text(value, where, shape) if value.strip() else "(empty)"
-

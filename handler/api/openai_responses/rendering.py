@@ -37,7 +37,7 @@ def new_id(prefix: str) -> str:
 class Output:
     """One response's output items, built from pieces; `events` holds the SSE events not yet sent."""
 
-    def __init__(self, request: "ResponsesRequest", model: str, stream: bool):
+    def __init__(self, request: ResponsesRequest, model: str, stream: bool):
         self.request = request
         self.id = new_id("resp")
         self.model = request.model or model
@@ -56,18 +56,20 @@ class Output:
             if event.kind == "text":
                 self._text(event.text)
             elif event.kind == "start":
+                assert event.call is not None, "a call's start names the call"
                 self._close()
                 item = {"id": new_id("fc"), "type": "function_call", "status": "in_progress", "call_id": event.call.id,
                         "name": event.call.name, "arguments": ""}  # fmt: skip
                 self._add(item)
             elif event.kind == "arguments":
-                self.open["arguments"] += event.text
-                self._emit("response.function_call_arguments.delta", item_id=self.open["id"], output_index=self._index(),
+                item = self._current()
+                item["arguments"] += event.text
+                self._emit("response.function_call_arguments.delta", item_id=item["id"], output_index=self._index(),
                            delta=event.text)  # fmt: skip
             else:
                 self._close()
 
-    def finish(self, prompt: "Prompt", completion: "Completion") -> dict[str, Any]:
+    def finish(self, prompt: Prompt, completion: Completion) -> dict[str, Any]:
         """The whole response; when streaming, its last event is queued too."""
         self._close()
         cut = completion.finish_reason == FinishReason.LENGTH
@@ -106,22 +108,31 @@ class Output:
             **self.request.echo,
         }
 
+    def _current(self) -> dict[str, Any]:
+        assert self.open is not None, "an item is open once _add has run"
+        return self.open
+
     def _text(self, text: str) -> None:
         if self.open is None or self.open["type"] != "message":
             self._close()
             self._add({"id": new_id("msg"), "type": "message", "status": "in_progress", "role": "assistant", "content": []})
             part = {"type": "output_text", "text": "", "annotations": []}
-            self.open["content"].append(part)
-            self._emit("response.content_part.added", item_id=self.open["id"], output_index=self._index(), content_index=0,
+            self._current()["content"].append(part)
+            self._emit("response.content_part.added", item_id=self._current()["id"], output_index=self._index(), content_index=0,
                        part=dict(part))  # fmt: skip
-        self.open["content"][0]["text"] += text
-        self._emit("response.output_text.delta", item_id=self.open["id"], output_index=self._index(), content_index=0,
+        message = self._current()
+        message["content"][0]["text"] += text
+        self._emit("response.output_text.delta", item_id=message["id"], output_index=self._index(), content_index=0,
                    delta=text, logprobs=[])  # fmt: skip
 
     def _add(self, item: dict[str, Any]) -> None:
         self.items.append(item)
         self.open = item
-        self._emit("response.output_item.added", output_index=self._index(), item=dict(item, content=[]) if "content" in item else dict(item))
+        self._emit(
+            "response.output_item.added",
+            output_index=self._index(),
+            item=dict(item, content=[]) if "content" in item else dict(item),
+        )
 
     def _close(self) -> None:
         item, self.open = self.open, None
