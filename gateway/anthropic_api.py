@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.contract import COUNT_TOKENS_ROUTE, MESSAGES_ROUTE, predict_route
-from gateway.relay import BodyError, Dialect, named_app, read_body, relay
+from gateway.contract import COUNT_TOKENS_ROUTE, MESSAGES_ROUTE, PROTOCOL_HEADER
+from gateway.relay import Dialect, relay_named
 
-PROTOCOL_HEADER = "X-LLM-Protocol"
 # Anthropic's error types by status; any other 4xx is an invalid request, any other 5xx an api_error.
 ERROR_TYPES = {
     401: "authentication_error",
@@ -69,18 +68,11 @@ async def count_tokens(request: Request) -> Response:
 
 
 async def _relay(request: Request, protocol: Dialect) -> Response:
-    front = request.app.state.front
-    try:
-        body = await read_body(request, front.settings.max_request_bytes, front.settings.body_timeout_s)
-    except BodyError as exc:
-        return exc.response(protocol)
-    except ClientDisconnect:
-        return Response(status_code=499)
-    app = named_app(body, front.settings.app)
-    if app not in front.apps:
-        served = ", ".join(front.apps.names())
-        return anthropic_error(404, f"model: {app[:100]!r} does not exist; served: {served}")
-    return await relay(request, app, predict_route(app), protocol, body)
+    return await relay_named(request, protocol, _unknown)
+
+
+def _unknown(model: str, served: str) -> JSONResponse:
+    return anthropic_error(404, f"model: {model[:100]!r} does not exist; served: {served}")
 
 
 async def wrong_method(request: Request) -> Response:

@@ -29,3 +29,7 @@ PROBE = json.dumps(PROBE_BODY).encode()
 def predict_route(app: str) -> str:
     """TorchServe's inference route for one registered model; the front serves it under the same path."""
     return f"/predictions/{app}"
+
+
+# The header that tells the handler which protocol a relayed body speaks (handler.api.protocols reads it).
+PROTOCOL_HEADER = "X-LLM-Protocol"

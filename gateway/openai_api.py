@@ -14,14 +14,13 @@ from __future__ import annotations
 import json
 import time
 
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.contract import CHAT_COMPLETIONS_ROUTE, COMPLETIONS_ROUTE, MODELS_ROUTE, RESPONSES_ROUTE, predict_route
-from gateway.relay import BodyError, Dialect, named_app, read_body, relay
+from gateway.contract import CHAT_COMPLETIONS_ROUTE, COMPLETIONS_ROUTE, MODELS_ROUTE, PROTOCOL_HEADER, RESPONSES_ROUTE
+from gateway.relay import Dialect, relay_named
 
-PROTOCOL_HEADER = "X-LLM-Protocol"
 CODES = {
     401: "invalid_api_key",
     404: "model_not_found",
@@ -74,21 +73,10 @@ async def responses(request: Request) -> Response:
 
 
 async def _relay(request: Request, protocol: Dialect) -> Response:
-    front = request.app.state.front
-    try:
-        body = await read_body(request, front.settings.max_request_bytes, front.settings.body_timeout_s)
-    except BodyError as exc:
-        return exc.response(protocol)
-    except ClientDisconnect:
-        return Response(status_code=499)
-    app = named_app(body, front.settings.app)
-    if app not in front.apps:
-        return _unknown(front, app)
-    return await relay(request, app, predict_route(app), protocol, body)
+    return await relay_named(request, protocol, _unknown)
 
 
-def _unknown(front, model: str) -> JSONResponse:
-    served = ", ".join(front.apps.names())
+def _unknown(model: str, served: str) -> JSONResponse:
     return openai_error(404, f"the model {model[:100]!r} does not exist; served: {served}", field="model")
 
 
@@ -104,7 +92,7 @@ async def models(request: Request) -> Response:
 async def model(request: Request) -> Response:
     front = request.app.state.front
     name = request.path_params["model"]
-    return JSONResponse(_card(name)) if name in front.apps else _unknown(front, name)
+    return JSONResponse(_card(name)) if name in front.apps else _unknown(name, ", ".join(front.apps.names()))
 
 
 ROUTES = {CHAT_COMPLETIONS_ROUTE: "POST", COMPLETIONS_ROUTE: "POST", RESPONSES_ROUTE: "POST", MODELS_ROUTE: "GET"}

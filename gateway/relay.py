@@ -28,6 +28,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from gateway.contract import predict_route
 from gateway.held_request import HeldRequest
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,22 @@ def forwardable(headers) -> list[tuple[str, str]]:
     """The end-to-end headers of a message, repeats kept; also drops those named in ``Connection:``."""
     named = {token.strip().lower() for value in headers.getlist("connection") for token in value.split(",")}
     return [(k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP and k.lower() not in named]
+
+
+async def relay_named(request: Request, dialect: Dialect, unknown: Callable[[str, str], JSONResponse]) -> Response:
+    """A protocol route's request: its body read under the front's limits, then relayed to the app its
+    `model` names. `unknown(model, served)` refuses a model no app serves, in the protocol's own words."""
+    front = request.app.state.front
+    try:
+        body = await read_body(request, front.settings.max_request_bytes, front.settings.body_timeout_s)
+    except BodyError as exc:
+        return exc.response(dialect)
+    except ClientDisconnect:
+        return Response(status_code=499)
+    app = named_app(body, front.settings.app)
+    if app not in front.apps:
+        return unknown(app, ", ".join(front.apps.names()))
+    return await relay(request, app, predict_route(app), dialect, body)
 
 
 async def relay(request: Request, app: str, path: str, dialect: Dialect = NATIVE, body: bytes | None = None) -> Response:
