@@ -7,6 +7,7 @@
 #   make bench BENCH_SERVERS="torchserve=http://127.0.0.1:7080/predictions/smollm2"
 #                                    an already running server (make serve) instead
 #   make bench-single-stream         one stream: fp32, bf16, the handler.model.quantization methods, llama.cpp
+#   make bench-dtype-stability       dtype: auto decided at three fresh starts, one beside a CPU burner
 #
 # Results: bench/results/serving.md|json and bench/results/single-stream.md|json (earlier: history.md).
 
@@ -26,7 +27,7 @@ BENCH_ARGS ?=
 SINGLE_STREAM_VARIANTS ?=
 SINGLE_STREAM_ARGS ?=
 
-.PHONY: bench bench-single-stream llama-server
+.PHONY: bench bench-single-stream bench-dtype-stability llama-server
 
 llama-server: ## build llama.cpp's llama-server from llama-cpp-python's sdist, cached per host in bench/.cache/
 	$(PY) -m bench.llama_server_build
@@ -53,3 +54,6 @@ gpu-check-tokenizer: models/smollm2/config.json ## SmolLM2's tokenizer files alo
 	mkdir -p $(GPU_CHECK_TOKENIZER_DIR)
 	cp models/smollm2/tokenizer.json models/smollm2/tokenizer_config.json $(GPU_CHECK_TOKENIZER_DIR)/
 	if [ -f models/smollm2/chat_template.jinja ]; then cp models/smollm2/chat_template.jinja $(GPU_CHECK_TOKENIZER_DIR)/; fi
+
+bench-dtype-stability: model ## dtype: auto decided at three fresh starts, one beside a CPU burner -> bench/results/
+	$(PY) -m bench.dtype_stability --model-dir models/$(APP)
