@@ -33,3 +33,7 @@ def predict_route(app: str) -> str:
 
 # The header that tells the handler which protocol a relayed body speaks (handler.api.protocols reads it).
 PROTOCOL_HEADER = "X-LLM-Protocol"
+
+# Under the run folder ($LLM_RUN_DIR), one `<app>.json` per app: the dtype decision its worker
+# serves with (handler.settings.DTYPE_REPORTS names the same folder), shown by the health route.
+DTYPE_REPORTS = "dtype"

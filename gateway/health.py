@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.contract import DTYPE_REPORTS
 
 READY = "READY"
 
@@ -22,16 +25,31 @@ class Readiness:
     model: str
     workers: tuple[str, ...] = ()
     detail: str = ""
+    # `dtype: auto`'s decision as the app's worker reported it (`dtype_report`), where it made one.
+    dtype: dict | None = None
 
     @property
     def http_status(self) -> int:
         return 200 if self.ready else 503
 
     def payload(self) -> dict:
-        payload = {"status": self.status, "model": self.model, "workers": list(self.workers)}
+        payload: dict[str, object] = {"status": self.status, "model": self.model, "workers": list(self.workers)}
         if self.detail:
             payload["detail"] = self.detail
+        if self.dtype is not None:
+            payload["dtype"] = self.dtype
         return payload
+
+
+def dtype_report(run_dir: Path, app: str) -> dict | None:
+    """The dtype decision ``app``'s worker reported at its last start: the format it serves, whether it
+    was timed at that start or read back from the host's decision cache, and the decode-step timings
+    behind it. None where the app decides no dtype (a pinned one, a GPU) or the report is unreadable."""
+    try:
+        report = json.loads((run_dir / DTYPE_REPORTS / f"{app}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) else None
 
 
 def readiness_from_description(app: str, status: int, body: bytes) -> Readiness:

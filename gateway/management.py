@@ -6,6 +6,7 @@ A restart of TorchServe gives it new ports, so every call reads the ``Upstream``
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Protocol
 
 import httpx2
@@ -33,6 +34,9 @@ class Upstream(Protocol):
 
     @property
     def metrics_url(self) -> str: ...
+
+    # The run folder TorchServe's workers share with the front ($LLM_RUN_DIR).
+    run_dir: Path
 
 
 class ManagementClient:

@@ -7,6 +7,8 @@ with ``/v1`` or ``/predictions``.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -16,19 +18,21 @@ from starlette.routing import Route
 from gateway.anthropic_api import anthropic_routes
 from gateway.auth import ApiKeyGuard
 from gateway.contract import HEALTH_ROUTE, predict_route
+from gateway.health import dtype_report
 from gateway.openai_api import openai_routes
 from gateway.relay import error, relay
 
 
 async def health(request: Request) -> Response:
-    """200 only while every served app has a READY worker that answered, and is not healing."""
+    """200 only while every served app has a READY worker that answered, and is not healing; each app's
+    entry also shows the dtype decision its worker serves with."""
     front = request.app.state.front
     apps = []
     for state in front.apps:
         readiness = state.readiness()
         if readiness.ready:
             readiness = await front.live_readiness(state.name)
-        apps.append(readiness)
+        apps.append(replace(readiness, dtype=dtype_report(front.upstream.run_dir, state.name)))
     ready = all(a.ready for a in apps)
     headers = None if ready else {"Retry-After": str(front.settings.retry_after_s)}
     return JSONResponse(

@@ -30,6 +30,8 @@ from typing import IO, Mapping
 
 import yaml
 
+from gateway.contract import DTYPE_REPORTS
+
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
@@ -221,6 +223,8 @@ class TorchServeProcess:
         # content, and would reuse an older unpacked copy: every start begins empty.
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        # Each worker reports its dtype decision once it has loaded; none from an earlier run is shown meanwhile.
+        shutil.rmtree(self.run_dir / DTYPE_REPORTS, ignore_errors=True)
         config = self.run_dir / "config.properties"
         config.write_text(self.config_text(self.ports, tmp))
         env = {k: v for k, v in self.env.items() if not _overrides_ours(k)}

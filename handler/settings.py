@@ -3,7 +3,8 @@
 Sources: the `handler:` section of the model's model-config.yaml (TorchServe hands it
 over as `context.model_yaml_config`), and a few environment variables of the
 container contract (`LLM_DTYPE`, `LLM_MODEL_DIR`, `AIP_STORAGE_URI`, and `LLM_CACHE_DIR` or
-`LLM_RUN_DIR` for where `dtype: auto` keeps its decisions), read here only.
+`LLM_RUN_DIR` for where `dtype: auto` keeps its decisions and reports them to the front), read
+here only.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ CONTINUOUS_PROBE_ROWS = 16
 # of a small host's RAM small (on a GPU, auto sizes it from free memory: handler.model.device).
 CPU_NUM_BLOCKS = 128
 DTYPE_CACHE_NAME = "dtype-decisions.json"
+# Under $LLM_RUN_DIR, one `<app>.json` per app: the dtype decision its worker serves with, which the
+# front's /health shows (gateway.contract.DTYPE_REPORTS names the same folder).
+DTYPE_REPORTS = "dtype"
 
 
 class SettingsError(ValueError):
@@ -101,6 +105,8 @@ class HandlerSettings:
     # that restarts and heals reuse it: by default in $LLM_CACHE_DIR, else in the front's run
     # folder $LLM_RUN_DIR, which outlives TorchServe's restarts; absent, every start times anew.
     dtype_cache_file: str | None = None
+    # Where the worker reports its dtype decision for the front ($LLM_RUN_DIR/DTYPE_REPORTS); absent, nowhere.
+    dtype_report_dir: str | None = None
     model_dir_override: str | None = None
     storage_uri: str | None = None
     workers: int = 1
@@ -109,7 +115,8 @@ class HandlerSettings:
     @classmethod
     def from_config(cls, model_yaml_config: Mapping[str, Any] | None, environ: Mapping[str, str]) -> HandlerSettings:
         section = dict((model_yaml_config or {}).get("handler") or {})
-        known = {f.name for f in fields(cls)} - {"model_dir_override", "storage_uri", "workers", "batch_size", "dtype_source"}
+        from_environment = {"model_dir_override", "storage_uri", "dtype_report_dir"}
+        known = {f.name for f in fields(cls)} - from_environment - {"workers", "batch_size", "dtype_source"}
         problem = unknown_names(section, sorted(known), "keys in handler config")
         if problem:
             raise SettingsError(problem)
@@ -131,6 +138,7 @@ class HandlerSettings:
             defaults=defaults,
             model_dir_override=environ.get("LLM_MODEL_DIR") or None,
             storage_uri=environ.get("AIP_STORAGE_URI") or None,
+            dtype_report_dir=str(Path(environ["LLM_RUN_DIR"]) / DTYPE_REPORTS) if environ.get("LLM_RUN_DIR") else None,
             workers=max(1, int((model_yaml_config or {}).get("maxWorkers") or 1)),
             batch_size=max(1, int((model_yaml_config or {}).get("batchSize") or 1)),
         )

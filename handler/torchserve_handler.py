@@ -29,6 +29,7 @@ from handler.api.protocols import PROTOCOL_HEADER, Exchange
 from handler.errors import RequestError
 from handler.metrics import DTYPE_METRIC, UNITS, GenerationStats, dtype_metric_values, metric_values
 from handler.model.device import pick_device
+from handler.model.dtype_cache import write_json
 from handler.model.sources import weights_dir
 from handler.service import Prepared, Service
 from handler.settings import HandlerSettings
@@ -147,10 +148,13 @@ class LLMHandler(BaseHandler):
             context.metrics.add_metric(name, value, unit, None, dimensions, METRIC_TYPES[kind])
 
     def _report_dtype(self, context) -> None:
-        """`dtype: auto`'s decision, once per start: which format serves, from which step times."""
+        """`dtype: auto`'s decision, once per start: which format serves, from which step times, as
+        metrics and in the run folder, where the front's /health reads it."""
         choice = self.service.loaded.dtype_choice
         if choice is None:
             return
+        if self.service.settings.dtype_report_dir:
+            write_json(Path(self.service.settings.dtype_report_dir) / f"{self.model_name}.json", choice.report(), "dtype report")
         name, unit, kind = DTYPE_METRIC
         for value, extra in dtype_metric_values(choice):
             dimensions = [Dimension("ModelName", self.model_name), Dimension("Level", "Model")]

@@ -119,15 +119,21 @@ class DecisionCache:
             "step_seconds": step_seconds,
             "decided_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        text = json.dumps({"version": FORMAT_VERSION, "decisions": decisions}, indent=1, sort_keys=True) + "\n"
-        scratch = None
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            handle, scratch = tempfile.mkstemp(prefix=".dtype-", dir=self.path.parent)
-            with os.fdopen(handle, "w") as file:
-                file.write(text)
-            os.replace(scratch, self.path)
-        except OSError as error:
-            logger.warning("dtype decision not kept in %s: %s", self.path, error)
-            if scratch is not None:
-                Path(scratch).unlink(missing_ok=True)
+        write_json(self.path, {"version": FORMAT_VERSION, "decisions": decisions}, "dtype decision")
+
+
+def write_json(path: Path, data: dict[str, Any], what: str) -> None:
+    """`data` as `path`, replaced whole (a rename), so no reader sees half a file; a failure is
+    logged, never raised: the worker serves on without it."""
+    text = json.dumps(data, indent=1, sort_keys=True) + "\n"
+    scratch = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, scratch = tempfile.mkstemp(prefix=".dtype-", dir=path.parent)
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.replace(scratch, path)
+    except OSError as error:
+        logger.warning("%s not kept in %s: %s", what, path, error)
+        if scratch is not None:
+            Path(scratch).unlink(missing_ok=True)

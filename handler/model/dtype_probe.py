@@ -65,6 +65,11 @@ class DtypeChoice:
         """The dtype of the activations (and of the KV cache): fp32 under fp16 weights."""
         return torch.float32 if self.name == FP16_WEIGHTS else getattr(torch, self.name)
 
+    def report(self) -> dict[str, object]:
+        """What the front's /health shows: the format served, whether it was timed now or read back, the timings."""
+        step_ms = {name: round(seconds * 1000, 2) for name, seconds in self.step_seconds.items()}
+        return {"chosen": self.name, "source": self.source, "decode_step_ms": step_ms}
+
     def describe(self) -> str:
         figures = ", ".join(f"{name} {seconds * 1000:.1f} ms" for name, seconds in self.step_seconds.items())
         how = "" if self.source == PROBED else f", {self.source}"

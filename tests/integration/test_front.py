@@ -84,7 +84,13 @@ def test_vertex_routes_and_health_answer(front):
     for route in (HEALTH_ROUTE, "/health"):
         status, _, body = request(front, "GET", route)
         assert status == 200, body
-        assert json.loads(body)["apps"][0] == {"status": "ready", "model": APP, "workers": ["READY"]}
+        entry = json.loads(body)["apps"][0]
+        dtype = entry.pop("dtype")
+        assert entry == {"status": "ready", "model": APP, "workers": ["READY"]}
+        # The shipped app decides its dtype on this CPU; the health route shows the choice and its timings.
+        assert dtype["source"] in ("probe", "cache")
+        timings = dtype["decode_step_ms"]
+        assert "float32" in timings and timings[dtype["chosen"]] == min(timings.values())
     status, _, vertex = request(front, "POST", PREDICT_ROUTE, json.dumps(GREEDY).encode(), {"Content-Type": "application/json"})
     assert status == 200, vertex
     status, _, plain = request(

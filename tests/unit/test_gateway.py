@@ -13,10 +13,12 @@ from starlette.responses import Response, StreamingResponse
 
 from gateway import health
 from gateway.apps import AppRegistry
+from gateway.contract import DTYPE_REPORTS
 from gateway.held_request import HeldRequest
 from gateway.metrics import FrontMetrics
 from gateway.settings import FrontSettings, SettingsError, SupervisorSettings
 from gateway.torchserve import TorchServeProcess, archive_config, free_ports, group_alive, pick_ports
+from handler.settings import DTYPE_REPORTS as HANDLER_DTYPE_REPORTS
 
 # --- settings ---------------------------------------------------------------
 
@@ -269,3 +271,16 @@ def test_a_group_of_zombies_counts_as_gone(tmp_path):
     )
     assert not group_alive(10, proc)
     assert group_alive(99, proc)
+
+
+def test_the_health_payload_shows_the_dtype_report_its_worker_wrote(tmp_path):
+    assert HANDLER_DTYPE_REPORTS == DTYPE_REPORTS  # the worker writes where the front reads
+    report = {"chosen": "bfloat16", "source": "probe", "decode_step_ms": {"float32": 100.0, "bfloat16": 50.0}}
+    (tmp_path / DTYPE_REPORTS).mkdir()
+    (tmp_path / DTYPE_REPORTS / "smollm2.json").write_text(json.dumps(report))
+    assert health.dtype_report(tmp_path, "smollm2") == report
+    assert health.Readiness(True, "ready", "smollm2", dtype=report).payload()["dtype"] == report
+    assert health.dtype_report(tmp_path, "gpt2") is None  # a pinned dtype (or a GPU) decides nothing
+    (tmp_path / DTYPE_REPORTS / "gpt2.json").write_text("{half")
+    assert health.dtype_report(tmp_path, "gpt2") is None
+    assert "dtype" not in health.Readiness(True, "ready", "gpt2").payload()
