@@ -8,6 +8,7 @@
 #                                    an already running server (make serve) instead
 #   make bench-single-stream         one stream: fp32, bf16, the handler.model.quantization methods, llama.cpp
 #   make bench-dtype-stability       dtype: auto decided at three fresh starts, one beside a CPU burner
+#   make soak                        30 minutes above capacity through make serve, worker kills, leavers
 #
 # Results: bench/results/serving.md|json and bench/results/single-stream.md|json (earlier: history.md).
 
@@ -27,7 +28,7 @@ BENCH_ARGS ?=
 SINGLE_STREAM_VARIANTS ?=
 SINGLE_STREAM_ARGS ?=
 
-.PHONY: bench bench-single-stream bench-dtype-stability llama-server
+.PHONY: bench bench-single-stream bench-dtype-stability soak llama-server
 
 llama-server: ## build llama.cpp's llama-server from llama-cpp-python's sdist, cached per host in bench/.cache/
 	$(PY) -m bench.llama_server_build
@@ -57,3 +58,7 @@ gpu-check-tokenizer: models/smollm2/config.json ## SmolLM2's tokenizer files alo
 
 bench-dtype-stability: model ## dtype: auto decided at three fresh starts, one beside a CPU burner -> bench/results/
 	$(PY) -m bench.dtype_stability --model-dir models/$(APP)
+
+SOAK_ARGS ?=
+soak: ## 30 minutes at 1.5x capacity through make serve (run it first): mixed protocols, a worker kill every 5 min -> bench/results/soak.json|png
+	$(PY) -m bench.soak --url http://127.0.0.1:$(PORT) --app $(APP) --pid-file run/front.pid $(SOAK_ARGS)
