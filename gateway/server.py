@@ -64,21 +64,40 @@ class BoundedH11Protocol(H11Protocol):
     """uvicorn's HTTP/1.1 protocol, plus a deadline for a request's headers.
 
     uvicorn has a keep-alive timeout but none for a client that connects and then sends its
-    headers slowly (or never): without one, slow clients could hold every connection slot.
+    headers slowly (or never): without one, slow clients could hold every connection slot. The
+    deadline runs from the connection's start, and on a kept-alive connection from the next
+    request's first byte: an idle kept-alive connection is the keep-alive timeout's to end, which
+    outlasts clients' own pool expiry (httpx's 5 s), so a client never reuses a connection the
+    front is closing at that moment.
     """
 
     header_timeout_s = 10.0
     # The request cycle the deadline was armed for, and the deadline itself (None when disarmed).
     _armed_for: object = None
     _header_deadline: asyncio.TimerHandle | None = None
+    # A response has ended and no byte of the next request has come yet.
+    _idle = False
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._arm_header_deadline()
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._arm_header_deadline()
+        super().on_response_complete()  # may already have begun a pipelined request's cycle
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+        if self.cycle is not None and self.cycle.response_complete:
+            if self.conn.trailing_data[0]:
+                self._arm_header_deadline()  # part of the next request is here already
+            else:
+                self._idle = True
+
+    def data_received(self, data: bytes) -> None:
+        if self._idle:
+            self._idle = False
+            self._arm_header_deadline()
+        super().data_received(data)
 
     def handle_events(self) -> None:
         super().handle_events()

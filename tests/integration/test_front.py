@@ -164,6 +164,33 @@ def test_a_connection_that_never_finishes_its_headers_is_closed(front):
         assert sock.recv(1024) == b""  # the front closed it (a hang would end in the socket timeout)
 
 
+def test_an_idle_kept_alive_connection_outlives_the_header_deadline(front):
+    """Idle between two requests is the keep-alive timeout's (30 s) to end, not the header deadline's."""
+    conn = http.client.HTTPConnection("127.0.0.1", front.port, timeout=GUARD_S)
+    try:
+        for _ in range(2):
+            conn.request("GET", "/health")
+            response = conn.getresponse()
+            assert response.status == 200, response.read()
+            response.read()
+            time.sleep(HEADER_TIMEOUT_S + 1)
+        conn.request("GET", "/health")
+        assert conn.getresponse().status == 200  # the same socket: http.client would say if it were closed
+    finally:
+        conn.close()
+
+
+def test_a_kept_alive_connection_that_never_finishes_its_next_headers_is_closed(front):
+    with socket.create_connection(("127.0.0.1", front.port), timeout=GUARD_S) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            answer += sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 200")
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        assert sock.recv(1024) == b""  # closed at the header deadline, well before the keep-alive timeout
+
+
 def test_connections_are_bounded(front):
     idle = [socket.create_connection(("127.0.0.1", front.port), timeout=GUARD_S) for _ in range(MAX_CONNECTIONS)]
     try:
