@@ -8,6 +8,7 @@ ready only once a worker has answered it.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 DEFAULT_HTTP_PORT = 7080
 HEALTH_ROUTE = "/health"
@@ -33,3 +34,12 @@ def predict_route(app: str) -> str:
 
 # The header that tells the handler which protocol a relayed body speaks (handler.api.protocols reads it).
 PROTOCOL_HEADER = "X-LLM-Protocol"
+
+# The id the front gives each relayed prediction; a cancel names it (handler.cancellation reads both).
+REQUEST_ID_HEADER = "X-LLM-Request-Id"
+CANCEL_MESSAGE = b"cancel "
+
+
+def cancel_socket_dir(run_dir: Path, app: str) -> Path:
+    """Where each worker of ``app`` binds a Unix datagram socket for the front's cancels (``<pid>.sock``)."""
+    return Path(run_dir) / "cancel" / app

@@ -3,7 +3,8 @@
 Sources: the `handler:` section of the model's model-config.yaml (TorchServe hands it
 over as `context.model_yaml_config`), and a few environment variables of the
 container contract (`LLM_DTYPE`, `LLM_MODEL_DIR`, `AIP_STORAGE_URI`, and `LLM_CACHE_DIR` or
-`LLM_RUN_DIR` for where `dtype: auto` keeps its decisions), read here only.
+`LLM_RUN_DIR` for where `dtype: auto` keeps its decisions and where the worker listens for
+the front's cancels), read here only.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ class ContinuousBatchingSettings:
     num_blocks: int | str = "auto"
     page_size: int = 64
     max_batch_tokens: int = 1024
+    # The most sequences decoded together; the manager queues the rest until a row ends (or is
+    # cancelled). auto: transformers' own bound (max_batch_tokens).
+    max_rows: int | str = "auto"
 
 
 @dataclass(frozen=True)
@@ -103,13 +107,16 @@ class HandlerSettings:
     dtype_cache_file: str | None = None
     model_dir_override: str | None = None
     storage_uri: str | None = None
+    # The front's run folder ($LLM_RUN_DIR), where each worker binds its cancel socket (handler.cancellation).
+    run_dir: str | None = None
     workers: int = 1
     batch_size: int = 1
 
     @classmethod
     def from_config(cls, model_yaml_config: Mapping[str, Any] | None, environ: Mapping[str, str]) -> HandlerSettings:
         section = dict((model_yaml_config or {}).get("handler") or {})
-        known = {f.name for f in fields(cls)} - {"model_dir_override", "storage_uri", "workers", "batch_size", "dtype_source"}
+        from_env = {"model_dir_override", "storage_uri", "run_dir", "workers", "batch_size", "dtype_source"}
+        known = {f.name for f in fields(cls)} - from_env
         problem = unknown_names(section, sorted(known), "keys in handler config")
         if problem:
             raise SettingsError(problem)
@@ -131,6 +138,7 @@ class HandlerSettings:
             defaults=defaults,
             model_dir_override=environ.get("LLM_MODEL_DIR") or None,
             storage_uri=environ.get("AIP_STORAGE_URI") or None,
+            run_dir=environ.get("LLM_RUN_DIR") or None,
             workers=max(1, int((model_yaml_config or {}).get("maxWorkers") or 1)),
             batch_size=max(1, int((model_yaml_config or {}).get("batchSize") or 1)),
         )
