@@ -63,6 +63,7 @@ class Canceller:
                     log.warning("could not send a cancel to %s: %s", path, exc)
         if self.sent is not None and taken:
             self.sent.labels(app).inc()
+        log.info("a client of %s left: cancel of %s sent to %d worker(s)", app, request_id, taken)
         return taken
 
     def close(self) -> None:

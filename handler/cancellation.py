@@ -105,11 +105,13 @@ class CancelSignal:
 class CancelRegistry:
     """The signals of the requests this worker serves now, by the front's request id."""
 
-    def __init__(self, remembered: int = REMEMBERED) -> None:
+    def __init__(self, remembered: int = REMEMBERED, on_cancel: Callable[[], None] | None = None) -> None:
         self._lock = threading.Lock()
         self._watched: dict[str, CancelSignal] = {}
         self._early: OrderedDict[str, None] = OrderedDict()
         self._remembered = remembered
+        # Hears each request being served that is cancelled (the worker's counter), on the setter's thread.
+        self._on_cancel = on_cancel
 
     def watch(self, request_id: str | None) -> CancelSignal | None:
         """The signal of a request that starts being served; already set if its cancel came first."""
@@ -120,7 +122,7 @@ class CancelRegistry:
             early = request_id in self._early
             self._early.pop(request_id, None)
         if early:
-            signal.set()
+            self._stop(signal)
         return signal
 
     def forget(self, request_id: str | None) -> None:
@@ -138,8 +140,15 @@ class CancelRegistry:
                 while len(self._early) > self._remembered:
                     self._early.popitem(last=False)
                 return False
-        signal.set()
+        self._stop(signal)
         return True
+
+    def _stop(self, signal: CancelSignal) -> None:
+        if signal.is_set():
+            return
+        signal.set()
+        if self._on_cancel is not None:
+            self._on_cancel()
 
     @property
     def watched(self) -> int:

@@ -13,7 +13,8 @@ Cancel on disconnect (`handler.cancellation`): the front names each request in
 `X-LLM-Request-Id`; the adapter watches that id in the worker's registry while the request is
 served, and a listener thread, started here, sets it when the front says the client left.
 The adapter reports the rows being generated (`ActiveRows`, sampled every ROWS_SAMPLE_S and
-sent when it changes) and the requests stopped so (`CancelledRequests`).
+sent when it changes) and the requests being served whose cancel the worker heard
+(`CancelledRequests`, at once, from the listener's thread).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from handler.api.native import JSON, Answer
 from handler.api.protocols import PROTOCOL_HEADER, Exchange
-from handler.cancellation import REQUEST_ID_HEADER, CancelListener, CancelRegistry, CancelSignal
+from handler.cancellation import REQUEST_ID_HEADER, CancelListener, CancelRegistry
 from handler.errors import RequestError
 from handler.metrics import (
     ACTIVE_ROWS_METRIC,
@@ -92,7 +93,7 @@ class LLMHandler(BaseHandler):
         self.service = Service.start(settings, model_dir, pick_device(properties.get("gpu_id")), context.model_name)
         self.model_name = context.model_name
         self._report_dtype(context)
-        self.cancels = CancelRegistry()
+        self.cancels = CancelRegistry(on_cancel=lambda: self._emit(context, CANCELLED_METRIC, 1))
         self.listener = CancelListener.start_for(self.cancels, settings.run_dir, context.model_name)
         self._closing = threading.Event()
         self._watch_rows(context)
@@ -128,7 +129,6 @@ class LLMHandler(BaseHandler):
         finally:
             for request_id in ids:
                 self.cancels.forget(request_id)
-        self._count_cancelled(context, signals)
         return [(exchange, answer, index in streamed) for index, (exchange, answer) in enumerate(zip(exchanges, answers))]
 
     def postprocess(self, answered: list[Answered]) -> list[str]:
@@ -167,7 +167,6 @@ class LLMHandler(BaseHandler):
                 [answer] = await self.service.answer([prepared], sink, [signal])
             finally:
                 self.cancels.forget(request_id)
-            self._count_cancelled(context, [signal])
             return self._body(context, index, exchange, answer, streamed)
 
         bodies = list(await asyncio.gather(*(one(index, item) for index, item in enumerate(data))))
@@ -195,11 +194,6 @@ class LLMHandler(BaseHandler):
         for name, value in metric_values(stats).items():
             unit, kind = UNITS[name]
             context.metrics.add_metric(name, value, unit, None, dimensions, METRIC_TYPES[kind])
-
-    def _count_cancelled(self, context, signals: list[CancelSignal | None]) -> None:
-        cancelled = sum(1 for signal in signals if signal is not None and signal.is_set())
-        if cancelled:
-            self._emit(context, CANCELLED_METRIC, cancelled)
 
     def _emit(self, context, metric: tuple[str, str, str], value: float) -> None:
         name, unit, kind = metric

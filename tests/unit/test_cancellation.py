@@ -70,6 +70,17 @@ def test_early_cancels_are_bounded_oldest_first():
     assert [registry.watch(request_id).is_set() for request_id in ("a", "b", "c")] == [False, True, True]
 
 
+def test_the_registry_counts_each_cancel_of_a_request_it_serves_once():
+    counted: list[int] = []
+    registry = CancelRegistry(on_cancel=lambda: counted.append(1))
+    registry.watch("a")
+    registry.cancel("a")
+    registry.cancel("a")
+    registry.cancel("not-here")
+    registry.watch("not-here")
+    assert len(counted) == 2
+
+
 def test_a_request_without_an_id_has_no_signal_and_a_forgotten_one_is_not_watched():
     registry = CancelRegistry()
     assert registry.watch(None) is None and registry.watch("") is None
@@ -279,3 +290,29 @@ def test_a_request_cancelled_before_it_is_served_is_not_generated(loaded: Loaded
     signal.set()
     [answer] = asyncio.run(service.answer([[make_prompt(loaded, "Too late", max_new_tokens=5)]], None, [signal]))
     assert answer is CLIENT_GONE and not calls.is_set()
+
+
+def test_max_rows_bounds_the_managers_rows_and_a_cancel_lets_a_waiting_one_in(loaded: LoadedModel):
+    """The slot a cancel frees: with `max_rows: 2`, a third stream waits until a row is cancelled."""
+    bounded = ContinuousScheduler(
+        loaded, ContinuousBatchingSettings(num_blocks=48, page_size=16, max_batch_tokens=256, max_rows=2)
+    )
+    try:
+        signal = CancelSignal()
+        prompts = [replace(make_prompt(loaded, "First", **LONG), cancel=signal)]
+        prompts += [make_prompt(loaded, text, **LONG) for text in ("Second", "Third")]
+        seen: list[tuple[int, int]] = []
+
+        def sink(index: int, _: int, text: str) -> None:
+            seen.append((index, manager_rows(bounded.manager)))
+            if index == 0:
+                signal.set()
+
+        [[first], [second], [third]] = asyncio.run(bounded.complete(prompts, sink))
+        assert max(rows for _, rows in seen) == 2
+        assert first.generated_tokens < 120 and second.generated_tokens == third.generated_tokens == 120
+        first_of_third = next(at for at, (index, _) in enumerate(seen) if index == 2)
+        last_of_second = max(at for at, (index, _) in enumerate(seen) if index == 1)
+        assert first_of_third < last_of_second, "the third stream waited for the second to end"
+    finally:
+        bounded.stop()
