@@ -8,6 +8,7 @@ ready only once a worker has answered it.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 DEFAULT_HTTP_PORT = 7080
 HEALTH_ROUTE = "/health"
@@ -37,3 +38,12 @@ PROTOCOL_HEADER = "X-LLM-Protocol"
 # Under the run folder ($LLM_RUN_DIR), one `<app>.json` per app: the dtype decision its worker
 # serves with (handler.settings.DTYPE_REPORTS names the same folder), shown by the health route.
 DTYPE_REPORTS = "dtype"
+
+# The id the front gives each relayed prediction; a cancel names it (handler.cancellation reads both).
+REQUEST_ID_HEADER = "X-LLM-Request-Id"
+CANCEL_MESSAGE = b"cancel "
+
+
+def cancel_socket_dir(run_dir: Path, app: str) -> Path:
+    """Where each worker of ``app`` binds a Unix datagram socket for the front's cancels (``<pid>.sock``)."""
+    return Path(run_dir) / "cancel" / app

@@ -3,7 +3,9 @@
 It owns the bookkeeping that every way out of a relay needs: the app's hold (which the healer
 cuts when the worker dies), the in-flight gauge, the queue-wait, time-to-first-byte and
 latency histograms, and the release. Each is done once, whichever exit comes first, so the
-relay's exits only choose the answer.
+relay's exits only choose the answer. It also holds the prediction's id (``request_id``, sent to
+TorchServe in ``X-LLM-Request-Id``) and, when the client leaves, hands it to ``on_leave``
+(gateway.cancel), which tells the workers to stop its generation.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import time
 from types import TracebackType
+from typing import Callable
 
 from starlette.responses import Response, StreamingResponse
 
 from gateway.apps import AppRegistry
+from gateway.cancel import new_request_id
 from gateway.metrics import FrontMetrics
 
 # httpx2's trace event for the moment the request's headers start to leave for TorchServe.
@@ -27,7 +31,11 @@ class HeldRequest:
     # Set when the worker the request was on died; the app's hold, taken on entering.
     cut: asyncio.Event
 
-    def __init__(self, apps: AppRegistry, metrics: FrontMetrics, app: str, arrived: float) -> None:
+    def __init__(
+        self, apps: AppRegistry, metrics: FrontMetrics, app: str, arrived: float, on_leave: Callable[[str], object] | None = None
+    ) -> None:
+        self.request_id = new_request_id()
+        self.on_leave = on_leave
         self.apps = apps
         self.metrics = metrics
         self.app = app
@@ -70,6 +78,8 @@ class HeldRequest:
 
     def client_left(self) -> None:
         self.metrics.disconnects.labels(self.app).inc()
+        if self.on_leave is not None:
+            self.on_leave(self.request_id)
 
     def finished(self, status: int) -> None:
         """The last byte went out (or never will): its latency, then the release."""

@@ -75,5 +75,12 @@ class FrontMetrics:
             registry=self.registry,
         )
 
+        self.cancels = Counter(
+            "llm_front_cancels_sent",
+            "Clients that went away whose generation the front told the app's workers to stop",
+            ("app",),
+            registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

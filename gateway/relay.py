@@ -7,10 +7,8 @@ end a relay early:
 
 - the worker died (the healer cuts the ``HeldRequest``): 507 JSON saying to retry, or, once a
   stream has started, a last JSON line saying so;
-- the client went away: the upstream request is closed. TorchServe 0.12 does not tell
-  the handler (its frontend drops the channel, the job goes on), so the generation runs on
-  until ``max_new_tokens`` or the app's ``deadline_seconds`` (50 s in the shipped apps);
-  that bounds the waste;
+- the client went away: the upstream request is closed, and the app's workers are told to
+  stop its generation (``gateway.cancel``; TorchServe 0.12 itself would not tell the handler);
 - TorchServe does not answer: 502 JSON.
 """
 
@@ -28,7 +26,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from gateway.contract import predict_route
+from gateway.contract import REQUEST_ID_HEADER, predict_route
 from gateway.held_request import HeldRequest
 
 log = logging.getLogger(__name__)
@@ -166,13 +164,14 @@ async def relay(request: Request, app: str, path: str, dialect: Dialect = NATIVE
         except ClientDisconnect:
             front.metrics.disconnects.labels(app).inc()
             return Response(status_code=499)
-    with HeldRequest(front.apps, front.metrics, app, arrived) as held:
+    with HeldRequest(front.apps, front.metrics, app, arrived, lambda id_: front.canceller.cancel(app, id_)) as held:
         return held.answered(await _forward(front, request, path, body, held, dialect))
 
 
 async def _forward(front, request: Request, path: str, body: bytes, held: HeldRequest, dialect: Dialect) -> Response:
     """TorchServe's answer, or the front's own when the worker died, the client left or TorchServe failed."""
-    headers = forwardable(request.headers) + list(dialect.headers)
+    headers = [h for h in forwardable(request.headers) if h[0].lower() != REQUEST_ID_HEADER.lower()] + list(dialect.headers)
+    headers.append((REQUEST_ID_HEADER, held.request_id))
     headers.append(("X-Forwarded-For", request.client.host if request.client else ""))
     query = request.url.query
     upstream = front.client.build_request(

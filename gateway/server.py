@@ -20,6 +20,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from gateway import health
 from gateway.apps import AppRegistry
+from gateway.cancel import Canceller
 from gateway.management import ManagementClient, Upstream
 from gateway.metrics import FrontMetrics
 from gateway.routes import build_app, build_metrics_app
@@ -32,9 +33,17 @@ class Front:
     """What every route needs: settings, the apps, TorchServe's APIs and the upstream client, the metrics."""
 
     def __init__(
-        self, settings: FrontSettings, apps: AppRegistry, management: ManagementClient, upstream: Upstream, metrics: FrontMetrics
+        self,
+        settings: FrontSettings,
+        apps: AppRegistry,
+        management: ManagementClient,
+        upstream: Upstream,
+        metrics: FrontMetrics,
+        canceller: Canceller | None = None,
     ) -> None:
         self.settings = settings
+        # Tells the workers when a client went away (gateway.cancel); without one, nothing is cancelled.
+        self.canceller = canceller or Canceller(None)
         self.apps = apps
         self.management = management
         self.upstream = upstream
@@ -58,6 +67,7 @@ class Front:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+        self.canceller.close()
 
 
 class BoundedH11Protocol(H11Protocol):

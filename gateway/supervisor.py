@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO
 
 from gateway.apps import AppRegistry
+from gateway.cancel import Canceller
 from gateway.healer import Healer
 from gateway.management import HealFailed, ManagementClient
 from gateway.metrics import FrontMetrics
@@ -94,7 +95,7 @@ class Supervisor:
         apps = AppRegistry(async_modes, metrics)
         management = ManagementClient(self.torchserve)
         healer = Healer(apps, management, metrics, self._restart, s.heal_timeout_s, s.startup_timeout_s)
-        self.front = Front(s.front, apps, management, self.torchserve, metrics)
+        self.front = Front(s.front, apps, management, self.torchserve, metrics, Canceller(run_dir, metrics.cancels))
         drain_s = max(1.0, s.stop_grace_s - TORCHSERVE_SHARE_S)
         public, metrics_server = servers(self.front, drain_s)
         loop = asyncio.get_running_loop()

@@ -8,6 +8,7 @@ The vocabulary every layer shares
     `response_format`  `parameters.response_format` checked into a frozen, hashable value
     `params`           generation parameters: merge the layers, coerce, verify, one frozen object
     `settings`         the app's `handler:` config and the container's environment, read once
+    `cancellation`     cancel on disconnect: request ids whose client left, the socket the front says so on
 
 `structured`: structured output
     `structured.constraint`      `GrammarConstraint`: one sequence's grammar as a logits mask, run first

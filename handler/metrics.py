@@ -22,7 +22,12 @@ GENERATION_METRICS = (
 # Reported once per worker start: `dtype: auto`'s decision and the step times behind it, one value
 # per candidate, with dimensions Dtype (the candidate), Chosen (true/false) and Source (probe/cache).
 DTYPE_METRIC = ("DtypeDecodeStepMs", "ms", "gauge")
-UNITS = {name: (unit, kind) for name, unit, kind in (*GENERATION_METRICS, DTYPE_METRIC)}
+# The sequences the worker generates now (the manager's active rows, plus a running generate's
+# unfinished rows), sent when it changes; and the requests being served whose client went away
+# (counted as the worker hears the cancel; their rows stop at the next decode step).
+ACTIVE_ROWS_METRIC = ("ActiveRows", "count", "gauge")
+CANCELLED_METRIC = ("CancelledRequests", "count", "counter")
+UNITS = {name: (unit, kind) for name, unit, kind in (*GENERATION_METRICS, DTYPE_METRIC, ACTIVE_ROWS_METRIC, CANCELLED_METRIC)}
 
 
 @dataclass(frozen=True)

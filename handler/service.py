@@ -3,8 +3,10 @@
 `prepare` turns one request into its protocol's exchange (`protocols`) and prompts, or the
 error that rejects it (shapes, then parameters, then prompts, then their response formats
 compiled: `prepare_async` compiles off the event loop); `answer` completes the prompts of several requests through one
-scheduler call and gives each request its answer or its own error, as data. Which server
-hosts this (TorchServe today, through `torchserve_handler`) it does not know.
+scheduler call and gives each request its answer or its own error, as data. A request whose
+cancel signal is set (its client went away: `handler.cancellation`) is not generated, or stops
+within a step, and is answered `CLIENT_GONE`, which nobody reads. Which server hosts this
+(TorchServe today, through `torchserve_handler`) it does not know.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ import asyncio
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 from handler.api.native import Answer, NativeExchange, prediction_offsets
 from handler.api.protocols import Exchange, named_exchange, sniffed_exchange
+from handler.cancellation import CancelSignal
 from handler.errors import RequestError
 from handler.model.device import is_sticky_device_error
 from handler.model.loading import LoadedModel, load_model
@@ -38,6 +41,8 @@ logger = logging.getLogger(__name__)
 # (request index, prediction index, new text): a stream chunk for one request of a batch.
 RequestSink = Callable[[int, int, str], None]
 Prepared = list[Prompt] | RequestError
+# The answer of a request whose client went away (nginx's 499): its connection is gone, so no one reads it.
+CLIENT_GONE = RequestError("the client closed the request", status=499)
 # The warm-up's one constrained request: the simplest format, which every tokenizer can follow.
 WARM_UP_FORMAT = ResponseFormat("json_object")
 
@@ -116,6 +121,11 @@ class Service:
             self._grammars = self.grammars_for(self.loaded, self.settings)
         return self._grammars
 
+    def active_rows(self) -> int:
+        """Sequences being generated now, on every scheduler this service runs."""
+        schedulers = getattr(self.scheduler, "schedulers", [self.scheduler])
+        return sum(getattr(scheduler, "active_rows", 0) for scheduler in schedulers)
+
     def stop(self) -> None:
         if self.continuous is not None:
             self.continuous.stop()
@@ -174,10 +184,18 @@ class Service:
             logger.exception("could not prepare a request")
             return exchange, RequestError("could not prepare this request; see the server log", status=500)
 
-    async def answer(self, requests: list[Prepared], sink: RequestSink | None = None) -> list[Answer | RequestError]:
-        """Every valid request's prompts in one scheduler call; a failed call answers each of them with a 500."""
+    async def answer(
+        self, requests: list[Prepared], sink: RequestSink | None = None, cancels: Sequence[CancelSignal | None] | None = None
+    ) -> list[Answer | RequestError]:
+        """Every valid request's prompts in one scheduler call; a failed call answers each of them with a 500.
+        `cancels` holds each request's cancel signal (or None); a request cancelled already is not generated."""
+        signals = list(cancels) if cancels is not None else [None] * len(requests)
+        requests = [CLIENT_GONE if _is_set(signal) else entry for entry, signal in zip(requests, signals)]
         owners = [
-            (index, prompt) for index, entry in enumerate(requests) if not isinstance(entry, RequestError) for prompt in entry
+            (index, replace(prompt, cancel=signals[index]) if signals[index] is not None else prompt)
+            for index, entry in enumerate(requests)
+            if not isinstance(entry, RequestError)
+            for prompt in entry
         ]
         if not owners:  # every request refused, or asking for no generation (a token count)
             return [entry if isinstance(entry, RequestError) else [] for entry in requests]
@@ -196,13 +214,22 @@ class Service:
                 self.broken = error
             failure = RequestError("generation failed; see the server log", status=500)
             return [entry if isinstance(entry, RequestError) else failure for entry in requests]
-        answers: list[Answer | RequestError] = [entry if isinstance(entry, RequestError) else [] for entry in requests]
+        answers: list[Answer | RequestError] = [
+            entry if isinstance(entry, RequestError) else CLIENT_GONE if _is_set(signal) else []
+            for entry, signal in zip(requests, signals)
+        ]
         for (index, prompt), sequences in zip(owners, completions):
             refusal = next((c.error for c in sequences if c.error is not None), None)
             answer = answers[index]
+            if answer is CLIENT_GONE:
+                continue
             if refusal is not None:
                 answers[index] = refusal
                 continue
             elif not isinstance(answer, RequestError):
                 answer.append((prompt, sequences))
         return answers
+
+
+def _is_set(signal: CancelSignal | None) -> bool:
+    return signal is not None and signal.is_set()

@@ -3,8 +3,8 @@
 Sources: the `handler:` section of the model's model-config.yaml (TorchServe hands it
 over as `context.model_yaml_config`), and a few environment variables of the
 container contract (`LLM_DTYPE`, `LLM_MODEL_DIR`, `AIP_STORAGE_URI`, and `LLM_CACHE_DIR` or
-`LLM_RUN_DIR` for where `dtype: auto` keeps its decisions and reports them to the front), read
-here only.
+`LLM_RUN_DIR` for where `dtype: auto` keeps its decisions and reports them to the front, and
+where the worker listens for the front's cancels), read here only.
 """
 
 from __future__ import annotations
@@ -55,6 +55,9 @@ class ContinuousBatchingSettings:
     num_blocks: int | str = "auto"
     page_size: int = 64
     max_batch_tokens: int = 1024
+    # The most sequences decoded together; the manager queues the rest until a row ends (or is
+    # cancelled). auto: transformers' own bound (max_batch_tokens).
+    max_rows: int | str = "auto"
 
 
 @dataclass(frozen=True)
@@ -105,18 +108,19 @@ class HandlerSettings:
     # that restarts and heals reuse it: by default in $LLM_CACHE_DIR, else in the front's run
     # folder $LLM_RUN_DIR, which outlives TorchServe's restarts; absent, every start times anew.
     dtype_cache_file: str | None = None
-    # Where the worker reports its dtype decision for the front ($LLM_RUN_DIR/DTYPE_REPORTS); absent, nowhere.
-    dtype_report_dir: str | None = None
     model_dir_override: str | None = None
     storage_uri: str | None = None
+    # The front's run folder ($LLM_RUN_DIR): each worker binds its cancel socket there (handler.cancellation)
+    # and reports its dtype decision in DTYPE_REPORTS.
+    run_dir: str | None = None
     workers: int = 1
     batch_size: int = 1
 
     @classmethod
     def from_config(cls, model_yaml_config: Mapping[str, Any] | None, environ: Mapping[str, str]) -> HandlerSettings:
         section = dict((model_yaml_config or {}).get("handler") or {})
-        from_environment = {"model_dir_override", "storage_uri", "dtype_report_dir"}
-        known = {f.name for f in fields(cls)} - from_environment - {"workers", "batch_size", "dtype_source"}
+        from_env = {"model_dir_override", "storage_uri", "run_dir", "workers", "batch_size", "dtype_source"}
+        known = {f.name for f in fields(cls)} - from_env
         problem = unknown_names(section, sorted(known), "keys in handler config")
         if problem:
             raise SettingsError(problem)
@@ -138,7 +142,7 @@ class HandlerSettings:
             defaults=defaults,
             model_dir_override=environ.get("LLM_MODEL_DIR") or None,
             storage_uri=environ.get("AIP_STORAGE_URI") or None,
-            dtype_report_dir=str(Path(environ["LLM_RUN_DIR"]) / DTYPE_REPORTS) if environ.get("LLM_RUN_DIR") else None,
+            run_dir=environ.get("LLM_RUN_DIR") or None,
             workers=max(1, int((model_yaml_config or {}).get("maxWorkers") or 1)),
             batch_size=max(1, int((model_yaml_config or {}).get("batchSize") or 1)),
         )

@@ -8,6 +8,13 @@ together. With `handler.batching: continuous` (and `asyncCommunication: true` in
 model-config.yaml) `handle` returns a coroutine that TorchServe's async worker awaits on its one
 event loop, and each request is answered on its own. TorchServe loads this file as a top-level
 module, so it imports the package absolutely.
+
+Cancel on disconnect (`handler.cancellation`): the front names each request in
+`X-LLM-Request-Id`; the adapter watches that id in the worker's registry while the request is
+served, and a listener thread, started here, sets it when the front says the client left.
+The adapter reports the rows being generated (`ActiveRows`, sampled every ROWS_SAMPLE_S and
+sent when it changes) and the requests being served whose cancel the worker heard
+(`CancelledRequests`, at once, from the listener's thread).
 """
 
 from __future__ import annotations
@@ -26,13 +33,22 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from handler.api.native import JSON, Answer
 from handler.api.protocols import PROTOCOL_HEADER, Exchange
+from handler.cancellation import REQUEST_ID_HEADER, CancelListener, CancelRegistry
 from handler.errors import RequestError
-from handler.metrics import DTYPE_METRIC, UNITS, GenerationStats, dtype_metric_values, metric_values
+from handler.metrics import (
+    ACTIVE_ROWS_METRIC,
+    CANCELLED_METRIC,
+    DTYPE_METRIC,
+    UNITS,
+    GenerationStats,
+    dtype_metric_values,
+    metric_values,
+)
 from handler.model.device import pick_device
 from handler.model.dtype_cache import write_json
 from handler.model.sources import weights_dir
 from handler.service import Prepared, Service
-from handler.settings import HandlerSettings
+from handler.settings import DTYPE_REPORTS, HandlerSettings
 
 logger = logging.getLogger(__name__)
 METRIC_TYPES = {"counter": MetricTypes.COUNTER, "gauge": MetricTypes.GAUGE}
@@ -40,6 +56,8 @@ METRIC_TYPES = {"counter": MetricTypes.COUNTER, "gauge": MetricTypes.GAUGE}
 # that TorchServe has sent the answers; it then starts a new worker, with a new context.
 BROKEN_EXIT_DELAY_S = 2.0
 BROKEN_EXIT_CODE = 70
+# How often the worker's row count is read for its gauge: well inside the 1 s a freed row must show in.
+ROWS_SAMPLE_S = 0.1
 # A request's exchange, its answer (or error), and whether pieces of it were already sent.
 Answered = tuple[Exchange, Answer | RequestError, bool]
 
@@ -51,11 +69,21 @@ def send_piece(context, index: int, exchange: Exchange, prediction_index: int, t
     send_intermediate_predict_response({index: piece}, {index: context.request_ids[index]}, "", 200, context)
 
 
-def protocol_of(context, index: int) -> str | None:
-    """The protocol the front named for request `index` (`X-LLM-Protocol`), whatever the header's case."""
-    wanted = PROTOCOL_HEADER.lower()
+def header_of(context, index: int, name: str) -> str | None:
+    """Request `index`'s header `name`, whatever its case."""
+    wanted = name.lower()
     headers = context.get_all_request_header(index) or {}
-    return next((str(value) for name, value in headers.items() if str(name).lower() == wanted), None)
+    return next((str(value) for key, value in headers.items() if str(key).lower() == wanted), None)
+
+
+def protocol_of(context, index: int) -> str | None:
+    """The protocol the front named for request `index` (`X-LLM-Protocol`)."""
+    return header_of(context, index, PROTOCOL_HEADER)
+
+
+def request_id_of(context, index: int) -> str | None:
+    """The id the front gave request `index` (`X-LLM-Request-Id`), which its cancel names."""
+    return header_of(context, index, REQUEST_ID_HEADER)
 
 
 class LLMHandler(BaseHandler):
@@ -66,7 +94,17 @@ class LLMHandler(BaseHandler):
         self.service = Service.start(settings, model_dir, pick_device(properties.get("gpu_id")), context.model_name)
         self.model_name = context.model_name
         self._report_dtype(context)
+        self.cancels = CancelRegistry(on_cancel=lambda: self._emit(context, CANCELLED_METRIC, 1))
+        self.listener = CancelListener.start_for(self.cancels, settings.run_dir, context.model_name)
+        self._closing = threading.Event()
+        self._watch_rows(context)
         self.initialized = True
+
+    def close(self) -> None:
+        """Stops the worker's own threads (the cancel listener, the row gauge); TorchServe never calls it, tests do."""
+        self._closing.set()
+        if self.listener is not None:
+            self.listener.close()
 
     def handle(self, data, context):
         if self.service.settings.batching == "continuous":
@@ -85,7 +123,13 @@ class LLMHandler(BaseHandler):
             streamed.add(index)
             send_piece(context, index, exchanges[index], prediction_index, text)
 
-        answers = asyncio.run(self.service.answer([prepared for _, prepared in batch], sink))
+        ids = [request_id_of(context, index) for index in range(len(batch))]
+        signals = [self.cancels.watch(request_id) for request_id in ids]
+        try:
+            answers = asyncio.run(self.service.answer([prepared for _, prepared in batch], sink, signals))
+        finally:
+            for request_id in ids:
+                self.cancels.forget(request_id)
         return [(exchange, answer, index in streamed) for index, (exchange, answer) in enumerate(zip(exchanges, answers))]
 
     def postprocess(self, answered: list[Answered]) -> list[str]:
@@ -110,15 +154,20 @@ class LLMHandler(BaseHandler):
         """The coroutine TorchServe's async worker awaits: each request completed and answered on its own."""
 
         async def one(index: int, item: Any) -> str:
-            exchange, prepared = await self.service.prepare_async(item, protocol_of(context, index))
-            streamed = False
+            request_id = request_id_of(context, index)
+            signal = self.cancels.watch(request_id)
+            try:
+                exchange, prepared = await self.service.prepare_async(item, protocol_of(context, index))
+                streamed = False
 
-            def sink(_: int, prediction_index: int, text: str) -> None:
-                nonlocal streamed
-                streamed = True
-                send_piece(context, index, exchange, prediction_index, text)
+                def sink(_: int, prediction_index: int, text: str) -> None:
+                    nonlocal streamed
+                    streamed = True
+                    send_piece(context, index, exchange, prediction_index, text)
 
-            [answer] = await self.service.answer([prepared], sink)
+                [answer] = await self.service.answer([prepared], sink, [signal])
+            finally:
+                self.cancels.forget(request_id)
             return self._body(context, index, exchange, answer, streamed)
 
         bodies = list(await asyncio.gather(*(one(index, item) for index, item in enumerate(data))))
@@ -147,14 +196,35 @@ class LLMHandler(BaseHandler):
             unit, kind = UNITS[name]
             context.metrics.add_metric(name, value, unit, None, dimensions, METRIC_TYPES[kind])
 
+    def _emit(self, context, metric: tuple[str, str, str], value: float) -> None:
+        name, unit, kind = metric
+        dimensions = [Dimension("ModelName", self.model_name), Dimension("Level", "Model")]
+        context.metrics.add_metric(name, value, unit, None, dimensions, METRIC_TYPES[kind])
+
+    def _watch_rows(self, context) -> None:
+        """`ActiveRows` now and on every change: a thread reads the schedulers' counts (a few ints) every
+        ROWS_SAMPLE_S, so a row that a cancel freed shows while the worker is inside a `generate`."""
+        self._emit(context, ACTIVE_ROWS_METRIC, 0)
+
+        def watch() -> None:
+            shown = 0
+            while not self._closing.wait(ROWS_SAMPLE_S):
+                rows = self.service.active_rows()
+                if rows != shown:
+                    self._emit(context, ACTIVE_ROWS_METRIC, rows)
+                    shown = rows
+
+        threading.Thread(target=watch, name="active-rows", daemon=True).start()
+
     def _report_dtype(self, context) -> None:
         """`dtype: auto`'s decision, once per start: which format serves, from which step times, as
         metrics and in the run folder, where the front's /health reads it."""
         choice = self.service.loaded.dtype_choice
         if choice is None:
             return
-        if self.service.settings.dtype_report_dir:
-            write_json(Path(self.service.settings.dtype_report_dir) / f"{self.model_name}.json", choice.report(), "dtype report")
+        if self.service.settings.run_dir:
+            report = Path(self.service.settings.run_dir) / DTYPE_REPORTS / f"{self.model_name}.json"
+            write_json(report, choice.report(), "dtype report")
         name, unit, kind = DTYPE_METRIC
         for value, extra in dtype_metric_values(choice):
             dimensions = [Dimension("ModelName", self.model_name), Dimension("Level", "Model")]

@@ -97,6 +97,12 @@ class SequenceState:
         self._release(final=self.reason is not None)
         return self.reason is not None
 
+    def abandon(self) -> None:
+        """Its client went away: nothing more is sent, and its grammar's matcher is let go."""
+        self.sink = None
+        if self.reason is None and self.constraint is not None:
+            self.constraint.close()
+
     def _release(self, final: bool) -> None:
         if self.sink is None:
             return

@@ -14,6 +14,7 @@ from handler.pipeline.shapes import Instance
 from handler.structured.tools import Tool, call_text, result_text, system_block
 
 if TYPE_CHECKING:
+    from handler.cancellation import CancelSignal
     from handler.structured.constraint import CompiledFormat
 
 
@@ -27,12 +28,14 @@ class TokenLimits:
 
 @dataclass(frozen=True)
 class Prompt:
-    """A rendered prompt ready for generation; `grammar` is its response format, compiled."""
+    """A rendered prompt ready for generation; `grammar` is its response format, compiled; `cancel`
+    is set once its request's client went away (`handler.cancellation`), and its rows then stop."""
 
     text: str
     input_ids: tuple[int, ...]
     params: GenerationParams
     grammar: CompiledFormat | None = field(default=None, compare=False)
+    cancel: CancelSignal | None = field(default=None, compare=False)
 
 
 def knows_tools(tokenizer) -> bool:

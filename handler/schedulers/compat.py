@@ -39,6 +39,7 @@ __all__ = [
     "bind_loop_device",
     "forget_result_handler",
     "generated_ids",
+    "manager_rows",
     "pending_result_handlers",
     "problems",
     "retype",
@@ -57,6 +58,15 @@ def pending_result_handlers(manager) -> int:
     router = manager.output_router
     with router._lock:
         return len(router.result_handlers)
+
+
+def manager_rows(manager) -> int:
+    """The requests the manager's scheduler holds as active (decoding or prefilling, KV blocks
+    allocated); 0 before its loop built its batch processor. Read from other threads: a dict's length."""
+    processor = getattr(manager, "batch_processor", None)
+    if processor is None:
+        return 0
+    return len(processor.scheduler.active_requests)
 
 
 def generated_ids(state: RequestState) -> list[int]:
@@ -145,6 +155,9 @@ def problems(manager) -> list[str]:
             found.append("ContinuousBatchingLogitsProcessorList._retrieve_processors_kwargs() is gone (add_processors)")
     if not {"state", "has_new_token"} <= set(getattr(FutureRequestState, "__slots__", ())):
         found.append("FutureRequestState lost its state or has_new_token slot (batch processors)")
+    processor = getattr(manager, "batch_processor", None)
+    if processor is not None and not isinstance(getattr(getattr(processor, "scheduler", None), "active_requests", None), dict):
+        found.append("manager.batch_processor.scheduler.active_requests is gone or no dict (manager_rows)")
     if not callable(getattr(manager, "_run_generation_loop", None)):
         found.append("the manager has no _run_generation_loop (bind_loop_device)")
     if not callable(getattr(ModelRunner, "_sample", None)):

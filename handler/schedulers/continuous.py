@@ -6,7 +6,10 @@ step, so a short request never waits for a long neighbour. Each prompt becomes
 through `loop.call_soon_threadsafe` (`register_result_handler`), feed one `SequenceState`
 each, and a sequence that hits a stop string is cancelled in the manager. The loop never
 blocks on generation. `deadline_seconds` counts from a sequence's submission: one still
-running then is cancelled and answered with what it has, finish_reason "length".
+running then is cancelled and answered with what it has, finish_reason "length". A sequence
+whose request is cancelled (`Prompt.cancel`: its client went away) is cancelled in the manager
+as a stop string's is, from the listener's thread through `call_soon_threadsafe`, so its KV
+blocks are freed before the manager's next step; its caller gets what it has, to drop.
 
 It honours exactly: max_new_tokens, EOS, min_new_tokens and repetition_penalty (our
 processors in `batch_processors`), response_format (each sequence's `GrammarConstraint`, run
@@ -36,7 +39,7 @@ import logging
 import threading
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from transformers import ContinuousBatchingConfig, GenerationConfig, LogitsProcessor
 
@@ -48,7 +51,7 @@ from handler.params import GenerationParams
 from handler.pipeline.prompts import Prompt
 from handler.schedulers.base import ChunkSink
 from handler.schedulers.batch_processors import install as install_processors
-from handler.schedulers.compat import GenerationOutput, RequestStatus, bind_loop_device, forget_result_handler
+from handler.schedulers.compat import GenerationOutput, RequestStatus, bind_loop_device, forget_result_handler, manager_rows
 from handler.schedulers.threads import run_on_passing_thread
 from handler.settings import ContinuousBatchingSettings
 
@@ -123,6 +126,7 @@ class _Sequence:
     ids: list[int]
     in_manager: bool = True
     deadline: asyncio.TimerHandle | None = None
+    unhook: Callable[[], None] | None = None
 
 
 class ContinuousScheduler:
@@ -148,6 +152,11 @@ class ContinuousScheduler:
     @property
     def running(self) -> bool:
         return self.manager.is_running()
+
+    @property
+    def active_rows(self) -> int:
+        """The sequences the manager decodes now (its own count: a cancel shows once it freed them)."""
+        return manager_rows(self.manager)
 
     def exclusive(self):
         """Where another scheduler may run forward passes on the shared model."""
@@ -194,6 +203,7 @@ class ContinuousScheduler:
             **self.cache,
             page_size=self.settings.page_size,
             max_batch_tokens=self.settings.max_batch_tokens,
+            max_requests_per_batch=None if self.settings.max_rows == "auto" else self.settings.max_rows,
             per_request_processors=True,
             use_async_batching=False,
             use_cuda_graph=False,
@@ -229,8 +239,11 @@ class ContinuousScheduler:
             sequence.in_manager = False
             self._forget(sequence.request_id)
             sequence.future.set_exception(RuntimeError("the continuous batching manager refused the request"))
-        elif self.deadline_seconds:
+            return sequence
+        if self.deadline_seconds:
             sequence.deadline = loop.call_later(self.deadline_seconds, self._expire, sequence)
+        if prompt.cancel is not None:
+            sequence.unhook = prompt.cancel.on_set(lambda: _call_on(loop, self._cancel, sequence))
         return sequence
 
     def _on_output(self, sequence: _Sequence, output: GenerationOutput) -> None:
@@ -255,11 +268,21 @@ class ContinuousScheduler:
             sequence.future.set_result(sequence.state.completion())
             self._retire(sequence)
 
+    def _cancel(self, sequence: _Sequence) -> None:
+        """Its client went away: out of the manager now; the caller's answer is what it had, to be dropped."""
+        if not sequence.future.done():
+            sequence.state.abandon()
+            sequence.future.set_result(sequence.state.completion())
+            self._retire(sequence)
+
     def _retire(self, sequence: _Sequence) -> None:
         """Cancels a sequence still in the manager; after a cancel no final result comes, so its handler goes too."""
         if sequence.deadline is not None:
             sequence.deadline.cancel()
             sequence.deadline = None
+        if sequence.unhook is not None:
+            sequence.unhook()
+            sequence.unhook = None
         if not sequence.in_manager:
             self._drop_lists(sequence.request_id)
             return
@@ -276,3 +299,11 @@ class ContinuousScheduler:
     def _drop_lists(self, request_id: str) -> None:
         self.front_lists.pop(request_id, None)
         self.processor_lists.pop(request_id, None)
+
+
+def _call_on(loop: asyncio.AbstractEventLoop, callback: Callable[[_Sequence], None], sequence: _Sequence) -> None:
+    """`callback(sequence)` on `loop`, from another thread; a loop that has closed has nothing left to cancel."""
+    try:
+        loop.call_soon_threadsafe(callback, sequence)
+    except RuntimeError:
+        pass

@@ -12,6 +12,12 @@ synchronous worker expects. Beside the continuous batcher it generates in a thre
 own per call (`handler.schedulers.threads`: a pooled thread's OpenMP pool would slow the manager's), one
 `generate` at a time, inside `guard` (the manager pauses around each forward pass), and
 its stream chunks reach the caller's loop in order.
+
+A row whose request was cancelled (`Prompt.cancel`: its client went away) is done at the next
+step: it sends nothing more, and `generate` ends as soon as every row is done. Until then a done
+row stays in the batch's tensors (transformers keeps its width), so the compute it frees comes
+back when the batch ends; `active_rows` counts the rows still generating. Beam search is not
+cancelled: it does not stream, and it ends by its length or the deadline.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import Callable, ContextManager
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from handler.cancellation import CancelSignal
 from handler.decoding.sampling import PerRowSampler, RowSampling, request_generator, row_processors
 from handler.decoding.sequence import Completion, SequenceState
 from handler.decoding.stopping import FinishReason, find_stop, matched_stop
@@ -71,6 +78,8 @@ class DynamicScheduler:
         self.threaded = threaded
         self.guard = guard
         self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+        # Rows of the running `generate` still generating; read from other threads (the worker's gauge).
+        self.active_rows = 0
 
     async def complete(self, prompts: list[Prompt], sink: ChunkSink | None = None) -> list[list[Completion]]:
         if not self.threaded:
@@ -128,6 +137,7 @@ class DynamicScheduler:
         prompt_length = padded["input_ids"].shape[1]
         rows: list[RowSampling] = []
         states: list[SequenceState] = []
+        cancels: list[CancelSignal | None] = []
         for prompt, index in zip(prompts, indices):
             generator = request_generator(prompt.params, loaded.device)
             bad_words = self._bad_words_ids(prompt.params.bad_words)
@@ -141,21 +151,29 @@ class DynamicScheduler:
                 state = SequenceState(prompt, loaded.tokenizer, loaded.eos_token_ids, send, constraint)
                 rows.append(RowSampling(processors, generator, state.observe if prompt.params.logprobs else None))
                 states.append(state)
-        criteria = BatchStopping(states, prompt_length, self.deadline_seconds)
+                cancels.append(prompt.cancel)
+        criteria = BatchStopping(states, prompt_length, self.deadline_seconds, cancels, self._count_rows)
         config = self._config(max_new_tokens=max(p.params.max_new_tokens for p in prompts), do_sample=False)
-        with torch.inference_mode():
-            loaded.model.generate(
-                **padded,
-                generation_config=config,
-                logits_processor=LogitsProcessorList([PerRowSampler(rows)]),
-                stopping_criteria=StoppingCriteriaList([criteria]),
-            )
+        self.active_rows += len(states)
+        try:
+            with torch.inference_mode():
+                loaded.model.generate(
+                    **padded,
+                    generation_config=config,
+                    logits_processor=LogitsProcessorList([PerRowSampler(rows)]),
+                    stopping_criteria=StoppingCriteriaList([criteria]),
+                )
+        finally:
+            self.active_rows -= criteria.active
         completions = [state.completion() for state in states]
         grouped, start = [], 0
         for prompt in prompts:
             grouped.append(completions[start : start + prompt.params.num_return_sequences])
             start += prompt.params.num_return_sequences
         return grouped
+
+    def _count_rows(self, ended: int) -> None:
+        self.active_rows -= ended
 
     def _generate_beams(self, prompts: list[Prompt]) -> list[list[Completion]]:
         """Beam search needs one parameter set per call; stops are trimmed after the fact."""
@@ -231,18 +249,44 @@ class DynamicScheduler:
 
 
 class BatchStopping(StoppingCriteria):
-    """Per-row stopping for a batch: each row's own length, stop strings, EOS, and the deadline."""
+    """Per-row stopping for a batch: each row's own length, stop strings, EOS, the deadline, and its cancel.
 
-    def __init__(self, states: list[SequenceState], prompt_length: int, deadline_seconds: float | None):
+    A cancelled row is done without another step of its state (nothing more is streamed);
+    `on_ended(n)` hears of the rows that ended at each step, and `active` counts those left."""
+
+    def __init__(
+        self,
+        states: list[SequenceState],
+        prompt_length: int,
+        deadline_seconds: float | None,
+        cancels: list[CancelSignal | None] | None = None,
+        on_ended: Callable[[int], None] | None = None,
+    ):
         self.states = states
         self.prompt_length = prompt_length
         self.deadline = time.monotonic() + deadline_seconds if deadline_seconds else None
+        self.cancels = cancels or [None] * len(states)
+        self.on_ended = on_ended
+        self.done = [False] * len(states)
+
+    @property
+    def active(self) -> int:
+        return self.done.count(False)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         out_of_time = self.deadline is not None and time.monotonic() >= self.deadline
         generated = input_ids[:, self.prompt_length :].tolist()
-        done = [state.step(ids, out_of_time) for state, ids in zip(self.states, generated)]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+        before = self.active
+        for row, (state, ids, cancel) in enumerate(zip(self.states, generated, self.cancels)):
+            if cancel is not None and cancel.is_set():
+                if not self.done[row]:
+                    state.abandon()
+                self.done[row] = True
+            elif not self.done[row]:
+                self.done[row] = state.step(ids, out_of_time)
+        if self.on_ended is not None and self.active != before:
+            self.on_ended(before - self.active)
+        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
 
 
 def _bind(sink: ChunkSink, index: int, sequence: int) -> Callable[[str], None]:

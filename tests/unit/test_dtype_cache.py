@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from handler.model.dtype_cache import DecisionCache, cpu_identity, fingerprint_key, host_fingerprint, model_identity
 from handler.model.dtype_probe import CACHED, PROBED, DtypeChoice, decided_cpu_dtype, fastest_cpu_dtype
-from handler.settings import DTYPE_CACHE_NAME, DTYPE_REPORTS, HandlerSettings, SettingsError
+from handler.settings import DTYPE_CACHE_NAME, HandlerSettings, SettingsError
 
 CPUINFO = """processor\t: 0
 model name\t: Example CPU 9000
@@ -145,13 +145,6 @@ def test_the_cache_file_comes_from_the_config_or_the_environment():
     assert HandlerSettings.from_config(named, both).dtype_cache_file == "/etc/llm/dtype.json"
     with pytest.raises(SettingsError, match="dtype_cache_file"):
         HandlerSettings.from_config({"handler": {"dtype_cache_file": ""}}, {})
-
-
-def test_the_report_for_the_front_goes_to_the_run_folder_only():
-    assert HandlerSettings.from_config({}, {}).dtype_report_dir is None
-    assert HandlerSettings.from_config({}, {"LLM_RUN_DIR": "/run/ts"}).dtype_report_dir == f"/run/ts/{DTYPE_REPORTS}"
-    with pytest.raises(SettingsError, match="dtype_report_dir"):
-        HandlerSettings.from_config({"handler": {"dtype_report_dir": "/elsewhere"}}, {})
 
 
 def test_a_choice_reports_its_format_source_and_timings_in_milliseconds():

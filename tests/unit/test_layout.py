@@ -24,6 +24,7 @@ LAYERS = (
     "response_format",
     "params",
     "settings",
+    "cancellation",
     "structured",
     "pipeline",
     "decoding",
