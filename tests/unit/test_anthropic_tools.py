@@ -220,7 +220,9 @@ def test_a_streamed_call_is_anthropics_event_sequence():
     assert start["index"] == 1 and start["content_block"]["type"] == "tool_use" and start["content_block"]["input"] == {}
     assert start["content_block"]["id"].startswith("toolu_") and start["content_block"]["name"] == "get_weather"
     inputs = [d["delta"] for d in data if d["type"] == "content_block_delta" and d["index"] == 1]
-    assert all(d["type"] == "input_json_delta" for d in inputs) and "".join(d["partial_json"] for d in inputs) == '{"city":"Paris"}'
+    assert (
+        all(d["type"] == "input_json_delta" for d in inputs) and "".join(d["partial_json"] for d in inputs) == '{"city":"Paris"}'
+    )
     assert data[-2]["delta"]["stop_reason"] == "tool_use"
     assert all(EVENT.validate_python(d) for d in data if d["type"] != "ping")
 

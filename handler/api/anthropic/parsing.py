@@ -62,6 +62,7 @@ MESSAGE_FIELDS = ("role", "content")
 TEXT_BLOCK_FIELDS = ("type", "text", "cache_control", "citations")
 TOOL_USE_FIELDS = ("type", "id", "name", "input", "cache_control")
 TOOL_RESULT_FIELDS = ("type", "tool_use_id", "content", "is_error", "cache_control")
+TOOL_BLOCKS = ("tool_use", "tool_result")
 # What each role's content may hold besides text.
 BLOCKS = {"user": ("text", "tool_result"), "assistant": ("text", "tool_use")}
 UNSUPPORTED_BLOCKS = (
@@ -219,7 +220,8 @@ def _tool_choice(value: Any) -> ToolChoice:
     _check_fields(value, CHOICE_FIELDS[kind], "tool_choice.")
     disable = value.get("disable_parallel_tool_use", False)
     if not isinstance(disable, bool):
-        raise RequestError("tool_choice.disable_parallel_tool_use: must be true or false", "tool_choice.disable_parallel_tool_use")
+        where = "tool_choice.disable_parallel_tool_use"
+        raise RequestError(f"{where}: must be true or false", where)
     name = value.get("name")
     if kind == "tool" and not isinstance(name, str):
         raise RequestError("tool_choice.name: the name of one of the tools is required with type 'tool'", "tool_choice.name")
@@ -253,7 +255,7 @@ def _conversation(body: dict[str, Any], shape: RequestShape) -> tuple[tuple[dict
         if "content" not in message:
             raise RequestError(f"{where}.content: field required", f"{where}.content")
         content = message["content"]
-        if isinstance(content, list) and any(isinstance(b, dict) and b.get("type") in ("tool_use", "tool_result") for b in content):
+        if isinstance(content, list) and any(isinstance(b, dict) and b.get("type") in TOOL_BLOCKS for b in content):
             _tool_turn(turns, role, content, f"{where}.content", shape, called)
             continue
         text = _text(content, f"{where}.content", shape)
@@ -277,7 +279,8 @@ def _tool_turn(
     turns: list[dict[str, Any]], role: str, blocks: list[Any], where: str, shape: RequestShape, called: set[str]
 ) -> None:
     """A message holding `tool_use` (assistant) or `tool_result` (user) blocks, with any text beside them."""
-    texts, made = [], []
+    texts: list[str] = []
+    made: list[ToolCall] = []
     for j, block in enumerate(blocks):
         field = f"{where}[{j}]"
         kind = _block_kind(block, field, BLOCKS[role])
