@@ -271,7 +271,7 @@ def test_the_responses_and_messages_routes_and_a_tool_call_in_the_container(full
     tools = [{"name": "get_weather", "description": "The weather in a city", "input_schema": weather}]
     called = client.messages.create(
         model=APP,
-        max_tokens=60,
+        max_tokens=40,  # compact arguments: a forced call to this tool fits (docs/tools.md)
         messages=[{"role": "user", "content": "What is the weather in Paris?"}],
         tools=tools,
         tool_choice={"type": "tool", "name": "get_weather"},
