@@ -53,9 +53,9 @@ The vocabulary every layer shares
     `api.openai_responses`  OpenAI's Responses API, stateless: `api.openai_responses.parsing` (input items, text.format,
                             tools), `api.openai_responses.rendering` (the `response` object, its typed SSE events),
                             `api.openai_responses.exchange`
-    `api.anthropic`         Anthropic's Messages API: `api.anthropic.parsing` (bodies in),
-                            `api.anthropic.rendering` (`message`, its SSE events, token counts, errors
-                            out), `api.anthropic.exchange`
+    `api.anthropic`         Anthropic's Messages API: `api.anthropic.parsing` (bodies in, tools and tool blocks
+                            included), `api.anthropic.rendering` (`message` with `tool_use` blocks, its SSE
+                            events, token counts, errors out), `api.anthropic.exchange`
 
 The assembly
     `metrics`             what each completion reports

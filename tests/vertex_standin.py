@@ -619,6 +619,9 @@ class _Handler(BaseHTTPRequestHandler):
         """Keep test output quiet; the recorded requests are the log."""
 
 
+OPENAI_AND_ANTHROPIC_PATHS = ("/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens")
+
+
 def _echo_chat(body: dict[str, Any]) -> str:
     """What the fake container "generates" for an OpenAI chat body: the last message, echoed."""
     return f"echo: {body['messages'][-1]['content']}"
@@ -626,13 +629,15 @@ def _echo_chat(body: dict[str, Any]) -> str:
 
 @dataclass
 class FakeContainer:
-    """A stand-in serving container: /health, an echoing predict route, /v1/chat/completions and /v1/messages.
+    """A stand-in serving container: /health, an echoing predict route, /v1/chat/completions, /v1/responses,
+    /v1/messages and /v1/messages/count_tokens.
 
     The predict route takes Vertex bodies (``instances``; with ``parameters.stream``
     it sends JSON lines, then the final body, as the real one does), OpenAI chat
     bodies (``messages``; with ``stream`` it sends SSE chunks and ``[DONE]``),
     Anthropic bodies (``anthropic_version``, or any body on ``/v1/messages``: a
-    ``message``, unstreamed) and plain text. ``gate``, when set, holds a stream after its first chunk until a
+    ``message``, unstreamed) and plain text; ``/v1/responses`` echoes ``input`` as a
+    ``response`` and ``/v1/messages/count_tokens`` counts the last message's words. ``gate``, when set, holds a stream after its first chunk until a
     test sets it, so a test can show that a relay passes chunks on as they come:
     ``gate_opened`` records, per stream, whether it was opened (``False``: the
     wait timed out, so nobody downstream saw the first chunk in time).
@@ -660,7 +665,7 @@ class FakeContainer:
                 raw = self.rfile.read(length)
                 content_type = self.headers.get("Content-Type", "")
                 container.raw_received.append((self.path, content_type, raw))
-                if self.path not in (f"/predictions/{container.app}", "/v1/chat/completions", "/v1/messages"):
+                if self.path not in (f"/predictions/{container.app}", *OPENAI_AND_ANTHROPIC_PATHS):
                     self._answer(404, {"error": f"no model at {self.path}"})
                     return
                 if not content_type.startswith("application/json"):
@@ -668,7 +673,11 @@ class FakeContainer:
                     return
                 body = json.loads(raw or b"{}")
                 container.received.append(body)
-                if self.path == "/v1/messages" or "anthropic_version" in body:
+                if self.path == "/v1/responses":
+                    self._answer(200, {"object": "response", "status": "completed", "output_text": f"echo: {body['input']}"})
+                elif self.path == "/v1/messages/count_tokens":
+                    self._answer(200, {"input_tokens": len(str(body["messages"][-1]["content"]).split())})
+                elif self.path == "/v1/messages" or "anthropic_version" in body:
                     self._messages(body)
                 elif "messages" in body:
                     self._chat(body)

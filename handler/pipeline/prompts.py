@@ -11,7 +11,7 @@ from jinja2 import TemplateError
 from handler.errors import RequestError, limit_error
 from handler.params import GenerationParams
 from handler.pipeline.shapes import Instance
-from handler.structured.tools import Tool, call_text, result_text, system_block
+from handler.structured.tools import TOOL_CALLS, Tool, call_text, result_text, system_block
 
 if TYPE_CHECKING:
     from handler.cancellation import CancelSignal
@@ -36,6 +36,12 @@ class Prompt:
     params: GenerationParams
     grammar: CompiledFormat | None = field(default=None, compare=False)
     cancel: CancelSignal | None = field(default=None, compare=False)
+
+    @property
+    def may_call(self) -> bool:
+        """Whether its grammar lets it call tools (`tool_choice` other than none): its text is then split into calls."""
+        spec = self.params.response_format
+        return spec is not None and spec.kind == TOOL_CALLS
 
 
 def knows_tools(tokenizer) -> bool:

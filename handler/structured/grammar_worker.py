@@ -16,6 +16,7 @@ import re
 import resource
 import sys
 from multiprocessing.connection import Connection
+from typing import Any
 
 # xgrammar's errors start with a timestamp, its C++ source file and line, and a check's text.
 NOISE = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: |Check failed: \(.*?\) is false: ")
@@ -36,8 +37,27 @@ def compile_source(compiler, kind: str, source: str):
     if kind == "grammar":
         return compiler.compile_grammar(source)
     if kind == "tool_calls":  # a structural tag (handler.structured.tools)
-        return compiler.compile_structural_tag(source)
+        return compiler.compile_structural_tag(json.dumps(compact_arguments(json.loads(source))))
     raise ValueError(f"unknown kind {kind!r}")
+
+
+def compact_arguments(tag: Any) -> Any:
+    """The tag with each `json_schema` content replaced by its grammar as compact JSON (`,` and `:`, no
+    whitespace between tokens). A structural tag's own `json_schema` content lets whitespace in
+    everywhere (`max_whitespace_cnt` must be at least 1), and a small model spends its tokens on it:
+    a call to a one-string tool ran out of 40 tokens. Converted here, in the child, because a schema's
+    conversion can be as costly as its compile."""
+    import xgrammar
+
+    if isinstance(tag, list):
+        return [compact_arguments(item) for item in tag]
+    if not isinstance(tag, dict):
+        return tag
+    if tag.get("type") == "json_schema":
+        schema = json.dumps(tag["json_schema"])
+        grammar = xgrammar.Grammar.from_json_schema(schema, any_whitespace=False, separators=(",", ":"))
+        return {"type": "grammar", "grammar": str(grammar)}
+    return {key: compact_arguments(value) for key, value in tag.items()}
 
 
 def answer(compiler, request: dict) -> dict:

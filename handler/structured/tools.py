@@ -39,8 +39,6 @@ TOOL_CALLS = "tool_calls"  # the ResponseFormat kind whose source is a structura
 MODES = ("auto", "none", "required", "function")
 # OpenAI's rule for function names; it also keeps a name from breaking out of the format's quotes and tags.
 NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
-# A tool's JSON can hold whitespace between its tokens; more than one in a row is a small model looping.
-MAX_WHITESPACE = 1
 EMPTY_PARAMETERS = {"type": "object", "properties": {}}
 
 
@@ -97,8 +95,9 @@ class CallEvent:
     call: ToolCall | None = None
 
 
-def new_call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
+def new_call_id(prefix: str = "call_") -> str:
+    """A call's id in its protocol's words: OpenAI's `call_...`, Anthropic's `toolu_...`."""
+    return f"{prefix}{uuid.uuid4().hex[:24]}"
 
 
 def tool(name: Any, description: Any, parameters: Any, where: dict[str, str]) -> Tool:
@@ -170,7 +169,7 @@ def grammar(spec: ToolSpec, where: str, max_bytes: int) -> ResponseFormat | None
 
 
 def _tag(item: Tool) -> dict[str, Any]:
-    content = {"type": "json_schema", "json_schema": json.loads(item.parameters), "max_whitespace_cnt": MAX_WHITESPACE}
+    content = {"type": "json_schema", "json_schema": json.loads(item.parameters)}  # compiled compact (grammar_worker)
     return {"type": "tag", "begin": BEGIN + item.name + MIDDLE, "content": content, "end": END}
 
 
@@ -204,9 +203,11 @@ class CallSplitter:
     `<tool_call>`, and the tail of arguments that could start the closing `}\\n</tool_call>`
     (raw newlines cannot occur inside JSON strings, so that closing never appears within the
     arguments). Whitespace between calls is not text. `finish` releases what is held: a call
-    cut by the token limit ends with the arguments written so far."""
+    cut by the token limit ends with the arguments written so far; one cut before its name is
+    nothing (the grammar opened it, so it was never text). `id_prefix` starts each call's id."""
 
-    def __init__(self) -> None:
+    def __init__(self, id_prefix: str = "call_") -> None:
+        self.id_prefix = id_prefix
         self.buffer = ""
         self.state = "text"
         self.calls: list[ToolCall] = []
@@ -234,7 +235,7 @@ class CallSplitter:
             if self.buffer.strip() or (self.buffer and not self.calls):
                 events.append(self._emit_text(self.buffer))
         elif self.state == "header":
-            events.append(self._emit_text(OPEN + self.buffer))
+            pass  # a call cut before its name: `_header` already gave back as text whatever left the format
         else:  # a call cut short: what is held is the start of its closing, or more arguments
             if self.buffer and not END.startswith(self.buffer):
                 events.append(CallEvent("arguments", self.buffer, len(self.calls)))
@@ -269,7 +270,7 @@ class CallSplitter:
         if at < 0:
             return []
         self.name, self.buffer = self.buffer[len(prefix) : at], self.buffer[at + len(MIDDLE) :]
-        self.call_id, self.arguments, self.state = new_call_id(), "", "arguments"
+        self.call_id, self.arguments, self.state = new_call_id(self.id_prefix), "", "arguments"
         return [CallEvent("start", index=len(self.calls), call=ToolCall(self.call_id, self.name, ""))]
 
     def _arguments(self) -> list[CallEvent]:
@@ -303,11 +304,11 @@ def _partial_suffix(text: str, tag: str) -> int:
     return 0
 
 
-def split_calls(text: str) -> tuple[str, tuple[ToolCall, ...]]:
+def split_calls(text: str, id_prefix: str = "call_") -> tuple[str, tuple[ToolCall, ...]]:
     """A whole answer's free text and calls; with calls, the text around them stripped."""
-    splitter = CallSplitter()
+    splitter = CallSplitter(id_prefix)
     splitter.feed(text)
     splitter.finish()
     if not splitter.calls:
-        return text, ()
+        return splitter.text, ()
     return splitter.text.strip(), tuple(splitter.calls)

@@ -28,6 +28,8 @@ import threading
 import time
 import tomllib
 
+import anthropic
+import jsonschema
 import openai
 import pytest
 
@@ -249,6 +251,35 @@ def test_the_openai_sdk_talks_to_the_container(full):
     assert [model.id for model in client.models.list()] == [APP]
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.chat.completions.create(model=APP, messages=question, max_tokens=-1)
+
+
+def test_the_responses_and_messages_routes_and_a_tool_call_in_the_container(full):
+    """One call on each route the agents' clients use: /v1/responses, /v1/messages, its count_tokens, and a
+    forced tool call whose input validates (the grammar compiles in the image's own child process)."""
+    container, _ = full
+    base = f"http://127.0.0.1:{container.port}"
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    responses = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=300)
+    response = responses.responses.create(model=APP, input=question[0]["content"], max_output_tokens=16, temperature=0)
+    assert response.status in ("completed", "incomplete") and response.output_text.strip()
+    client = anthropic.Anthropic(base_url=base, api_key="unused", max_retries=0, timeout=300)
+    message = client.messages.create(model=APP, max_tokens=16, messages=question, extra_body={"temperature": 0})
+    assert message.content[0].type == "text" and message.content[0].text.strip()
+    counted = client.messages.count_tokens(model=APP, messages=question)
+    assert counted.input_tokens == message.usage.input_tokens
+    weather = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24}}, "required": ["city"]}
+    tools = [{"name": "get_weather", "description": "The weather in a city", "input_schema": weather}]
+    called = client.messages.create(
+        model=APP,
+        max_tokens=40,  # compact arguments: a forced call to this tool fits (docs/tools.md)
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=tools,
+        tool_choice={"type": "tool", "name": "get_weather"},
+        extra_body={"temperature": 0},
+    )
+    [use] = called.content
+    assert use.type == "tool_use" and use.name == "get_weather" and called.stop_reason == "tool_use"
+    jsonschema.validate(use.input, weather)
 
 
 # Inside the image, with no ps or ss: the worker's pid, and the listening TCP sockets.

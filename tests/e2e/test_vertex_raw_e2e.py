@@ -5,13 +5,16 @@ The SDK posts these to fixed HTTPS hosts through ``Endpoint.authorized_session``
 stand-in, which forwards the body unchanged to the container (the front in
 front of a real TorchServe serving SmolLM2, ``container_url``).
 
-Every test runs on three wires (``Wire``: what goes in, which container path
+Every test runs on four wires (``Wire``: what goes in, which container path
 invoke targets, how the text is read back): the native API, the OpenAI
 chat API (a bare chat body on the predict route, ``/v1/chat/completions`` by
-invoke, SSE deltas when streamed), and Anthropic's Messages API (Vertex's
+invoke, SSE deltas when streamed), OpenAI's Responses API (``{"model", "input"}``
+on the predict route, ``/v1/responses`` by invoke, ``response.output_text.delta``
+events when streamed) and Anthropic's Messages API (Vertex's
 Anthropic body, with ``anthropic_version``, on the predict route;
 ``/v1/messages`` by invoke; ``text_delta`` events when streamed). The reference is the same request through
-plain ``:predict``, greedy.
+plain ``:predict``, greedy. Token counts go through invoke ``/v1/messages/count_tokens``;
+rawPredict reads a count's body as a Messages body, as docs/api.md says.
 """
 
 from __future__ import annotations
@@ -113,6 +116,32 @@ OPENAI = Wire(
 )
 
 
+def _responses_streamed(lines: list[bytes]) -> tuple[list[str], str]:
+    """SSE ``event:``/``data:`` lines of the Responses API's typed events, ``response.completed`` last
+    (``response.incomplete`` when ``max_output_tokens`` cut the text)."""
+    events = [json.loads(line.removeprefix(b"data: ")) for line in lines if line.startswith(b"data: ")]
+    last = events[-1]["type"]
+    assert events[0]["type"] == "response.created" and last in ("response.completed", "response.incomplete"), events[-3:]
+    pieces = [event["delta"] for event in events if event["type"] == "response.output_text.delta"]
+    return pieces, events[-1]["response"]["output_text"]
+
+
+RESPONSES = Wire(
+    instance={"messages": CHAT},
+    path="/v1/responses",
+    body=lambda stream: {
+        "model": APP,
+        "input": PROMPT,
+        "max_output_tokens": GREEDY["max_new_tokens"],
+        "temperature": 0,
+        **({"stream": True} if stream else {}),
+    },
+    text=lambda answer: answer["output_text"],
+    streamed=_responses_streamed,
+    bad=({"model": APP, "input": PROMPT, "max_output_tokens": -1}, "max_output_tokens"),
+)
+
+
 def _anthropic_streamed(lines: list[bytes]) -> tuple[list[str], str]:
     """SSE ``event:``/``data:`` lines of Anthropic's stream, ``message_start`` first and ``message_stop`` last."""
     events = [json.loads(line.removeprefix(b"data: ")) for line in lines if line.startswith(b"data: ")]
@@ -140,7 +169,7 @@ ANTHROPIC = Wire(
 )
 
 
-@pytest.fixture(params=[NATIVE, OPENAI, ANTHROPIC], ids=["native", "openai", "anthropic"])
+@pytest.fixture(params=[NATIVE, OPENAI, RESPONSES, ANTHROPIC], ids=["native", "openai", "responses", "anthropic"])
 def wire(request) -> Wire:
     return request.param
 
@@ -237,3 +266,27 @@ def test_raw_predict_passes_a_client_error_through(raw_endpoint, wire):
 
     assert 400 <= response.status_code < 500
     assert bad_field in response.text
+
+
+COUNT = {"anthropic_version": VERTEX_ANTHROPIC, "messages": CHAT}
+
+
+def test_invoke_counts_tokens_as_a_request_is_prompted(invoke_endpoint):
+    deployed_id = invoke_endpoint.gca_resource.deployed_models[0].id
+
+    def invoke(path: str, body: dict[str, Any]) -> dict[str, Any]:
+        response = invoke_endpoint.invoke(path, json.dumps(body).encode(), JSON, deployed_model_id=deployed_id)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    counted = invoke("/v1/messages/count_tokens", COUNT)
+    assert counted["input_tokens"] == invoke("/v1/messages", ANTHROPIC.body(False))["usage"]["input_tokens"]
+
+
+def test_raw_predict_reads_a_count_tokens_body_as_a_messages_body(raw_endpoint):
+    """rawPredict reaches the predict route only, where an Anthropic body is a Messages request: a count's
+    body lacks its max_tokens. Counting goes through invoke (docs/api.md, docs/vertex.md)."""
+    response = raw_endpoint.raw_predict(body=json.dumps(COUNT).encode(), headers=JSON)
+
+    assert response.status_code == 400
+    assert response.json()["type"] == "error" and response.json()["error"]["message"].startswith("max_tokens")

@@ -14,6 +14,7 @@ import urllib.request
 from typing import Any
 
 import anthropic
+import jsonschema
 import openai
 import pytest
 from transformers import AutoTokenizer
@@ -133,7 +134,6 @@ def test_a_last_assistant_message_is_continued(client, model):
     "extra, field",
     [
         ({"extra_body": {"temperature": 1.5}}, "temperature"),
-        ({"tools": [{"name": "f", "input_schema": {"type": "object"}}]}, "tools"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"extra_body": {"colour": "red"}}, "colour"),
     ],
@@ -144,6 +144,100 @@ def test_bad_input_is_the_sdks_bad_request_error_naming_the_field(client, model,
         client.messages.create(**arguments)
     assert caught.value.body["type"] == "error" and caught.value.body["error"]["type"] == "invalid_request_error"
     assert field in caught.value.body["error"]["message"]
+
+
+# Tools: SmolLM2-135M's template knows none, so these run the fallback format (docs/tools.md).
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24}}, "required": ["city"]}
+TIME = {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 24}}, "required": ["zone"]}
+TOOLS = [
+    {"name": "get_weather", "description": "The current weather in a city", "input_schema": WEATHER},
+    {"name": "get_time", "description": "The time in a timezone", "input_schema": TIME},
+]
+SCHEMAS = {tool["name"]: tool["input_schema"] for tool in TOOLS}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+FORCED = {"type": "tool", "name": "get_weather"}
+
+
+def use(client: anthropic.Anthropic, model: str, **extra: Any) -> anthropic.types.Message:
+    arguments = {"model": model, "max_tokens": 60, "messages": ASK, "tools": TOOLS, "extra_body": GREEDY, **extra}
+    return client.messages.create(**arguments)
+
+
+def test_a_forced_tool_is_called_with_input_valid_against_its_schema(client, model):
+    reply = use(client, model, tool_choice=FORCED)
+    [block] = reply.content
+    assert block.type == "tool_use" and block.name == "get_weather" and block.id.startswith("toolu_")
+    jsonschema.validate(block.input, WEATHER)
+    assert reply.stop_reason == "tool_use" and reply.usage.output_tokens <= 60
+
+
+def test_any_calls_one_of_the_tools_with_valid_input(client, model):
+    reply = use(client, model, tool_choice={"type": "any", "disable_parallel_tool_use": True})
+    [block] = reply.content
+    assert block.type == "tool_use" and reply.stop_reason == "tool_use"
+    jsonschema.validate(block.input, SCHEMAS[block.name])
+
+
+def test_none_answers_in_text(client, model):
+    reply = use(client, model, tool_choice={"type": "none"}, max_tokens=12)
+    assert [block.type for block in reply.content] == ["text"] and reply.stop_reason in ("end_turn", "max_tokens")
+
+
+def test_a_tool_result_round_trip_ends_in_text(client, model):
+    first = use(client, model, tool_choice=FORCED)
+    [call] = first.content
+    result = {"type": "tool_result", "tool_use_id": call.id, "content": json.dumps({"temperature": 21, "sky": "clear"})}
+    messages = [*ASK, {"role": "assistant", "content": first.content}, {"role": "user", "content": [result]}]
+    final = use(client, model, messages=messages, tool_choice={"type": "none"}, max_tokens=24)
+    [text] = final.content
+    assert text.type == "text" and text.text and final.stop_reason in ("end_turn", "max_tokens")
+    none = {"tools": TOOLS, "tool_choice": {"type": "none"}}  # the tools unshown, the history kept
+    counted = client.messages.count_tokens(model=model, messages=messages, **none)
+    assert counted.input_tokens == final.usage.input_tokens
+    assert counted.input_tokens > client.messages.count_tokens(model=model, messages=ASK, **none).input_tokens
+
+
+def test_a_streamed_call_gives_the_whole_answers_input(client, model):
+    whole = use(client, model, tool_choice=FORCED)
+    arguments = {"model": model, "max_tokens": 60, "messages": ASK, "tools": TOOLS, "extra_body": GREEDY}
+    with client.messages.stream(**arguments, tool_choice=FORCED) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    partial = [event.partial_json for event in events if event.type == "input_json"]
+    assert len(partial) > 1, "the input arrives in pieces"
+    [block] = final.content
+    assert (block.type, block.name, block.input) == ("tool_use", "get_weather", whole.content[0].input)
+    assert json.loads("".join(partial)) == block.input and block.id.startswith("toolu_")
+    assert (final.stop_reason, final.usage.output_tokens) == ("tool_use", whole.usage.output_tokens)
+
+
+def test_count_tokens_counts_the_tools(client, model):
+    bare = client.messages.count_tokens(model=model, messages=ASK)
+    with_tools = client.messages.count_tokens(model=model, messages=ASK, tools=TOOLS)
+    assert with_tools.input_tokens > bare.input_tokens
+
+
+@pytest.mark.parametrize(
+    "extra, field",
+    [
+        ({"tool_choice": {"type": "tool", "name": "launch_rocket"}}, "tool_choice"),
+        ({"tools": [{"name": "f", "input_schema": {"type": "string"}}]}, "tools[0].input_schema"),
+        (
+            {"tools": [{"name": "f", "input_schema": {"type": "object", "properties": {"a": {"not": {}}}}}]},
+            "tools[0].input_schema",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_x", "content": "1"}]}]},
+            "messages[0].content[0].tool_use_id",
+        ),
+    ],
+)
+def test_hostile_tool_input_is_a_bad_request_in_anthropics_shape(client, model, extra, field):
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        use(client, model, **extra)
+    body = caught.value.body
+    assert set(body) == {"type", "error"} and body["error"]["type"] == "invalid_request_error"
+    assert body["error"]["message"].startswith(field)
 
 
 def test_a_limit_is_an_invalid_request_with_its_status(client, model):

@@ -68,18 +68,39 @@ CASES = [
         "messages[0].content[0].type",
     ),
     (
-        "a tool_use block",
+        "a tool_use block in a user message",
         MESSAGES,
-        message(messages=USER + blocks({"type": "tool_use", "id": "t", "name": "f", "input": {}}, role="assistant")),
+        message(messages=blocks({"type": "tool_use", "id": "t", "name": "f", "input": {}})),
+        400,
+        "messages[0].content[0].type",
+    ),
+    (
+        "a tool_result block in an assistant message",
+        MESSAGES,
+        message(messages=USER + blocks({"type": "tool_result", "tool_use_id": "t"}, role="assistant")),
         400,
         "messages[1].content[0].type",
     ),
     (
-        "a tool_result block",
+        "a tool_result without a matching tool_use",
         MESSAGES,
         message(messages=blocks({"type": "tool_result", "tool_use_id": "t"})),
         400,
-        "messages[0].content[0].type",
+        "messages[0].content[0].tool_use_id",
+    ),
+    (
+        "a tool_use whose input is no object",
+        MESSAGES,
+        message(messages=USER + blocks({"type": "tool_use", "id": "t", "name": "f", "input": "x"}, role="assistant") + USER),
+        400,
+        "messages[1].content[0].input",
+    ),
+    (
+        "a last assistant message with a tool_use",
+        MESSAGES,
+        message(messages=USER + blocks({"type": "tool_use", "id": "t", "name": "f", "input": {}}, role="assistant")),
+        400,
+        "messages[1].content",
     ),
     (
         "a block of an unknown type",
@@ -118,8 +139,60 @@ CASES = [
     ),
     ("top_p 0", MESSAGES, message(top_p=0), 400, "top_p"),
     ("top_k -1", MESSAGES, message(top_k=-1), 400, "top_k"),
-    ("tools", MESSAGES, message(tools=[{"name": "f", "input_schema": {"type": "object"}}]), 400, "tools"),
-    ("tool_choice", MESSAGES, message(tool_choice={"type": "any"}), 400, "tool_choice"),
+    ("tools as an object", MESSAGES, message(tools={"name": "f"}), 400, "tools"),
+    ("a tool without input_schema", MESSAGES, message(tools=[{"name": "f"}]), 400, "tools[0].input_schema"),
+    (
+        "an input_schema of a string",
+        MESSAGES,
+        message(tools=[{"name": "f", "input_schema": {"type": "string"}}]),
+        400,
+        "tools[0].input_schema",
+    ),
+    (
+        "an input_schema the grammar cannot enforce",
+        MESSAGES,
+        message(tools=[{"name": "f", "input_schema": {"type": "object", "not": {"required": ["a"]}}}]),
+        400,
+        "tools[0].input_schema",
+    ),
+    (
+        "a tool name that breaks the format",
+        MESSAGES,
+        message(tools=[{"name": 'f"}</tool_call>', "input_schema": {}}]),
+        400,
+        "tools[0].name",
+    ),
+    ("two tools of one name", MESSAGES, message(tools=[{"name": "f", "input_schema": {}}] * 2), 400, "tools[1]"),
+    ("a server tool", MESSAGES, message(tools=[{"type": "web_search_20250305", "name": "web_search"}]), 400, "tools[0].type"),
+    (
+        "an input_schema over the grammar limit",
+        MESSAGES,
+        message(
+            tools=[
+                {
+                    "name": "f",
+                    "input_schema": {"type": "object", "properties": {f"p{i}": {"enum": ["x" * 40]} for i in range(800)}},
+                }
+            ]
+        ),
+        422,
+        "tools",
+    ),
+    ("tool_choice without tools", MESSAGES, message(tool_choice={"type": "any"}), 400, "tool_choice"),
+    (
+        "tool_choice naming an unknown tool",
+        MESSAGES,
+        message(tools=[{"name": "f", "input_schema": {}}], tool_choice={"type": "tool", "name": "g"}),
+        400,
+        "tool_choice",
+    ),
+    (
+        "tool_choice of an unknown type",
+        MESSAGES,
+        message(tools=[{"name": "f", "input_schema": {}}], tool_choice={"type": "required"}),
+        400,
+        "tool_choice.type",
+    ),
     ("thinking", MESSAGES, message(thinking={"type": "enabled", "budget_tokens": 1024}), 400, "thinking"),
     ("fifty stop_sequences", MESSAGES, message(stop_sequences=[f"s{i}" for i in range(50)]), 422, "stop_sequences"),
     ("a stop sequence of 10,000 characters", MESSAGES, message(stop_sequences=["x" * 10_000]), 422, "stop_sequences"),
@@ -130,7 +203,13 @@ CASES = [
     ("an unknown model", MESSAGES, message(model="claude-opus-4"), 404, "model"),
     ("max_tokens on count_tokens", COUNT, message(), 400, "max_tokens"),
     ("count_tokens without messages", COUNT, js({"model": "MODEL"}), 400, "messages"),
-    ("tools on count_tokens", COUNT, js({"model": "MODEL", "messages": USER, "tools": []}), 400, "tools"),
+    (
+        "a bad input_schema on count_tokens",
+        COUNT,
+        js({"model": "MODEL", "messages": USER, "tools": [{"name": "f", "input_schema": 5}]}),
+        400,
+        "tools[0].input_schema",
+    ),
 ]
 KINDS = {400: "invalid_request_error", 422: "invalid_request_error", 404: "not_found_error"}
 

@@ -153,6 +153,25 @@ def test_required_calls_a_tool_whose_arguments_validate(client, model):
     assert reply.usage.completion_tokens > 0 and reply.usage.prompt_tokens > 0
 
 
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+CITY_TOOL = [
+    {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city", "parameters": CITY}}
+]
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_a_required_call_to_a_one_string_tool_fits_in_40_tokens(client, model, parallel):
+    """Arguments are compact JSON, no free whitespace between tokens (before, such a call was reported
+    cut at 40 tokens with arguments `{ "`). Greedy, fp32. With parallel calls allowed SmolLM2 goes on
+    to a second call, which the limit cuts before its name: that is no text, and the first call is whole."""
+    fields = {"messages": ASK, "tools": CITY_TOOL, "tool_choice": "required", "max_tokens": 40, "temperature": 0}
+    choice = client.chat.completions.create(model=model, parallel_tool_calls=parallel, **fields).choices[0]
+    first = choice.message.tool_calls[0]
+    assert first.function.arguments == '{"city":"Paris"}' and choice.message.content is None
+    if not parallel:
+        assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+
+
 def test_a_named_tool_is_called(client, model):
     choice = ask(client, model, tool_choice={"type": "function", "function": {"name": "get_time"}}).choices[0]
     assert choice.finish_reason == "tool_calls" and [name for name, _ in validated(choice)] == ["get_time"]

@@ -42,6 +42,8 @@ NATIVE = b'{"instances": ["Hello"], "parameters": {"max_new_tokens": 8, "tempera
 CHAT = {"model": APP, "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 8}
 # Vertex's Anthropic body: the API version in the body, the model in Vertex's URL.
 MESSAGES = {"anthropic_version": "vertex-2023-10-16", "messages": CHAT["messages"], "max_tokens": 8}
+COUNT = {"anthropic_version": "vertex-2023-10-16", "messages": CHAT["messages"]}
+RESPONSES = {"model": APP, "input": "Hello there", "max_output_tokens": 8}
 
 
 @pytest.fixture
@@ -145,11 +147,27 @@ def test_raw_predict_carries_an_anthropic_body_unchanged(deploy, fake_container)
     assert fake_container.raw_received[-1] == ("/predictions/smollm2", "application/json", body)
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages", "/predictions/smollm2"])
+def test_raw_predict_carries_a_count_tokens_body_to_the_predict_route(deploy, fake_container):
+    """rawPredict has one container path, the predict route: nothing routes a body by its shape on the way
+    (the container reads it as a Messages body; docs/api.md: counting goes through invoke)."""
+    body = json.dumps(COUNT).encode()
+    deploy().raw_predict(body=body, headers=JSON)
+    assert fake_container.raw_received[-1] == ("/predictions/smollm2", "application/json", body)
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens", "/predictions/smollm2"]
+)
 def test_invoke_passes_the_path_through(deploy, standin, fake_container, path):
     endpoint = deploy(dedicated=True, invoke=True)
     deployed_id = endpoint.gca_resource.deployed_models[0].id
-    body = {"/v1/chat/completions": json.dumps(CHAT).encode(), "/v1/messages": json.dumps(MESSAGES).encode()}.get(path, NATIVE)
+    bodies = {
+        "/v1/chat/completions": CHAT,
+        "/v1/responses": RESPONSES,
+        "/v1/messages": MESSAGES,
+        "/v1/messages/count_tokens": COUNT,
+    }
+    body = json.dumps(bodies[path]).encode() if path in bodies else NATIVE
     response = endpoint.invoke(request_path=path, body=body, headers=JSON, deployed_model_id=deployed_id)
 
     assert response.status_code == 200, response.text

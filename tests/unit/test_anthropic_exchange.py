@@ -103,7 +103,7 @@ def test_a_message_a_count_and_a_refusal_share_a_batch(served):
     bodies = [
         {"model": "tiny", "messages": USER, "max_tokens": 4, "temperature": 0},
         {"model": "tiny", "messages": USER},
-        {"model": "tiny", "messages": USER, "max_tokens": 4, "tools": []},
+        {"model": "tiny", "messages": USER, "max_tokens": 4, "tool_choice": {"type": "any"}},
     ]
     (message, count, refusal), _ = call(served, bodies, [MESSAGES_HEADER, COUNT_HEADER, MESSAGES_HEADER])
     reply = Message.model_validate_json(message[1])
@@ -116,7 +116,7 @@ def test_a_message_a_count_and_a_refusal_share_a_batch(served):
     )
     assert (count[0], json.loads(count[1]), count[2]) == (200, {"input_tokens": expected}, JSON)
     assert refusal[0] == 400 and json.loads(refusal[1])["error"]["type"] == "invalid_request_error"
-    assert "tools" in json.loads(refusal[1])["error"]["message"]
+    assert "tool_choice" in json.loads(refusal[1])["error"]["message"]
 
 
 def test_a_stream_is_anthropics_events_whose_deltas_make_the_text(served):

@@ -67,13 +67,13 @@ def test_a_last_assistant_turn_is_a_prefill():
     assert instance.prefill and instance.messages[-1] == {"role": "assistant", "content": "Hello,"}
 
 
-@pytest.mark.parametrize("field", ["tools", "tool_choice", "thinking", "mcp_servers", "service_tier"])
+@pytest.mark.parametrize("field", ["thinking", "mcp_servers", "service_tier"])
 def test_fields_not_served_yet_are_refused_by_name(field):
     error = refused(**{field: {}})
     assert error.field == field and "not supported" in error.message
 
 
-@pytest.mark.parametrize("kind", ["image", "document", "tool_use", "tool_result", "thinking"])
+@pytest.mark.parametrize("kind", ["image", "document", "thinking", "server_tool_use"])
 def test_blocks_not_served_yet_are_refused_by_name(kind):
     error = refused(messages=[{"role": "user", "content": [{"type": kind}]}])
     assert error.field == "messages[0].content[0].type" and kind in error.message

@@ -80,6 +80,19 @@ def test_a_call_cut_by_the_token_limit_keeps_its_arguments_without_the_closing()
     assert (end.kind, end.call.arguments) == ("end", '{"city": "Paris", "days": 2}')
 
 
+def test_a_call_cut_before_its_name_is_no_text():
+    """The grammar opened it, so it never was text: a second call cut by the limit leaves the first alone."""
+    text = call("get_weather", '{"city":"Paris"}') + "\n" + calls.BEGIN[:-3]
+    content, found = split_calls(text)
+    assert content == "" and [c.arguments for c in found] == ['{"city":"Paris"}']
+    assert split_calls(calls.BEGIN + "get_wea") == ("", ())
+
+
+def test_call_ids_are_in_the_protocols_words():
+    [found] = split_calls(call("get_time", "{}"), id_prefix="toolu_")[1]
+    assert found.id.startswith("toolu_") and len(found.id) > len("toolu_")
+
+
 def compiled(spec: ToolSpec, tokenizer_info: xgrammar.TokenizerInfo) -> xgrammar.CompiledGrammar:
     grammar = calls.grammar(spec, "tools", 32768)
     compiler = xgrammar.GrammarCompiler(tokenizer_info, cache_enabled=False)
@@ -101,7 +114,7 @@ def accepts(grammar: xgrammar.CompiledGrammar, text: str, eos: int) -> bool:
     return matcher.accept_string(text) and matcher.accept_token(eos)
 
 
-GOOD = call("get_weather", '{"city": "Paris", "days": 2}')
+GOOD = call("get_weather", '{"city":"Paris","days":2}')
 
 
 @pytest.mark.parametrize(
@@ -111,8 +124,8 @@ GOOD = call("get_weather", '{"city": "Paris", "days": 2}')
         (ToolChoice("auto"), "Let me look. " + GOOD, True),
         (ToolChoice("auto"), GOOD + "\n" + GOOD, True),
         (ToolChoice("auto", parallel=False), GOOD + "\n" + GOOD, False),
-        (ToolChoice("auto"), call("get_weather", '{"city": "Paris", "days": 9}'), False),
-        (ToolChoice("auto"), call("get_weather", '{"city": "Paris"}'), False),
+        (ToolChoice("auto"), call("get_weather", '{"city":"Paris","days":9}'), False),
+        (ToolChoice("auto"), call("get_weather", '{"city":"Paris"}'), False),
         (ToolChoice("auto"), call("launch", "{}"), False),
         (ToolChoice("required"), "It is sunny.", False),
         (ToolChoice("required"), GOOD, True),
@@ -120,7 +133,11 @@ GOOD = call("get_weather", '{"city": "Paris", "days": 2}')
         (ToolChoice("required", parallel=False), GOOD + "\n" + GOOD, False),
         (ToolChoice("function", "get_time"), GOOD, False),
         (ToolChoice("function", "get_time"), call("get_time", "{}"), True),
-        (ToolChoice("required"), call("get_weather", '{"city": "Paris", "days": 2, "extra": 1}'), False),
+        (ToolChoice("required"), call("get_weather", '{"city":"Paris","days":2,"extra":1}'), False),
+        # arguments are compact JSON: no whitespace for a small model to spend its tokens on
+        (ToolChoice("required"), call("get_weather", '{"city": "Paris","days":2}'), False),
+        (ToolChoice("required"), call("get_weather", '{ "city":"Paris","days":2}'), False),
+        (ToolChoice("auto"), call("get_weather", '{"city":"Paris",\n"days":2}'), False),
     ],
 )
 def test_the_grammar_allows_exactly_the_calls_the_choice_allows(tokenizer, tokenizer_info, choice, text, accepted):

@@ -19,7 +19,7 @@ from handler.api.openai.parsing import CHAT
 from handler.decoding.stopping import FinishReason
 from handler.errors import RequestError
 from handler.pipeline.prompts import Prompt
-from handler.structured.tools import TOOL_CALLS, CallEvent, CallSplitter, ToolCall, split_calls
+from handler.structured.tools import CallEvent, CallSplitter, ToolCall, split_calls
 
 if TYPE_CHECKING:
     from handler.decoding.logprobs import TokenLogprob
@@ -67,12 +67,6 @@ def usage(answer: Answer) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
 
 
-def may_call(prompt: Prompt) -> bool:
-    """Whether the prompt's grammar lets it call tools (`tool_choice` other than none)."""
-    spec = prompt.params.response_format
-    return spec is not None and spec.kind == TOOL_CALLS
-
-
 def finish_reason(completion: Completion, called: bool) -> str:
     """`tool_calls` when the answer ended on its own after calling; a cut answer stays `length`."""
     reason = FINISH_REASONS[completion.finish_reason]
@@ -89,7 +83,7 @@ def response(reply: Reply, answer: Answer) -> dict[str, Any]:
         reason = FINISH_REASONS[completion.finish_reason]
         if reply.chat:
             message: dict[str, Any] = {"role": "assistant", "content": completion.text}
-            if may_call(prompt):
+            if prompt.may_call:
                 content, calls = split_calls(completion.text)
                 if calls:
                     message = {"role": "assistant", "content": content or None, "tool_calls": [tool_call(c) for c in calls]}
@@ -152,7 +146,7 @@ class StreamRenderer:
         self.splitters = {
             index: CallSplitter()
             for index, prompt in enumerate(p for p in prompts for _ in range(p.params.num_return_sequences))
-            if reply.chat and may_call(prompt)
+            if reply.chat and prompt.may_call
         }
 
     def piece(self, index: int, text: str) -> str:

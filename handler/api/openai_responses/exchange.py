@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any, Sequence
 
-from handler.api.openai.rendering import Answer, error_json, may_call
+from handler.api.openai.rendering import Answer, error_json
 from handler.api.openai_responses.parsing import ResponsesRequest, parse_responses
 from handler.api.openai_responses.rendering import SSE, Output, error_event
 from handler.errors import RequestError
@@ -47,7 +47,7 @@ class ResponsesExchange:
         """Called once the prompt is ready: the answer's items start here, streamed or not."""
         assert self.request is not None, "begin comes after parse"
         self.output = Output(self.request, self.model, self.stream)
-        self.splitter = CallSplitter() if may_call(prompts[0]) else None
+        self.splitter = CallSplitter() if prompts[0].may_call else None
 
     def piece(self, index: int, text: str) -> str:
         output = self._begun()
