@@ -101,6 +101,10 @@ class HandlerSettings:
     # that restarts and heals reuse it: by default in $LLM_CACHE_DIR, else in the front's run
     # folder $LLM_RUN_DIR, which outlives TorchServe's restarts; absent, every start times anew.
     dtype_cache_file: str | None = None
+    # TorchServe's own temp folder, which the front empties at each start of TorchServe
+    # ($LLM_TORCHSERVE_TMP): a worker that finds its model's warm-up marker there is a worker
+    # started again within one TorchServe's life (a heal), and skips the warm-up (handler.service).
+    torchserve_tmp: str | None = None
     model_dir_override: str | None = None
     storage_uri: str | None = None
     workers: int = 1
@@ -109,7 +113,14 @@ class HandlerSettings:
     @classmethod
     def from_config(cls, model_yaml_config: Mapping[str, Any] | None, environ: Mapping[str, str]) -> HandlerSettings:
         section = dict((model_yaml_config or {}).get("handler") or {})
-        known = {f.name for f in fields(cls)} - {"model_dir_override", "storage_uri", "workers", "batch_size", "dtype_source"}
+        known = {f.name for f in fields(cls)} - {
+            "model_dir_override",
+            "storage_uri",
+            "workers",
+            "batch_size",
+            "dtype_source",
+            "torchserve_tmp",
+        }
         problem = unknown_names(section, sorted(known), "keys in handler config")
         if problem:
             raise SettingsError(problem)
@@ -131,6 +142,7 @@ class HandlerSettings:
             defaults=defaults,
             model_dir_override=environ.get("LLM_MODEL_DIR") or None,
             storage_uri=environ.get("AIP_STORAGE_URI") or None,
+            torchserve_tmp=environ.get("LLM_TORCHSERVE_TMP") or None,
             workers=max(1, int((model_yaml_config or {}).get("maxWorkers") or 1)),
             batch_size=max(1, int((model_yaml_config or {}).get("batchSize") or 1)),
         )

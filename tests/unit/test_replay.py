@@ -178,3 +178,35 @@ def test_the_heal_wait_is_read_from_the_env():
 def test_a_bad_heal_wait_names_its_variable(name):
     with pytest.raises(SettingsError, match=name):
         FrontSettings.from_env({"APP": "m", name: "-1"})
+
+
+# --- a worker started again within one TorchServe skips the warm-up ------------------------
+
+
+def test_the_warm_up_marker_lives_in_torchserve_s_temp_folder(tmp_path):
+    from handler.service import warm_up_marker
+    from handler.settings import HandlerSettings
+
+    assert warm_up_marker(HandlerSettings.from_config({}, {}), "m") is None  # no front: every start warms up
+    settings = HandlerSettings.from_config({}, {"LLM_TORCHSERVE_TMP": str(tmp_path)})
+    assert warm_up_marker(settings, "m") == tmp_path / "warmed-up-m"
+    compiled = HandlerSettings.from_config({"handler": {"compile": True}}, {"LLM_TORCHSERVE_TMP": str(tmp_path)})
+    assert warm_up_marker(compiled, "m") is None  # a compiled model compiles in its warm-up
+
+
+def test_only_the_first_worker_of_a_torchserve_warms_up(tmp_path, tiny_model_dir, monkeypatch):
+    import torch
+
+    from handler.schedulers.dynamic import DynamicScheduler
+    from handler.service import Service
+    from handler.settings import HandlerSettings
+
+    warm_ups = []
+    monkeypatch.setattr(DynamicScheduler, "warm_up", lambda self, rows=1, grammar=None: warm_ups.append(rows))
+    settings = HandlerSettings.from_config({"handler": {"dtype": "float32"}}, {"LLM_TORCHSERVE_TMP": str(tmp_path)})
+    for _ in range(2):
+        Service.start(settings, tiny_model_dir, torch.device("cpu"), "tiny").stop()
+    assert warm_ups == [1]
+    (tmp_path / "warmed-up-tiny").unlink()  # what the front does at TorchServe's next start
+    Service.start(settings, tiny_model_dir, torch.device("cpu"), "tiny").stop()
+    assert warm_ups == [1, 1]
