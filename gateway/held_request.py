@@ -77,6 +77,17 @@ class HeldRequest:
         )
         return False
 
+    async def worker_died(self, within_s: float) -> bool:
+        """Whether this prediction's worker is found dead (its hold cut, or its app healing) within
+        ``within_s``: how an answer that TorchServe broke off tells a dead worker from another fault."""
+        state = self.apps.get(self.app)
+        deadline = time.monotonic() + within_s
+        while not (self.cut.is_set() or (state is not None and state.healing)):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
     def replay_ended(self, outcome: str) -> None:
         """Counts how a replay ended: answered, lost-again, not-served (no worker in time) or client-left."""
         if self.replays and not self._replay_counted:

@@ -61,6 +61,9 @@ HOP_BY_HOP = frozenset(
 )
 WORKER_DIED = "the model worker died during this request; retry it"
 STREAM_CUT = "the model worker died during this answer, which is cut short here; retry it"
+# How long a stream that TorchServe broke off waits to learn whether its worker died (the
+# healer looks every 0.2 s).
+WORKER_DEATH_SEEN_S = 2.0
 
 
 class Lost:
@@ -376,7 +379,11 @@ async def _pieces(
             except httpx2.HTTPError as exc:
                 log.warning("TorchServe's answer to %s broke off: %s", held.app, exc)
                 if streaming:
-                    yield dialect.broken_stream("TorchServe broke off the answer; retry it", 502)
+                    # The dynamic path: TorchServe breaks off the streams of a worker that died.
+                    if await held.worker_died(WORKER_DEATH_SEEN_S):
+                        yield dialect.broken_stream(STREAM_CUT, 507)
+                    else:
+                        yield dialect.broken_stream("TorchServe broke off the answer; retry it", 502)
                 return
             yield data
     except asyncio.CancelledError:

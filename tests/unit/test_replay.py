@@ -1,6 +1,7 @@
-"""The front's answers to a worker crash, without TorchServe: the bounded wait while an app
-heals (``AppRegistry.until_serving``), the replay decision (``HeldRequest.replay``) and the
-settings that bound the wait."""
+"""The answers to a worker crash, without TorchServe: the bounded wait while an app heals
+(``AppRegistry.until_serving``), the replay decision (``HeldRequest.replay``), how a broken
+answer learns its worker died, the settings that bound the wait, and the warm-up a worker
+started again by a heal skips."""
 
 from __future__ import annotations
 
@@ -210,3 +211,18 @@ def test_only_the_first_worker_of_a_torchserve_warms_up(tmp_path, tiny_model_dir
     (tmp_path / "warmed-up-tiny").unlink()  # what the front does at TorchServe's next start
     Service.start(settings, tiny_model_dir, torch.device("cpu"), "tiny").stop()
     assert warm_ups == [1, 1]
+
+
+def test_a_broken_answer_learns_whether_its_worker_died():
+    async def scenario():
+        apps, metrics = _registry()
+        state = apps.get("m")
+        apps.mark_started(state)
+        with HeldRequest(apps, metrics, "m", time.monotonic()) as held:
+            other_fault = await held.worker_died(0.1)
+            asyncio.get_running_loop().call_later(0.05, apps.mark_healing, state, "worker 7 died")
+            died = await held.worker_died(5)
+            held.finished(200)
+        return other_fault, died
+
+    assert asyncio.run(scenario()) == (False, True)
