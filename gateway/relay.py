@@ -61,7 +61,7 @@ HOP_BY_HOP = frozenset(
 )
 WORKER_DIED = "the model worker died during this request; retry it"
 STREAM_CUT = "the model worker died during this answer, which is cut short here; retry it"
-# How long a stream that TorchServe broke off waits to learn whether its worker died (the
+# How long a prediction that TorchServe failed waits to learn whether its worker died (the
 # healer looks every 0.2 s).
 WORKER_DEATH_SEEN_S = 2.0
 
@@ -197,6 +197,9 @@ async def relay(request: Request, app: str, path: str, dialect: Dialect = NATIVE
                 return held.answered(answer)
             if not held.replay(body):
                 return held.answered(_worker_died(front, dialect))
+            # TorchServe answers "Worker died." before the healer's next look: let it mark the
+            # heal first, so the replay waits for the app rather than queueing ahead of its probe.
+            await held.worker_died(WORKER_DEATH_SEEN_S)
             refusal = await _until_serving(front, state, request, dialect, replay=True)
             if refusal is not None:
                 held.replay_ended("client-left" if refusal.status_code == 499 else "not-served")
