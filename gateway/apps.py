@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping
+from typing import Awaitable, Iterator, Mapping
 
 from gateway import health
 from gateway.metrics import FrontMetrics
@@ -26,6 +26,10 @@ class AppState:
     workers: tuple[str, ...] = ()
     # One event per prediction being relayed, set when the worker it was on died.
     held: set[asyncio.Event] = field(default_factory=set)
+    # Set while the app serves (``ready``): what predictions wait on while it heals.
+    serving: asyncio.Event = field(default_factory=asyncio.Event)
+    # Predictions waiting for ``serving`` now (bounded by the front's ``heal_wait_requests``).
+    waiting: int = 0
 
     def readiness(self) -> health.Readiness:
         if self.ready:
@@ -58,6 +62,28 @@ class AppRegistry:
         self._states[name].held.add(cut)
         return cut
 
+    async def until_serving(self, state: AppState, timeout_s: float, max_waiting: int | None, gone: Awaitable[object]) -> str:
+        """Wait while ``state`` heals: "serving" once it serves again, "full" at once when
+        ``max_waiting`` predictions already wait (None: no bound, for a replay, which was
+        admitted before), "timeout" after ``timeout_s``, "gone" when ``gone`` (the client's
+        disconnect) comes first; a waiter that leaves frees its place in the queue."""
+        if state.serving.is_set():
+            return "serving"
+        if max_waiting is not None and state.waiting >= max_waiting:
+            return "full"
+        state.waiting += 1
+        serving = asyncio.ensure_future(state.serving.wait())
+        left = asyncio.ensure_future(gone)
+        try:
+            done, _ = await asyncio.wait({serving, left}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            state.waiting -= 1
+            serving.cancel()
+            left.cancel()
+        if serving in done:
+            return "serving"
+        return "gone" if left in done else "timeout"
+
     def release(self, name: str, cut: asyncio.Event) -> None:
         self._states[name].held.discard(cut)
 
@@ -72,11 +98,14 @@ class AppRegistry:
     def mark_started(self, state: AppState) -> None:
         """READY and answering; a heal under way still ends with ``mark_ready``."""
         state.ready, state.detail = True, ""
+        state.serving.set()
 
     def mark_healing(self, state: AppState, cause: str) -> None:
         state.ready, state.healing, state.detail = False, True, cause
+        state.serving.clear()
         self._metrics.healing.labels(state.name).set(1)
 
     def mark_ready(self, state: AppState) -> None:
         state.ready, state.healing, state.detail = True, False, ""
+        state.serving.set()
         self._metrics.healing.labels(state.name).set(0)

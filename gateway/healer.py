@@ -7,9 +7,11 @@ itself and restarts the worker, with a backoff. Either way the front, not TorchS
 decides when the app serves again:
 
 1. A worker pid the management API listed stops running (checked in /proc every
-   ``CHECK_S``), or leaves the list. The app is marked healing: predictions get 503 with
-   ``Retry-After`` and the health route 503. On the async path every prediction the front
-   is relaying to that app is answered at once with a 507 that says to retry.
+   ``CHECK_S``), or leaves the list. The app is marked healing: new predictions wait in the
+   front until it serves again (``gateway.relay``; 503 with ``Retry-After`` past the wait's
+   bounds) and the health route says 503. On the async path every prediction the front is
+   relaying to that app is cut at once, and the relay sends it again once the app serves
+   (or ends its stream, if one had begun).
 2. The front waits for TorchServe's own retry of the worker (see ``_until_retried``). On the
    async path it then scales the workers to 0 and back up through the management API
    (which builds a fresh worker thread and aggregator); on the dynamic path the retried
@@ -17,7 +19,9 @@ decides when the app serves again:
    once a worker is READY and answers a one-token prediction.
 3. If that does not happen within ``heal_timeout_s``, TorchServe itself is restarted.
 
-Each heal is logged with its cause and duration and counted in ``llm_front_heals_total``.
+Each heal is logged with its cause, its duration and where the seconds went (``Phases``: the
+retry, each scaling, the worker READY, the first answer; the worker's own start is in its log),
+and counted in ``llm_front_heals_total``.
 """
 
 from __future__ import annotations
@@ -42,6 +46,26 @@ CHECK_S = 0.2
 DESCRIBE_S = 1.0
 # TorchServe retries a dead worker after a backoff of 1 s, growing with each failure in a row.
 RETRY_WAIT_S = 10.0
+# How often a heal asks whether the new worker is READY and answers; a start, which takes
+# minutes, asks less often.
+ANSWER_POLL_S = 0.1
+STARTUP_POLL_S = 0.5
+
+
+class Phases:
+    """Where a heal's seconds went, phase by phase, for its log line (docs/reliability.md)."""
+
+    def __init__(self, started: float) -> None:
+        self.mark = started
+        self.spent: list[tuple[str, float]] = []
+
+    def end(self, phase: str) -> None:
+        now = time.monotonic()
+        self.spent.append((phase, now - self.mark))
+        self.mark = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in self.spent) or "no phases"
 
 
 class Healer:
@@ -130,17 +154,19 @@ class Healer:
         dead = state.pids
         deadline = started + self.heal_timeout_s
         method = "retry"
+        phases = Phases(started)
         try:
             await self._until_retried(state, dead, min(deadline, started + RETRY_WAIT_S))
+            phases.end("TorchServe's retry")
             if state.async_mode:
                 method = "scale"
-                await self._scale_back(state, deadline)
+                await self._scale_back(state, deadline, phases)
             else:
                 try:
-                    await self._until_answers(state, deadline - time.monotonic())
+                    await self._until_answers(state, deadline - time.monotonic(), phases)
                 except HealFailed:
                     method = "scale"
-                    await self._scale_back(state, time.monotonic() + self.heal_timeout_s)
+                    await self._scale_back(state, time.monotonic() + self.heal_timeout_s, phases)
             await self._refresh(state)
         except (HealFailed, httpx2.HTTPError) as exc:
             log.warning(
@@ -152,11 +178,12 @@ class Healer:
             method = "restart"
             if not await self._restart_or_give_up(f"{state.name}: {cause}"):
                 return
+            phases.end("TorchServe's restart")
         took = time.monotonic() - started
         self.apps.mark_ready(state)
         self.metrics.heals.labels(state.name, _cause_kind(cause), method).inc()
         self.metrics.heal_seconds.labels(state.name, method).observe(took)
-        log.warning("%s healed in %.1f s by %s (cause: %s)", state.name, took, method, cause)
+        log.warning("%s healed in %.1f s by %s (cause: %s): %s", state.name, took, method, cause, phases)
 
     async def _until_retried(self, state: AppState, dead: frozenset[int], deadline: float) -> None:
         """Wait for TorchServe's own restart of the worker (after a backoff of a second or more).
@@ -173,22 +200,34 @@ class Healer:
                     return
             await asyncio.sleep(0.2)
 
-    async def _scale_back(self, state: AppState, deadline: float) -> None:
+    async def _scale_back(self, state: AppState, deadline: float, phases: Phases | None = None) -> None:
         """Workers to 0 and back: a fresh worker thread and aggregator, then READY and answering."""
+        phases = phases or Phases(time.monotonic())
         status, body = await self.management.describe(state.name)
         low, high = health.worker_counts(body) if status == 200 else (1, 1)
         await self.management.scale(state.name, 0, 0, deadline)
+        phases.end("scale to 0")
         await self.management.scale(state.name, low, high, deadline)
-        await self._until_answers(state, deadline - time.monotonic())
+        phases.end(f"scale to {low}")
+        await self._until_answers(state, deadline - time.monotonic(), phases)
 
-    async def _until_answers(self, state: AppState, timeout_s: float) -> None:
+    async def _until_answers(self, state: AppState, timeout_s: float, phases: Phases | None = None) -> None:
         """A READY worker and a one-token prediction answered 200, within ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
+        poll_s = ANSWER_POLL_S if phases is not None else STARTUP_POLL_S
+        ready = False
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx2.HTTPError):
-                if await self.management.answers(state.name):
-                    return
-            await asyncio.sleep(0.5)
+                status, body = await self.management.describe(state.name)
+                if health.readiness_from_description(state.name, status, body).ready:
+                    if not ready and phases is not None:
+                        phases.end("worker READY")
+                    ready = True
+                    if await self.management.probe(state.name):
+                        if phases is not None:
+                            phases.end("first answer")
+                        return
+            await asyncio.sleep(poll_s)
         raise HealFailed(f"{state.name} had no READY worker that answers within {timeout_s:.0f} s")
 
     async def restart_torchserve(self, cause: str) -> None:

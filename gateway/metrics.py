@@ -68,6 +68,21 @@ class FrontMetrics:
             ("app",),
             registry=self.registry,
         )
+        self.replays = Counter(
+            "llm_front_replays",
+            "Predictions sent again after their worker died before a byte of the answer went out, by how"
+            " the replay ended: answered, lost-again (a second death: a suspected poison request, 507),"
+            " not-served (no worker in time), client-left",
+            ("app", "outcome"),
+            registry=self.registry,
+        )
+        self.heal_waits = Counter(
+            "llm_front_heal_waits",
+            "Predictions that arrived while their app healed, by how the wait ended: served, full"
+            " (LLM_HEAL_WAIT_REQUESTS were waiting: 503), timeout (LLM_HEAL_WAIT_S: 503), client-left",
+            ("app", "outcome"),
+            registry=self.registry,
+        )
         self.disconnects = Counter(
             "llm_front_client_disconnects",
             "Clients that went away before their answer was complete",

@@ -2,11 +2,20 @@
 
 The body is read whole (it is bounded by ``max_request_bytes``, and TorchServe wants a
 Content-Length anyway); the answer is streamed: its bytes go to the client as TorchServe
-sends them, so a streaming generation reaches the client token by token. Three things can
-end a relay early:
+sends them, so a streaming generation reaches the client token by token. A stream's first
+piece is read before anything goes to the client, so until then the prediction can still be
+sent again.
 
-- the worker died (the healer cuts the ``HeldRequest``): 507 JSON saying to retry, or, once a
-  stream has started, a last JSON line saying so;
+While the app heals, a prediction waits in the front until it serves again
+(``heal_wait_s``, ``heal_wait_requests``; 503 with ``Retry-After`` past either). An app still
+starting answers 503 at once: a start can take minutes, and Vertex sends no traffic before
+the health route says 200 anyway. Then, what can end a relay early:
+
+- the worker died (the healer cuts the ``HeldRequest`` on the async path; TorchServe answers
+  ``Worker died.`` on the dynamic one) before a byte reached the client: the prediction is
+  sent again once the app serves, once (``HeldRequest.replay`` decides); a second death
+  answers 507. Once a stream has begun, it ends with its protocol's error event, saying it
+  was cut;
 - the client went away: the upstream request is closed, and the app's workers are told to
   stop its generation (``gateway.cancel``; TorchServe 0.12 itself would not tell the handler);
 - TorchServe does not answer: 502 JSON.
@@ -26,6 +35,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from gateway.apps import AppState
 from gateway.contract import REQUEST_ID_HEADER, predict_route
 from gateway.held_request import HeldRequest
 
@@ -48,6 +58,17 @@ HOP_BY_HOP = frozenset(
     }
 )
 WORKER_DIED = "the model worker died during this request; retry it"
+STREAM_CUT = "the model worker died during this answer, which is cut short here; retry it"
+# How long a prediction that TorchServe failed waits to learn whether its worker died (the
+# healer looks every 0.2 s).
+WORKER_DEATH_SEEN_S = 2.0
+
+
+class Lost:
+    """The worker died before a byte of the answer reached the client: the prediction may be sent again."""
+
+
+LOST = Lost()
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None, **extra) -> JSONResponse:
@@ -153,8 +174,8 @@ async def relay(request: Request, app: str, path: str, dialect: Dialect = NATIVE
     state = front.apps.get(app)
     if state is None:
         return dialect.error(404, f"no app named {app!r}; served: {front.apps.names()}", field="app")
-    if not state.ready:
-        return unavailable(front, app, "being restarted after a worker crash" if state.healing else "still loading", dialect)
+    if not state.ready and not state.healing:
+        return unavailable(front, app, "still loading", dialect)
     arrived = time.monotonic()
     if body is None:
         try:
@@ -164,12 +185,52 @@ async def relay(request: Request, app: str, path: str, dialect: Dialect = NATIVE
         except ClientDisconnect:
             front.metrics.disconnects.labels(app).inc()
             return Response(status_code=499)
+    refusal = await _until_serving(front, state, request, dialect)
+    if refusal is not None:
+        return refusal
     with HeldRequest(front.apps, front.metrics, app, arrived, lambda id_: front.canceller.cancel(app, id_)) as held:
-        return held.answered(await _forward(front, request, path, body, held, dialect))
+        while True:
+            answer = await _forward(front, request, path, body, held, dialect)
+            if not isinstance(answer, Lost):
+                return held.answered(answer)
+            if not held.replay(body):
+                return held.answered(_worker_died(front, dialect))
+            # TorchServe answers "Worker died." before the healer's next look: let it mark the
+            # heal first, so the replay waits for the app rather than queueing ahead of its probe.
+            await held.worker_died(WORKER_DEATH_SEEN_S)
+            refusal = await _until_serving(front, state, request, dialect, replay=True)
+            if refusal is not None:
+                held.replay_ended("client-left" if refusal.status_code == 499 else "not-served")
+                return held.answered(refusal)
+            held.hold()
 
 
-async def _forward(front, request: Request, path: str, body: bytes, held: HeldRequest, dialect: Dialect) -> Response:
-    """TorchServe's answer, or the front's own when the worker died, the client left or TorchServe failed."""
+async def _until_serving(front, state: AppState, request: Request, dialect: Dialect, replay: bool = False) -> Response | None:
+    """None once ``state`` serves (at once, unless it heals); else the answer: 503 (507 for a
+    replay, whose worker died) past the wait's bounds, 499 when the client left meanwhile."""
+    if state.serving.is_set():
+        return None
+    settings = front.settings
+    bound = None if replay else settings.heal_wait_requests
+    outcome = await front.apps.until_serving(state, settings.heal_wait_s, bound, _disconnected(request))
+    if not replay:
+        front.metrics.heal_waits.labels(state.name, WAIT_OUTCOMES[outcome]).inc()
+    if outcome == "serving":
+        return None
+    if outcome == "gone":
+        front.metrics.disconnects.labels(state.name).inc()
+        return Response(status_code=499)
+    if replay:
+        return _worker_died(front, dialect)
+    return unavailable(front, state.name, "being restarted after a worker crash", dialect)
+
+
+WAIT_OUTCOMES = {"serving": "served", "full": "full", "timeout": "timeout", "gone": "client-left"}
+
+
+async def _forward(front, request: Request, path: str, body: bytes, held: HeldRequest, dialect: Dialect) -> Response | Lost:
+    """TorchServe's answer; ``LOST`` when the worker died before a byte of it reached the client;
+    the front's own answer when the client left or TorchServe failed."""
     headers = [h for h in forwardable(request.headers) if h[0].lower() != REQUEST_ID_HEADER.lower()] + list(dialect.headers)
     headers.append((REQUEST_ID_HEADER, held.request_id))
     headers.append(("X-Forwarded-For", request.client.host if request.client else ""))
@@ -192,7 +253,7 @@ async def _forward(front, request: Request, path: str, body: bytes, held: HeldRe
         sending.cancel()
         cut.cancel()
         if held.cut.is_set():
-            return _worker_died(front, dialect)
+            return LOST
         held.client_left()
         return Response(status_code=499)
     try:
@@ -200,19 +261,18 @@ async def _forward(front, request: Request, path: str, body: bytes, held: HeldRe
     except httpx2.HTTPError as exc:
         cut.cancel()
         if held.cut.is_set():
-            return _worker_died(front, dialect)
+            return LOST
         log.warning("TorchServe failed for %s %s: %s", request.method, path, exc)
         return dialect.error(502, "TorchServe is not answering; retry it")
     if held.cut.is_set():
         cut.cancel()
         await response.aclose()
-        return _worker_died(front, dialect)
-    held.waited(response.status_code)
+        return LOST
     streaming = "chunked" in response.headers.get("transfer-encoding", "").lower()
     reword = dialect.rewords_upstream and response.status_code >= 400
     if (response.status_code in (500, 507) or reword) and not streaming:
         # The dynamic path: TorchServe answers a dead worker's requests itself, as
-        # {"message": "Worker died."} (500 or 507). Say it the same way on both paths.
+        # {"message": "Worker died."} (500 or 507).
         try:
             text = await response.aread()
         except httpx2.HTTPError:
@@ -221,11 +281,27 @@ async def _forward(front, request: Request, path: str, body: bytes, held: HeldRe
             cut.cancel()
             await response.aclose()
         if b"Worker died" in text:
-            return _worker_died(front, dialect)
+            return LOST
+        held.waited(response.status_code)
         if reword and not _in_shape(text):
             return dialect.error(response.status_code, _upstream_message(text))
         kept = {k: v for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP}
         return Response(text, response.status_code, kept)
+    held.waited(response.status_code)
+    raw = response.aiter_raw().__aiter__()
+    first = b""
+    if streaming:
+        # Nothing has reached the client yet: until the first piece comes, a death is a replay.
+        first_piece = await _first_piece(raw, cut, request)
+        if first_piece is None or isinstance(first_piece, Lost):
+            cut.cancel()
+            await response.aclose()
+            if first_piece is None:
+                held.client_left()
+                return Response(status_code=499)
+            return LOST
+        first = first_piece
+        held.first_byte(response.status_code)
     answer_headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in HOP_BY_HOP]
     if response.status_code == 503 and "retry-after" not in response.headers:
         # TorchServe's "queue full" (its message says "no worker"): it means retry later.
@@ -238,11 +314,32 @@ async def _forward(front, request: Request, path: str, body: bytes, held: HeldRe
         held.release()
 
     return StreamingResponse(
-        _pieces(held, response, cut, streaming, dialect),
+        _pieces(held, response, raw, first, cut, streaming, dialect),
         status_code=response.status_code,
         headers=_header_dict(answer_headers, response),
         background=BackgroundTask(cleanup),
     )
+
+
+async def _first_piece(raw: AsyncIterator[bytes], cut: asyncio.Future, request: Request) -> bytes | Lost | None:
+    """A stream's first piece (b"" for an empty stream); ``LOST`` when the worker died first (the
+    healer's cut, or the connection broken while the app heals); None when the client left."""
+    piece = asyncio.ensure_future(raw.__anext__())
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({piece, cut, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not piece.done():
+        piece.cancel()
+        return LOST if cut.done() else None
+    try:
+        return piece.result()
+    except StopAsyncIteration:
+        return b""
+    except httpx2.HTTPError as exc:
+        log.warning("TorchServe's stream broke off before its first piece: %s", exc)
+        return LOST
 
 
 def _header_dict(items: list[tuple[str, str]], response: httpx2.Response) -> dict[str, str]:
@@ -256,19 +353,26 @@ def _header_dict(items: list[tuple[str, str]], response: httpx2.Response) -> dic
 
 
 async def _pieces(
-    held: HeldRequest, response: httpx2.Response, cut: asyncio.Future, streaming: bool, dialect: Dialect
+    held: HeldRequest,
+    response: httpx2.Response,
+    raw: AsyncIterator[bytes],
+    first: bytes,
+    cut: asyncio.Future,
+    streaming: bool,
+    dialect: Dialect,
 ) -> AsyncIterator[bytes]:
-    """The answer's bytes as they arrive; a dead worker ends the stream with a JSON line saying so."""
+    """The answer's bytes as they arrive, after ``first`` (a stream's first piece, already read);
+    a dead worker ends the stream with the protocol's error event saying it was cut."""
     status = response.status_code
-    first = True
-    raw = response.aiter_raw().__aiter__()
     try:
+        if first:
+            yield first
         while True:
             piece = asyncio.ensure_future(raw.__anext__())
             await asyncio.wait({piece, cut}, return_when=asyncio.FIRST_COMPLETED)
             if not piece.done():
                 piece.cancel()
-                yield dialect.broken_stream(WORKER_DIED, 507)
+                yield dialect.broken_stream(STREAM_CUT, 507)
                 return
             try:
                 data = piece.result()
@@ -277,11 +381,12 @@ async def _pieces(
             except httpx2.HTTPError as exc:
                 log.warning("TorchServe's answer to %s broke off: %s", held.app, exc)
                 if streaming:
-                    yield dialect.broken_stream("TorchServe broke off the answer; retry it", 502)
+                    # The dynamic path: TorchServe breaks off the streams of a worker that died.
+                    if await held.worker_died(WORKER_DEATH_SEEN_S):
+                        yield dialect.broken_stream(STREAM_CUT, 507)
+                    else:
+                        yield dialect.broken_stream("TorchServe broke off the answer; retry it", 502)
                 return
-            if first and streaming:
-                held.first_byte(status)
-            first = False
             yield data
     except asyncio.CancelledError:
         held.client_left()

@@ -50,6 +50,11 @@ class FrontSettings:
     # Connections the front accepts at once; beyond, uvicorn answers 503.
     max_connections: int = 512
     retry_after_s: int = 5
+    # While an app heals, predictions wait in the front for it, up to this long and this many
+    # at once; past either bound they get 503 with Retry-After. Sized so a normal heal (under
+    # 30 s on a loaded CPU host) never refuses; a replay waits under the same time bound.
+    heal_wait_s: float = 120.0
+    heal_wait_requests: int = 256
     # LLM_API_KEY: when set, every route but the health routes wants it (gateway.auth). Never in a repr.
     api_key: str | None = field(default=None, repr=False)
 
@@ -83,6 +88,8 @@ class FrontSettings:
             upstream_timeout_s=_positive_float(env, "LLM_GATEWAY_TIMEOUT_S", 600.0),
             max_connections=int(_positive_float(env, "LLM_MAX_CONNECTIONS", 512)),
             header_timeout_s=_positive_float(env, "LLM_HEADER_TIMEOUT_S", 10.0),
+            heal_wait_s=_positive_float(env, "LLM_HEAL_WAIT_S", 120.0),
+            heal_wait_requests=int(_positive_float(env, "LLM_HEAL_WAIT_REQUESTS", 256)),
             api_key=env.get("LLM_API_KEY", "").strip() or None,
         )
 

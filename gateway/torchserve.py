@@ -229,7 +229,9 @@ class TorchServeProcess:
         config.write_text(self.config_text(self.ports, tmp))
         env = {k: v for k, v in self.env.items() if not _overrides_ours(k)}
         # TEMP becomes -Djava.io.tmpdir (worker sockets), TMPDIR the launcher's pid file folder.
-        env.update(TEMP=str(tmp), TMPDIR=str(tmp))
+        # LLM_TORCHSERVE_TMP tells the workers that folder lives as long as this TorchServe: a
+        # worker started again within it (a heal) skips the warm-up (handler.service).
+        env.update(TEMP=str(tmp), TMPDIR=str(tmp), LLM_TORCHSERVE_TMP=str(tmp))
         # The run folder outlives TorchServe's restarts: the workers keep `dtype: auto`'s decision
         # there (handler.settings), so a heal does not time the candidates again.
         env.setdefault("LLM_RUN_DIR", str(self.run_dir))

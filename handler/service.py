@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -45,6 +46,19 @@ Prepared = list[Prompt] | RequestError
 CLIENT_GONE = RequestError("the client closed the request", status=499)
 # The warm-up's one constrained request: the simplest format, which every tokenizer can follow.
 WARM_UP_FORMAT = ResponseFormat("json_object")
+
+
+def warm_up_marker(settings: HandlerSettings, model_name: str) -> Path | None:
+    """The file that says a worker of this TorchServe warmed up already; None when every start warms up.
+
+    The warm-up shows at start that generation (and a grammar's mask) works on this device,
+    and spares the first user its first-call costs. A worker started again within one
+    TorchServe's life (a heal: the front empties TorchServe's temp folder at each of its starts)
+    learns nothing new from it, and its first request is one the front holds for the heal
+    anyway, so it skips it. A compiled model always warms up: that is where it compiles."""
+    if settings.torchserve_tmp is None or settings.compile:
+        return None
+    return Path(settings.torchserve_tmp) / f"warmed-up-{model_name}"
 
 
 def needs_compiling(prepared: Prepared) -> bool:
@@ -86,12 +100,22 @@ class Service:
 
     @classmethod
     def _start(cls, settings: HandlerSettings, model_dir: Path, device: torch.device, model_name: str) -> Service:
+        started = time.monotonic()
         loaded = load_model(model_dir, settings, device)
+        loading = time.monotonic() - started
         grammars = cls.grammars_for(loaded, settings)
         dynamic = DynamicScheduler(loaded, settings.deadline_seconds)
-        if settings.warmup:
+        marker = warm_up_marker(settings, model_name)
+        warming = time.monotonic()
+        if settings.warmup and not (marker is not None and marker.exists()):
             grammars.start()
             dynamic.warm_up(settings.batch_size if settings.compile else 1, cls.warm_up_format(grammars))
+            if marker is not None:
+                marker.touch()
+            warm_up = f"warm-up {time.monotonic() - warming:.1f} s"
+        else:
+            warm_up = "no warm-up" if not settings.warmup else "no warm-up (this TorchServe warmed a worker already)"
+        logger.info("model started in %.1f s: load %.1f s, %s", time.monotonic() - started, loading, warm_up)
         if settings.batching != "continuous":
             return cls(settings, loaded, dynamic, model_name=model_name, grammars=grammars)
         continuous = ContinuousScheduler(loaded, settings.continuous, settings.deadline_seconds)

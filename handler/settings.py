@@ -108,6 +108,10 @@ class HandlerSettings:
     # that restarts and heals reuse it: by default in $LLM_CACHE_DIR, else in the front's run
     # folder $LLM_RUN_DIR, which outlives TorchServe's restarts; absent, every start times anew.
     dtype_cache_file: str | None = None
+    # TorchServe's own temp folder, which the front empties at each start of TorchServe
+    # ($LLM_TORCHSERVE_TMP): a worker that finds its model's warm-up marker there is a worker
+    # started again within one TorchServe's life (a heal), and skips the warm-up (handler.service).
+    torchserve_tmp: str | None = None
     model_dir_override: str | None = None
     storage_uri: str | None = None
     # The front's run folder ($LLM_RUN_DIR): each worker binds its cancel socket there (handler.cancellation)
@@ -119,7 +123,7 @@ class HandlerSettings:
     @classmethod
     def from_config(cls, model_yaml_config: Mapping[str, Any] | None, environ: Mapping[str, str]) -> HandlerSettings:
         section = dict((model_yaml_config or {}).get("handler") or {})
-        from_env = {"model_dir_override", "storage_uri", "run_dir", "workers", "batch_size", "dtype_source"}
+        from_env = {"model_dir_override", "storage_uri", "run_dir", "torchserve_tmp", "workers", "batch_size", "dtype_source"}
         known = {f.name for f in fields(cls)} - from_env
         problem = unknown_names(section, sorted(known), "keys in handler config")
         if problem:
@@ -143,6 +147,7 @@ class HandlerSettings:
             model_dir_override=environ.get("LLM_MODEL_DIR") or None,
             storage_uri=environ.get("AIP_STORAGE_URI") or None,
             run_dir=environ.get("LLM_RUN_DIR") or None,
+            torchserve_tmp=environ.get("LLM_TORCHSERVE_TMP") or None,
             workers=max(1, int((model_yaml_config or {}).get("maxWorkers") or 1)),
             batch_size=max(1, int((model_yaml_config or {}).get("batchSize") or 1)),
         )

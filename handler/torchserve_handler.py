@@ -86,8 +86,23 @@ def request_id_of(context, index: int) -> str | None:
     return header_of(context, index, REQUEST_ID_HEADER)
 
 
+def seconds_since_process_start() -> float | None:
+    """How long this worker process has run (Linux's /proc): its Python start and imports, when
+    `initialize` begins; None where /proc does not say."""
+    try:
+        # Field 22 of /proc/self/stat, after the command name in parentheses (which may hold spaces).
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
 class LLMHandler(BaseHandler):
     def initialize(self, context) -> None:
+        before = seconds_since_process_start()
+        if before is not None:
+            logger.info("worker process up %.1f s before initialize (Python's start and imports)", before)
         settings = HandlerSettings.from_config(context.model_yaml_config, os.environ)
         properties = context.system_properties
         model_dir = weights_dir(Path(properties["model_dir"]), settings.model_dir_override, settings.storage_uri)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,7 @@ def load_model(model_dir: Path, settings: HandlerSettings, device: torch.device)
     logger.info("serving on %s", describe_device(device))
     quiet_optional_backends()
     torch.set_num_threads(pick_threads(settings))
+    started = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=settings.trust_remote_code)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -154,6 +156,7 @@ def load_model(model_dir: Path, settings: HandlerSettings, device: torch.device)
     if not settings.device_map:
         model.to(device)
     model.eval()
+    loaded = time.monotonic()
     choice = None
     if measures_dtype(settings, device):
         rows = settings.dtype_probe_rows or 1
@@ -171,7 +174,15 @@ def load_model(model_dir: Path, settings: HandlerSettings, device: torch.device)
         model = quantize_for_cpu(model, settings.quantization, compiled=settings.compile)
     if settings.compile:
         compile_forward(model)
-    logger.info("loaded %s on %s as %s, %d torch threads", model.config.model_type, device, dtype, torch.get_num_threads())
+    logger.info(
+        "loaded %s on %s as %s, %d torch threads: tokenizer and weights %.1f s, dtype and quantization %.1f s",
+        model.config.model_type,
+        device,
+        dtype,
+        torch.get_num_threads(),
+        loaded - started,
+        time.monotonic() - loaded,
+    )
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,

@@ -320,9 +320,9 @@ def test_only_the_front_listens_beyond_loopback(full):
     assert exposed and {port for _, port in exposed} == {int(VERTEX_ENV["AIP_HTTP_PORT"])}, sockets
 
 
-def test_a_killed_worker_is_answered_and_healed_in_the_container(full, record_property):
-    """The shipped continuous path: what the dead worker held gets a 5xx JSON at once, every request
-    sent while it heals gets an answer (200, or 503 with Retry-After), and the app serves again."""
+def test_a_killed_worker_is_not_seen_by_the_client_in_the_container(full, record_property):
+    """The shipped continuous path: what the dead worker held is sent again once the app serves
+    (200), a request sent while it heals waits in the front (200, no 503), and a new worker serves."""
     container, _ = full
     route = VERTEX_ENV["AIP_PREDICT_ROUTE"]
     held: list = []
@@ -334,21 +334,13 @@ def test_a_killed_worker_is_answered_and_healed_in_the_container(full, record_pr
     [worker] = container.exec("python", "-c", WORKER_PIDS).stdout.split()
     container.exec("python", "-c", f"import os, signal; os.kill({worker}, signal.SIGKILL)")
     killed = time.monotonic()
+    status, _, body = container.request("POST", route, SHORT_GREEDY, timeout=HANG_GUARD_S)
+    assert status == 200, (status, body)
+    record_property("seconds_to_first_answer", round(time.monotonic() - killed, 1))
     caller.join(HANG_GUARD_S)
     assert not caller.is_alive(), "the request the dead worker held never got an answer"
     [(status, _, body)] = held
-    assert 500 <= status < 600 and "retry" in json.loads(body)["error"], (status, body)
-    seen = []
-    while time.monotonic() - killed < HANG_GUARD_S:
-        status, headers, body = container.request("POST", route, SHORT_GREEDY, timeout=HANG_GUARD_S)
-        seen.append(status)
-        if status == 200:
-            break
-        assert status in (503, 507) and "retry-after" in headers, (status, body)
-        time.sleep(1)
-    assert seen[-1] == 200, seen
-    record_property("seconds_to_heal", round(time.monotonic() - killed, 1))
-    record_property("statuses_while_healing", seen)
+    assert status == 200 and json.loads(body)["predictions"][0]["generated_text"], (status, body)
     new_workers = container.exec("python", "-c", WORKER_PIDS).stdout.split()
     assert new_workers and worker not in new_workers
 

@@ -1,29 +1,40 @@
-"""Kill the model worker in the middle of a request, on the real process tree (front, healer, TorchServe).
+"""Kill the model worker in the middle of requests, on the real process tree (front, healer, TorchServe).
 
-On both batching paths: the client of the killed request gets a 5xx JSON answer at once,
-not a hang; small requests sent every half second while the app heals are each answered
-(200, or 503 with Retry-After); the health route is 503 while the app heals and 200 again
-after; the app comes back by itself; the heal is counted in the front's metrics; and the
-process tree has as many launcher, Java and worker processes after as before.
+What the client sees of a crash, on both batching paths:
 
-The dynamic path shows a request queued behind the killed one survives the crash (TorchServe
-answers the killed one itself, which the front words as on the other path, and its restarted
-worker serves the queued one). On the
-continuous path (TorchServe's async mode) TorchServe would never answer what the dead worker
-held, and its restarted worker thread can fail forever; the front answers 507 and brings the
-app back by scaling its workers to 0 and up. Last, TorchServe itself is killed: the front
-starts it again.
+- eight greedy requests the dead worker held all get 200, with the same texts as without the
+  kill: the front sends each one again once the app serves (on the continuous path the healer
+  cuts them, on the dynamic one TorchServe answers them ``Worker died.``; the front replays
+  both);
+- of eight streams, each that had begun ends with its protocol's error event (native JSON
+  line, OpenAI's, Anthropic's and the Responses API's), each that had not completes with its
+  full text;
+- requests sent while the app heals wait in the front and get 200, none 503; the health
+  route is 503 while it heals and 200 after; the heal is counted; the process tree has as
+  many launcher, Java and worker processes after as before;
+- a request held by a worker that dies a second time, after its replay, gets 507 with
+  Retry-After and is logged as a suspected poison request;
+- five kills in a row on the default app (continuous, ``dtype: auto``), each one's seconds
+  to the first answer recorded (issue 28's 10 s median is `bench.crash_drill`'s to judge).
+
+The replay tests pin float32 so greedy text compares across batches (as tests/integration's
+keyed server does) and drop the app's deadline, which would cut a slow reference run short;
+the five kills use the app's own config. Last, TorchServe itself is
+killed: the front starts it again.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
+import statistics
 import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -34,40 +45,70 @@ from tests.support.waiting import wait_for
 
 MODEL = "smollm2"
 HANG_GUARD_S = int(os.environ.get("HANG_GUARD_S", 300))
-LONG = {"parameters": {"max_new_tokens": 400, "min_new_tokens": 400}}
 SMALL = {"instances": ["Name a colour:"], "parameters": {"max_new_tokens": 2, "temperature": 0}}
+TOKENS = 24
+PROMPTS = [
+    "Write a long story about a dragon who learns to bake bread.",
+    "Explain in detail how a steam engine works.",
+    "Describe a walk through a busy market in the morning.",
+    "Tell me everything you know about the history of tea.",
+    "Write a letter to a friend about a trip to the mountains.",
+    "Explain how to grow tomatoes on a balcony, step by step.",
+    "Describe the life of a lighthouse keeper on a stormy island.",
+    "Write a long poem about the sea and the moon.",
+]
+
+
+def comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """Greedy text that compares across batches: float32, and no deadline to cut a slow run short."""
+    config["handler"]["dtype"] = "float32"
+    config["handler"].pop("deadline_seconds", None)
+    return config
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterator[TorchServe]:
-    # The classic path, where a second request waits in TorchServe's queue while the worker is
-    # busy: the test shows that queued request survives the crash. (In async mode every
-    # request goes to the worker at once, so there is no queued request to keep.)
-    torchserve = start_app(tmp_path_factory.mktemp("worker-crash"), MODEL, dynamic_model_config("smollm2"))
-    yield torchserve
-    torchserve.stop()
+def dynamic_server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterator[TorchServe]:
+    """The classic path: TorchServe answers a dead worker's requests itself and retries the worker."""
+    server = start_app(tmp_path_factory.mktemp("crash-dynamic"), MODEL, comparable(dynamic_model_config("smollm2")))
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")
 def continuous_server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterator[TorchServe]:
-    """The shipped path: TorchServe's async mode, every request in the worker at once."""
-    torchserve = start_app(tmp_path_factory.mktemp("worker-crash-continuous"), MODEL, continuous_model_config("smollm2"))
-    yield torchserve
-    torchserve.stop()
+    """TorchServe's async mode, every request in the worker at once; the healer cuts what it held."""
+    server = start_app(tmp_path_factory.mktemp("crash-continuous"), MODEL, comparable(continuous_model_config("smollm2")))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def default_server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterator[TorchServe]:
+    """The shipped app as it is (continuous, ``dtype: auto``)."""
+    server = start_app(tmp_path_factory.mktemp("crash-default"), MODEL, continuous_model_config("smollm2"))
+    yield server
+    server.stop()
+
+
+def serving(request: pytest.FixtureRequest, path: str) -> TorchServe:
+    return request.getfixturevalue(f"{path}_server")
+
+
+# --- clients ----------------------------------------------------------------------------
 
 
 def lower(headers) -> dict[str, str]:
     return {name.lower(): value for name, value in headers.items()}
 
 
-def answer_of(url: str, timeout: float = 10) -> tuple[int, dict[str, str]]:
+def answer_of(url: str, timeout: float = 10) -> int:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status, lower(response.headers)
+            return response.status
     except urllib.error.HTTPError as error:
-        return error.code, lower(error.headers)
+        return error.code
     except (urllib.error.URLError, OSError):
-        return 0, {}
+        return 0
 
 
 def post_with_headers(url: str, body: Any) -> tuple[int, dict[str, str], Any]:
@@ -86,32 +127,37 @@ def describe(server: TorchServe) -> dict[str, Any]:
         return json.load(response)[0]
 
 
-def heals(server: TorchServe) -> dict[str, float]:
-    """``llm_front_heals_total`` by method, from the front's metrics port."""
+def worker_pid(server: TorchServe) -> int:
+    return describe(server)["workers"][0]["pid"]
+
+
+def front_metric(server: TorchServe, name: str, **labels: str) -> float:
+    """The sum of the front's samples of ``name`` whose labels include ``labels``."""
     with urllib.request.urlopen(f"{server.metrics}/metrics", timeout=30) as response:
         text = response.read().decode()
-    counts: dict[str, float] = {}
+    total = 0.0
     for line in text.splitlines():
-        if line.startswith("llm_front_heals_total{"):
-            method = line.split('method="', 1)[1].split('"', 1)[0]
-            counts[method] = counts.get(method, 0) + float(line.rsplit(" ", 1)[1])
-    return counts
+        if line.startswith(name + "{") and all(f'{key}="{value}"' in line for key, value in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 class Call(threading.Thread):
-    """One prediction through the front in the background, its answer kept."""
+    """One native prediction through the front in the background, its answer kept."""
 
     def __init__(self, server: TorchServe, body: dict[str, Any]):
         super().__init__(daemon=True)
         self.url, self.body = f"{server.url}/predictions/{MODEL}", body
         self.answer: tuple[int, dict[str, str], Any] | None = None
+        self.answered_at = 0.0
 
     def run(self) -> None:
         self.answer = post_with_headers(self.url, self.body)
+        self.answered_at = time.monotonic()
 
 
 class Trickle(threading.Thread):
-    """A small request every half second until stopped; each one's answer kept."""
+    """A small request every second until stopped (once the app healed); each one's answer kept."""
 
     def __init__(self, server: TorchServe):
         super().__init__(daemon=True)
@@ -124,7 +170,7 @@ class Trickle(threading.Thread):
             call = Call(self.server, SMALL)
             call.start()
             self.calls.append(call)
-            self.done.wait(0.5)
+            self.done.wait(1.0)
 
     def stop(self) -> list[tuple[int, dict[str, str], Any]]:
         self.done.set()
@@ -135,104 +181,276 @@ class Trickle(threading.Thread):
         return [call.answer for call in self.calls]
 
 
-def assert_answered_while_healing(answers: list[tuple[int, dict[str, str], Any]]) -> None:
-    statuses = {status for status, _, _ in answers}
-    assert statuses <= {200, 503, 507}, statuses  # 0 would be a hang or a dropped connection
-    for status, headers, body in answers:
-        if status == 503:
-            assert headers.get("retry-after"), body
-            assert "retry" in json.dumps(body).lower(), body
-    assert answers[-1][0] == 200, answers[-1]
+def greedy(prompt: str) -> dict[str, Any]:
+    return {"instances": [prompt], "parameters": {"max_new_tokens": TOKENS, "min_new_tokens": TOKENS, "temperature": 0}}
 
 
-def test_a_dynamic_worker_killed_mid_request_is_replaced(server, record_property):
-    health = f"{server.url}/health"
-    assert answer_of(health)[0] == 200
-    old = describe(server)["workers"][0]
-    before_tree = {kind: len(pids) for kind, pids in server.processes().items()}
-    heals_before = sum(heals(server).values())
-
-    batches = server.batches_received()
-    long_call = Call(server, {"instances": ["Count to a thousand:"], **LONG})
-    long_call.start()
-    wait_for(lambda: server.batches_received() > batches, "the long request to reach the worker")
-    queued_call = Call(server, {"instances": ["The capital of France is"], "parameters": {"max_new_tokens": 2}})
-    queued_call.start()
-    wait_for(lambda: describe(server)["jobQueueStatus"]["pendingRequests"] >= 1, "the second request to queue")
-
-    os.kill(old["pid"], signal.SIGKILL)
-    killed = time.monotonic()
-    trickle = Trickle(server)
-    trickle.start()
-    health_seen = []
-
-    def healed() -> bool:
-        health_seen.append(answer_of(health)[0])
-        return health_seen[-1] == 200 and 503 in health_seen
-
-    wait_for(healed, "the front's health route to report the outage, then the healed app")
-    seconds = time.monotonic() - killed
-    time.sleep(1)
-    answers = trickle.stop()
-    long_call.join(HANG_GUARD_S)
-    queued_call.join(HANG_GUARD_S)
-
-    status, headers, answer = long_call.answer
-    assert status == 507, answer  # TorchServe's "Worker died." (500 or 507), said as on the other path
-    assert "worker died" in answer["error"] and "retry" in answer["error"]
-    assert headers.get("retry-after")
-    assert queued_call.answer[0] == 200, queued_call.answer
-    assert queued_call.answer[2]["predictions"][0]["generated_text"]
-    assert_answered_while_healing(answers)
-    assert sum(heals(server).values()) == heals_before + 1
-    assert describe(server)["workers"][0]["pid"] != old["pid"]
-    wait_for(lambda: {k: len(p) for k, p in server.processes().items()} == before_tree, "no leftover process")
-    record_property("seconds_to_health_200", round(seconds, 1))
-    record_property("trickle_statuses", sorted({s for s, _, _ in answers}))
+def texts_of(calls: list[Call]) -> list[str]:
+    texts = []
+    for call in calls:
+        status, _, body = call.answer
+        assert status == 200, body
+        texts.append(body["predictions"][0]["generated_text"])
+    return texts
 
 
-def test_requests_succeed_after_the_restart(server):
-    status, answer = server.post(MODEL, SMALL, timeout=HANG_GUARD_S)
-    assert status == 200 and answer["predictions"][0]["generated_text"]
-
-
-def test_a_continuous_worker_killed_mid_request_is_answered_and_healed(continuous_server, record_property):
-    server = continuous_server
-    old = describe(server)["workers"][0]
-    before_tree = {kind: len(pids) for kind, pids in server.processes().items()}
-    heals_before = heals(server).get("scale", 0)
-    batches = server.batches_received()
-    held = [Call(server, {"instances": [f"Count to a thousand ({i}):"], **LONG}) for i in range(2)]
-    for call in held:
+def run_all(calls: list[Call]) -> list[Call]:
+    for call in calls:
         call.start()
-    wait_for(lambda: server.batches_received() >= batches + 2, "both requests to reach the worker")
+    for call in calls:
+        call.join(HANG_GUARD_S)
+        assert not call.is_alive(), "a request never got an answer"
+    return calls
 
-    os.kill(old["pid"], signal.SIGKILL)
-    killed = time.monotonic()
-    trickle = Trickle(server)
-    trickle.start()
-    for call in held:
+
+# --- streams in four protocols ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    path: str
+
+    def body(self, prompt: str) -> dict[str, Any]:
+        messages = [{"role": "user", "content": prompt}]
+        if self.name == "native":
+            return {"instances": [prompt], "parameters": {**greedy(prompt)["parameters"], "stream": True}}
+        if self.name == "openai":
+            return {"model": MODEL, "messages": messages, "max_tokens": TOKENS, "temperature": 0, "stream": True}
+        if self.name == "anthropic":
+            return {"model": MODEL, "messages": messages, "max_tokens": TOKENS, "temperature": 0, "stream": True}
+        return {"model": MODEL, "input": prompt, "max_output_tokens": TOKENS, "temperature": 0, "stream": True}
+
+    def events(self, raw: bytes) -> list[dict[str, Any]]:
+        """Each JSON object of the stream: native JSON lines, or SSE ``data:`` lines."""
+        events = []
+        for line in raw.decode().split("\n"):
+            line = line.strip()
+            if self.name != "native":
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                line = line[len("data:") :].strip()
+            if line:
+                events.append(json.loads(line))
+        return events
+
+    def text(self, events: list[dict[str, Any]]) -> str:
+        if self.name == "native":
+            return "".join(event.get("text", "") for event in events if "index" in event)
+        if self.name == "openai":
+            return "".join(choice["delta"].get("content") or "" for e in events for choice in e.get("choices", []))
+        if self.name == "anthropic":
+            return "".join(e["delta"].get("text", "") for e in events if e.get("type") == "content_block_delta")
+        return "".join(e.get("delta", "") for e in events if e.get("type") == "response.output_text.delta")
+
+    def is_error(self, event: dict[str, Any]) -> bool:
+        """The protocol's error event: native ``{"error", "code"}``, OpenAI's ``{"error": {...}}``,
+        Anthropic's and the Responses API's ``{"type": "error"}``."""
+        if self.name == "native":
+            return "error" in event and event.get("code") == 507
+        if self.name == "openai":
+            return isinstance(event.get("error"), dict) and event["error"].get("code") == "worker_died"
+        return event.get("type") == "error"
+
+
+PROTOCOLS = [
+    Protocol("native", f"/predictions/{MODEL}"),
+    Protocol("openai", "/v1/chat/completions"),
+    Protocol("anthropic", "/v1/messages"),
+    Protocol("responses", "/v1/responses"),
+]
+
+
+class Stream(threading.Thread):
+    """One streaming request read piece by piece, each piece stamped on arrival."""
+
+    def __init__(self, server: TorchServe, protocol: Protocol, prompt: str):
+        super().__init__(daemon=True)
+        self.server, self.protocol, self.prompt = server, protocol, prompt
+        self.status = 0
+        self.reads: list[tuple[float, bytes]] = []
+        self.began = threading.Event()
+
+    def run(self) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=HANG_GUARD_S)
+        try:
+            body = json.dumps(self.protocol.body(self.prompt))
+            connection.request("POST", self.protocol.path, body=body, headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            self.status = response.status
+            while data := response.read1(65536):
+                self.reads.append((time.monotonic(), data))
+                self.began.set()
+        finally:
+            self.began.set()
+            connection.close()
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return self.protocol.events(b"".join(data for _, data in self.reads))
+
+    @property
+    def cut(self) -> bool:
+        return bool(self.events) and self.protocol.is_error(self.events[-1])
+
+    def first_at(self) -> float:
+        return self.reads[0][0] if self.reads else float("inf")
+
+    def last_at(self) -> float:
+        return self.reads[-1][0] if self.reads else float("inf")
+
+
+def streams_for(server: TorchServe, which: range) -> list[Stream]:
+    return [Stream(server, PROTOCOLS[i % len(PROTOCOLS)], PROMPTS[i]) for i in which]
+
+
+def finish(streams: list[Stream]) -> None:
+    for stream in streams:
+        stream.join(HANG_GUARD_S)
+        assert not stream.is_alive(), "a stream never ended"
+
+
+# --- the heal, seen from outside ---------------------------------------------------------
+
+
+class Outage:
+    """Watches the health route and sends small requests from the kill until the app serves again."""
+
+    def __init__(self, server: TorchServe):
+        self.server = server
+        self.tree = {kind: len(pids) for kind, pids in server.processes().items()}
+        self.heals = front_metric(server, "llm_front_heals_total")
+        self.health: list[int] = []
+        self.trickle = Trickle(server)
+
+    def kill(self) -> float:
+        self.old = worker_pid(self.server)
+        os.kill(self.old, signal.SIGKILL)
+        killed = time.monotonic()
+        self.trickle.start()
+        return killed
+
+    def healed(self) -> None:
+        """The health route said 503, then 200; every request sent meanwhile got 200; the tree is whole."""
+
+        def healthy_again() -> bool:
+            self.health.append(answer_of(f"{self.server.url}/health"))
+            return self.health[-1] == 200 and 503 in self.health
+
+        wait_for(healthy_again, "the health route to report the outage, then the healed app")
+        time.sleep(1)  # a request or two sent after the heal, too
+        answers = self.trickle.stop()
+        assert [status for status, _, _ in answers] == [200] * len(answers), answers  # waited, never refused
+        assert all(body["predictions"][0]["generated_text"] for _, _, body in answers)
+        assert front_metric(self.server, "llm_front_heals_total") == self.heals + 1
+        assert worker_pid(self.server) != self.old
+        wait_for(
+            lambda: {k: len(p) for k, p in self.server.processes().items()} == self.tree,
+            "the process tree to be as before (no leftover process)",
+        )
+
+
+def wait_received(server: TorchServe, before: int, count: int) -> None:
+    wait_for(lambda: server.batches_received() >= before + count, f"{count} batch(es) to reach the worker")
+
+
+# --- the tests ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["dynamic", "continuous"])
+def test_eight_greedy_requests_held_by_a_killed_worker_all_get_their_text(path, request, record_property):
+    server = serving(request, path)
+    reference = texts_of(run_all([Call(server, greedy(p)) for p in PROMPTS]))
+    replays = front_metric(server, "llm_front_replays_total", outcome="answered")
+
+    before = server.batches_received()
+    calls = [Call(server, greedy(p)) for p in PROMPTS]
+    for call in calls:
+        call.start()
+    # Continuous: every request reaches the worker at once. Dynamic: one batch is on the
+    # worker and the rest wait in TorchServe's queue.
+    wait_received(server, before, 8 if path == "continuous" else 1)
+    outage = Outage(server)
+    killed = outage.kill()
+    outage.healed()
+    for call in calls:
         call.join(HANG_GUARD_S)
         assert not call.is_alive(), "a request the dead worker held never got an answer"
-        status, headers, answer = call.answer
-        assert status == 507, answer
-        assert "worker died" in answer["error"] and "retry" in answer["error"]
-        assert headers.get("retry-after")
-    held_answered = time.monotonic() - killed
+    assert texts_of(calls) == reference
+    assert front_metric(server, "llm_front_replays_total", outcome="answered") >= replays + 1
+    record_property("seconds_kill_to_last_answer", round(max(c.answered_at for c in calls) - killed, 1))
+    record_property("replays", front_metric(server, "llm_front_replays_total", outcome="answered") - replays)
 
-    wait_for(lambda: answer_of(f"{server.url}/health")[0] == 200, "the app to heal by itself")
-    seconds = time.monotonic() - killed
-    time.sleep(1)
-    answers = trickle.stop()
-    assert_answered_while_healing(answers)
-    assert heals(server).get("scale", 0) == heals_before + 1
-    assert describe(server)["workers"][0]["pid"] != old["pid"]
-    wait_for(lambda: {k: len(p) for k, p in server.processes().items()} == before_tree, "no leftover process")
-    status, answer = server.post(MODEL, SMALL, timeout=HANG_GUARD_S)
-    assert status == 200, answer
-    record_property("seconds_to_answer_held", round(held_answered, 1))
-    record_property("seconds_to_health_200", round(seconds, 1))
-    record_property("trickle_statuses", sorted({s for s, _, _ in answers}))
+
+@pytest.mark.parametrize("path", ["dynamic", "continuous"])
+def test_streams_cut_by_a_killed_worker_end_with_their_error_event_and_the_rest_complete(path, request, record_property):
+    server = serving(request, path)
+    reference_streams = streams_for(server, range(8))
+    for stream in reference_streams:
+        stream.start()
+    finish(reference_streams)
+    reference = []
+    for stream in reference_streams:
+        assert stream.status == 200 and not stream.cut, stream.events[-1:]
+        reference.append(stream.protocol.text(stream.events))
+
+    early, late = streams_for(server, range(4)), streams_for(server, range(4, 8))
+    for stream in early:
+        stream.start()
+    for stream in early:
+        stream.began.wait(HANG_GUARD_S)
+    before = server.batches_received()
+    for stream in late:
+        stream.start()
+    if path == "continuous":
+        wait_received(server, before, 4)
+    else:
+        wait_for(lambda: describe(server)["jobQueueStatus"]["pendingRequests"] >= 1, "a stream to queue")
+    outage = Outage(server)
+    killed = outage.kill()
+    outage.healed()
+    finish(early + late)
+
+    completed = 0
+    for stream, text in zip(early + late, reference):
+        began_before_the_kill = stream.first_at() < killed
+        ended_before_the_kill = stream.last_at() < killed
+        if stream.cut:
+            assert (
+                stream.status == 200 and stream.protocol.text(stream.events) == text[: len(stream.protocol.text(stream.events))]
+            )
+            assert "cut short" in json.dumps(stream.events[-1]), stream.events[-1]
+        else:
+            assert stream.status == 200 and stream.protocol.text(stream.events) == text, (stream.protocol.name, path)
+            completed += not ended_before_the_kill
+        if began_before_the_kill and not ended_before_the_kill:
+            assert stream.cut, (stream.protocol.name, "a stream that had begun did not end with its error event")
+    assert completed >= 1, "no stream that had not begun at the kill completed afterwards"
+    assert any(s.cut for s in early), "no stream was cut"
+    record_property("streams_cut", sum(s.cut for s in early + late))
+    record_property("streams_completed_after_the_kill", completed)
+
+
+def test_a_request_held_by_a_second_death_after_its_replay_is_answered_507(continuous_server):
+    server = continuous_server
+    call = Call(server, greedy(PROMPTS[0]) | {"parameters": {"max_new_tokens": 400, "min_new_tokens": 400, "temperature": 0}})
+    before = server.batches_received()
+    call.start()
+    wait_received(server, before, 1)
+    at_first_kill = server.batches_received()
+    os.kill(worker_pid(server), signal.SIGKILL)
+    wait_for(lambda: answer_of(f"{server.url}/health") == 503, "the heal to start")
+    wait_for(lambda: answer_of(f"{server.url}/health") == 200, "the app to heal")
+    wait_received(server, at_first_kill, 2)  # the heal's probe, then the replay
+    os.kill(worker_pid(server), signal.SIGKILL)
+    call.join(HANG_GUARD_S)
+    assert not call.is_alive()
+    status, headers, body = call.answer
+    assert status == 507, body
+    assert "worker died" in body["error"] and "retry" in body["error"] and headers.get("retry-after")
+    assert "suspected poison request" in (server.workdir / "logs" / "stdout.log").read_text(errors="replace")
+    assert front_metric(server, "llm_front_replays_total", outcome="lost-again") == 1
+    wait_for(lambda: answer_of(f"{server.url}/health") == 200, "the app to heal again")
 
 
 def test_torchserve_killed_whole_is_started_again(continuous_server):
@@ -240,10 +458,29 @@ def test_torchserve_killed_whole_is_started_again(continuous_server):
     (java,) = server.processes()["java"]
     old_management = server.management_port
     os.kill(java, signal.SIGKILL)
-    wait_for(lambda: answer_of(f"{server.url}/health")[0] == 503, "the front to notice")
-    wait_for(lambda: answer_of(f"{server.url}/health")[0] == 200, "TorchServe to be started again")
+    wait_for(lambda: answer_of(f"{server.url}/health") == 503, "the front to notice")
+    wait_for(lambda: answer_of(f"{server.url}/health") == 200, "TorchServe to be started again")
     assert server.management_port != old_management  # fresh ports at every start
     status, answer = post(f"{server.url}/predictions/{MODEL}", SMALL, timeout=HANG_GUARD_S)
     assert status == 200, answer
-    assert heals(server).get("restart", 0) >= 1
+    assert front_metric(server, "llm_front_heals_total", method="restart") >= 1
     assert len(server.processes()["java"]) == 1
+
+
+def test_five_kills_in_a_row_on_the_default_app_are_each_answered(default_server, record_property):
+    """Each round: SIGKILL the worker, send a small request at once (it waits in the front, or
+    is cut and replayed), and record the seconds from the kill to its 200. The time is recorded,
+    not asserted: issue 28's 10 s median is judged by `bench.crash_drill`, on a quiet host."""
+    server = default_server
+    seconds = []
+    for _ in range(5):
+        wait_for(lambda: answer_of(f"{server.url}/health") == 200, "the app to serve")
+        old = worker_pid(server)
+        os.kill(old, signal.SIGKILL)
+        killed = time.monotonic()
+        status, _, body = post_with_headers(f"{server.url}/predictions/{MODEL}", SMALL)
+        seconds.append(round(time.monotonic() - killed, 1))
+        assert status == 200, body
+        assert worker_pid(server) != old
+    record_property("seconds_kill_to_first_answer", seconds)
+    record_property("median_s", statistics.median(seconds))

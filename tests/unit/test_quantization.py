@@ -68,6 +68,16 @@ def test_dynamic_methods_replace_every_linear_including_lm_head(method):
     assert model.lm_head._packed_params.dtype == expected
 
 
+def test_fp16_dynamic_is_torchs_quantize_dynamic_built_faster():
+    """The same modules, sizes and packed weights as torch's own, so the same logits to the bit."""
+    from torch.ao.quantization import quantize_dynamic
+
+    ours = quantize_for_cpu(tiny_llama(), "fp16-dynamic")
+    torchs = quantize_dynamic(tiny_llama(), {nn.Linear}, dtype=torch.float16)
+    assert str(ours) == str(torchs)
+    assert torch.equal(logits(ours), logits(torchs))
+
+
 @pytest.mark.parametrize("method, bound", [("int8-dynamic", 0.1), ("fp16-dynamic", 0.01)])
 def test_dynamic_methods_stay_close_to_fp32_and_generate(method, bound):
     reference = logits(tiny_llama())
