@@ -101,13 +101,14 @@ class Service:
     @classmethod
     def _start(cls, settings: HandlerSettings, model_dir: Path, device: torch.device, model_name: str) -> Service:
         started = time.monotonic()
-        loaded = load_model(model_dir, settings, device)
+        marker = warm_up_marker(settings, model_name)
+        restarted = marker is not None and marker.exists()  # a heal: nothing is timed or warmed up again
+        loaded = load_model(model_dir, settings, device, first_start=not restarted)
         loading = time.monotonic() - started
         grammars = cls.grammars_for(loaded, settings)
         dynamic = DynamicScheduler(loaded, settings.deadline_seconds)
-        marker = warm_up_marker(settings, model_name)
         warming = time.monotonic()
-        if settings.warmup and not (marker is not None and marker.exists()):
+        if settings.warmup and not restarted:
             grammars.start()
             dynamic.warm_up(settings.batch_size if settings.compile else 1, cls.warm_up_format(grammars))
             if marker is not None:

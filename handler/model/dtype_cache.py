@@ -79,7 +79,7 @@ def fingerprint_key(fingerprint: dict[str, Any]) -> str:
 
 
 class DecisionCache:
-    """One small JSON file: {"version", "decisions": {key: {"fingerprint", "name", "step_seconds", "decided_utc"}}}.
+    """One small JSON file: {"version", "decisions": {key: {"fingerprint", "name", "step_seconds", "contention", "decided_utc"}}}.
 
     Several workers may start at once and each may write: a write re-reads the file, adds its
     entry and replaces the file whole (a rename), so no reader sees half a file. A file that
@@ -109,14 +109,19 @@ class DecisionCache:
         seconds = entry.get("step_seconds")
         if not isinstance(seconds, dict) or not all(isinstance(value, (int, float)) for value in seconds.values()):
             return None
+        if not isinstance(entry.get("contention"), (int, float)):
+            entry["contention"] = None  # kept before contention was measured: provisional
         return entry
 
-    def put(self, key: str, fingerprint: dict[str, Any], name: str, step_seconds: dict[str, float]) -> None:
+    def put(
+        self, key: str, fingerprint: dict[str, Any], name: str, step_seconds: dict[str, float], contention: float | None = None
+    ) -> None:
         decisions = self._read()
         decisions[key] = {
             "fingerprint": fingerprint,
             "name": name,
             "step_seconds": step_seconds,
+            "contention": contention,
             "decided_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         write_json(self.path, {"version": FORMAT_VERSION, "decisions": decisions}, "dtype decision")

@@ -15,14 +15,22 @@ candidate is judged by its best step, not its median: one quiet moment per candi
 enough. The candidates take turns, round after round (A, B, C, A, B, C, ...), so that a burst
 of load falls on all of them rather than on one. And the decision is kept per host
 (`handler.model.dtype_cache`), so later starts and heals read it back instead of timing again.
+
+Under heavy contention even best-of-turns can mislead, since load slows the candidates unevenly
+(docs/bench.md), and a kept decision would then stay wrong. So the probe also measures how much of
+the host's CPUs other processes used while it ran (`others_share`, from /proc/stat); a decision
+taken above `QUIET_SHARE` is provisional: the next first start of a TorchServe times the
+candidates again and keeps the decision taken under less contention. Heals never re-time.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
@@ -34,6 +42,28 @@ logger = logging.getLogger(__name__)
 
 PROMPT_TOKENS = 8
 FP16_WEIGHTS = "fp16-dynamic"
+# Above this share of the host's CPUs busy with other processes during the probe, its decision is provisional.
+QUIET_SHARE = 0.25
+# /proc/stat's "cpu" columns that count as busy: user, nice, system, irq, softirq, steal.
+BUSY_COLUMNS = (0, 1, 2, 5, 6, 7)
+
+
+def cpu_snapshot(stat: Path = Path("/proc/stat")) -> tuple[float, float, float] | None:
+    """(the host's busy CPU seconds, this process's CPU seconds, the monotonic clock); None without /proc/stat."""
+    try:
+        columns = stat.read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    busy = sum(int(columns[index]) for index in BUSY_COLUMNS if index < len(columns))
+    return busy / os.sysconf("SC_CLK_TCK"), time.process_time(), time.monotonic()
+
+
+def others_share(before: tuple[float, float, float] | None, after: tuple[float, float, float] | None) -> float | None:
+    """The share of the host's CPUs that other processes kept busy between two snapshots (0 to 1)."""
+    if before is None or after is None or after[2] <= before[2]:
+        return None
+    others = (after[0] - before[0]) - (after[1] - before[1])
+    return round(min(1.0, max(0.0, others / ((after[2] - before[2]) * (os.cpu_count() or 1)))), 3)
 
 
 def native_bf16_cpu() -> bool:
@@ -59,6 +89,13 @@ class DtypeChoice:
     name: str  # a candidate of `candidate_names`
     step_seconds: dict[str, float]  # best seconds per decode step, by candidate
     source: str = PROBED  # timed at this start, or read back from the decision cache
+    # The share of the host's CPUs other processes used while it was timed; None where unknown.
+    contention: float | None = None
+
+    @property
+    def provisional(self) -> bool:
+        """Timed while other work held the CPUs (or unknown): the next first start times again."""
+        return self.contention is None or self.contention > QUIET_SHARE
 
     @property
     def dtype(self) -> torch.dtype:
@@ -68,12 +105,13 @@ class DtypeChoice:
     def report(self) -> dict[str, object]:
         """What the front's /health shows: the format served, whether it was timed now or read back, the timings."""
         step_ms = {name: round(seconds * 1000, 2) for name, seconds in self.step_seconds.items()}
-        return {"chosen": self.name, "source": self.source, "decode_step_ms": step_ms}
+        return {"chosen": self.name, "source": self.source, "decode_step_ms": step_ms, "contention": self.contention}
 
     def describe(self) -> str:
         figures = ", ".join(f"{name} {seconds * 1000:.1f} ms" for name, seconds in self.step_seconds.items())
         how = "" if self.source == PROBED else f", {self.source}"
-        return f"{self.name} (decode step: {figures}{how})"
+        busy = "unknown" if self.contention is None else f"{self.contention:.0%}"
+        return f"{self.name} (decode step: {figures}{how}; other processes' share of the CPUs meanwhile: {busy})"
 
 
 def _candidate(model, name: str):
@@ -132,6 +170,7 @@ def fastest_cpu_dtype(
     up to twice the fp32 model's memory.
     """
     started = time.perf_counter()
+    before = cpu_snapshot()
     candidates = {name: _candidate(model, name) for name in (names or candidate_names())}
     for candidate in candidates.values():
         decode_step_seconds(candidate, batch, 1)
@@ -143,21 +182,36 @@ def fastest_cpu_dtype(
             timings[name].append(decode_step_seconds(candidate, batch, steps))
     best = {name: min(values) for name, values in timings.items()}
     winner = min(best, key=lambda name: best[name])
-    return candidates[winner], DtypeChoice(winner, best)
+    return candidates[winner], DtypeChoice(winner, best, contention=others_share(before, cpu_snapshot()))
 
 
 def decided_cpu_dtype(
-    model, batch: int, cache: DecisionCache | None, fingerprint: dict, names: list[str] | None = None
+    model,
+    batch: int,
+    cache: DecisionCache | None,
+    fingerprint: dict,
+    names: list[str] | None = None,
+    retime_provisional: bool = True,
 ) -> tuple[torch.nn.Module, DtypeChoice]:
     """The decision kept for this host fingerprint if there is one (nothing is timed), else
-    `fastest_cpu_dtype`'s, which is then kept. Without a cache every start times anew."""
+    `fastest_cpu_dtype`'s, which is then kept. Without a cache every start times anew.
+
+    A kept decision that is provisional (timed under contention, or before contention was
+    measured) is timed again when `retime_provisional` (a first start, not a heal), and the
+    decision taken under less contention is kept."""
     names = names or candidate_names()
     key = fingerprint_key(fingerprint)
     entry = cache.get(key) if cache is not None else None
+    kept_choice = None
     if entry is not None and entry["name"] in names:
         seconds = {name: float(value) for name, value in entry["step_seconds"].items()}
-        return _candidate(model, entry["name"]), DtypeChoice(entry["name"], seconds, CACHED)
+        kept_choice = DtypeChoice(entry["name"], seconds, CACHED, entry.get("contention"))
+        if not (kept_choice.provisional and retime_provisional):
+            return _candidate(model, kept_choice.name), kept_choice
+        logger.info("the kept dtype decision was taken under contention (%s): timing again", kept_choice.describe())
     kept, choice = fastest_cpu_dtype(model, batch, names=names)
+    if kept_choice is not None and (choice.contention is None or (kept_choice.contention or 1.0) < choice.contention):
+        return _candidate(model, kept_choice.name), kept_choice
     if cache is not None:
-        cache.put(key, fingerprint, choice.name, choice.step_seconds)
+        cache.put(key, fingerprint, choice.name, choice.step_seconds, choice.contention)
     return kept, choice

@@ -132,7 +132,7 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return ids
 
 
-def load_model(model_dir: Path, settings: HandlerSettings, device: torch.device) -> LoadedModel:
+def load_model(model_dir: Path, settings: HandlerSettings, device: torch.device, first_start: bool = True) -> LoadedModel:
     check_device_settings(settings, device)
     check_weight_format(model_dir, settings.allow_pickle_weights)
     bind_device(device)
@@ -162,7 +162,7 @@ def load_model(model_dir: Path, settings: HandlerSettings, device: torch.device)
         rows = settings.dtype_probe_rows or 1
         cache = DecisionCache(Path(settings.dtype_cache_file)) if settings.dtype_cache_file else None
         fingerprint = host_fingerprint(model_dir, rows, candidate_names())
-        model, choice = decided_cpu_dtype(model, rows, cache, fingerprint)
+        model, choice = decided_cpu_dtype(model, rows, cache, fingerprint, retime_provisional=first_start)
         dtype = choice.dtype
         logger.info(
             "dtype auto on this CPU: %s at %d rows; decision kept in %s",

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from handler.model.dtype_cache import DecisionCache, cpu_identity, fingerprint_key, host_fingerprint, model_identity
-from handler.model.dtype_probe import CACHED, PROBED, DtypeChoice, decided_cpu_dtype, fastest_cpu_dtype
+from handler.model.dtype_probe import (
+    CACHED,
+    PROBED,
+    DtypeChoice,
+    cpu_snapshot,
+    decided_cpu_dtype,
+    fastest_cpu_dtype,
+    others_share,
+)
 from handler.settings import DTYPE_CACHE_NAME, HandlerSettings, SettingsError
 
 CPUINFO = """processor\t: 0
@@ -76,9 +85,11 @@ def test_the_file_keeps_several_hosts_and_survives_garbage(tmp_path):
     assert cache.get("k3")["name"] == "float32"
 
 
-def count_timings(monkeypatch, fastest: str | None = None) -> list:
-    """Replaces the clock with a counter; `fastest` (a dtype) decodes in 1 ms, the others in 10."""
+def count_timings(monkeypatch, fastest: str | None = None, contention: float = 0.0) -> list:
+    """Replaces the clock with a counter; `fastest` (a dtype) decodes in 1 ms, the others in 10;
+    other processes held `contention` of the CPUs meanwhile."""
     calls = []
+    monkeypatch.setattr("handler.model.dtype_probe.others_share", lambda before, after: contention)
 
     def timed(model, batch, steps):
         calls.append(next(model.parameters()).dtype)
@@ -148,8 +159,13 @@ def test_the_cache_file_comes_from_the_config_or_the_environment():
 
 
 def test_a_choice_reports_its_format_source_and_timings_in_milliseconds():
-    choice = DtypeChoice("bfloat16", {"float32": 0.1, "bfloat16": 0.05123}, CACHED)
-    assert choice.report() == {"chosen": "bfloat16", "source": "cache", "decode_step_ms": {"float32": 100.0, "bfloat16": 51.23}}
+    choice = DtypeChoice("bfloat16", {"float32": 0.1, "bfloat16": 0.05123}, CACHED, contention=0.05)
+    assert choice.report() == {
+        "chosen": "bfloat16",
+        "source": "cache",
+        "decode_step_ms": {"float32": 100.0, "bfloat16": 51.23},
+        "contention": 0.05,
+    }
 
 
 def test_load_model_keeps_the_decision_and_reports_it(tiny_model_dir, tmp_path, monkeypatch):
@@ -173,3 +189,55 @@ def test_a_cache_that_cannot_be_written_does_not_stop_the_start(tmp_path, caplog
     with caplog.at_level("WARNING", logger="handler.model.dtype_cache"):
         cache.put("k", {}, "float32", {"float32": 0.01})
     assert "dtype decision not kept" in caplog.text and cache.get("k") is None
+
+
+def test_a_decision_timed_under_contention_is_timed_again_at_the_next_first_start(tiny_model_dir, tmp_path, monkeypatch):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    cache = DecisionCache(tmp_path / DTYPE_CACHE_NAME)
+    fingerprint = host_fingerprint(tiny_model_dir, 2, ["float32", "bfloat16"])
+    names = ["float32", "bfloat16"]
+    calls = count_timings(monkeypatch, fastest="bfloat16", contention=0.9)
+    _, busy = decided_cpu_dtype(model, 2, cache, fingerprint, names=names)
+    assert busy.name == "bfloat16" and busy.provisional
+    calls.clear()
+    _, healed = decided_cpu_dtype(model, 2, cache, fingerprint, names=names, retime_provisional=False)
+    assert calls == [] and healed.source == CACHED and healed.name == "bfloat16"  # a heal reuses it as it is
+    calls = count_timings(monkeypatch, fastest="float32", contention=0.05)
+    _, quiet = decided_cpu_dtype(model, 2, cache, fingerprint, names=names)
+    assert calls and quiet.source == PROBED and quiet.name == "float32" and not quiet.provisional
+    calls.clear()
+    _, settled = decided_cpu_dtype(model, 2, cache, fingerprint, names=names)
+    assert calls == [] and settled.name == "float32" and settled.contention == 0.05
+
+
+def test_a_busier_retiming_keeps_the_quieter_decision(tiny_model_dir, tmp_path, monkeypatch):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    cache = DecisionCache(tmp_path / DTYPE_CACHE_NAME)
+    fingerprint = {"any": "thing"}
+    cache.put(fingerprint_key(fingerprint), fingerprint, "bfloat16", {"float32": 0.01, "bfloat16": 0.005}, contention=0.4)
+    calls = count_timings(monkeypatch, fastest="float32", contention=0.8)
+    kept, choice = decided_cpu_dtype(model, 1, cache, fingerprint, names=["float32", "bfloat16"])
+    assert calls and choice.name == "bfloat16" and choice.source == CACHED and choice.contention == 0.4
+    assert next(kept.parameters()).dtype == torch.bfloat16
+    assert cache.get(fingerprint_key(fingerprint))["contention"] == 0.4
+
+
+def test_a_decision_kept_before_contention_was_measured_is_provisional(tmp_path):
+    path = tmp_path / DTYPE_CACHE_NAME
+    entry = {"fingerprint": {}, "name": "bfloat16", "step_seconds": {"bfloat16": 0.2}, "decided_utc": "2026-12-06T16:26:49Z"}
+    path.write_text(json.dumps({"version": 1, "decisions": {"k": entry}}))
+    kept = DecisionCache(path).get("k")
+    assert kept["contention"] is None
+    assert DtypeChoice("bfloat16", {"bfloat16": 0.2}, CACHED, kept["contention"]).provisional
+
+
+def test_others_share_is_the_hosts_busy_time_less_this_processs_over_the_cpus(tmp_path, monkeypatch):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 50 1000 5 0 0 0 0 0\ncpu0 50 0 25 500 2 0 0 0 0 0\n")
+    busy, own, clock = cpu_snapshot(stat)
+    assert busy == 150 / os.sysconf("SC_CLK_TCK") and own >= 0 and clock > 0
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert others_share((10.0, 1.0, 100.0), (13.0, 2.0, 102.0)) == 0.5  # 3 s busy, 1 s ours, 2 s x 2 CPUs
+    assert others_share((10.0, 1.0, 100.0), (10.5, 2.0, 102.0)) == 0.0
+    assert others_share(None, (13.0, 2.0, 102.0)) is None
+    assert cpu_snapshot(tmp_path / "absent") is None

@@ -50,8 +50,11 @@ def test_fp16_weights_are_a_quantized_copy_with_fp32_activations(tiny_model_dir,
 
 
 def test_the_log_line_names_every_figure():
-    line = DtypeChoice(FP16_WEIGHTS, {"float32": 0.02, "bfloat16": 0.015, FP16_WEIGHTS: 0.01}).describe()
-    assert line == "fp16-dynamic (decode step: float32 20.0 ms, bfloat16 15.0 ms, fp16-dynamic 10.0 ms)"
+    line = DtypeChoice(FP16_WEIGHTS, {"float32": 0.02, "bfloat16": 0.015, FP16_WEIGHTS: 0.01}, contention=0.5).describe()
+    assert line == (
+        "fp16-dynamic (decode step: float32 20.0 ms, bfloat16 15.0 ms, fp16-dynamic 10.0 ms;"
+        " other processes' share of the CPUs meanwhile: 50%)"
+    )
     assert DtypeChoice("bfloat16", {}).dtype == torch.bfloat16
 
 
