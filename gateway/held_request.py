@@ -66,6 +66,11 @@ class HeldRequest:
         """The app's hold for one sending of the prediction: the healer sets ``cut`` if its worker dies."""
         self.cut = self.apps.hold(self.app)
 
+    def hold_again(self) -> None:
+        """Before the prediction is sent again without a replay (TorchServe refused it unseen)."""
+        self.apps.release(self.app, self.cut)
+        self.hold()
+
     def replay(self, body: bytes) -> bool:
         """The worker died before a byte of the answer reached the client: True to send the
         prediction again (the first time), False to answer it (a second death: a suspected

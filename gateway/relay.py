@@ -38,6 +38,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from gateway.apps import AppState
 from gateway.contract import REQUEST_ID_HEADER, predict_route
 from gateway.held_request import HeldRequest
+from gateway.torchserve import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,18 @@ class Lost:
 
 
 LOST = Lost()
+
+
+class Full:
+    """TorchServe answered 503 ("no worker", its words for a full queue too) where that is no
+    refusal: the app's worker had just died (the healer had not seen it yet), or the prediction
+    waited out a heal or is a replay, and the heal released every waiting prediction at once, more
+    than the job queue takes. Either way it was promised a wait, so it is sent again."""
+
+
+FULL = Full()
+# The pause before a prediction that met a full queue after a heal is sent again.
+FULL_RETRY_S = 0.5
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None, **extra) -> JSONResponse:
@@ -185,12 +198,33 @@ async def relay(request: Request, app: str, path: str, dialect: Dialect = NATIVE
         except ClientDisconnect:
             front.metrics.disconnects.labels(app).inc()
             return Response(status_code=499)
+    waited_for_heal = not state.serving.is_set()
     refusal = await _until_serving(front, state, request, dialect)
     if refusal is not None:
         return refusal
+    wait_until = arrived + front.settings.heal_wait_s
     with HeldRequest(front.apps, front.metrics, app, arrived, lambda id_: front.canceller.cancel(app, id_)) as held:
+
+        def waits_out_503() -> bool:
+            """Within the heal wait's bound, TorchServe's 503 is no refusal when its worker has just died
+            or this prediction waited out a heal."""
+            in_time = time.monotonic() + FULL_RETRY_S < wait_until
+            return in_time and (waited_for_heal or held.replays > 0 or _lost_a_worker(state))
+
         while True:
-            answer = await _forward(front, request, path, body, held, dialect)
+            answer = await _forward(front, request, path, body, held, dialect, waits_out_503)
+            if isinstance(answer, Full):
+                if _lost_a_worker(state):
+                    # The healer sees the death within its next look; then this waits like any prediction sent during a heal.
+                    await held.worker_died(WORKER_DEATH_SEEN_S)
+                    refusal = await _until_serving(front, state, request, dialect)
+                    if refusal is not None:
+                        return held.answered(refusal)
+                    waited_for_heal = True
+                else:
+                    await asyncio.sleep(FULL_RETRY_S)
+                held.hold_again()
+                continue
             if not isinstance(answer, Lost):
                 return held.answered(answer)
             if not held.replay(body):
@@ -203,6 +237,11 @@ async def relay(request: Request, app: str, path: str, dialect: Dialect = NATIVE
                 held.replay_ended("client-left" if refusal.status_code == 499 else "not-served")
                 return held.answered(refusal)
             held.hold()
+
+
+def _lost_a_worker(state: AppState) -> bool:
+    """The app heals, or one of its workers has died and the healer has not looked yet."""
+    return state.healing or not all(pid_alive(pid) for pid in state.pids)
 
 
 async def _until_serving(front, state: AppState, request: Request, dialect: Dialect, replay: bool = False) -> Response | None:
@@ -228,9 +267,18 @@ async def _until_serving(front, state: AppState, request: Request, dialect: Dial
 WAIT_OUTCOMES = {"serving": "served", "full": "full", "timeout": "timeout", "gone": "client-left"}
 
 
-async def _forward(front, request: Request, path: str, body: bytes, held: HeldRequest, dialect: Dialect) -> Response | Lost:
+async def _forward(
+    front,
+    request: Request,
+    path: str,
+    body: bytes,
+    held: HeldRequest,
+    dialect: Dialect,
+    waits_out_503: Callable[[], bool] = lambda: False,
+) -> Response | Lost | Full:
     """TorchServe's answer; ``LOST`` when the worker died before a byte of it reached the client;
-    the front's own answer when the client left or TorchServe failed."""
+    ``FULL`` for TorchServe's 503 when ``waits_out_503()``; the front's own answer when the client
+    left or TorchServe failed."""
     headers = [h for h in forwardable(request.headers) if h[0].lower() != REQUEST_ID_HEADER.lower()] + list(dialect.headers)
     headers.append((REQUEST_ID_HEADER, held.request_id))
     headers.append(("X-Forwarded-For", request.client.host if request.client else ""))
@@ -264,10 +312,10 @@ async def _forward(front, request: Request, path: str, body: bytes, held: HeldRe
             return LOST
         log.warning("TorchServe failed for %s %s: %s", request.method, path, exc)
         return dialect.error(502, "TorchServe is not answering; retry it")
-    if held.cut.is_set():
+    if held.cut.is_set() or (response.status_code == 503 and waits_out_503()):
         cut.cancel()
         await response.aclose()
-        return LOST
+        return LOST if held.cut.is_set() else FULL
     streaming = "chunked" in response.headers.get("transfer-encoding", "").lower()
     reword = dialect.rewords_upstream and response.status_code >= 400
     if (response.status_code in (500, 507) or reword) and not streaming:
@@ -284,7 +332,8 @@ async def _forward(front, request: Request, path: str, body: bytes, held: HeldRe
             return LOST
         held.waited(response.status_code)
         if reword and not _in_shape(text):
-            return dialect.error(response.status_code, _upstream_message(text))
+            busy = {"Retry-After": str(front.settings.retry_after_s)} if response.status_code == 503 else None
+            return dialect.error(response.status_code, _upstream_message(text), busy)
         kept = {k: v for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP}
         return Response(text, response.status_code, kept)
     held.waited(response.status_code)
@@ -331,7 +380,7 @@ async def _first_piece(raw: AsyncIterator[bytes], cut: asyncio.Future, request: 
     finally:
         gone.cancel()
     if not piece.done():
-        piece.cancel()
+        _discard(piece)
         return LOST if cut.done() else None
     try:
         return piece.result()
@@ -364,6 +413,7 @@ async def _pieces(
     """The answer's bytes as they arrive, after ``first`` (a stream's first piece, already read);
     a dead worker ends the stream with the protocol's error event saying it was cut."""
     status = response.status_code
+    piece: asyncio.Future | None = None
     try:
         if first:
             yield first
@@ -371,7 +421,7 @@ async def _pieces(
             piece = asyncio.ensure_future(raw.__anext__())
             await asyncio.wait({piece, cut}, return_when=asyncio.FIRST_COMPLETED)
             if not piece.done():
-                piece.cancel()
+                _discard(piece)
                 yield dialect.broken_stream(STREAM_CUT, 507)
                 return
             try:
@@ -393,8 +443,17 @@ async def _pieces(
         raise
     finally:
         cut.cancel()
+        if piece is not None:
+            _discard(piece)
         await response.aclose()
         held.finished(status)
+
+
+def _discard(task: asyncio.Future) -> None:
+    """Cancels a read the answer no longer needs; its end (the closed connection's error, often) is
+    retrieved, so that asyncio does not log it as never retrieved."""
+    task.cancel()
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 def _worker_died(front, dialect: Dialect) -> JSONResponse:

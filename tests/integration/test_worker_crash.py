@@ -14,6 +14,8 @@ What the client sees of a crash, on both batching paths:
   many launcher, Java and worker processes after as before;
 - a request held by a worker that dies a second time, after its replay, gets 507 with
   Retry-After and is logged as a suspected poison request;
+- with a job queue of 2, a burst of 10 is partly refused at once (503 with Retry-After, in the
+  route's own shape), but 10 requests that waited out a heal, released together, all get 200;
 - five kills in a row on the default app (continuous, ``dtype: auto``), each one's seconds
   to the first answer recorded (issue 28's 10 s median is `bench.crash_drill`'s to judge).
 
@@ -34,6 +36,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -451,6 +454,61 @@ def test_a_request_held_by_a_second_death_after_its_replay_is_answered_507(conti
     assert "suspected poison request" in (server.workdir / "logs" / "stdout.log").read_text(errors="replace")
     assert front_metric(server, "llm_front_replays_total", outcome="lost-again") == 1
     wait_for(lambda: answer_of(f"{server.url}/health") == 200, "the app to heal again")
+
+
+SMALL_QUEUE = 2
+BURST = 10
+
+
+@pytest.fixture(scope="module")
+def small_queue_server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterator[TorchServe]:
+    """The dynamic path with a job queue of 2 (a batch of 2): a burst of 10 overflows it."""
+    config = comparable(dynamic_model_config("smollm2", batch_size=SMALL_QUEUE)) | {"jobQueueSize": SMALL_QUEUE}
+    server = start_app(
+        tmp_path_factory.mktemp("crash-small-queue"), MODEL, config, properties={"job_queue_size": str(SMALL_QUEUE)}
+    )
+    yield server
+    server.stop()
+
+
+def burst(url: str, body: dict[str, Any], count: int) -> list[tuple[int, dict[str, str], Any]]:
+    """``count`` copies of a request sent at once (a barrier), each one's answer."""
+    start = threading.Barrier(count)
+
+    def one(_: int) -> tuple[int, dict[str, str], Any]:
+        start.wait()
+        return post_with_headers(url, body)
+
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def test_a_full_queue_is_refused_at_once_with_retry_after_in_the_protocols_shape(small_queue_server):
+    """Without a heal, TorchServe's "queue full" stays a refusal: 503 with Retry-After, here in OpenAI's shape."""
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 2, "temperature": 0}
+    answers = burst(f"{small_queue_server.url}/v1/chat/completions", chat, BURST)
+    statuses = [status for status, _, _ in answers]
+    assert set(statuses) <= {200, 503} and 503 in statuses, statuses
+    for status, headers, body in answers:
+        if status == 503:
+            assert headers.get("retry-after") and body["error"]["message"] and body["error"]["type"], (headers, body)
+
+
+def test_predictions_released_by_a_heal_wait_out_a_full_queue_instead_of_a_503(small_queue_server):
+    """A heal releases every prediction that waited at once, more than the job queue takes: they
+    were promised a wait, so TorchServe's "queue full" sends them again until served."""
+    server = small_queue_server
+    os.kill(worker_pid(server), signal.SIGKILL)
+    wait_for(lambda: answer_of(f"{server.url}/health") == 503, "the heal to start")
+    calls = [Call(server, SMALL) for _ in range(BURST)]
+    for call in calls:
+        call.start()
+    for call in calls:
+        call.join(HANG_GUARD_S)
+        assert not call.is_alive(), "a request sent during the heal never got an answer"
+    waits = {o: front_metric(server, "llm_front_heal_waits_total", outcome=o) for o in ("served", "full", "timeout")}
+    assert [status for status, _, _ in (call.answer for call in calls)] == [200] * BURST, (waits, [call.answer for call in calls])
+    assert front_metric(server, "llm_front_heal_waits_total", outcome="served") >= BURST
 
 
 def test_torchserve_killed_whole_is_started_again(continuous_server):
