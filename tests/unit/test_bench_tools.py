@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from bench.tools import body, markdown
 
 ENTRY = {
@@ -34,3 +36,12 @@ def test_the_table_names_the_cpu_and_each_row_kind():
     assert "Test CPU (avx2)" in text and "load 0.5" in text
     assert "| smollm2-continuous | 16 | plain | 16/16 | – |" in text
     assert "| smollm2-continuous | 16 | named tool | 16/16 | 16 |" in text
+
+
+def test_only_object_schemas_become_tool_parameters():
+    from bench.tools import SCHEMAS, tool_schemas
+
+    entries = json.loads(SCHEMAS.read_text())["schemas"]
+    kept = tool_schemas(entries)
+    assert kept and all(entry["schema"]["type"] == "object" for entry in kept)
+    assert {entry["name"] for entry in entries} - {entry["name"] for entry in kept} >= {"top_level_enum", "score_array"}
