@@ -57,13 +57,11 @@ def smollm2_dir() -> Path:
     return SMOLLM2_DIR
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
-    """A tiny random Llama with SmolLM2's tokenizer and chat template: real text plumbing, no download."""
+def build_tiny_llama(path: Path, smollm2_dir: Path, max_positions: int) -> Path:
+    """A tiny random Llama (seed 0) with SmolLM2's tokenizer and chat template, saved at ``path``."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    path = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -73,7 +71,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) 
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=max_positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
@@ -81,6 +79,18 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) 
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer and chat template: real text plumbing, no download."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_dir, 256)
+
+
+@pytest.fixture(scope="session")
+def tool_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
+    """The same tiny Llama with room for the tool block (SmolLM2's template knows no tools, so the fallback block goes in)."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-tools"), smollm2_dir, 1024)
 
 
 @pytest.fixture(scope="session")

@@ -30,6 +30,25 @@ def make_context(model_name: str, model_dir: Path, model_yaml_config: dict, batc
     return context
 
 
+# The tool tests' continuous-path KV cache: room for the fallback tool block and a call.
+TOOL_CACHE = {"num_blocks": 96, "page_size": 16, "max_batch_tokens": 512}
+
+
+def tool_handler(model_dir: Path, batching: str):
+    """A started LLMHandler on the tool model, on the ``dynamic`` or ``continuous`` path, and its context."""
+    from handler.torchserve_handler import LLMHandler
+
+    handler_config: dict[str, Any] = {"warmup": False, "max_total_tokens": 1024, "dtype": "float32"}
+    if batching == "dynamic":
+        context = make_context("tiny", model_dir, {"handler": handler_config})
+    else:
+        handler_config.update(batching="continuous", continuous=TOOL_CACHE)
+        context = make_context("tiny", model_dir, {"asyncCommunication": True, "handler": handler_config}, batch_size=1)
+    handler = LLMHandler()
+    handler.initialize(context)
+    return handler, context
+
+
 def start_batch(context: Context, bodies: list, headers: list[dict[str, str]] | None = None) -> list[dict[str, Any]]:
     """Sets the context up for one TorchServe message of `bodies` (each with its request `headers`); returns the handler's `data`."""
     context.request_ids = {i: f"request-{i}" for i in range(len(bodies))}

@@ -22,8 +22,7 @@ from handler.params import GenerationParams, ParamLimits
 from handler.pipeline.prompts import Prompt, render
 from handler.pipeline.shapes import RequestShape
 from handler.structured import tools as calls
-from handler.torchserve_handler import LLMHandler
-from tests.support.context import make_context, run_raw
+from tests.support.context import run_raw, tool_handler
 from tests.unit.test_anthropic_responses import QUESTION, sdk_client
 
 SHAPE = RequestShape(defaults=GenerationParams(max_new_tokens=32), limits=ParamLimits(), max_instances=4, max_prompt_chars=500)
@@ -237,34 +236,12 @@ def test_the_sdk_reads_a_streamed_call_as_the_whole_message():
 
 # through the adapter, both paths
 
-CACHE_CONFIG = {"num_blocks": 96, "page_size": 16, "max_batch_tokens": 512}
 HEADER = {"X-LLM-Protocol": "anthropic-messages"}
 
 
 @pytest.fixture(scope="module", params=["dynamic", "continuous"])
-def served(request, smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """The tiny random Llama with room for the fallback tool block."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny-anthropic-tools")
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
-    )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    handler_config = {"warmup": False, "max_total_tokens": 1024, "dtype": "float32"}
-    if request.param == "dynamic":
-        context = make_context("tiny", path, {"handler": handler_config})
-    else:
-        handler_config.update(batching="continuous", continuous=CACHE_CONFIG)
-        context = make_context("tiny", path, {"asyncCommunication": True, "handler": handler_config}, batch_size=1)
-    handler = LLMHandler()
-    handler.initialize(context)
+def served(request, tool_model_dir: Path):
+    handler, context = tool_handler(tool_model_dir, request.param)
     yield handler, context
     handler.service.stop()
 

@@ -15,8 +15,7 @@ import jsonschema
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from handler.torchserve_handler import LLMHandler
-from tests.support.context import make_context, run_raw
+from tests.support.context import run_raw, tool_handler
 
 CHAT = {"X-LLM-Protocol": "openai-chat"}
 USER = [{"role": "user", "content": "Book a table"}]
@@ -40,38 +39,11 @@ TOOLS = [
     },
 ]
 PARAMETERS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
-CACHE_CONFIG = {"num_blocks": 96, "page_size": 16, "max_batch_tokens": 512}
-
-
-@pytest.fixture(scope="module")
-def long_tiny_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
-    """The tiny random Llama with room for the tool block (SmolLM2's template knows no tools, so the fallback block goes in)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny-llama-tools")
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
-    )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module", params=["dynamic", "continuous"])
-def served(request, long_tiny_dir: Path):
-    handler_config = {"warmup": False, "max_total_tokens": 1024, "dtype": "float32"}
-    if request.param == "dynamic":
-        context = make_context("tiny", long_tiny_dir, {"handler": handler_config})
-    else:
-        handler_config.update(batching="continuous", continuous=CACHE_CONFIG)
-        context = make_context("tiny", long_tiny_dir, {"asyncCommunication": True, "handler": handler_config}, batch_size=1)
-    handler = LLMHandler()
-    handler.initialize(context)
+def served(request, tool_model_dir: Path):
+    handler, context = tool_handler(tool_model_dir, request.param)
     yield handler, context
     handler.service.stop()
 
