@@ -292,12 +292,7 @@ async def _forward(
     )
     sending = asyncio.ensure_future(front.client.send(upstream, stream=True))
     cut = asyncio.ensure_future(held.cut.wait())
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({sending, cut, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if not sending.done():
+    if not await _done_first(sending, cut, request):
         sending.cancel()
         cut.cancel()
         if held.cut.is_set():
@@ -374,12 +369,7 @@ async def _first_piece(raw: AsyncIterator[bytes], cut: asyncio.Future, request: 
     """A stream's first piece (b"" for an empty stream); ``LOST`` when the worker died first (the
     healer's cut, or the connection broken while the app heals); None when the client left."""
     piece = asyncio.ensure_future(raw.__anext__())
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({piece, cut, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if not piece.done():
+    if not await _done_first(piece, cut, request):
         _discard(piece)
         return LOST if cut.done() else None
     try:
@@ -477,6 +467,17 @@ def _upstream_message(text: bytes) -> str:
     except ValueError:
         return text.decode(errors="replace")[:500] or "TorchServe refused the request"
     return str(body.get("message", body)) if isinstance(body, dict) else str(body)
+
+
+async def _done_first(work: asyncio.Future, cut: asyncio.Future, request: Request) -> bool:
+    """Wait until ``work`` is done, the worker dies (``cut``) or the client leaves; True when
+    ``work`` finished, whichever else happened too. The caller cancels what is left."""
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, cut, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    return work.done()
 
 
 async def _disconnected(request: Request) -> None:
