@@ -42,6 +42,7 @@ The vocabulary every layer shares
     `schedulers.dynamic`           batched `generate` over a TorchServe batch (per-row sampling, beams)
     `schedulers.continuous`        transformers' continuous batching manager
     `schedulers.batch_processors`  the manager's per-request processors
+    `schedulers.row_attention`     the manager's CPU decode steps attend row by row (replaces transformers' `sdpa`)
     `schedulers.compat`            every use of transformers' private internals
     `schedulers.threads`           torch work on threads that end, so that the manager's OpenMP pool is the only one
 

@@ -26,6 +26,8 @@ logits, but not back which token each row then drew with them), nor any field ad
 `GenerationParams` before someone writes its code here and lists it: the `Router` sends those
 prompts to the dynamic scheduler, which runs inside `exclusive()` (see `ModelTurns`).
 
+On the CPU its decode steps attend row by row (`row_attention`), not over every row's keys.
+
 The manager runs without async double-buffering and without CUDA graphs: the per-request
 processors read each request's tokens on the host at every step, which needs the state of
 the step being computed.
@@ -52,6 +54,7 @@ from handler.pipeline.prompts import Prompt
 from handler.schedulers.base import ChunkSink
 from handler.schedulers.batch_processors import install as install_processors
 from handler.schedulers.compat import GenerationOutput, RequestStatus, bind_loop_device, forget_result_handler, manager_rows
+from handler.schedulers.row_attention import install as install_row_attention
 from handler.schedulers.threads import run_on_passing_thread
 from handler.settings import ContinuousBatchingSettings
 
@@ -208,6 +211,7 @@ class ContinuousScheduler:
             use_async_batching=False,
             use_cuda_graph=False,
         )
+        install_row_attention()
         manager = loaded.model.init_continuous_batching(generation_config=generation_config, continuous_batching_config=config)
         install_processors(manager, loaded.eos_token_ids, self.front_lists, self.processor_lists)
         bind_loop_device(manager, lambda: bind_device(loaded.device))
