@@ -16,6 +16,7 @@ from handler.decoding.stopping import FinishReason
 from handler.model.loading import LoadedModel, load_model
 from handler.params import GenerationParams
 from handler.pipeline.prompts import Prompt
+from handler.schedulers import row_attention
 from handler.schedulers.base import Router, unhonoured
 from handler.schedulers.compat import pending_result_handlers
 from handler.schedulers.continuous import ContinuousScheduler, processor_kwargs
@@ -411,3 +412,51 @@ def test_a_stopped_manager_is_replaced_on_the_next_request(handler):
     [(status, body)], _ = run_handler(handler, [{"instances": ["Again"], "parameters": {"max_new_tokens": 3}}])
     assert status == 200 and body["predictions"][0]["generated_text"] is not None
     assert served.service.continuous.manager is not first and served.service.continuous.running
+
+
+# Row-by-row attention on the manager's decode steps (`row_attention`)
+
+ROW_TEXTS = ("Hello there", "Tell me a story about a dragon who", "Why", "Name three colours of the sea at night")
+
+
+@pytest.fixture
+def gathers(monkeypatch) -> list[tuple[int, int]]:
+    """Each gather the row path builds, as (rows, longest row)."""
+    built: list[tuple[int, int]] = []
+    real = row_attention.row_gather
+
+    def counted(key_ends: torch.Tensor, keys: int):
+        positions, readable = real(key_ends, keys)
+        built.append(tuple(positions.shape))
+        return positions, readable
+
+    monkeypatch.setattr(row_attention, "row_gather", counted)
+    return built
+
+
+def test_the_row_gather_pads_each_row_to_the_longest_and_masks_the_padding():
+    positions, readable = row_attention.row_gather(torch.tensor([0, 3, 8, 10]), 10)
+    # Padding reads whatever position follows (never past the last key); the mask hides it.
+    assert positions.tolist() == [[0, 1, 2, 3, 4], [3, 4, 5, 6, 7], [8, 9, 9, 9, 9]]
+    assert readable.shape == (3, 1, 1, 5)
+    assert readable[:, 0, 0].tolist() == [
+        [True, True, True, False, False],
+        [True, True, True, True, True],
+        [True, True, False, False, False],
+    ]
+
+
+def test_decode_steps_of_several_rows_attend_row_by_row_and_keep_the_classic_engines_text(engine, continuous, gathers):
+    prompts = [prompt(engine, text, max_new_tokens=16, temperature=0) for text in ROW_TEXTS]
+    classic = [engine.generate([p])[0][0] for p in prompts]
+    served = [sequences[0] for sequences in asyncio.run(continuous.complete(prompts))]
+    assert [c.text for c in served] == [c.text for c in classic]
+    assert gathers, "no decode step took the row path"
+    assert all(rows >= 2 for rows, _ in gathers)
+
+
+def test_a_lone_row_keeps_transformers_attention(engine, continuous, gathers):
+    alone = prompt(engine, ROW_TEXTS[1], max_new_tokens=8, temperature=0)
+    (sequence,) = asyncio.run(continuous.complete([alone]))[0]
+    assert sequence.generated_tokens == 8
+    assert gathers == []
