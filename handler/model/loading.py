@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from handler.model.device import bind_device, check_device_settings, describe_device, pick_dtype
 from handler.model.dtype_cache import DecisionCache, host_fingerprint
 from handler.model.dtype_probe import DtypeChoice, candidate_names, decided_cpu_dtype
+from handler.model.fusion import fuse_llama_layers
 from handler.model.quantization import quantize_for_cpu
 from handler.pipeline.prompts import TokenLimits
 from handler.settings import HandlerSettings, SettingsError
@@ -156,6 +157,8 @@ def load_model(model_dir: Path, settings: HandlerSettings, device: torch.device,
     if not settings.device_map:
         model.to(device)
     model.eval()
+    if device.type == "cpu" and not settings.device_map:
+        fuse_llama_layers(model)
     loaded = time.monotonic()
     choice = None
     if measures_dtype(settings, device):
