@@ -31,6 +31,7 @@ The vocabulary every layer shares
 `model`: loading
     `model.device`        the device's facts: which one, bf16 by capability, the KV cache's size, sticky CUDA errors
     `model.loading`       threads, dtype, weight-format policy, model and tokenizer, `compile`
+    `model.fusion`        Llama layers on the CPU: query-key-value and gate-up each one matmul, one lean forward
     `model.quantization`  post-load CPU quantization (int8, fp16, int4 weight-only)
     `model.dtype_probe`   `dtype: auto` on CPU: fp32, native bf16 and fp16 weights timed in turns, the best kept
     `model.dtype_cache`   that decision kept per host fingerprint in a JSON file, so restarts and heals reuse it
@@ -42,7 +43,7 @@ The vocabulary every layer shares
     `schedulers.dynamic`           batched `generate` over a TorchServe batch (per-row sampling, beams)
     `schedulers.continuous`        transformers' continuous batching manager
     `schedulers.batch_processors`  the manager's per-request processors
-    `schedulers.row_attention`     the manager's CPU decode steps attend row by row (replaces transformers' `sdpa`)
+    `schedulers.row_attention`     the manager's CPU steps attend row by row, each row over its own keys (replaces `sdpa`)
     `schedulers.compat`            every use of transformers' private internals
     `schedulers.threads`           torch work on threads that end, so that the manager's OpenMP pool is the only one
 

@@ -26,7 +26,7 @@ logits, but not back which token each row then drew with them), nor any field ad
 `GenerationParams` before someone writes its code here and lists it: the `Router` sends those
 prompts to the dynamic scheduler, which runs inside `exclusive()` (see `ModelTurns`).
 
-On the CPU its decode steps attend row by row (`row_attention`), not over every row's keys.
+On the CPU its steps attend row by row (`row_attention`), each row over its own keys, not every row's.
 
 The manager runs without async double-buffering and without CUDA graphs: the per-request
 processors read each request's tokens on the host at every step, which needs the state of

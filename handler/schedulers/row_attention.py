@@ -1,17 +1,20 @@
-"""The continuous manager's decode steps on the CPU attend row by row.
+"""The continuous manager's steps on the CPU attend row by row.
 
 Off CUDA, transformers' continuous batching has only its `sdpa` and `paged|eager` attention. Both
-gather every sequence's keys into one and mask it block by block, so each row's query is scored
-against the keys of all rows: work that grows with the batch's summed context. On a step where
-every row decodes one token, this pads each row's keys to the longest row's and runs one batched
-SDPA with a padding mask: work that grows with the longest row. Any other step (a prompt being
-prefilled), device or attention variant keeps transformers' own function, which this one
-replaces under the name `sdpa` (`AttentionInterface`); outside the manager's paged cache, as in
-`generate`, that is all it does. docs/bench.md has the profile behind it and its effect.
+gather every sequence's keys into one and mask it block by block, so each row's queries are scored
+against the keys of all rows: work that grows with the batch's summed context, and with a prompt's
+length times it on a step that prefills one beside the others' decoding. Here, on a step of two
+rows or more, the rows that decode one token have their keys padded to the longest of them and
+share one batched SDPA with a padding mask; each row that brings several tokens (a prompt, or a
+piece of one) gets an SDPA of its own over its own keys, causal from where its new tokens start.
+Any other step (a lone row), device or attention variant keeps transformers' own function, which
+this one replaces under the name `sdpa` (`AttentionInterface`); outside the manager's paged cache,
+as in `generate`, that is all it does. docs/bench.md has the profile behind it and its effect.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -19,9 +22,35 @@ import torch
 from transformers.generation.continuous_batching.cache import PagedAttentionCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-# Per manager cache, the step's gather: which key positions each row reads, and which of them
-# are padding. Every layer of a step reads the same positions; the first layer works them out.
-_row_gathers: WeakKeyDictionary[PagedAttentionCache, tuple[torch.Tensor, torch.Tensor]] = WeakKeyDictionary()
+
+@dataclass(frozen=True)
+class RowSpan:
+    """A row that brings several tokens: its queries and keys in the step's, and which keys each query reads."""
+
+    queries: slice
+    keys: slice
+    readable: torch.Tensor | None  # None: as many queries as keys, plain causal
+
+
+@dataclass(frozen=True)
+class SingleRows:
+    """The rows that decode one token: where each one's query is, and row_gather of their keys."""
+
+    queries: torch.Tensor
+    positions: torch.Tensor
+    readable: torch.Tensor
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How a step's rows attend; every layer of a step reads the same positions, so layer 0 works it out."""
+
+    singles: SingleRows | None
+    spans: tuple[RowSpan, ...]
+
+
+# Per manager cache, the plan of the step under way.
+_plans: WeakKeyDictionary[PagedAttentionCache, StepPlan] = WeakKeyDictionary()
 
 
 def install() -> None:
@@ -45,45 +74,78 @@ def row_attention_forward(
     cache: PagedAttentionCache | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    key_ends = _decode_step_key_ends(query, cache, dropout, position_bias, kwargs)
-    if key_ends is None or cache is None:
+    ends = _row_step_ends(query, cache, dropout, position_bias, kwargs)
+    if ends is None or cache is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, position_bias, cache, **kwargs
         )
     key, value = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx, kwargs=kwargs)
-    if module.layer_idx == 0 or cache not in _row_gathers:
-        _row_gathers[cache] = row_gather(key_ends, key.shape[2])
-    positions, readable = _row_gathers[cache]
-    rows_keys = key[0][:, positions].transpose(0, 1)  # (rows, kv heads, longest, head dim)
-    rows_values = value[0][:, positions].transpose(0, 1)
-    rows_queries = query[0].transpose(0, 1).unsqueeze(2)  # (rows, heads, 1, head dim)
-    output = torch.nn.functional.scaled_dot_product_attention(
-        rows_queries,
-        rows_keys,
-        rows_values,
-        attn_mask=readable,
-        scale=scaling,
-        enable_gqa=rows_queries.shape[1] != rows_keys.shape[1],
-    )
-    return output.squeeze(2).unsqueeze(0), None  # (1, rows, heads, head dim), as sdpa_attention_forward's
+    if module.layer_idx == 0 or cache not in _plans:
+        _plans[cache] = step_plan(*ends, key.shape[2])
+    plan = _plans[cache]
+    grouped = query.shape[1] != key.shape[1]
+    # (1, tokens, heads, head dim), as sdpa_attention_forward returns it
+    output = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
+    singles = plan.singles
+    if singles is not None:
+        rows_queries = query[0][:, singles.queries].transpose(0, 1).unsqueeze(2)  # (rows, heads, 1, head dim)
+        rows_keys = key[0][:, singles.positions].transpose(0, 1)  # (rows, kv heads, longest, head dim)
+        rows_values = value[0][:, singles.positions].transpose(0, 1)
+        attended = torch.nn.functional.scaled_dot_product_attention(
+            rows_queries, rows_keys, rows_values, attn_mask=singles.readable, scale=scaling, enable_gqa=grouped
+        ).squeeze(2)  # (rows, heads, head dim)
+        if not plan.spans:
+            return attended.unsqueeze(0), None
+        output[0, singles.queries] = attended
+    for span in plan.spans:
+        attended = torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, span.queries],
+            key[:, :, span.keys],
+            value[:, :, span.keys],
+            attn_mask=span.readable,
+            is_causal=span.readable is None,
+            scale=scaling,
+            enable_gqa=grouped,
+        )
+        output[0, span.queries] = attended[0].transpose(0, 1)
+    return output, None
 
 
-def row_gather(key_ends: torch.Tensor, keys: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """From the cumulative key lengths of the rows (0 first), each row's key positions padded to the
-    longest row, and the mask that lets each row read only its own, shaped for SDPA."""
-    starts = key_ends[:-1]
-    lengths = key_ends[1:] - starts
-    offsets = torch.arange(int(lengths.max()), device=key_ends.device)
+def step_plan(query_ends: torch.Tensor, key_ends: torch.Tensor, keys: int) -> StepPlan:
+    """From the cumulative query and key lengths of a step's rows (0 first), how each row attends."""
+    queries, key_bounds = query_ends.tolist(), key_ends.tolist()
+    singles, spans = [], []
+    for row in range(len(queries) - 1):
+        query_start, query_end = queries[row], queries[row + 1]
+        key_start, key_end = key_bounds[row], key_bounds[row + 1]
+        if query_end - query_start == 1:
+            singles.append(row)
+            continue
+        new, known = query_end - query_start, key_end - key_start
+        # Query i of the row sits at key position known - new + i and reads every key up to it.
+        readable = None if new == known else torch.ones(new, known, dtype=torch.bool).tril(known - new)
+        spans.append(RowSpan(slice(query_start, query_end), slice(key_start, key_end), readable))
+    if not singles:
+        return StepPlan(None, tuple(spans))
+    rows = torch.tensor(singles)
+    positions, readable = row_gather(key_ends[rows], key_ends[rows + 1] - key_ends[rows], keys)
+    return StepPlan(SingleRows(query_ends[rows], positions, readable), tuple(spans))
+
+
+def row_gather(starts: torch.Tensor, lengths: torch.Tensor, keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """From where each row's keys start among the step's `keys` and how many it has, each row's key
+    positions padded to the longest row, and the mask that lets each row read only its own, shaped for SDPA."""
+    offsets = torch.arange(int(lengths.max()), device=starts.device)
     positions = (starts[:, None] + offsets).clamp_max(keys - 1)
     readable = (offsets[None, :] < lengths[:, None])[:, None, None, :]
     return positions, readable
 
 
-def _decode_step_key_ends(
+def _row_step_ends(
     query: torch.Tensor, cache: Any, dropout: float, position_bias: torch.Tensor | None, kwargs: dict
-) -> torch.Tensor | None:
-    """The rows' cumulative key lengths when this is the manager's decode step on the CPU, with
-    two rows or more, one query each, and full attention; None for anything else."""
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The rows' cumulative query and key lengths when this is a manager step on the CPU with two rows
+    or more and full attention; None for anything else."""
     if not isinstance(cache, PagedAttentionCache) or query.device.type != "cpu" or query.shape[0] != 1:
         return None
     if dropout or position_bias is not None or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
@@ -91,7 +153,6 @@ def _decode_step_key_ends(
     query_ends, key_ends = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if query_ends is None or not isinstance(key_ends, dict) or list(key_ends) != ["full_attention"]:
         return None
-    rows = query_ends.numel() - 1
-    if rows < 2 or query.shape[2] != rows:
+    if query_ends.numel() < 3 or int(query_ends[-1]) != query.shape[2]:
         return None
-    return key_ends["full_attention"]
+    return query_ends, key_ends["full_attention"]

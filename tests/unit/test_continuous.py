@@ -414,28 +414,29 @@ def test_a_stopped_manager_is_replaced_on_the_next_request(handler):
     assert served.service.continuous.manager is not first and served.service.continuous.running
 
 
-# Row-by-row attention on the manager's decode steps (`row_attention`)
+# Row-by-row attention on the manager's steps (`row_attention`)
 
 ROW_TEXTS = ("Hello there", "Tell me a story about a dragon who", "Why", "Name three colours of the sea at night")
+# Long enough to be prefilled in several pieces by a manager that takes 48 tokens a step.
+LONG_TEXT = "Tell me everything you know about the sea, the wind and the ships that sail on them. " * 6
 
 
 @pytest.fixture
-def gathers(monkeypatch) -> list[tuple[int, int]]:
-    """Each gather the row path builds, as (rows, longest row)."""
-    built: list[tuple[int, int]] = []
-    real = row_attention.row_gather
+def plans(monkeypatch) -> list[row_attention.StepPlan]:
+    """Each step plan the row path makes."""
+    made: list[row_attention.StepPlan] = []
+    real = row_attention.step_plan
 
-    def counted(key_ends: torch.Tensor, keys: int):
-        positions, readable = real(key_ends, keys)
-        built.append(tuple(positions.shape))
-        return positions, readable
+    def recorded(query_ends: torch.Tensor, key_ends: torch.Tensor, keys: int) -> row_attention.StepPlan:
+        made.append(real(query_ends, key_ends, keys))
+        return made[-1]
 
-    monkeypatch.setattr(row_attention, "row_gather", counted)
-    return built
+    monkeypatch.setattr(row_attention, "step_plan", recorded)
+    return made
 
 
 def test_the_row_gather_pads_each_row_to_the_longest_and_masks_the_padding():
-    positions, readable = row_attention.row_gather(torch.tensor([0, 3, 8, 10]), 10)
+    positions, readable = row_attention.row_gather(torch.tensor([0, 3, 8]), torch.tensor([3, 5, 2]), 10)
     # Padding reads whatever position follows (never past the last key); the mask hides it.
     assert positions.tolist() == [[0, 1, 2, 3, 4], [3, 4, 5, 6, 7], [8, 9, 9, 9, 9]]
     assert readable.shape == (3, 1, 1, 5)
@@ -446,17 +447,48 @@ def test_the_row_gather_pads_each_row_to_the_longest_and_masks_the_padding():
     ]
 
 
-def test_decode_steps_of_several_rows_attend_row_by_row_and_keep_the_classic_engines_text(engine, continuous, gathers):
+def test_a_step_plan_batches_one_token_rows_and_gives_each_longer_row_its_own_causal_span():
+    # Row 0 decodes (1 query, 4 keys); row 1 prefills a fresh prompt (3 and 3); row 2 decodes
+    # (1 and 2); row 3 prefills the second piece of a prompt (2 new tokens after 3 known: 5 keys).
+    plan = row_attention.step_plan(torch.tensor([0, 1, 4, 5, 7]), torch.tensor([0, 4, 7, 9, 14]), 14)
+    assert plan.singles is not None
+    assert plan.singles.queries.tolist() == [0, 4]
+    assert plan.singles.positions.tolist() == [[0, 1, 2, 3], [7, 8, 9, 10]]
+    fresh, piece = plan.spans
+    assert (fresh.queries, fresh.keys, fresh.readable) == (slice(1, 4), slice(4, 7), None)
+    assert (piece.queries, piece.keys) == (slice(5, 7), slice(9, 14))
+    assert piece.readable is not None
+    assert piece.readable.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+
+
+def test_decode_steps_of_several_rows_attend_row_by_row_and_keep_the_classic_engines_text(engine, continuous, plans):
     prompts = [prompt(engine, text, max_new_tokens=16, temperature=0) for text in ROW_TEXTS]
     classic = [engine.generate([p])[0][0] for p in prompts]
     served = [sequences[0] for sequences in asyncio.run(continuous.complete(prompts))]
     assert [c.text for c in served] == [c.text for c in classic]
-    assert gathers, "no decode step took the row path"
-    assert all(rows >= 2 for rows, _ in gathers)
+    decode_steps = [plan for plan in plans if not plan.spans]
+    assert decode_steps, "no decode step took the row path"
+    assert all(plan.singles is not None and plan.singles.queries.numel() >= 2 for plan in decode_steps)
 
 
-def test_a_lone_row_keeps_transformers_attention(engine, continuous, gathers):
+def test_prompts_prefilled_beside_decoding_rows_attend_over_their_own_keys_and_keep_the_text(engine, plans):
+    """A small step budget prefills the long prompt in pieces while the short ones decode."""
+    small_steps = ContinuousScheduler(engine.loaded, ContinuousBatchingSettings(num_blocks=48, page_size=16, max_batch_tokens=48))
+    try:
+        prompts = [prompt(engine, text, max_new_tokens=12, temperature=0) for text in (*ROW_TEXTS[:3], LONG_TEXT)]
+        assert len(prompts[-1].input_ids) > 2 * 48
+        classic = [engine.generate([p])[0][0] for p in prompts]
+        served = [sequences[0] for sequences in asyncio.run(small_steps.complete(prompts))]
+    finally:
+        small_steps.stop()
+    assert [c.text for c in served] == [c.text for c in classic]
+    beside = [plan for plan in plans if plan.singles is not None and plan.spans]
+    assert beside, "no step prefilled beside decoding rows"
+    assert any(span.readable is not None for plan in plans for span in plan.spans), "no later piece of a prompt"
+
+
+def test_a_lone_row_keeps_transformers_attention(engine, continuous, plans):
     alone = prompt(engine, ROW_TEXTS[1], max_new_tokens=8, temperature=0)
     (sequence,) = asyncio.run(continuous.complete([alone]))[0]
     assert sequence.generated_tokens == 8
-    assert gathers == []
+    assert plans == []
