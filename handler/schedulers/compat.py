@@ -2,17 +2,20 @@
 
 transformers 5.23 gives no public way to drop a result handler, to read a re-queued
 request's generated tokens, to add processors to a running manager, to swap one of its
-warpers for another class, or to sample some rows its own way. The functions below do it
+warpers for another class, to sample some rows its own way, or for an attention function to
+read a step's rows and write the paged cache. The functions below do it
 with private attributes; nothing else in `handler/` touches them. `problems(manager)` lists what a transformers upgrade moved,
 and `tests/unit/test_compat.py` fails with that list.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import fields
 from typing import Any, Callable
 
 import torch
+from transformers.generation.continuous_batching.cache import PagedAttentionCache
 from transformers.generation.continuous_batching.cb_logits_processors import (
     ContinuousBatchingLogitsProcessor,
     ContinuousBatchingLogitsProcessorList,
@@ -33,6 +36,7 @@ __all__ = [
     "ContinuousBatchingTopPLogitsWarper",
     "FutureRequestState",
     "GenerationOutput",
+    "PagedAttentionCache",
     "RequestState",
     "RequestStatus",
     "add_processors",
@@ -40,10 +44,12 @@ __all__ = [
     "forget_result_handler",
     "generated_ids",
     "manager_rows",
+    "paged_update",
     "pending_result_handlers",
     "problems",
     "retype",
     "sample_with",
+    "step_row_ends",
 ]
 
 
@@ -121,6 +127,24 @@ def sample_with(manager, sampler: Callable[[torch.Tensor, torch.Tensor], bool]) 
     ModelRunner._sample = _sample
 
 
+def step_row_ends(kwargs: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The cumulative query and key lengths of a manager step's rows (0 first), from the keyword
+    arguments its forward hands each attention call, when every layer attends over the full
+    context; None otherwise."""
+    query_ends, key_ends = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if query_ends is None or not isinstance(key_ends, dict) or list(key_ends) != ["full_attention"]:
+        return None
+    return query_ends, key_ends["full_attention"]
+
+
+def paged_update(
+    cache: PagedAttentionCache, key: torch.Tensor, value: torch.Tensor, layer_idx: int, kwargs: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Writes a layer's new keys and values into the paged cache and returns every key and value
+    of the step's rows, in the rows' order (what transformers' paged attention reads)."""
+    return cache.update(key_states=key, value_states=value, layer_idx=layer_idx, kwargs=kwargs)
+
+
 def retype(processor: Any, kind: type) -> Any:
     """`processor`'s settings in an instance of `kind`, a subclass with another `__call__`; its
     constructor takes a regular warper, which the manager no longer holds."""
@@ -162,6 +186,9 @@ def problems(manager) -> list[str]:
         found.append("the manager has no _run_generation_loop (bind_loop_device)")
     if not callable(getattr(ModelRunner, "_sample", None)):
         found.append("ModelRunner._sample is gone (sample_with)")
+    update = set(inspect.signature(PagedAttentionCache.update).parameters)
+    if not {"key_states", "value_states", "layer_idx", "kwargs"} <= update:
+        found.append(f"PagedAttentionCache.update takes {sorted(update)} now (paged_update)")
     for kind in (ContinuousBatchingTopKLogitsWarper, ContinuousBatchingTopPLogitsWarper):
         if kind.__dictoffset__ == 0:
             found.append(f"{kind.__name__} instances have no __dict__: retype's copy no longer works")

@@ -19,8 +19,9 @@ from typing import Any
 from weakref import WeakKeyDictionary
 
 import torch
-from transformers.generation.continuous_batching.cache import PagedAttentionCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from handler.schedulers.compat import PagedAttentionCache, paged_update, step_row_ends
 
 
 @dataclass(frozen=True)
@@ -75,11 +76,11 @@ def row_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     ends = _row_step_ends(query, cache, dropout, position_bias, kwargs)
-    if ends is None or cache is None:
+    if ends is None or not isinstance(cache, PagedAttentionCache):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, position_bias, cache, **kwargs
         )
-    key, value = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx, kwargs=kwargs)
+    key, value = paged_update(cache, key, value, module.layer_idx, kwargs)
     if module.layer_idx == 0 or cache not in _plans:
         _plans[cache] = step_plan(*ends, key.shape[2])
     plan = _plans[cache]
@@ -150,9 +151,7 @@ def _row_step_ends(
         return None
     if dropout or position_bias is not None or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         return None
-    query_ends, key_ends = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-    if query_ends is None or not isinstance(key_ends, dict) or list(key_ends) != ["full_attention"]:
+    ends = step_row_ends(kwargs)
+    if ends is None or ends[0].numel() < 3 or int(ends[0][-1]) != query.shape[2]:
         return None
-    if query_ends.numel() < 3 or int(query_ends[-1]) != query.shape[2]:
-        return None
-    return query_ends, key_ends["full_attention"]
+    return ends
