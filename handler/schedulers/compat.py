@@ -45,6 +45,7 @@ __all__ = [
     "generated_ids",
     "manager_rows",
     "paged_update",
+    "paged_write",
     "pending_result_handlers",
     "problems",
     "retype",
@@ -143,6 +144,28 @@ def paged_update(
     """Writes a layer's new keys and values into the paged cache and returns every key and value
     of the step's rows, in the rows' order (what transformers' paged attention reads)."""
     return cache.update(key_states=key, value_states=value, layer_idx=layer_idx, kwargs=kwargs)
+
+
+def paged_write(
+    cache: PagedAttentionCache, key: torch.Tensor, value: torch.Tensor, layer_idx: int, kwargs: dict
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Writes a layer's new keys and values into the paged cache, as `paged_update` does, without
+    reading every row's keys back: returns the layer's key and value slots (slots, kv heads, head
+    dim) and the slot of each of the step's key positions, for the caller to gather only what it
+    reads. None, with nothing written, when the step reads nothing from the cache or the cache is
+    not the index-based kind (then `paged_update`)."""
+    allocator = cache.layer_to_allocator[layer_idx]
+    views = getattr(allocator, "_kv_token_views", None)
+    if kwargs.get("block_table") is not None or not isinstance(views, dict) or layer_idx not in views:
+        return None
+    read_index = kwargs["read_index"][allocator.index]
+    if read_index.numel() == 0:
+        return None
+    key_slots, value_slots = views[layer_idx]
+    write_index = kwargs["write_index"][allocator.index]
+    key_slots.index_copy_(0, write_index, key[0].transpose(0, 1))
+    value_slots.index_copy_(0, write_index, value[0].transpose(0, 1))
+    return key_slots, value_slots, read_index
 
 
 def retype(processor: Any, kind: type) -> Any:

@@ -21,7 +21,7 @@ from weakref import WeakKeyDictionary
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from handler.schedulers.compat import PagedAttentionCache, paged_update, step_row_ends
+from handler.schedulers.compat import PagedAttentionCache, paged_update, paged_write, step_row_ends
 
 
 @dataclass(frozen=True)
@@ -29,13 +29,14 @@ class RowSpan:
     """A row that brings several tokens: its queries and keys in the step's, and which keys each query reads."""
 
     queries: slice
-    keys: slice
+    keys: torch.Tensor  # where the row's keys are held
     readable: torch.Tensor | None  # None: as many queries as keys, plain causal
 
 
 @dataclass(frozen=True)
 class SingleRows:
-    """The rows that decode one token: where each one's query is, and row_gather of their keys."""
+    """The rows that decode one token: where each one's query is, and row_gather of their keys
+    (as cache slots when the keys are read from the cache)."""
 
     queries: torch.Tensor
     positions: torch.Tensor
@@ -80,18 +81,25 @@ def row_attention_forward(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, position_bias, cache, **kwargs
         )
-    key, value = paged_update(cache, key, value, module.layer_idx, kwargs)
+    # Keys and values as (position, kv heads, head dim): the cache's slots, read only where a row
+    # reads them, or, on a step that reads nothing from the cache, this step's own.
+    written = paged_write(cache, key, value, module.layer_idx, kwargs)
+    if written is None:
+        key, value = paged_update(cache, key, value, module.layer_idx, kwargs)
+        keys, values, slots = key[0].transpose(0, 1), value[0].transpose(0, 1), None
+    else:
+        keys, values, slots = written
     if module.layer_idx == 0 or cache not in _plans:
-        _plans[cache] = step_plan(*ends, key.shape[2])
+        _plans[cache] = step_plan(*ends, slots if slots is not None else torch.arange(keys.shape[0]))
     plan = _plans[cache]
-    grouped = query.shape[1] != key.shape[1]
+    grouped = query.shape[1] != keys.shape[1]
     # (1, tokens, heads, head dim), as sdpa_attention_forward returns it
     output = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
     singles = plan.singles
     if singles is not None:
         rows_queries = query[0][:, singles.queries].transpose(0, 1).unsqueeze(2)  # (rows, heads, 1, head dim)
-        rows_keys = key[0][:, singles.positions].transpose(0, 1)  # (rows, kv heads, longest, head dim)
-        rows_values = value[0][:, singles.positions].transpose(0, 1)
+        rows_keys = keys[singles.positions].permute(0, 2, 1, 3)  # (rows, kv heads, longest, head dim)
+        rows_values = values[singles.positions].permute(0, 2, 1, 3)
         attended = torch.nn.functional.scaled_dot_product_attention(
             rows_queries, rows_keys, rows_values, attn_mask=singles.readable, scale=scaling, enable_gqa=grouped
         ).squeeze(2)  # (rows, heads, head dim)
@@ -101,8 +109,8 @@ def row_attention_forward(
     for span in plan.spans:
         attended = torch.nn.functional.scaled_dot_product_attention(
             query[:, :, span.queries],
-            key[:, :, span.keys],
-            value[:, :, span.keys],
+            keys[span.keys].transpose(0, 1).unsqueeze(0),
+            values[span.keys].transpose(0, 1).unsqueeze(0),
             attn_mask=span.readable,
             is_causal=span.readable is None,
             scale=scaling,
@@ -112,8 +120,9 @@ def row_attention_forward(
     return output, None
 
 
-def step_plan(query_ends: torch.Tensor, key_ends: torch.Tensor, keys: int) -> StepPlan:
-    """From the cumulative query and key lengths of a step's rows (0 first), how each row attends."""
+def step_plan(query_ends: torch.Tensor, key_ends: torch.Tensor, slots: torch.Tensor) -> StepPlan:
+    """From the cumulative query and key lengths of a step's rows (0 first) and where each of the
+    step's key positions is held (`slots`), how each row attends."""
     queries, key_bounds = query_ends.tolist(), key_ends.tolist()
     singles, spans = [], []
     for row in range(len(queries) - 1):
@@ -125,12 +134,12 @@ def step_plan(query_ends: torch.Tensor, key_ends: torch.Tensor, keys: int) -> St
         new, known = query_end - query_start, key_end - key_start
         # Query i of the row sits at key position known - new + i and reads every key up to it.
         readable = None if new == known else torch.ones(new, known, dtype=torch.bool).tril(known - new)
-        spans.append(RowSpan(slice(query_start, query_end), slice(key_start, key_end), readable))
+        spans.append(RowSpan(slice(query_start, query_end), slots[key_start:key_end], readable))
     if not singles:
         return StepPlan(None, tuple(spans))
     rows = torch.tensor(singles)
-    positions, readable = row_gather(key_ends[rows], key_ends[rows + 1] - key_ends[rows], keys)
-    return StepPlan(SingleRows(query_ends[rows], positions, readable), tuple(spans))
+    positions, readable = row_gather(key_ends[rows], key_ends[rows + 1] - key_ends[rows], slots.numel())
+    return StepPlan(SingleRows(query_ends[rows], slots[positions], readable), tuple(spans))
 
 
 def row_gather(starts: torch.Tensor, lengths: torch.Tensor, keys: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -104,28 +104,30 @@ def lower(headers) -> dict[str, str]:
     return {name.lower(): value for name, value in headers.items()}
 
 
-def answer_of(url: str, timeout: float = 10) -> int:
+def read(url: str, timeout: float = 10) -> tuple[int, Any]:
+    """A GET's status and JSON body (None when it has none); status 0 when nothing answered."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status
+            status, raw = response.status, response.read()
     except urllib.error.HTTPError as error:
-        return error.code
+        status, raw = error.code, error.read()
     except (urllib.error.URLError, OSError):
-        return 0
+        return 0, None
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, None
+
+
+def answer_of(url: str, timeout: float = 10) -> int:
+    return read(url, timeout)[0]
 
 
 def front_heals(server: TorchServe) -> bool:
     """The front itself marks the app healing; /health's 503 can come earlier, from TorchServe's
     own worker status, while predictions still go straight to TorchServe."""
-    request = urllib.request.Request(f"{server.url}/health")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            body = json.load(response)
-    except urllib.error.HTTPError as error:
-        body = json.loads(error.read() or b"{}")
-    except (urllib.error.URLError, OSError):
-        return False
-    return any(app.get("status") == "healing" for app in body.get("apps", []))
+    body = read(f"{server.url}/health")[1]
+    return isinstance(body, dict) and any(app.get("status") == "healing" for app in body.get("apps", []))
 
 
 def post_with_headers(url: str, body: Any) -> tuple[int, dict[str, str], Any]:

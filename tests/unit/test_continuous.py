@@ -427,8 +427,8 @@ def plans(monkeypatch) -> list[row_attention.StepPlan]:
     made: list[row_attention.StepPlan] = []
     real = row_attention.step_plan
 
-    def recorded(query_ends: torch.Tensor, key_ends: torch.Tensor, keys: int) -> row_attention.StepPlan:
-        made.append(real(query_ends, key_ends, keys))
+    def recorded(query_ends: torch.Tensor, key_ends: torch.Tensor, slots: torch.Tensor) -> row_attention.StepPlan:
+        made.append(real(query_ends, key_ends, slots))
         return made[-1]
 
     monkeypatch.setattr(row_attention, "step_plan", recorded)
@@ -450,22 +450,35 @@ def test_the_row_gather_pads_each_row_to_the_longest_and_masks_the_padding():
 def test_a_step_plan_batches_one_token_rows_and_gives_each_longer_row_its_own_causal_span():
     # Row 0 decodes (1 query, 4 keys); row 1 prefills a fresh prompt (3 and 3); row 2 decodes
     # (1 and 2); row 3 prefills the second piece of a prompt (2 new tokens after 3 known: 5 keys).
-    plan = row_attention.step_plan(torch.tensor([0, 1, 4, 5, 7]), torch.tensor([0, 4, 7, 9, 14]), 14)
+    # The cache holds the step's 14 key positions in slots 100 to 113.
+    slots = torch.arange(14) + 100
+    plan = row_attention.step_plan(torch.tensor([0, 1, 4, 5, 7]), torch.tensor([0, 4, 7, 9, 14]), slots)
     assert plan.singles is not None
     assert plan.singles.queries.tolist() == [0, 4]
-    assert plan.singles.positions.tolist() == [[0, 1, 2, 3], [7, 8, 9, 10]]
+    assert plan.singles.positions.tolist() == [[100, 101, 102, 103], [107, 108, 109, 110]]
+    assert plan.singles.readable[:, 0, 0].tolist() == [[True, True, True, True], [True, True, False, False]]
     fresh, piece = plan.spans
-    assert (fresh.queries, fresh.keys, fresh.readable) == (slice(1, 4), slice(4, 7), None)
-    assert (piece.queries, piece.keys) == (slice(5, 7), slice(9, 14))
+    assert (fresh.queries, fresh.keys.tolist(), fresh.readable) == (slice(1, 4), [104, 105, 106], None)
+    assert (piece.queries, piece.keys.tolist()) == (slice(5, 7), [109, 110, 111, 112, 113])
     assert piece.readable is not None
     assert piece.readable.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
 
 
-def test_decode_steps_of_several_rows_attend_row_by_row_and_keep_the_classic_engines_text(engine, continuous, plans):
+def test_decode_steps_of_several_rows_attend_row_by_row_and_keep_the_classic_engines_text(engine, continuous, plans, monkeypatch):
+    cache_reads = []
+    write = row_attention.paged_write
+
+    def counted(*args):
+        written = write(*args)
+        cache_reads.append(written is not None)
+        return written
+
+    monkeypatch.setattr(row_attention, "paged_write", counted)
     prompts = [prompt(engine, text, max_new_tokens=16, temperature=0) for text in ROW_TEXTS]
     classic = [engine.generate([p])[0][0] for p in prompts]
     served = [sequences[0] for sequences in asyncio.run(continuous.complete(prompts))]
     assert [c.text for c in served] == [c.text for c in classic]
+    assert any(cache_reads), "no step gathered its keys straight from the cache's slots"
     decode_steps = [plan for plan in plans if not plan.spans]
     assert decode_steps, "no decode step took the row path"
     assert all(plan.singles is not None and plan.singles.queries.numel() >= 2 for plan in decode_steps)
