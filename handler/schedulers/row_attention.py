@@ -7,6 +7,8 @@ length times it on a step that prefills one beside the others' decoding. Here, o
 rows or more, the rows that decode one token have their keys padded to the longest of them and
 share one batched SDPA with a padding mask; each row that brings several tokens (a prompt, or a
 piece of one) gets an SDPA of its own over its own keys, causal from where its new tokens start.
+Each row's keys are gathered straight from the cache's slots (`compat.paged_write`), where
+transformers would first read every row's keys back in order.
 Any other step (a lone row), device or attention variant keeps transformers' own function, which
 this one replaces under the name `sdpa` (`AttentionInterface`); outside the manager's paged cache,
 as in `generate`, that is all it does. docs/bench.md has the profile behind it and its effect.
