@@ -4,8 +4,10 @@ On a CPU, a decode step's matmuls are small, and the Python and dispatch around 
 than they do (bench/results/profile-continuous.md). transformers' Llama layer makes seven matmuls
 and a dozen module calls. Here query, key and value become one matmul, gate and up another, and
 the layer's forward is one function that calls the norms (torch's fused op in fp32), the
-attention function and the two output projections directly. The sums are the same as the separate layers': each output column
-of a matmul is its own dot product, whatever columns sit beside it.
+attention function and the two output projections directly. Each output column of a matmul is
+its own dot product, whatever columns sit beside it, so only the kernels' blocking can tell the
+fused layers from the separate ones: logits agree to 1e-5 and greedy text stays the same
+(tests/unit/test_fusion.py).
 
 The fused layers are plain `nn.Linear`, made right after loading, so the dtype probe and every
 quantization method see them as any other linear layer. Only transformers' own `LlamaDecoderLayer`
