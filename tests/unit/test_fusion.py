@@ -1,4 +1,4 @@
-"""handler.model.fusion on a tiny random Llama built here: the fused layers compute what the separate ones did."""
+"""handler.model.fusion on the tiny random Llama of tests.support.models: the fused layers compute what the separate ones did."""
 
 from __future__ import annotations
 
@@ -7,41 +7,24 @@ import copy
 import pytest
 import torch
 from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaForCausalLM
 
 from handler.model.fusion import fuse_llama_layers
 from handler.model.quantization import quantize_for_cpu
-
-PROMPT = torch.tensor([[1, 5, 9, 17, 33, 65, 3, 7]])
-
-
-def tiny_llama(dtype: torch.dtype = torch.float32, **overrides) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        **overrides,
-    )
-    return LlamaForCausalLM(config).to(dtype).eval()
+from tests.support.models import TOKENS, tiny_llama
 
 
 def greedy(model, new_tokens: int = 12) -> list[int]:
     with torch.inference_mode():
-        output = model.generate(PROMPT, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    return output[0, PROMPT.shape[1] :].tolist()
+        output = model.generate(TOKENS, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return output[0, TOKENS.shape[1] :].tolist()
 
 
 def step_logits(model) -> torch.Tensor:
     """A prefill, then one decode step through the cache: both kinds of forward the layers serve."""
     with torch.inference_mode():
         cache = DynamicCache(config=model.config)
-        prefill = model(PROMPT, past_key_values=cache, use_cache=True).logits
+        prefill = model(TOKENS, past_key_values=cache, use_cache=True).logits
         step = model(prefill[:, -1:].argmax(-1), past_key_values=cache, use_cache=True).logits
     return torch.cat([prefill, step], dim=1)
 

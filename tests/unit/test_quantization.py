@@ -1,4 +1,4 @@
-"""handler.model.quantization on a tiny random Llama built here: what each method replaces, and that it still generates."""
+"""handler.model.quantization on the tiny random Llama of tests.support.models: what each method replaces, and that it still generates."""
 
 from __future__ import annotations
 
@@ -7,31 +7,12 @@ import torch
 from torch import nn
 
 from handler.model.quantization import METHODS, QuantizationError, quantize_for_cpu
-
-
-def tiny_llama(dtype: torch.dtype = torch.float32):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).to(dtype).eval()
-
-
-INPUT = torch.tensor([[1, 5, 9, 17, 33, 65, 3, 7]])
+from tests.support.models import TOKENS, tiny_llama
 
 
 def logits(model) -> torch.Tensor:
     with torch.inference_mode():
-        return model(input_ids=INPUT).logits.float()
+        return model(input_ids=TOKENS).logits.float()
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -84,8 +65,8 @@ def test_dynamic_methods_stay_close_to_fp32_and_generate(method, bound):
     model = quantize_for_cpu(tiny_llama(), method)
     assert relative_error(logits(model), reference) < bound
     with torch.inference_mode():
-        out = model.generate(input_ids=INPUT, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-    assert out.shape == (1, INPUT.shape[1] + 4)
+        out = model.generate(input_ids=TOKENS, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert out.shape == (1, TOKENS.shape[1] + 4)
 
 
 @pytest.mark.parametrize("method", ["int8-dynamic", "fp16-dynamic"])
@@ -103,8 +84,8 @@ def test_int8_weight_only_stores_int8_and_stays_close(dtype):
     assert getattr(weight, "qdata", None) is not None and weight.qdata.dtype == torch.int8
     assert relative_error(logits(model), reference) < 0.1
     with torch.inference_mode():
-        out = model.generate(input_ids=INPUT, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-    assert out.shape == (1, INPUT.shape[1] + 4)
+        out = model.generate(input_ids=TOKENS, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert out.shape == (1, TOKENS.shape[1] + 4)
 
 
 def test_refuses_a_model_that_is_not_on_the_cpu():
@@ -126,8 +107,8 @@ def test_a_rows_logits_do_not_depend_on_its_batch_neighbour(method):
     model = quantize_for_cpu(tiny_llama(), method)
     neighbour = torch.tensor([[100, 90, 80, 70, 60, 50, 40, 30]])
     with torch.inference_mode():
-        alone = model(input_ids=INPUT).logits[0]
-        batched = model(input_ids=torch.cat([INPUT, neighbour])).logits[0]
+        alone = model(input_ids=TOKENS).logits[0]
+        batched = model(input_ids=torch.cat([TOKENS, neighbour])).logits[0]
     torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-5)
 
 
@@ -140,8 +121,8 @@ def test_int4_weight_only_packs_every_fitting_projection_and_stays_close_to_bf16
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16, "the tied input embedding keeps its copy"
     assert relative_error(logits(model), reference) < 0.2
     with torch.inference_mode():
-        out = model.generate(input_ids=INPUT, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-    assert out.shape == (1, INPUT.shape[1] + 4)
+        out = model.generate(input_ids=TOKENS, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert out.shape == (1, TOKENS.shape[1] + 4)
 
 
 def test_int4_weight_only_for_a_compiled_model_makes_the_output_projection_int8():
