@@ -17,7 +17,7 @@ from handler.errors import RequestError
 from handler.params import GenerationParams, ParamLimits, resolve_params
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZATIONS = ("none", "int8-dynamic", "fp16-dynamic", "int8-weight-only", "int4-weight-only")
+QUANTIZATIONS = ("none", "int8-dynamic", "fp16-dynamic", "int4-dynamic", "int8-weight-only", "int4-weight-only")
 BATCHING_MODES = ("dynamic", "continuous")
 TOOL_PROMPTS = ("auto", "fallback")
 CONTINUOUS_PROBE_ROWS = 16

@@ -8,6 +8,9 @@ every candidate this CPU can run at the batch the app serves, and logs the figur
 - fp16 weights with fp32 activations (`handler.quantization: fp16-dynamic`, fbgemm's fp16
   GEMM) where torch has fbgemm (x86). Its weights are closer to fp32's than bf16's (10 mantissa
   bits against 7).
+- int4 weights with fp32 activations (`handler.quantization: int4-dynamic`) where the CPU has
+  native bf16 and the model's weights already sit on 4-bit grids (a model converted from a Q4
+  GGUF): packing them then keeps the model's own weights, so it is no quality given up for speed.
 
 Load beside the worker must not flip the choice: it once made a start serve the format that is
 slower on a quiet host (issue 29). Other processes only ever add time to a step, so each
@@ -36,7 +39,7 @@ import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from handler.model.dtype_cache import DecisionCache, fingerprint_key
-from handler.model.quantization import quantize_for_cpu
+from handler.model.quantization import INT4_DYNAMIC, holds_4bit_weights, quantize_for_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +79,13 @@ def fp16_weights_cpu() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
-def candidate_names() -> list[str]:
-    """What `dtype: auto` times on this CPU; fp32 first, the reference the others are made from."""
-    return ["float32"] + (["bfloat16"] if native_bf16_cpu() else []) + ([FP16_WEIGHTS] if fp16_weights_cpu() else [])
+def candidate_names(model=None) -> list[str]:
+    """What `dtype: auto` times on this CPU (for `model`, where given); fp32 first, the reference
+    the others are made from."""
+    names = ["float32"] + (["bfloat16"] if native_bf16_cpu() else []) + ([FP16_WEIGHTS] if fp16_weights_cpu() else [])
+    if model is not None and native_bf16_cpu() and fp16_weights_cpu() and holds_4bit_weights(model):
+        names.append(INT4_DYNAMIC)
+    return names
 
 
 PROBED, CACHED = "probe", "cache"
@@ -99,8 +106,8 @@ class DtypeChoice:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype of the activations (and of the KV cache): fp32 under fp16 weights."""
-        return torch.float32 if self.name == FP16_WEIGHTS else getattr(torch, self.name)
+        """The dtype of the activations (and of the KV cache): fp32 under fp16 or int4 weights."""
+        return torch.float32 if self.name in (FP16_WEIGHTS, INT4_DYNAMIC) else getattr(torch, self.name)
 
     def report(self) -> dict[str, object]:
         """What the front's /health shows: the format served, whether it was timed now or read back, the timings."""
@@ -118,8 +125,8 @@ def _candidate(model, name: str):
     """The fp32 model itself, or a copy of it in the candidate's format."""
     if name == "float32":
         return model
-    if name == FP16_WEIGHTS:
-        return quantize_for_cpu(copy.deepcopy(model), FP16_WEIGHTS)
+    if name in (FP16_WEIGHTS, INT4_DYNAMIC):
+        return quantize_for_cpu(copy.deepcopy(model), name)
     return copy.deepcopy(model).to(getattr(torch, name))
 
 

@@ -164,8 +164,9 @@ def load_model(model_dir: Path, settings: HandlerSettings, device: torch.device,
     if measures_dtype(settings, device):
         rows = settings.dtype_probe_rows or 1
         cache = DecisionCache(Path(settings.dtype_cache_file)) if settings.dtype_cache_file else None
-        fingerprint = host_fingerprint(model_dir, rows, candidate_names())
-        model, choice = decided_cpu_dtype(model, rows, cache, fingerprint, retime_provisional=first_start)
+        names = candidate_names(model)
+        fingerprint = host_fingerprint(model_dir, rows, names)
+        model, choice = decided_cpu_dtype(model, rows, cache, fingerprint, names, retime_provisional=first_start)
         dtype = choice.dtype
         logger.info(
             "dtype auto on this CPU: %s at %d rows; decision kept in %s",

@@ -6,6 +6,15 @@ has each method's speed and quality, measured.
 
 - `fp16-dynamic`: torch's dynamic quantization to float16 weights (fbgemm's fp16 GEMM,
   activations stay fp32); its greedy text equals fp32's.
+- `int4-dynamic`: for weights that already sit on a 4-bit grid, as those of a model converted
+  from a Q4_0 or Q4_1 GGUF do (`holds_4bit_weights`). Each linear layer's weight is packed for
+  torch's CPU int4 matmul kernel, in groups of `INT4_GROUP_SIZE` input features with the grid's
+  own scale and offset (in bf16, as the kernel takes them), so the weights are the model's own up
+  to that rounding. Activations stay fp32 and are rounded to bf16 only on their way into each
+  matmul. A token reads a quarter of fp16's weight bytes, and at many rows the kernel still
+  keeps up with fbgemm's fp16 GEMM. The output projection is fp16 weights as in `fp16-dynamic`:
+  GGUF files keep it finer than 4 bits. On a CPU with native bf16, `dtype: auto` times it
+  beside the others when the weights hold the grid (`handler.model.dtype_probe`).
 - `int8-dynamic`: torch's dynamic quantization to int8 weights (one scale per output channel).
   Activations are quantized per call, per tensor, to 7 bits (fbgemm's `reduce_range` on AVX2).
   The fastest and the lossiest. Worse for serving, the activation scale is taken over the whole
@@ -51,6 +60,9 @@ from handler.settings import QUANTIZATIONS as METHODS
 logger = logging.getLogger(__name__)
 
 INT4_GROUP_SIZE = 32
+INT4_DYNAMIC = "int4-dynamic"
+# A weight is on a group's 4-bit grid when it is within this share of a grid step of a grid point.
+GRID_TOLERANCE = 1e-3
 
 
 class QuantizationError(ValueError):
@@ -77,6 +89,8 @@ def quantize_for_cpu(model: nn.Module, method: str, compiled: bool = False) -> n
         model = _int8_weight_only(model)
     elif method == "int4-weight-only":
         linears = _int4_weight_only(model, compiled)
+    elif method == INT4_DYNAMIC:
+        linears = _int4_dynamic(model)
     else:
         model = _dynamic(model, method)
     logger.info("quantized %d linear layers with %s", linears, method)
@@ -165,3 +179,78 @@ def _int4_weight_only(model: nn.Module, compiled: bool) -> int:
         _int8_weight_only(model, only=output)
         return len(fitting) + 1
     return len(fitting)
+
+
+def _grid(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each group's 16-level grid from its smallest to its largest weight: the level of every
+    weight (out, in), and each group's step and smallest value (out, groups)."""
+    out_features, in_features = weight.shape
+    groups = weight.float().view(out_features, in_features // INT4_GROUP_SIZE, INT4_GROUP_SIZE)
+    low, high = groups.amin(-1), groups.amax(-1)
+    step = ((high - low) / 15).clamp_min(torch.finfo(torch.float32).tiny)
+    levels = ((groups - low[..., None]) / step[..., None]).round().clamp(0, 15)
+    return levels.view(out_features, in_features), step, low
+
+
+def _int4_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """The linear layers `int4-dynamic` packs: all but the output projection, whose input size the group size divides."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and module is not output and module.in_features % INT4_GROUP_SIZE == 0
+    }
+
+
+def holds_4bit_weights(model: nn.Module) -> bool:
+    """Whether every layer `int4-dynamic` would pack already holds 4-bit weights (a grid of 16
+    levels per group of `INT4_GROUP_SIZE`), so packing them loses only the bf16 rounding of each
+    group's scale and offset."""
+    layers = _int4_layers(model)
+    if not layers:
+        return False
+    with torch.no_grad():
+        for layer in layers.values():
+            levels, step, low = _grid(layer.weight)
+            groups = levels.view(*step.shape, INT4_GROUP_SIZE)
+            error = (groups * step[..., None] + low[..., None] - layer.weight.float().view_as(groups)).abs()
+            if bool((error > GRID_TOLERANCE * step[..., None]).any()):
+                return False
+    return True
+
+
+class Int4Linear(nn.Module):
+    """A linear layer over int4 weights packed for torch's CPU kernel; fp32 in and out."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        with torch.no_grad():
+            levels, step, low = _grid(linear.weight)
+            # The kernel reads a weight as (level - 8) * scale + zero.
+            scales_and_zeros = torch.stack([step, low + 8 * step], dim=-1).transpose(0, 1).contiguous()
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels.to(torch.int32), 2))
+            self.register_buffer("scales_and_zeros", scales_and_zeros.to(torch.bfloat16))
+            self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, INT4_GROUP_SIZE, self.scales_and_zeros)
+        out = out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={INT4_GROUP_SIZE}"
+
+
+def _int4_dynamic(model: nn.Module) -> int:
+    """Packs the layers `_int4_layers` names, then gives the rest fp16 weights; returns how many it packed."""
+    _require_dtype(model, INT4_DYNAMIC, torch.float32)
+    layers = _int4_layers(model)
+    if not layers:
+        raise QuantizationError(f"quantization {INT4_DYNAMIC!r} fits no linear layer but the output projection")
+    for name, linear in layers.items():
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, Int4Linear(linear).train(linear.training))
+    _dynamic(model, "fp16-dynamic")
+    return len(layers)

@@ -42,7 +42,7 @@ class SingleRows:
 
     queries: torch.Tensor
     positions: torch.Tensor
-    readable: torch.Tensor
+    readable: torch.Tensor | None  # None: every row reads all its gathered keys
 
 
 @dataclass(frozen=True)
@@ -100,8 +100,8 @@ def row_attention_forward(
     singles = plan.singles
     if singles is not None:
         rows_queries = query[0][:, singles.queries].transpose(0, 1).unsqueeze(2)  # (rows, heads, 1, head dim)
-        rows_keys = keys[singles.positions].permute(0, 2, 1, 3)  # (rows, kv heads, longest, head dim)
-        rows_values = values[singles.positions].permute(0, 2, 1, 3)
+        rows_keys = _gathered(keys, singles.positions).permute(0, 2, 1, 3)  # (rows, kv heads, longest, head dim)
+        rows_values = _gathered(values, singles.positions).permute(0, 2, 1, 3)
         attended = torch.nn.functional.scaled_dot_product_attention(
             rows_queries, rows_keys, rows_values, attn_mask=singles.readable, scale=scaling, enable_gqa=grouped
         ).squeeze(2)  # (rows, heads, head dim)
@@ -111,8 +111,8 @@ def row_attention_forward(
     for span in plan.spans:
         attended = torch.nn.functional.scaled_dot_product_attention(
             query[:, :, span.queries],
-            keys[span.keys].transpose(0, 1).unsqueeze(0),
-            values[span.keys].transpose(0, 1).unsqueeze(0),
+            keys.index_select(0, span.keys).transpose(0, 1).unsqueeze(0),
+            values.index_select(0, span.keys).transpose(0, 1).unsqueeze(0),
             attn_mask=span.readable,
             is_causal=span.readable is None,
             scale=scaling,
@@ -120,6 +120,12 @@ def row_attention_forward(
         )
         output[0, span.queries] = attended[0].transpose(0, 1)
     return output, None
+
+
+def _gathered(held: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """`held[positions]` for a (rows, longest) index, by `index_select`: on the CPU, torch's
+    advanced indexing copies element by element, several times slower (docs/bench.md)."""
+    return held.index_select(0, positions.view(-1)).view(*positions.shape, *held.shape[1:])
 
 
 def step_plan(query_ends: torch.Tensor, key_ends: torch.Tensor, slots: torch.Tensor) -> StepPlan:
@@ -140,8 +146,11 @@ def step_plan(query_ends: torch.Tensor, key_ends: torch.Tensor, slots: torch.Ten
     if not singles:
         return StepPlan(None, tuple(spans))
     rows = torch.tensor(singles)
-    positions, readable = row_gather(key_ends[rows], key_ends[rows + 1] - key_ends[rows], slots.numel())
-    return StepPlan(SingleRows(query_ends[rows], slots[positions], readable), tuple(spans))
+    lengths = key_ends[rows + 1] - key_ends[rows]
+    positions, readable = row_gather(key_ends[rows], lengths, slots.numel())
+    # Rows of one length read every key gathered: no mask.
+    everything = bool((lengths == lengths[0]).all())
+    return StepPlan(SingleRows(query_ends[rows], slots[positions], None if everything else readable), tuple(spans))
 
 
 def row_gather(starts: torch.Tensor, lengths: torch.Tensor, keys: int) -> tuple[torch.Tensor, torch.Tensor]:

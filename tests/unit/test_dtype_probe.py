@@ -14,6 +14,8 @@ from handler.model.dtype_probe import (
     fp16_weights_cpu,
     native_bf16_cpu,
 )
+from handler.model.quantization import INT4_DYNAMIC, Int4Linear
+from tests.support.models import on_4bit_grids, tiny_llama
 
 
 def test_a_decode_step_is_timed_after_the_prefill(tiny_model_dir):
@@ -67,6 +69,15 @@ def test_the_candidates_follow_what_this_cpu_and_torch_offer():
     expected = ["float32"] + (["bfloat16"] if native_bf16_cpu() else []) + ([FP16_WEIGHTS] if fp16_weights_cpu() else [])
     assert candidate_names() == expected
     assert fp16_weights_cpu() == ("fbgemm" in torch.backends.quantized.supported_engines)
+
+
+def test_int4_weights_are_a_candidate_only_for_a_model_already_on_4bit_grids():
+    offered = native_bf16_cpu() and fp16_weights_cpu()
+    assert candidate_names(on_4bit_grids(tiny_llama())) == candidate_names() + ([INT4_DYNAMIC] if offered else [])
+    assert candidate_names(tiny_llama()) == candidate_names()
+    kept, choice = fastest_cpu_dtype(on_4bit_grids(tiny_llama()), batch=2, steps=2, rounds=1, min_rounds=1, names=[INT4_DYNAMIC])
+    assert choice.name == INT4_DYNAMIC and choice.dtype == torch.float32
+    assert any(isinstance(module, Int4Linear) for module in kept.modules())
 
 
 def test_a_spent_budget_ends_the_rounds_after_the_least_number(tiny_model_dir, monkeypatch):

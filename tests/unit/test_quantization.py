@@ -6,8 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from handler.model.quantization import METHODS, QuantizationError, quantize_for_cpu
-from tests.support.models import TOKENS, tiny_llama
+from handler.model.quantization import (
+    INT4_DYNAMIC,
+    METHODS,
+    Int4Linear,
+    QuantizationError,
+    holds_4bit_weights,
+    quantize_for_cpu,
+)
+from tests.support.models import TOKENS, on_4bit_grids, tiny_llama
 
 
 def logits(model) -> torch.Tensor:
@@ -100,11 +107,11 @@ def test_refuses_a_model_without_linear_layers():
         quantize_for_cpu(nn.Sequential(nn.Embedding(8, 4)), "int8-dynamic")
 
 
-@pytest.mark.parametrize("method", ["fp16-dynamic", "int8-weight-only"])
+@pytest.mark.parametrize("method", ["fp16-dynamic", "int8-weight-only", INT4_DYNAMIC])
 def test_a_rows_logits_do_not_depend_on_its_batch_neighbour(method):
     if method == "int8-weight-only":
         pytest.importorskip("torchao")
-    model = quantize_for_cpu(tiny_llama(), method)
+    model = quantize_for_cpu(on_4bit_grids(tiny_llama()), method)
     neighbour = torch.tensor([[100, 90, 80, 70, 60, 50, 40, 30]])
     with torch.inference_mode():
         alone = model(input_ids=TOKENS).logits[0]
@@ -151,3 +158,41 @@ def test_int4_weight_only_names_the_layers_the_group_size_does_not_fit(caplog):
 def test_int4_weight_only_refuses_a_model_it_fits_nowhere():
     with pytest.raises(QuantizationError, match="multiple of 32"):
         quantize_for_cpu(nn.Sequential(nn.Linear(48, 64)).to(torch.bfloat16), "int4-weight-only")
+
+
+def test_holds_4bit_weights_tells_grid_weights_from_others():
+    assert holds_4bit_weights(on_4bit_grids(tiny_llama()))
+    assert not holds_4bit_weights(tiny_llama()), "random fp32 weights take far more than 16 values per group"
+
+
+def test_int4_dynamic_packs_the_layers_keeps_fp32_activations_and_stays_close():
+    reference = logits(on_4bit_grids(tiny_llama()))
+    model = quantize_for_cpu(on_4bit_grids(tiny_llama()), INT4_DYNAMIC)
+    layer = model.model.layers[0]
+    packed = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.o_proj, layer.mlp.down_proj]
+    assert all(isinstance(module, Int4Linear) for module in packed)
+    assert type(model.lm_head).__name__ == "Linear" and model.lm_head._packed_params.dtype == torch.float16
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    quantized = logits(model)
+    assert quantized.dtype == torch.float32
+    # Only the activations' bf16 rounding on the way into each matmul, and the bf16 scales, differ.
+    assert relative_error(quantized, reference) < 0.02
+    with torch.inference_mode():
+        out = model.generate(input_ids=TOKENS, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert out.shape == (1, TOKENS.shape[1] + 4)
+
+
+def test_int4_linear_reads_its_grid_weights_back():
+    linear = on_4bit_grids(nn.Sequential(nn.Linear(64, 32)))[0]
+    packed = Int4Linear(linear)
+    inputs = torch.randn(3, 5, 64).to(torch.bfloat16).float()  # what the kernel sees, so only the scales round
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(inputs), linear(inputs), rtol=0.02, atol=0.02)
+    assert packed(inputs).shape == (3, 5, 32)
+
+
+def test_int4_dynamic_needs_float32_and_a_fitting_layer():
+    with pytest.raises(QuantizationError, match="float32"):
+        quantize_for_cpu(tiny_llama(torch.bfloat16), INT4_DYNAMIC)
+    with pytest.raises(QuantizationError, match="fits no linear layer"):
+        quantize_for_cpu(nn.Sequential(nn.Linear(48, 64)), INT4_DYNAMIC)
