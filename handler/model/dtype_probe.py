@@ -2,7 +2,10 @@
 
 No fixed rule is safe on CPU: which format is fastest changes with the CPU, the batch and
 the day (docs/bench.md, "Measurements behind the code's choices"). So the worker measures
-every candidate this CPU can run at the batch the app serves, and logs the figures:
+every candidate this CPU can run, at one row and at the batch the app serves, and logs the
+figures. A candidate's figure is its step at one row plus its step at the batch: a format that
+only ties at the batch but reads fewer bytes per token wins for the lone user, and a near tie
+at the batch alone would let noise choose. The candidates:
 - fp32, always;
 - bf16 where the CPU computes it natively (AVX512-BF16 or AMX; elsewhere it is emulated);
 - fp16 weights with fp32 activations (`handler.quantization: fp16-dynamic`, fbgemm's fp16
@@ -94,7 +97,7 @@ PROBED, CACHED = "probe", "cache"
 @dataclass(frozen=True)
 class DtypeChoice:
     name: str  # a candidate of `candidate_names`
-    step_seconds: dict[str, float]  # best seconds per decode step, by candidate
+    step_seconds: dict[str, float]  # by candidate, its best decode step at one row plus its best at the batch
     source: str = PROBED  # timed at this start, or read back from the decision cache
     # The share of the host's CPUs other processes used while it was timed; None where unknown.
     contention: float | None = None
@@ -118,7 +121,7 @@ class DtypeChoice:
         figures = ", ".join(f"{name} {seconds * 1000:.1f} ms" for name, seconds in self.step_seconds.items())
         how = "" if self.source == PROBED else f", {self.source}"
         busy = "unknown" if self.contention is None else f"{self.contention:.0%}"
-        return f"{self.name} (decode step: {figures}{how}; other processes' share of the CPUs meanwhile: {busy})"
+        return f"{self.name} (decode steps, one row plus the batch: {figures}{how}; other processes' share of the CPUs meanwhile: {busy})"
 
 
 def _candidate(model, name: str):
@@ -168,7 +171,8 @@ def fastest_cpu_dtype(
     names: list[str] | None = None,
 ) -> tuple[torch.nn.Module, DtypeChoice]:
     """The fp32 model or a copy of it in another candidate format (`names`, default
-    `candidate_names()`), whichever decodes fastest here at its best; the others are dropped.
+    `candidate_names()`), whichever decodes fastest here at its best, its best step at one row
+    and its best at `batch` rows added; the others are dropped.
 
     Each candidate runs once untimed first (allocator and kernel warm-up), then the rounds take
     the candidates in turn. At least `min_rounds` rounds run, so that every candidate gets
@@ -179,15 +183,18 @@ def fastest_cpu_dtype(
     started = time.perf_counter()
     before = cpu_snapshot()
     candidates = {name: _candidate(model, name) for name in (names or candidate_names())}
+    sizes = sorted({1, batch})
     for candidate in candidates.values():
-        decode_step_seconds(candidate, batch, 1)
-    timings: dict[str, list[float]] = {name: [] for name in candidates}
+        for size in sizes:
+            decode_step_seconds(candidate, size, 1)
+    timings: dict[tuple[str, int], list[float]] = {(name, size): [] for name in candidates for size in sizes}
     for round_number in range(max(rounds, min_rounds)):
         if round_number >= min_rounds and time.perf_counter() - started > budget_s:
             break
         for name, candidate in candidates.items():
-            timings[name].append(decode_step_seconds(candidate, batch, steps))
-    best = {name: min(values) for name, values in timings.items()}
+            for size in sizes:
+                timings[name, size].append(decode_step_seconds(candidate, size, steps))
+    best = {name: sum(min(timings[name, size]) for size in sizes) for name in candidates}
     winner = min(best, key=lambda name: best[name])
     return candidates[winner], DtypeChoice(winner, best, contention=others_share(before, cpu_snapshot()))
 

@@ -99,16 +99,18 @@ class RepetitionPenaltyProcessor(ContinuousBatchingLogitsProcessor):
 
 
 class TopKWarper(ContinuousBatchingTopKLogitsWarper):
-    """Per-row top-k: one `topk` up to the largest k in use, over the rows whose k leaves anything out.
+    """Per-row top-k: one `topk` up to the largest k in use, over the sampled rows whose k leaves anything out.
 
-    It keeps this step's k of each row (`row_k`), from which `GreedySampler` tells the greedy rows."""
+    It keeps this step's k of each row (`row_k`), from which `GreedySampler` tells the greedy rows
+    (k = 1). Those it leaves as they are: the sampler takes their argmax, which filtering to one
+    candidate would not change."""
 
     row_k: torch.Tensor | None = None
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
         top_k = tensor_arg[: scores.size(0)].to(torch.int64)
         self.row_k = top_k
-        rows = (top_k < scores.size(-1)).nonzero().squeeze(-1)
+        rows = ((top_k > 1) & (top_k < scores.size(-1))).nonzero().squeeze(-1)
         if rows.numel() == 0:
             return scores
         row_k = top_k[rows]

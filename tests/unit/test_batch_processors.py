@@ -34,7 +34,12 @@ def test_top_k_keeps_the_same_candidates_per_row(seed):
     expected = theirs(scores.clone(), rows(ks, torch.int32))
     assert type(ours_for(theirs)) is TopKWarper
     got = ours_for(theirs)(scores.clone(), rows(ks, torch.int32))
-    assert torch.equal(got, expected)
+    sampled = [row for row, k in enumerate(ks) if k != 1]
+    assert torch.equal(got[sampled], expected[sampled])
+    # Greedy rows (k = 1) are left whole: GreedySampler takes their argmax, transformers' one candidate.
+    greedy = [row for row, k in enumerate(ks) if k == 1]
+    assert torch.equal(got[greedy], scores[greedy])
+    assert torch.equal(got[greedy].argmax(-1), expected[greedy].argmax(-1))
 
 
 @pytest.mark.parametrize("seed", range(5))

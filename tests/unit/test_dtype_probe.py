@@ -54,7 +54,7 @@ def test_fp16_weights_are_a_quantized_copy_with_fp32_activations(tiny_model_dir,
 def test_the_log_line_names_every_figure():
     line = DtypeChoice(FP16_WEIGHTS, {"float32": 0.02, "bfloat16": 0.015, FP16_WEIGHTS: 0.01}, contention=0.5).describe()
     assert line == (
-        "fp16-dynamic (decode step: float32 20.0 ms, bfloat16 15.0 ms, fp16-dynamic 10.0 ms;"
+        "fp16-dynamic (decode steps, one row plus the batch: float32 20.0 ms, bfloat16 15.0 ms, fp16-dynamic 10.0 ms;"
         " other processes' share of the CPUs meanwhile: 50%)"
     )
     assert DtypeChoice("bfloat16", {}).dtype == torch.bfloat16
@@ -97,7 +97,7 @@ def test_auto_on_this_cpu_loads_the_timed_choice(tiny_model_dir, caplog):
         loaded = load_model(tiny_model_dir, settings, torch.device("cpu"))
     dtype = next(loaded.model.parameters()).dtype
     if measures_dtype(settings, torch.device("cpu")):
-        assert "dtype auto on this CPU: " in caplog.text and "(decode step: float32" in caplog.text
+        assert "dtype auto on this CPU: " in caplog.text and "(decode steps, one row plus the batch: float32" in caplog.text
         chosen = caplog.text.split("dtype auto on this CPU: ")[1].split(" ")[0]
         assert chosen in candidate_names()
         assert dtype == DtypeChoice(chosen, {}).dtype
