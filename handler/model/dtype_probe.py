@@ -121,7 +121,10 @@ class DtypeChoice:
         figures = ", ".join(f"{name} {seconds * 1000:.1f} ms" for name, seconds in self.step_seconds.items())
         how = "" if self.source == PROBED else f", {self.source}"
         busy = "unknown" if self.contention is None else f"{self.contention:.0%}"
-        return f"{self.name} (decode steps, one row plus the batch: {figures}{how}; other processes' share of the CPUs meanwhile: {busy})"
+        return (
+            f"{self.name} (decode steps, one row plus the batch: {figures}{how};"
+            f" other processes' share of the CPUs meanwhile: {busy})"
+        )
 
 
 def _candidate(model, name: str):
