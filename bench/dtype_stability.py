@@ -38,12 +38,15 @@ def decide_once(model_dir: Path, rows: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from handler.model.dtype_probe import fastest_cpu_dtype
+    from handler.model.dtype_probe import candidate_names, fastest_cpu_dtype
+    from handler.model.fusion import fuse_llama_layers
 
     torch.set_num_threads(os.cpu_count() or 1)
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    _, choice = fastest_cpu_dtype(model, rows)
+    # As the worker has it when it probes (handler.model.loading): fused, and with its own candidates.
+    fuse_llama_layers(model)
+    _, choice = fastest_cpu_dtype(model, rows, names=candidate_names(model))
     return {
         "chosen": choice.name,
         "step_ms": {name: round(seconds * 1000, 2) for name, seconds in choice.step_seconds.items()},
@@ -80,7 +83,12 @@ def markdown(results: dict) -> str:
         [number, "yes" if start["beside_cpu_burner"] else "no", *(start["step_ms"].get(name) for name in names), start["chosen"]]
         for number, start in enumerate(results["starts"], 1)
     ]
-    headers = ["start", "beside a CPU burner", *(f"{name} best step (ms)" for name in names), "chosen"]
+    headers = [
+        "start",
+        "beside a CPU burner",
+        *(f"{name}: best steps, 1 + {results['rows']} rows (ms)" for name in names),
+        "chosen",
+    ]
     verdict = "the same format at every start" if results["same_choice"] else "different formats: load flipped the choice"
     return "\n".join([
         f"# dtype: auto at {len(rows)} fresh starts, {results['rows']} rows, no decision cache",
