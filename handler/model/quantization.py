@@ -11,9 +11,11 @@ has each method's speed and quality, measured.
   torch's CPU int4 matmul kernel, in groups of `INT4_GROUP_SIZE` input features with the grid's
   own scale and offset (in bf16, as the kernel takes them), so the weights are the model's own up
   to that rounding. Activations stay fp32 and are rounded to bf16 only on their way into each
-  matmul. A token reads a quarter of fp16's weight bytes, and at many rows the kernel still
-  keeps up with fbgemm's fp16 GEMM. The output projection is fp16 weights as in `fp16-dynamic`:
-  GGUF files keep it finer than 4 bits. On a CPU with native bf16, `dtype: auto` times it
+  matmul. A decode step reads a quarter of fp16's weight bytes. Each layer also keeps its
+  weights in fp16, as `fp16-dynamic` does, for calls of more than `INT4_MAX_ROWS` rows (a
+  prompt's prefill), where fbgemm's fp16 GEMM is faster than the int4 kernel: a fifth more
+  weight memory than `fp16-dynamic` alone. The output projection is fp16 weights only: GGUF
+  files keep it finer than 4 bits. On a CPU with native bf16, `dtype: auto` times it
   beside the others when the weights hold the grid (`handler.model.dtype_probe`).
 - `int8-dynamic`: torch's dynamic quantization to int8 weights (one scale per output channel).
   Activations are quantized per call, per tensor, to 7 bits (fbgemm's `reduce_range` on AVX2).
@@ -61,6 +63,10 @@ logger = logging.getLogger(__name__)
 
 INT4_GROUP_SIZE = 32
 INT4_DYNAMIC = "int4-dynamic"
+# `int4-dynamic`'s int4 kernel takes calls of up to this many rows; wider ones go to fp16 weights.
+INT4_MAX_ROWS = 16
+# The int4 packing takes output sizes that are multiples of this.
+INT4_OUTPUT_MULTIPLE = 16
 # A weight is on a group's 4-bit grid when it is within this share of a grid step of a grid point.
 GRID_TOLERANCE = 1e-3
 
@@ -193,12 +199,16 @@ def _grid(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 def _int4_layers(model: nn.Module) -> dict[str, nn.Linear]:
-    """The linear layers `int4-dynamic` packs: all but the output projection, whose input size the group size divides."""
+    """The linear layers `int4-dynamic` packs: every one whose sizes the kernel takes (input a multiple of
+    the group size, output of `INT4_OUTPUT_MULTIPLE`), but the output projection."""
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return {
         name: module
         for name, module in model.named_modules()
-        if type(module) is nn.Linear and module is not output and module.in_features % INT4_GROUP_SIZE == 0
+        if type(module) is nn.Linear
+        and module is not output
+        and module.in_features % INT4_GROUP_SIZE == 0
+        and module.out_features % INT4_OUTPUT_MULTIPLE == 0
     }
 
 
@@ -220,10 +230,15 @@ def holds_4bit_weights(model: nn.Module) -> bool:
 
 
 class Int4Linear(nn.Module):
-    """A linear layer over int4 weights packed for torch's CPU kernel; fp32 in and out."""
+    """A linear layer over int4 weights packed for torch's CPU kernel; fp32 in and out.
 
-    def __init__(self, linear: nn.Linear):
+    With `wide` (the same weights in another layer), calls of more than `INT4_MAX_ROWS` rows go
+    to it: the int4 kernel wins where a step reads the weights for few rows, and falls behind
+    fbgemm's fp16 GEMM on a prompt's prefill, which is bound by arithmetic instead."""
+
+    def __init__(self, linear: nn.Linear, wide: nn.Module | None = None):
         super().__init__()
+        self.wide = wide
         self.in_features, self.out_features = linear.in_features, linear.out_features
         with torch.no_grad():
             levels, step, low = _grid(linear.weight)
@@ -234,6 +249,8 @@ class Int4Linear(nn.Module):
             self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.wide is not None and x.numel() > INT4_MAX_ROWS * self.in_features:
+            return self.wide(x)
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, INT4_GROUP_SIZE, self.scales_and_zeros)
         out = out.to(x.dtype).view(*x.shape[:-1], self.out_features)
@@ -251,6 +268,7 @@ def _int4_dynamic(model: nn.Module) -> int:
         raise QuantizationError(f"quantization {INT4_DYNAMIC!r} fits no linear layer but the output projection")
     for name, linear in layers.items():
         parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, Int4Linear(linear).train(linear.training))
+        wide = _fp16_weights(nn.Sequential(linear))[0]
+        setattr(model.get_submodule(parent), leaf, Int4Linear(linear, wide).train(linear.training))
     _dynamic(model, "fp16-dynamic")
     return len(layers)

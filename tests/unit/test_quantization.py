@@ -196,3 +196,21 @@ def test_int4_dynamic_needs_float32_and_a_fitting_layer():
         quantize_for_cpu(tiny_llama(torch.bfloat16), INT4_DYNAMIC)
     with pytest.raises(QuantizationError, match="fits no linear layer"):
         quantize_for_cpu(nn.Sequential(nn.Linear(48, 64)), INT4_DYNAMIC)
+
+
+def test_int4_dynamic_hands_calls_of_many_rows_to_its_fp16_weights():
+    from handler.model.quantization import INT4_MAX_ROWS
+
+    linear = on_4bit_grids(nn.Sequential(nn.Linear(64, 32)))[0]
+    model = quantize_for_cpu(nn.Sequential(linear, nn.Linear(32, 8)), INT4_DYNAMIC)
+    packed = model[0]
+    assert isinstance(packed, Int4Linear) and packed.wide._packed_params.dtype == torch.float16
+    calls = []
+    packed.wide.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    narrow, wide = torch.randn(INT4_MAX_ROWS, 64), torch.randn(INT4_MAX_ROWS + 1, 64)
+    with torch.inference_mode():
+        close_to = linear(wide)
+        packed(narrow)
+        assert calls == []
+        torch.testing.assert_close(packed(wide), close_to, rtol=1e-3, atol=1e-3)
+    assert calls == [INT4_MAX_ROWS + 1]
