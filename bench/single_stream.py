@@ -14,8 +14,10 @@ in the machine's load hits them alike.
 Quality is measured against fp32 on the same prompts:
 - `first diff`: the mean position at which the greedy text first departs from fp32's.
   Greedy decoding amplifies tiny differences, so this alone says little.
-- `top-1 agree`: fp32's continuation is fed to the variant in one forward pass (teacher
-  forcing); the share of positions where the variant's top token is fp32's token.
+- `top-1 agree`: fp32's continuation is fed to the variant (teacher forcing), the prompt in one
+  forward pass and then one token per step over the cache, as decoding runs (a variant such as
+  `int4-dynamic` takes another kernel for wide calls); the share of positions where the
+  variant's top token is fp32's token.
 - `KL`: mean KL divergence (nats) of the variant's next-token distribution from fp32's
   along that same continuation.
 """
@@ -120,11 +122,15 @@ def greedy(model, ids: torch.Tensor, new_tokens: int) -> tuple[list[int], float]
 
 
 def continuation_logprobs(model, ids: torch.Tensor, continuation: list[int]) -> torch.Tensor:
-    """Log-probabilities (fp32) of the next token at each position of `continuation`, teacher-forced."""
-    full = torch.cat([ids, torch.tensor([continuation])], dim=1)
+    """Log-probabilities (fp32) of the next token at each position of `continuation`, teacher-forced
+    one decode step at a time after the prompt's prefill."""
     with torch.inference_mode():
-        logits = model(input_ids=full).logits[0, ids.shape[1] - 1 : -1].float()
-    return torch.log_softmax(logits, dim=-1)
+        output = model(input_ids=ids, use_cache=True)
+        logits = [output.logits[0, -1]]
+        for token in continuation[:-1]:
+            output = model(input_ids=torch.tensor([[token]]), past_key_values=output.past_key_values, use_cache=True)
+            logits.append(output.logits[0, -1])
+    return torch.log_softmax(torch.stack(logits).float(), dim=-1)
 
 
 def first_difference(a: list[int], b: list[int]) -> int:
