@@ -32,8 +32,8 @@ The vocabulary every layer shares
     `model.device`        the device's facts: which one, bf16 by capability, the KV cache's size, sticky CUDA errors
     `model.loading`       threads, dtype, weight-format policy, model and tokenizer, `compile`
     `model.fusion`        Llama layers on the CPU: query-key-value and gate-up each one matmul, one lean forward
-    `model.quantization`  post-load CPU quantization (int8, fp16, int4 weight-only)
-    `model.dtype_probe`   `dtype: auto` on CPU: fp32, native bf16 and fp16 weights timed in turns, the best kept
+    `model.quantization`  post-load CPU quantization (int8, fp16, int4: weight-only, and packed from 4-bit weights)
+    `model.dtype_probe`   `dtype: auto` on CPU: fp32, native bf16, fp16 and (on 4-bit weights) int4 timed in turns, the best kept
     `model.dtype_cache`   that decision kept per host fingerprint in a JSON file, so restarts and heals reuse it
     `model.sources`       where weights come from (Hub, local, SmolLM2 GGUF; `weights_dir`)
     `model.storage`       Cloud Storage copies (`AIP_STORAGE_URI`)

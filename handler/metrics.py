@@ -56,7 +56,8 @@ def metric_values(stats: GenerationStats) -> dict[str, float]:
 
 
 def dtype_metric_values(choice: DtypeChoice) -> list[tuple[float, dict[str, str]]]:
-    """Each candidate's best decode step, in ms, with the dimensions that say which one serves and why."""
+    """Each candidate's best decode step at one row plus its best at the probe's batch, in ms, with the dimensions
+    that say which one serves and why."""
     return [
         (seconds * 1000, {"Dtype": name, "Chosen": str(name == choice.name).lower(), "Source": choice.source})
         for name, seconds in choice.step_seconds.items()
