@@ -13,9 +13,11 @@ has each method's speed and quality, measured.
   to that rounding. Activations stay fp32 and are rounded to bf16 only on their way into each
   matmul. A decode step reads a quarter of fp16's weight bytes. Each layer also keeps its
   weights in fp16, as `fp16-dynamic` does, for calls of more than `INT4_MAX_ROWS` rows (a
-  prompt's prefill), where fbgemm's fp16 GEMM is faster than the int4 kernel: a fifth more
-  weight memory than `fp16-dynamic` alone. The output projection is fp16 weights only: GGUF
-  files keep it finer than 4 bits. On a CPU with native bf16, `dtype: auto` times it
+  prompt's prefill), where fbgemm's fp16 GEMM is faster than the int4 kernel: those layers take
+  a quarter more memory than under `fp16-dynamic`. A row decoded on a step that also prefills
+  another's prompt is thus computed with fp16 weights, on a narrower step with int4 ones: its
+  logits differ by that rounding, so its greedy text can change with what runs beside it. The
+  output projection is fp16 weights only: GGUF files keep it finer than 4 bits. On a CPU with native bf16, `dtype: auto` times it
   beside the others when the weights hold the grid (`handler.model.dtype_probe`).
 - `int8-dynamic`: torch's dynamic quantization to int8 weights (one scale per output channel).
   Activations are quantized per call, per tensor, to 7 bits (fbgemm's `reduce_range` on AVX2).
