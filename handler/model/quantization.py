@@ -17,8 +17,9 @@ has each method's speed and quality, measured.
   a quarter more memory than under `fp16-dynamic`. A row decoded on a step that also prefills
   another's prompt is thus computed with fp16 weights, on a narrower step with int4 ones: its
   logits differ by that rounding, so its greedy text can change with what runs beside it. The
-  output projection is fp16 weights only: GGUF files keep it finer than 4 bits. On a CPU with native bf16, `dtype: auto` times it
-  beside the others when the weights hold the grid (`handler.model.dtype_probe`).
+  output projection is fp16 weights only: GGUF files keep it finer than 4 bits. On a CPU with
+  native bf16, `dtype: auto` times it beside the others when the weights hold the grid
+  (`handler.model.dtype_probe`).
 - `int8-dynamic`: torch's dynamic quantization to int8 weights (one scale per output channel).
   Activations are quantized per call, per tensor, to 7 bits (fbgemm's `reduce_range` on AVX2).
   The fastest and the lossiest. Worse for serving, the activation scale is taken over the whole
@@ -202,7 +203,7 @@ def _grid(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 def _int4_layers(model: nn.Module) -> dict[str, nn.Linear]:
     """The linear layers `int4-dynamic` packs: every one whose sizes the kernel takes (input a multiple of
-    the group size, output of `INT4_OUTPUT_MULTIPLE`), but the output projection."""
+    the group size, output a multiple of `INT4_OUTPUT_MULTIPLE`), but the output projection."""
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return {
         name: module
