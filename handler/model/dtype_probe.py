@@ -13,8 +13,9 @@ at the batch alone would let noise choose. The candidates:
   bits against 7).
 - int4 weights with fp32 activations (`handler.quantization: int4-dynamic`) where the CPU has
   native bf16 and the model's weights already sit on 4-bit grids (a model converted from a Q4
-  GGUF): packing them keeps the model's own weights, and only the activations' bf16 rounding on
-  their way into each matmul departs from fp32 (docs/bench.md has its measured quality).
+  GGUF): packing them keeps the model's own weights, and only bf16 rounding (of each group's
+  scale and offset, and of the activations on their way into each matmul) departs from fp32
+  (docs/bench.md has its measured quality).
 
 Load beside the worker must not flip the choice: it once made a start serve the format that is
 slower on a quiet host (issue 29). Other processes only ever add time to a step, so each
