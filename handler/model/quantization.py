@@ -147,6 +147,11 @@ def _fp16_weights(model: nn.Module) -> nn.Module:
     return model
 
 
+def _output_projection(model: nn.Module) -> nn.Module | None:
+    """The layer that turns hidden states into logits, where the model names one."""
+    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+
 def _int8_weight_only(model: nn.Module, only: nn.Module | None = None) -> nn.Module:
     """Every linear layer, or `only` that one."""
     try:
@@ -166,7 +171,7 @@ def _int4_weight_only(model: nn.Module, compiled: bool) -> int:
         from torchao.quantization import quantize_
     except ImportError as error:
         raise QuantizationError("quantization 'int4-weight-only' needs torchao (pip install torchao==0.18.0)") from error
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output = _output_projection(model)
     linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear) and module is not output}
     unfit = sorted(name for name, module in linears.items() if module.in_features % INT4_GROUP_SIZE)
     if len(unfit) == len(linears):
@@ -204,7 +209,7 @@ def _grid(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 def _int4_layers(model: nn.Module) -> dict[str, nn.Linear]:
     """The linear layers `int4-dynamic` packs: every one whose sizes the kernel takes (input a multiple of
     the group size, output a multiple of `INT4_OUTPUT_MULTIPLE`), but the output projection."""
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output = _output_projection(model)
     return {
         name: module
         for name, module in model.named_modules()
