@@ -81,10 +81,39 @@ def _normed(norm: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     return nn.functional.rms_norm(hidden_states, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """transformers' `rotate_half`: the second half of the last dimension, negated, then the first."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+class _StepRotation:
+    """A step's cosine and sine laid out for every layer's heads, made once per forward pass.
+
+    transformers' `rotate_half(x) * sin` is `cat(-x2, x1) * cat(s1, s2)`; here `roll(x) *
+    cat(-s1, s2)`, the same products with the sign on the sine, so each layer makes one roll
+    instead of two slices, a negation and a concatenation. Every layer of a pass gets the same
+    `position_embeddings` tensors, so the last ones are kept with their layout (not while
+    `torch.compile` traces: a compiled graph makes them once anyway)."""
+
+    def __init__(self) -> None:
+        self.held: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.compiler.is_compiling():
+            return self._laid_out(cos, sin)
+        held = self.held
+        if held is None or held[0] is not cos or held[1] is not sin:
+            held = self.held = (cos, sin, *self._laid_out(cos, sin))
+        return held[2], held[3]
+
+    @staticmethod
+    def _laid_out(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        half = sin.shape[-1] // 2
+        return cos.unsqueeze(2), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(2)
+
+
+_rotation = _StepRotation()
+
+
+def _added(residual: torch.Tensor, projection: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`residual + projection(x)`, through the projection's own `added_to` where it has one (`Int4Linear`)."""
+    added_to = getattr(projection, "added_to", None)
+    return added_to(residual, x) if added_to is not None else residual + projection(x)
 
 
 def fused_layer_forward(
@@ -108,7 +137,8 @@ def fused_layer_forward(
     # Query and key heads turn together: one rotation instead of two.
     cos, sin = position_embeddings  # type: ignore[misc]
     rotating = qkv[:, :, : heads + key_heads]
-    rotated = rotating * cos.unsqueeze(2) + _rotate_half(rotating) * sin.unsqueeze(2)
+    cos_heads, signed_sin_heads = _rotation(cos, sin)
+    rotated = rotating * cos_heads + torch.roll(rotating, head_dim // 2, -1) * signed_sin_heads
     query, key = rotated[:, :, :heads].transpose(1, 2), rotated[:, :, heads:].transpose(1, 2)
     value = qkv[:, :, heads + key_heads :].transpose(1, 2)
 
@@ -116,7 +146,7 @@ def fused_layer_forward(
         key, value = past_key_values.update(key, value, attention.layer_idx)
     attend = attention_function(attention.config._attn_implementation)
     attended, _ = attend(attention, query, key, value, attention_mask, dropout=0.0, scaling=attention.scaling, **kwargs)
-    hidden_states = hidden_states + attention.o_proj(attended.reshape(batch, tokens, -1))
+    hidden_states = _added(hidden_states, attention.o_proj, attended.reshape(batch, tokens, -1))
 
     gate, up = mlp.gate_up_proj(_normed(self.post_attention_layernorm, hidden_states)).chunk(2, dim=-1)
-    return hidden_states + mlp.down_proj(nn.functional.silu(gate) * up)
+    return _added(hidden_states, mlp.down_proj, nn.functional.silu(gate) * up)

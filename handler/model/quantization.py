@@ -257,12 +257,26 @@ class Int4Linear(nn.Module):
             self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.wide is not None and x.numel() > INT4_MAX_ROWS * self.in_features:
-            return self.wide(x)
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, INT4_GROUP_SIZE, self.scales_and_zeros)
-        out = out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        if self._goes_wide(x):
+            return self.wide(x)  # type: ignore[misc]
+        out = self._packed_product(x).to(x.dtype)
         return out if self.bias is None else out + self.bias
+
+    def added_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`residual + self(x)`, one cast fewer: the add widens the kernel's bf16 output exactly, as the cast would."""
+        if self._goes_wide(x):
+            return residual + self.wide(x)  # type: ignore[misc]
+        out = self._packed_product(x)
+        return residual + (out if self.bias is None else out + self.bias)
+
+    def _goes_wide(self, x: torch.Tensor) -> bool:
+        return self.wide is not None and x.numel() > INT4_MAX_ROWS * self.in_features
+
+    def _packed_product(self, x: torch.Tensor) -> torch.Tensor:
+        """The int4 kernel's product, still in bf16, shaped as `x` with `out_features` last."""
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        out = torch._weight_int4pack_mm_for_cpu(rows, self.packed, INT4_GROUP_SIZE, self.scales_and_zeros)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={INT4_GROUP_SIZE}"

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 from transformers import DynamicCache, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from handler.model.fusion import fuse_llama_layers
+from handler.model.fusion import _StepRotation, fuse_llama_layers
 from handler.model.quantization import quantize_for_cpu
 from tests.support.models import TOKENS, tiny_llama
 
@@ -69,3 +70,16 @@ def test_layers_with_another_activation_are_left_as_they_are():
     model = tiny_llama(hidden_act="gelu")
     assert fuse_llama_layers(model) == 0
     assert hasattr(model.model.layers[0].self_attn, "q_proj")
+
+
+def test_the_step_rotation_turns_heads_as_transformers_does_and_follows_each_pass():
+    rotation = _StepRotation()
+    for _ in range(2):  # a second pass brings new tensors, which must not meet the first pass's layout
+        heads = torch.randn(1, 3, 4, 16)  # (batch, tokens, heads, head dim), as the fused layer holds them
+        angles = torch.randn(1, 3, 16)
+        cos, sin = angles.cos(), angles.sin()
+        cos_heads, signed_sin_heads = rotation(cos, sin)
+        assert rotation(cos, sin)[1] is signed_sin_heads, "the layers of one pass share one layout"
+        rotated = heads * cos_heads + torch.roll(heads, 8, -1) * signed_sin_heads
+        expected, _ = apply_rotary_pos_emb(heads, heads, cos, sin, unsqueeze_dim=2)
+        assert torch.equal(rotated, expected)

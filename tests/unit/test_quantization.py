@@ -214,3 +214,14 @@ def test_int4_dynamic_hands_calls_of_many_rows_to_its_fp16_weights():
         assert calls == []
         torch.testing.assert_close(packed(wide), close_to, rtol=1e-3, atol=1e-3)
     assert calls == [INT4_MAX_ROWS + 1]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 64])
+def test_int4_linear_added_to_a_residual_gives_the_same_bits_as_adding_its_output(bias, rows):
+    """The fused Llama layer adds `o_proj` and `down_proj` through `added_to`, which skips the cast back to fp32."""
+    linear = on_4bit_grids(nn.Sequential(nn.Linear(64, 32, bias=bias)))[0]
+    packed = quantize_for_cpu(nn.Sequential(linear, nn.Linear(32, 8)), INT4_DYNAMIC)[0]
+    inputs, residual = torch.randn(1, rows, 64), torch.randn(1, rows, 32)
+    with torch.inference_mode():
+        assert torch.equal(packed.added_to(residual, inputs), residual + packed(inputs))
