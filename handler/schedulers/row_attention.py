@@ -9,9 +9,11 @@ share one batched SDPA with a padding mask; each row that brings several tokens 
 piece of one) gets an SDPA of its own over its own keys, causal from where its new tokens start.
 Each row's keys are gathered straight from the cache's slots (`compat.paged_write`), where
 transformers would first read every row's keys back in order.
-Any other step (a lone row), device or attention variant keeps transformers' own function, which
-this one replaces under the name `sdpa` (`AttentionInterface`); outside the manager's paged cache,
-as in `generate`, that is all it does. docs/bench.md has the profile behind it and its effect.
+A step that decodes a lone row writes and reads its keys the same way, then calls transformers'
+own function, with the tensors transformers' cache would have handed it. Any other step (one row's
+prefill), device or attention variant keeps transformers' function whole, which this one replaces
+under the name `sdpa` (`AttentionInterface`); outside the manager's paged cache, as in `generate`,
+that is all it does. docs/bench.md has the profile behind it and its effect.
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ def row_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     ends = _row_step_ends(query, cache, dropout, position_bias, kwargs)
     if ends is None or not isinstance(cache, PagedAttentionCache):
+        if _lone_decode_row(query, cache):
+            key, value, cache = *_lone_row_keys(cache, key, value, module.layer_idx, kwargs), None
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, position_bias, cache, **kwargs
         )
@@ -120,6 +124,26 @@ def row_attention_forward(
         )
         output[0, span.queries] = attended[0].transpose(0, 1)
     return output, None
+
+
+def _lone_decode_row(query: torch.Tensor, cache: Any) -> bool:
+    """A manager step on the CPU that decodes one row's one token."""
+    return isinstance(cache, PagedAttentionCache) and query.device.type == "cpu" and query.shape[0] == 1 and query.shape[2] == 1
+
+
+def _lone_row_keys(
+    cache: PagedAttentionCache, key: torch.Tensor, value: torch.Tensor, layer_idx: int, kwargs: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lone row's keys and values, written and read back as the cache's own update does, in
+    the layout it returns them (1, kv heads, keys, head dim), so transformers' SDPA call sees the
+    same tensors: without the update's `torch._dynamo.disable` wrapper and its per-layer
+    bookkeeping, which cost more than the copies on a one-token step."""
+    written = paged_write(cache, key, value, layer_idx, kwargs)
+    if written is None:
+        return paged_update(cache, key, value, layer_idx, kwargs)
+    key_slots, value_slots, read_index = written
+    keys = key_slots.index_select(0, read_index).transpose(0, 1).unsqueeze(0)
+    return keys, value_slots.index_select(0, read_index).transpose(0, 1).unsqueeze(0)
 
 
 def _gathered(held: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

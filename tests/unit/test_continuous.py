@@ -500,8 +500,16 @@ def test_prompts_prefilled_beside_decoding_rows_attend_over_their_own_keys_and_k
     assert any(span.readable is not None for plan in plans for span in plan.spans), "no later piece of a prompt"
 
 
-def test_a_lone_row_keeps_transformers_attention(engine, continuous, plans):
+def test_a_lone_row_keeps_transformers_sdpa_call_and_the_classic_engines_text(engine, continuous, plans, monkeypatch):
+    """Its decode steps write and read their keys past the cache's update, then attend as transformers does."""
+    updates, writes = [], []
+    write, update = row_attention.paged_write, row_attention.paged_update
+    monkeypatch.setattr(row_attention, "paged_write", lambda *args: writes.append(1) or write(*args))
+    monkeypatch.setattr(row_attention, "paged_update", lambda *args: updates.append(1) or update(*args))
     alone = prompt(engine, ROW_TEXTS[1], max_new_tokens=8, temperature=0)
     (sequence,) = asyncio.run(continuous.complete([alone]))[0]
     assert sequence.generated_tokens == 8
-    assert plans == []
+    assert sequence.text == engine.generate([alone])[0][0].text
+    assert plans == [], "a lone row took the batched row path"
+    layers = engine.loaded.model.config.num_hidden_layers
+    assert len(writes) == 7 * layers and updates == [], "the 7 decode steps after the prefill wrote past the cache's update"
