@@ -82,18 +82,23 @@ def _normed(norm: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 class _StepRotation:
-    """A step's cosine and sine laid out for every layer's heads, made once per forward pass.
+    """The rotary embedding, with a step's cosine and sine laid out once per forward pass.
 
-    transformers' `rotate_half(x) * sin` is `cat(-x2, x1) * cat(s1, s2)`; here `roll(x) *
-    cat(-s1, s2)`, the same products with the sign on the sine, so each layer makes one roll
-    instead of two slices, a negation and a concatenation. Every layer of a pass gets the same
-    `position_embeddings` tensors, so the last ones are kept with their layout (not while
-    `torch.compile` traces: a compiled graph makes them once anyway)."""
+    transformers' `x * cos + rotate_half(x) * sin` is `x * cos + cat(-x2, x1) * cat(s1, s2)`;
+    here `x * cos + roll(x) * cat(-s1, s2)`, the same products with the sign on the sine, so each
+    layer makes one roll instead of two slices, a negation and a concatenation. Every layer of a
+    pass gets the same `position_embeddings` tensors, so the last ones are kept with their layout
+    (not while `torch.compile` traces: a compiled graph makes them once anyway)."""
 
     def __init__(self) -> None:
         self.held: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
-    def __call__(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """`heads` (batch, tokens, heads, head dim) turned by the pass's `cos` and `sin` (batch, tokens, head dim)."""
+        cos_heads, signed_sin_heads = self._layout(cos, sin)
+        return heads * cos_heads + torch.roll(heads, heads.shape[-1] // 2, -1) * signed_sin_heads
+
+    def _layout(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if torch.compiler.is_compiling():
             return self._laid_out(cos, sin)
         held = self.held
@@ -136,9 +141,7 @@ def fused_layer_forward(
     qkv = attention.qkv_proj(_normed(self.input_layernorm, hidden_states)).view(batch, tokens, heads + 2 * key_heads, head_dim)
     # Query and key heads turn together: one rotation instead of two.
     cos, sin = position_embeddings  # type: ignore[misc]
-    rotating = qkv[:, :, : heads + key_heads]
-    cos_heads, signed_sin_heads = _rotation(cos, sin)
-    rotated = rotating * cos_heads + torch.roll(rotating, head_dim // 2, -1) * signed_sin_heads
+    rotated = _rotation(qkv[:, :, : heads + key_heads], cos, sin)
     query, key = rotated[:, :, :heads].transpose(1, 2), rotated[:, :, heads:].transpose(1, 2)
     value = qkv[:, :, heads + key_heads :].transpose(1, 2)
 

@@ -257,20 +257,23 @@ class Int4Linear(nn.Module):
             self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._goes_wide(x):
-            return self.wide(x)  # type: ignore[misc]
+        wide = self._wide_for(x)
+        if wide is not None:
+            return wide(x)
         out = self._packed_product(x).to(x.dtype)
         return out if self.bias is None else out + self.bias
 
     def added_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """`residual + self(x)`, one cast fewer: the add widens the kernel's bf16 output exactly, as the cast would."""
-        if self._goes_wide(x):
-            return residual + self.wide(x)  # type: ignore[misc]
+        wide = self._wide_for(x)
+        if wide is not None:
+            return residual + wide(x)
         out = self._packed_product(x)
         return residual + (out if self.bias is None else out + self.bias)
 
-    def _goes_wide(self, x: torch.Tensor) -> bool:
-        return self.wide is not None and x.numel() > INT4_MAX_ROWS * self.in_features
+    def _wide_for(self, x: torch.Tensor) -> nn.Module | None:
+        """The fp16 layer that takes `x` instead, where `x` has more than `INT4_MAX_ROWS` rows."""
+        return self.wide if self.wide is not None and x.numel() > INT4_MAX_ROWS * self.in_features else None
 
     def _packed_product(self, x: torch.Tensor) -> torch.Tensor:
         """The int4 kernel's product, still in bf16, shaped as `x` with `out_features` last."""
