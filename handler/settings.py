@@ -58,6 +58,9 @@ class ContinuousBatchingSettings:
     # The most sequences decoded together; the manager queues the rest until a row ends (or is
     # cancelled). auto: transformers' own bound (max_batch_tokens).
     max_rows: int | str = "auto"
+    # On a CPU, a step that decodes a lone row runs its fused int4 layers compiled
+    # (handler.schedulers.lone_row); false keeps every step eager.
+    compile_lone_row: bool = True
 
 
 @dataclass(frozen=True)
@@ -213,10 +216,15 @@ def _build(kind: type, values: Mapping[str, Any] | None, where: str):
     if problem:
         raise SettingsError(problem)
     for name, value in values.items():
-        if value == "auto" and getattr(kind(), name) == "auto":
+        default = getattr(kind(), name)
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise SettingsError(f"{where}.{name} must be true or false, got {value!r}")
+            continue
+        if value == "auto" and default == "auto":
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SettingsError(
-                f"{where}.{name} must be a positive integer{' or auto' if getattr(kind(), name) == 'auto' else ''}, got {value!r}"
+                f"{where}.{name} must be a positive integer{' or auto' if default == 'auto' else ''}, got {value!r}"
             )
     return kind(**values)

@@ -26,7 +26,8 @@ logits, but not back which token each row then drew with them), nor any field ad
 `GenerationParams` before someone writes its code here and lists it: the `Router` sends those
 prompts to the dynamic scheduler, which runs inside `exclusive()` (see `ModelTurns`).
 
-On the CPU its steps attend row by row (`row_attention`), each row over its own keys, not every row's.
+On the CPU its steps attend row by row (`row_attention`), each row over its own keys, not every
+row's, and a step that decodes a lone row runs its fused int4 layers compiled (`lone_row`).
 
 The manager runs without async double-buffering and without CUDA graphs: the per-request
 processors read each request's tokens on the host at every step, which needs the state of
@@ -54,6 +55,7 @@ from handler.pipeline.prompts import Prompt
 from handler.schedulers.base import ChunkSink
 from handler.schedulers.batch_processors import install as install_processors
 from handler.schedulers.compat import GenerationOutput, RequestStatus, bind_loop_device, forget_result_handler, manager_rows
+from handler.schedulers.lone_row import install as install_lone_row
 from handler.schedulers.row_attention import install as install_row_attention
 from handler.schedulers.threads import run_on_passing_thread
 from handler.settings import ContinuousBatchingSettings
@@ -149,6 +151,8 @@ class ContinuousScheduler:
         self.processor_lists: dict[str, list[LogitsProcessor]] = {}
         self._ids = itertools.count()
         self.cache = cache_config(settings, loaded.device)
+        if settings.compile_lone_row and loaded.device.type == "cpu":
+            install_lone_row(loaded.model)
         self.manager = self._start_manager()
         self.turns = ModelTurns(loaded.model, self.manager)
 
