@@ -40,6 +40,7 @@ import asyncio
 import itertools
 import logging
 import threading
+import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -56,11 +57,15 @@ from handler.schedulers.base import ChunkSink
 from handler.schedulers.batch_processors import install as install_processors
 from handler.schedulers.compat import GenerationOutput, RequestStatus, bind_loop_device, forget_result_handler, manager_rows
 from handler.schedulers.lone_row import install as install_lone_row
+from handler.schedulers.lone_row import warm_up_lengths
 from handler.schedulers.row_attention import install as install_row_attention
 from handler.schedulers.threads import run_on_passing_thread
 from handler.settings import ContinuousBatchingSettings
 
 logger = logging.getLogger(__name__)
+
+# The most a warm-up request may take: compiling one bucket of `lone_row` with a cold cache.
+WARM_UP_TIMEOUT_SECONDS = 300
 
 
 def processor_kwargs(params: GenerationParams, vocab_size: int) -> dict[str, Any]:
@@ -151,8 +156,7 @@ class ContinuousScheduler:
         self.processor_lists: dict[str, list[LogitsProcessor]] = {}
         self._ids = itertools.count()
         self.cache = cache_config(settings, loaded.device)
-        if settings.compile_lone_row and loaded.device.type == "cpu":
-            install_lone_row(loaded.model)
+        self.lone_row_layers = install_lone_row(loaded.model) if settings.compile_lone_row and loaded.device.type == "cpu" else 0
         self.manager = self._start_manager()
         self.turns = ModelTurns(loaded.model, self.manager)
 
@@ -220,7 +224,26 @@ class ContinuousScheduler:
         install_processors(manager, loaded.eos_token_ids, self.front_lists, self.processor_lists)
         bind_loop_device(manager, lambda: bind_device(loaded.device))
         manager.start()
+        if self.lone_row_layers:
+            self._compile_lone_row(manager)
         return manager
+
+    def _compile_lone_row(self, manager) -> None:
+        """One greedy request of two tokens per warm-up length: its decode step compiles the lone row's
+        bucket now, at start, rather than on a user's first steps."""
+        started = time.perf_counter()
+        params = GenerationParams(max_new_tokens=2, min_new_tokens=2, temperature=0)
+        for length in warm_up_lengths(self.loaded.limits.max_total_tokens):
+            request_id = manager.add_request(
+                input_ids=[0] * length,
+                max_new_tokens=2,
+                eos_token_id=self.loaded.eos_token_ids,
+                **processor_kwargs(params, self.vocab_size),
+            )
+            if request_id is None or manager.get_result(request_id=request_id, timeout=WARM_UP_TIMEOUT_SECONDS) is None:
+                logger.warning("a lone row's warm-up request of %d tokens got no answer; its steps compile on first use", length)
+                return
+        logger.info("compiled a lone row's first key buckets in %.1f s", time.perf_counter() - started)
 
     def _submit(self, prompt: Prompt, index: int, number: int, sink: ChunkSink | None) -> _Sequence:
         loop = asyncio.get_running_loop()

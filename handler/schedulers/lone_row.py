@@ -8,8 +8,10 @@ function compiled by inductor with its C++ wrapper: both norms, the three matmul
 the write of the row's key and value into the paged cache, its attention over its keys and the
 MLP. The weights are the function's inputs, so one graph serves every layer. The row's keys are
 padded to a power of two from `FIRST_BUCKET` and masked, so shapes stay static: each bucket
-compiles once in a process, on its first step (seconds; inductor's cache on disk makes later
-starts quicker), up to `LAST_BUCKET` keys.
+compiles once in a process, up to `LAST_BUCKET` keys. The continuous scheduler compiles the
+first buckets when its manager starts, with one short request each (`warm_up_lengths`); a longer
+row's bucket compiles on its first step. Compiling takes seconds per bucket, fewer once
+inductor's cache on disk holds it.
 
 Every other step (two rows or more, a prompt's prefill) keeps the eager layer, as does every
 layer this does not fit, a row with more keys, a host without the C++ compiler inductor needs,
@@ -35,6 +37,8 @@ logger = logging.getLogger(__name__)
 FIRST_BUCKET = 64
 # dynamo keeps at most 8 graphs of one function: 64 to 8192 keys.
 LAST_BUCKET = 8192
+# The buckets compiled when the manager starts (`warm_up_lengths`); longer rows compile on first use.
+WARM_BUCKETS = 3
 
 
 def install(model: nn.Module) -> int:
@@ -68,6 +72,14 @@ def _compiler_found() -> bool:
         logger.warning("a lone decoding row stays eager: inductor finds no C++ compiler (%s)", error)
         return False
     return True
+
+
+def warm_up_lengths(max_total_tokens: int) -> list[int]:
+    """Prompt lengths whose first decode step reads keys in each of the first `WARM_BUCKETS`
+    buckets (1, then a bucket's worth: the step reads the prompt and its first token); only those
+    a request of two new tokens fits in."""
+    lengths = [1] + [FIRST_BUCKET << shift for shift in range(WARM_BUCKETS - 1)]
+    return [length for length in lengths if length + 2 <= max_total_tokens]
 
 
 def bucket(keys: int) -> int:

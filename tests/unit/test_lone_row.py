@@ -12,6 +12,7 @@ import torch
 
 from handler.model.loading import LoadedModel, load_model
 from handler.schedulers import lone_row
+from handler.schedulers.compat import pending_result_handlers
 from handler.schedulers.continuous import ContinuousScheduler
 from handler.schedulers.dynamic import DynamicScheduler
 from handler.settings import ContinuousBatchingSettings, HandlerSettings, SettingsError
@@ -123,13 +124,13 @@ def test_padding_repeats_the_rows_last_key_and_the_mask_reads_only_the_real_ones
     assert padded_keys(torch.arange(lone_row.LAST_BUCKET + 1), layer_idx=0) is None
 
 
-def test_without_a_cpp_compiler_every_layer_stays_eager(grid_model_dir: Path, tmp_path: Path, monkeypatch, caplog):
+def test_without_a_cpp_compiler_every_layer_stays_eager(grid_model_dir: Path, tmp_path: Path, caplog):
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(tmp_path / "no-compiler")))
     model = int4_model(grid_model_dir).model
-    with caplog.at_level(logging.WARNING, logger="handler.schedulers.lone_row"):
-        assert lone_row.install(model) == 0
+    with inductor_config.patch({"cpp.cxx": (None, str(tmp_path / "no-compiler"))}):
+        with caplog.at_level(logging.WARNING, logger="handler.schedulers.lone_row"):
+            assert lone_row.install(model) == 0
     assert "no C++ compiler" in caplog.text
     assert not any(isinstance(getattr(layer.forward, "func", None), lone_row._LoneRowForward) for layer in model.model.layers)
 
@@ -158,3 +159,23 @@ def test_the_setting_takes_only_a_boolean():
         HandlerSettings.from_config({"handler": {"continuous": {"compile_lone_row": False}}}, {}).continuous.compile_lone_row
         is False
     )
+
+
+def test_warm_up_lengths_reach_the_first_buckets_within_the_token_limit():
+    lengths = lone_row.warm_up_lengths(200)
+    assert [lone_row.bucket(length + 1) for length in lengths] == [64, 128, 256][: lone_row.WARM_BUCKETS]
+    assert lone_row.warm_up_lengths(100) == [1, 64]
+
+
+def test_a_new_manager_compiles_the_first_buckets_and_leaves_nothing_behind(grid_model_dir: Path, caplog):
+    fresh = int4_model(grid_model_dir)
+    with caplog.at_level(logging.INFO, logger="handler.schedulers.continuous"):
+        served = ContinuousScheduler(fresh, CACHE)
+    try:
+        assert "compiled a lone row's first key buckets" in caplog.text
+        assert served.active_rows == 0 and pending_result_handlers(served.manager) == 0
+        alone = make_prompt(fresh, TEXTS[0], max_new_tokens=4, temperature=0)
+        (sequence,) = asyncio.run(served.complete([alone]))[0]
+        assert sequence.text == DynamicScheduler(fresh).generate([alone])[0][0].text
+    finally:
+        served.stop()
