@@ -8,10 +8,11 @@ function compiled by inductor with its C++ wrapper: both norms, the three matmul
 the write of the row's key and value into the paged cache, its attention over its keys and the
 MLP. The weights are the function's inputs, so one graph serves every layer. The row's keys are
 padded to a power of two from `FIRST_BUCKET` and masked, so shapes stay static: each bucket
-compiles once in a process, up to `LAST_BUCKET` keys. The continuous scheduler compiles the
-first buckets when its manager starts, with one short request each (`warm_up_lengths`); a longer
-row's bucket compiles on its first step. Compiling takes seconds per bucket, fewer once
-inductor's cache on disk holds it.
+compiles once in a process. The continuous scheduler compiles them when its manager starts, with
+one short request each (`warm_up_lengths`), and only those: a row with more than `LAST_BUCKET`
+keys stays eager, since compiling its bucket on a user's step would stall every row for seconds.
+Compiling takes seconds per bucket, fewer once inductor's cache on disk holds it (the gateway
+keeps it in the run folder).
 
 Every other step (two rows or more, a prompt's prefill) keeps the eager layer, as does every
 layer this does not fit, a row with more keys, a host without the C++ compiler inductor needs,
@@ -35,10 +36,9 @@ from handler.schedulers.compat import PagedAttentionCache
 logger = logging.getLogger(__name__)
 
 FIRST_BUCKET = 64
-# dynamo keeps at most 8 graphs of one function: 64 to 8192 keys.
-LAST_BUCKET = 8192
-# The buckets compiled when the manager starts (`warm_up_lengths`); longer rows compile on first use.
+# The buckets compiled when the manager starts (`warm_up_lengths`); a row with more keys stays eager.
 WARM_BUCKETS = 3
+LAST_BUCKET = FIRST_BUCKET << (WARM_BUCKETS - 1)
 
 
 def install(model: nn.Module) -> int:

@@ -108,7 +108,7 @@ def test_rows_decoded_together_keep_the_eager_layer_and_their_text(loaded, conti
     assert len(compiled_calls) < 2 * 5 * loaded.model.config.num_hidden_layers
 
 
-@pytest.mark.parametrize("keys, width", [(1, 64), (64, 64), (65, 128), (200, 256), (8192, 8192)])
+@pytest.mark.parametrize("keys, width", [(1, 64), (64, 64), (65, 128), (200, 256), (256, 256)])
 def test_keys_pad_to_a_power_of_two_from_the_first_bucket(keys, width):
     assert lone_row.bucket(keys) == width
 
