@@ -235,7 +235,7 @@ class TorchServeProcess:
         # The run folder outlives TorchServe's restarts: the workers keep `dtype: auto`'s decision
         # there (handler.settings), so a heal does not time the candidates again.
         env.setdefault("LLM_RUN_DIR", str(self.run_dir))
-        # So does inductor's cache: a worker that compiles (handler.schedulers.lone_row) finds
+        # So does inductor's cache: a worker that compiles (handler.schedulers.compiled_decode) finds
         # what an earlier start compiled, not an empty TEMP.
         env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(self.run_dir / "inductor"))
         command = [

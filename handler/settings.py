@@ -58,9 +58,9 @@ class ContinuousBatchingSettings:
     # The most sequences decoded together; the manager queues the rest until a row ends (or is
     # cancelled). auto: transformers' own bound (max_batch_tokens).
     max_rows: int | str = "auto"
-    # On a CPU, a step that decodes a lone row runs its fused int4 layers compiled
-    # (handler.schedulers.lone_row); false keeps every step eager.
-    compile_lone_row: bool = True
+    # On a CPU, a step that decodes every row's one token (up to 16 rows) runs its fused int4 layers compiled
+    # (handler.schedulers.compiled_decode); false keeps every step eager.
+    compile_decode_steps: bool = True
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ Each session gets its own temp folder, so suites running side by side never shar
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,6 +27,12 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.option.basetemp is None and not hasattr(config, "workerinput"):
         config.option.basetemp = tempfile.mkdtemp(prefix="pytest-llm-")
         config.stash[OWN_BASETEMP] = config.option.basetemp
+    # Every server a test starts compiles the same decode steps (handler.schedulers.compiled_decode): one
+    # inductor cache for the session's processes and servers, inductor's default, rather than the
+    # gateway's per run folder, so each shape compiles cold once. Inductor's cache takes concurrent users.
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

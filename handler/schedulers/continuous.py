@@ -27,7 +27,8 @@ logits, but not back which token each row then drew with them), nor any field ad
 prompts to the dynamic scheduler, which runs inside `exclusive()` (see `ModelTurns`).
 
 On the CPU its steps attend row by row (`row_attention`), each row over its own keys, not every
-row's, and a step that decodes a lone row runs its fused int4 layers compiled (`lone_row`).
+row's, and a step that decodes every row's one token runs its fused int4 layers compiled
+(`compiled_decode`).
 
 The manager runs without async double-buffering and without CUDA graphs: the per-request
 processors read each request's tokens on the host at every step, which needs the state of
@@ -56,15 +57,16 @@ from handler.pipeline.prompts import Prompt
 from handler.schedulers.base import ChunkSink
 from handler.schedulers.batch_processors import install as install_processors
 from handler.schedulers.compat import GenerationOutput, RequestStatus, bind_loop_device, forget_result_handler, manager_rows
-from handler.schedulers.lone_row import install as install_lone_row
-from handler.schedulers.lone_row import warm_up_lengths
+from handler.schedulers.compiled_decode import install as install_compiled_decode
+from handler.schedulers.compiled_decode import seal as seal_compiled_decode
+from handler.schedulers.compiled_decode import warm_up_steps
 from handler.schedulers.row_attention import install as install_row_attention
 from handler.schedulers.threads import run_on_passing_thread
 from handler.settings import ContinuousBatchingSettings
 
 logger = logging.getLogger(__name__)
 
-# The most a warm-up request may take: compiling one bucket of `lone_row` with a cold cache.
+# The most a warm-up request may take: compiling one shape of `compiled_decode` with a cold cache.
 WARM_UP_TIMEOUT_SECONDS = 300
 
 
@@ -156,7 +158,9 @@ class ContinuousScheduler:
         self.processor_lists: dict[str, list[LogitsProcessor]] = {}
         self._ids = itertools.count()
         self.cache = cache_config(settings, loaded.device)
-        self.lone_row_layers = install_lone_row(loaded.model) if settings.compile_lone_row and loaded.device.type == "cpu" else 0
+        self.compiled_layers = (
+            install_compiled_decode(loaded.model) if settings.compile_decode_steps and loaded.device.type == "cpu" else 0
+        )
         self.manager = self._start_manager()
         self.turns = ModelTurns(loaded.model, self.manager)
 
@@ -224,26 +228,37 @@ class ContinuousScheduler:
         install_processors(manager, loaded.eos_token_ids, self.front_lists, self.processor_lists)
         bind_loop_device(manager, lambda: bind_device(loaded.device))
         manager.start()
-        if self.lone_row_layers:
-            self._compile_lone_row(manager)
+        if self.compiled_layers:
+            self._compile_decode_steps(manager)
         return manager
 
-    def _compile_lone_row(self, manager) -> None:
-        """One greedy request of two tokens per warm-up length: its decode step compiles the lone row's
-        bucket now, at start, rather than on a user's first steps."""
+    def _compile_decode_steps(self, manager) -> None:
+        """Greedy requests sent in groups (`warm_up_steps`): their decode steps compile each row and
+        key bucket now, at start, rather than on users' steps; then only those shapes run compiled."""
         started = time.perf_counter()
-        params = GenerationParams(max_new_tokens=2, min_new_tokens=2, temperature=0)
-        for length in warm_up_lengths(self.loaded.limits.max_total_tokens):
-            request_id = manager.add_request(
-                input_ids=[0] * length,
-                max_new_tokens=2,
-                eos_token_id=self.loaded.eos_token_ids,
-                **processor_kwargs(params, self.vocab_size),
-            )
-            if request_id is None or manager.get_result(request_id=request_id, timeout=WARM_UP_TIMEOUT_SECONDS) is None:
-                logger.warning("a lone row's warm-up request of %d tokens got no answer; its steps compile on first use", length)
-                return
-        logger.info("compiled a lone row's first key buckets in %.1f s", time.perf_counter() - started)
+        limits, settings = self.loaded.limits, self.settings
+        pages = self.cache.get("num_blocks") or 0
+        for requests, length, new_tokens in warm_up_steps(
+            limits.max_total_tokens, settings.max_batch_tokens, pages, settings.page_size
+        ):
+            params = GenerationParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=0)
+            added = [
+                manager.add_request(
+                    input_ids=[0] * length,
+                    max_new_tokens=new_tokens,
+                    eos_token_id=self.loaded.eos_token_ids,
+                    **processor_kwargs(params, self.vocab_size),
+                )
+                for _ in range(requests)
+            ]
+            if any(
+                request_id is None or manager.get_result(request_id=request_id, timeout=WARM_UP_TIMEOUT_SECONDS) is None
+                for request_id in added
+            ):
+                logger.warning("a warm-up request of %d tokens got no answer; shapes not compiled stay eager", length)
+                break
+        shapes = seal_compiled_decode(self.loaded.model)
+        logger.info("compiled decode steps of %s (rows, keys) in %.1f s", shapes, time.perf_counter() - started)
 
     def _submit(self, prompt: Prompt, index: int, number: int, sink: ChunkSink | None) -> _Sequence:
         loop = asyncio.get_running_loop()
