@@ -44,7 +44,7 @@ The vocabulary every layer shares
     `schedulers.continuous`        transformers' continuous batching manager
     `schedulers.batch_processors`  the manager's per-request processors
     `schedulers.row_attention`     the manager's CPU steps attend row by row, each row over its own keys (replaces `sdpa`)
-    `schedulers.lone_row`          a CPU step that decodes a lone row runs its fused int4 layers compiled
+    `schedulers.compiled_decode`   a CPU step that decodes every row's one token runs its fused int4 layers compiled
     `schedulers.compat`            every use of transformers' private internals
     `schedulers.threads`           torch work on threads that end, so that the manager's OpenMP pool is the only one
 
