@@ -304,6 +304,8 @@ class _PaddedStep:
 
 
 def _padded(kwargs: dict, read_index: torch.Tensor, write_index: torch.Tensor, embeddings: tuple, rows: int) -> tuple | None:
+    """`_PaddedStep`'s work: the padded row count, then `layer_step`'s cos, sin, write index, key
+    slots and mask; None for a step that is not every row's one-token decode, or that no bucket holds."""
     if rows > LAST_ROWS or read_index.numel() == 0 or write_index.numel() != rows:
         return None
     if rows == 1:
