@@ -44,7 +44,7 @@ import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from handler.model.dtype_cache import DecisionCache, fingerprint_key
-from handler.model.quantization import INT4_DYNAMIC, holds_4bit_weights, quantize_for_cpu
+from handler.model.quantization import INT4_DYNAMIC, holds_4bit_weights, native_bf16_cpu, quantize_for_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -72,11 +72,6 @@ def others_share(before: tuple[float, float, float] | None, after: tuple[float, 
         return None
     others = (after[0] - before[0]) - (after[1] - before[1])
     return round(min(1.0, max(0.0, others / ((after[2] - before[2]) * (os.cpu_count() or 1)))), 3)
-
-
-def native_bf16_cpu() -> bool:
-    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX), so bf16 matmuls are not emulated."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def fp16_weights_cpu() -> bool:

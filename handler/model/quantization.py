@@ -12,14 +12,19 @@ has each method's speed and quality, measured.
   own scale and offset (in bf16, as the kernel takes them), so the weights are the model's own up
   to that rounding. Activations stay fp32 and are rounded to bf16 only on their way into each
   matmul. A decode step reads a quarter of fp16's weight bytes. Each layer also keeps its
-  weights in fp16, as `fp16-dynamic` does, for calls of more than `INT4_MAX_ROWS` rows (a
-  prompt's prefill), where fbgemm's fp16 GEMM is faster than the int4 kernel: those layers take
-  a quarter more memory than under `fp16-dynamic`. A row decoded on a step that also prefills
-  another's prompt is thus computed with fp16 weights, on a narrower step with int4 ones: its
-  logits differ by that rounding, so its greedy text can change with what runs beside it. The
-  output projection is fp16 weights only: GGUF files keep it finer than 4 bits. On a CPU with
-  native bf16, `dtype: auto` times it beside the others when the weights hold the grid
-  (`handler.model.dtype_probe`).
+  weights in 16 bits for calls of more than `INT4_MAX_ROWS` rows (a prompt's prefill), which
+  are bound by arithmetic, where the int4 kernel falls behind: bf16 for oneDNN's GEMM on a CPU
+  with bf16 instructions (AMX or AVX512-BF16), else fp16 for fbgemm's, as `fp16-dynamic` does.
+  Those layers take a quarter more memory than under `fp16-dynamic`. A row decoded on a step
+  that also prefills another's prompt is thus computed with 16-bit weights, on a narrower step
+  with int4 ones: its logits differ by that rounding, so its greedy text can change with what
+  runs beside it. The output projection is not packed (GGUF files keep it finer than 4 bits):
+  its calls of up to `OUTPUT_FP16_MAX_ROWS` rows take fp16 weights (fbgemm); on a CPU with bf16
+  instructions, wider ones (a decode step of many rows) take a bf16 copy, whose GEMM gains on
+  fbgemm's as rows are added, at the cost of that copy's memory and of bf16's coarser rounding
+  of the logits, so a greedy row's text can also change with how many rows its step decodes.
+  On a CPU with native bf16, `dtype: auto` times `int4-dynamic` beside the others when the
+  weights hold the grid (`handler.model.dtype_probe`).
 - `int8-dynamic`: torch's dynamic quantization to int8 weights (one scale per output channel).
   Activations are quantized per call, per tensor, to 7 bits (fbgemm's `reduce_range` on AVX2).
   The fastest and the lossiest. Worse for serving, the activation scale is taken over the whole
@@ -66,8 +71,10 @@ logger = logging.getLogger(__name__)
 
 INT4_GROUP_SIZE = 32
 INT4_DYNAMIC = "int4-dynamic"
-# `int4-dynamic`'s int4 kernel takes calls of up to this many rows; wider ones go to fp16 weights.
+# `int4-dynamic`'s int4 kernel takes calls of up to this many rows; wider ones go to 16-bit weights.
 INT4_MAX_ROWS = 16
+# `int4-dynamic`'s output projection takes calls of up to this many rows in fp16; wider ones in bf16, where native.
+OUTPUT_FP16_MAX_ROWS = 8
 # The int4 packing takes output sizes that are multiples of this.
 INT4_OUTPUT_MULTIPLE = 16
 # A weight is on a group's 4-bit grid when it is within this share of a grid step of a grid point.
@@ -242,7 +249,7 @@ class Int4Linear(nn.Module):
 
     With `wide` (the same weights in another layer), calls of more than `INT4_MAX_ROWS` rows go
     to it: the int4 kernel wins where a step reads the weights for few rows, and falls behind
-    fbgemm's fp16 GEMM on a prompt's prefill, which is bound by arithmetic instead."""
+    a 16-bit GEMM on a prompt's prefill, which is bound by arithmetic instead."""
 
     def __init__(self, linear: nn.Linear, wide: nn.Module | None = None):
         super().__init__()
@@ -272,7 +279,7 @@ class Int4Linear(nn.Module):
         return residual + (out if self.bias is None else out + self.bias)
 
     def _wide_for(self, x: torch.Tensor) -> nn.Module | None:
-        """The fp16 layer that takes `x` instead, where `x` has more than `INT4_MAX_ROWS` rows."""
+        """The 16-bit layer that takes `x` instead, where `x` has more than `INT4_MAX_ROWS` rows."""
         return self.wide if self.wide is not None and x.numel() > INT4_MAX_ROWS * self.in_features else None
 
     def _packed_product(self, x: torch.Tensor) -> torch.Tensor:
@@ -285,6 +292,43 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={INT4_GROUP_SIZE}"
 
 
+class Bf16Linear(nn.Module):
+    """A linear layer over bf16 weights, fp32 in and out: oneDNN's bf16 GEMM, on AMX tiles where the CPU has them."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", linear.weight.detach().to(torch.bfloat16).contiguous())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = nn.functional.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
+        return out if self.bias is None else out + self.bias
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX), so bf16 matmuls are not emulated."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+class RowSplitLinear(nn.Module):
+    """One linear layer held twice: calls of up to `max_narrow_rows` rows go to `narrow`, wider ones to `wide`."""
+
+    def __init__(self, narrow: nn.Module, wide: nn.Module, max_narrow_rows: int):
+        super().__init__()
+        self.narrow, self.wide, self.max_narrow_rows = narrow, wide, max_narrow_rows
+        self.in_features = wide.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wide = x.numel() > self.max_narrow_rows * self.in_features
+        return self.wide(x) if wide else self.narrow(x)
+
+
+def _wide_layer(linear: nn.Linear) -> nn.Module:
+    """The same weights in 16 bits, for `Int4Linear`'s wide calls: bf16 where the CPU computes in it, else fp16."""
+    return Bf16Linear(linear) if native_bf16_cpu() else _fp16_weights(nn.Sequential(linear))[0]
+
+
 def _int4_dynamic(model: nn.Module) -> int:
     """Packs the layers `_int4_layers` names, then gives the rest fp16 weights; returns how many it packed."""
     _require_dtype(model, INT4_DYNAMIC, torch.float32)
@@ -293,7 +337,10 @@ def _int4_dynamic(model: nn.Module) -> int:
         raise QuantizationError(f"quantization {INT4_DYNAMIC!r} fits no linear layer but the output projection")
     for name, linear in layers.items():
         parent, _, leaf = name.rpartition(".")
-        wide = _fp16_weights(nn.Sequential(linear))[0]
+        wide = _wide_layer(linear)
         setattr(model.get_submodule(parent), leaf, Int4Linear(linear, wide).train(linear.training))
+    output = _output_projection(model)
     _dynamic(model, "fp16-dynamic")
+    if type(output) is nn.Linear and native_bf16_cpu():
+        model.set_output_embeddings(RowSplitLinear(_output_projection(model), Bf16Linear(output), OUTPUT_FP16_MAX_ROWS))
     return len(layers)

@@ -9,6 +9,7 @@ from torch import nn
 from handler.model.quantization import (
     INT4_DYNAMIC,
     METHODS,
+    OUTPUT_FP16_MAX_ROWS,
     Int4Linear,
     QuantizationError,
     holds_4bit_weights,
@@ -109,13 +110,16 @@ def test_refuses_a_model_without_linear_layers():
 
 @pytest.mark.parametrize("method", ["fp16-dynamic", "int8-weight-only", INT4_DYNAMIC])
 def test_a_rows_logits_do_not_depend_on_its_batch_neighbour(method):
+    """Within the narrow calls, that is: `int4-dynamic` sends calls of more rows than its limits
+    (`INT4_MAX_ROWS`, `OUTPUT_FP16_MAX_ROWS`) to 16-bit weights, by design."""
     if method == "int8-weight-only":
         pytest.importorskip("torchao")
     model = quantize_for_cpu(on_4bit_grids(tiny_llama()), method)
-    neighbour = torch.tensor([[100, 90, 80, 70, 60, 50, 40, 30]])
+    tokens = TOKENS[:, : OUTPUT_FP16_MAX_ROWS // 2]
+    neighbour = torch.tensor([[100, 90, 80, 70, 60, 50, 40, 30]])[:, : tokens.shape[1]]
     with torch.inference_mode():
-        alone = model(input_ids=TOKENS).logits[0]
-        batched = model(input_ids=torch.cat([TOKENS, neighbour])).logits[0]
+        alone = model(input_ids=tokens).logits[0]
+        batched = model(input_ids=torch.cat([tokens, neighbour])).logits[0]
     torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-5)
 
 
@@ -171,7 +175,8 @@ def test_int4_dynamic_packs_the_layers_keeps_fp32_activations_and_stays_close():
     layer = model.model.layers[0]
     packed = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.o_proj, layer.mlp.down_proj]
     assert all(isinstance(module, Int4Linear) for module in packed)
-    assert type(model.lm_head).__name__ == "Linear" and model.lm_head._packed_params.dtype == torch.float16
+    fp16_output = getattr(model.lm_head, "narrow", model.lm_head)  # with a bf16 copy for wide calls, where native
+    assert type(fp16_output).__name__ == "Linear" and fp16_output._packed_params.dtype == torch.float16
     assert model.model.embed_tokens.weight.dtype == torch.float32
     quantized = logits(model)
     assert quantized.dtype == torch.float32
@@ -198,13 +203,22 @@ def test_int4_dynamic_needs_float32_and_a_fitting_layer():
         quantize_for_cpu(nn.Sequential(nn.Linear(48, 64)), INT4_DYNAMIC)
 
 
-def test_int4_dynamic_hands_calls_of_many_rows_to_its_fp16_weights():
-    from handler.model.quantization import INT4_MAX_ROWS
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_int4_dynamic_hands_calls_of_many_rows_to_its_16_bit_weights(native_bf16, monkeypatch):
+    """bf16 weights where the CPU computes in bf16 (oneDNN), else fp16 ones (fbgemm); the same product either way."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
+    from handler.model.quantization import INT4_MAX_ROWS, Bf16Linear
+
+    monkeypatch.setattr("handler.model.quantization.native_bf16_cpu", lambda: native_bf16)
     linear = on_4bit_grids(nn.Sequential(nn.Linear(64, 32)))[0]
     model = quantize_for_cpu(nn.Sequential(linear, nn.Linear(32, 8)), INT4_DYNAMIC)
     packed = model[0]
-    assert isinstance(packed, Int4Linear) and packed.wide._packed_params.dtype == torch.float16
+    assert isinstance(packed, Int4Linear)
+    if native_bf16:
+        assert isinstance(packed.wide, Bf16Linear) and packed.wide.weight.dtype == torch.bfloat16
+    else:
+        assert isinstance(packed.wide, DynamicLinear) and packed.wide._packed_params.dtype == torch.float16
     calls = []
     packed.wide.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
     narrow, wide = torch.randn(INT4_MAX_ROWS, 64), torch.randn(INT4_MAX_ROWS + 1, 64)
@@ -212,8 +226,37 @@ def test_int4_dynamic_hands_calls_of_many_rows_to_its_fp16_weights():
         close_to = linear(wide)
         packed(narrow)
         assert calls == []
-        torch.testing.assert_close(packed(wide), close_to, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(packed(wide), close_to, rtol=2e-2 if native_bf16 else 1e-3, atol=2e-2 if native_bf16 else 1e-3)
     assert calls == [INT4_MAX_ROWS + 1]
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_int4_dynamic_output_projection_takes_bf16_weights_for_many_rows_where_native(native_bf16, monkeypatch):
+    """Up to `OUTPUT_FP16_MAX_ROWS` rows the logits come from fp16 weights; wider calls from a bf16 copy where the CPU has bf16."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    from handler.model.quantization import OUTPUT_FP16_MAX_ROWS, Bf16Linear, RowSplitLinear
+
+    monkeypatch.setattr("handler.model.quantization.native_bf16_cpu", lambda: native_bf16)
+    model = on_4bit_grids(tiny_llama(torch.float32))
+    weight = model.lm_head.weight.detach().clone()
+    quantize_for_cpu(model, INT4_DYNAMIC)
+    if not native_bf16:
+        assert isinstance(model.lm_head, DynamicLinear)
+        return
+    split = model.lm_head
+    assert isinstance(split, RowSplitLinear) and isinstance(split.narrow, DynamicLinear) and isinstance(split.wide, Bf16Linear)
+    calls = []
+    split.wide.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[1]))
+    narrow, wide = (
+        torch.randn(1, OUTPUT_FP16_MAX_ROWS, weight.shape[1]),
+        torch.randn(1, OUTPUT_FP16_MAX_ROWS + 1, weight.shape[1]),
+    )
+    with torch.inference_mode():
+        torch.testing.assert_close(split(narrow), narrow @ weight.T, rtol=1e-2, atol=1e-2)
+        assert calls == []
+        torch.testing.assert_close(split(wide), wide @ weight.T, rtol=2e-2, atol=2e-2)
+    assert calls == [OUTPUT_FP16_MAX_ROWS + 1]
 
 
 @pytest.mark.parametrize("bias", [False, True])
